@@ -1,0 +1,20 @@
+"""hf_vq: GPTQ / GPTVQ / AdaScale quantization inside transformers' from_pretrained.
+
+``import hf_vq`` registers quant method "hf_vq" with transformers.
+"""
+
+from transformers.quantizers import register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from hf_vq.config import QUANT_METHOD, GPTQConfig, HfVQConfig, RTNConfig
+from hf_vq.eval import evaluate_perplexity
+from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.quantizer import HfVQQuantizer
+
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(HfVQConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(HfVQQuantizer)
+
+__version__ = "0.1.0"
+__all__ = ["HfVQConfig", "RTNConfig", "GPTQConfig", "QuantLinear", "HfVQQuantizer", "evaluate_perplexity"]

@@ -1,0 +1,57 @@
+"""Input Hessian H = 2/n * sum x x^T of a Linear layer, accumulated over calibration batches (shared by GPTQ/GPTVQ)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    def __init__(self, in_features: int, device=None):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("no calibration inputs reached this layer")
+        return self.sum.mul_(2.0 / self.count)
+
+
+def inverse_cholesky_upper(h: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*I)^-1, raising the damping tenfold until H is positive definite."""
+    diag_mean = torch.diag(h).mean().item()
+    damp = percdamp * diag_mean
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for _ in range(max_tries):
+        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        damp *= 10
+    raise RuntimeError(f"Hessian is not positive definite even with damping {damp:.3g}")
+
+
+def prepare_hessian(w: torch.Tensor, h: torch.Tensor):
+    """Zero the weight columns of dead inputs (never active) and give them a unit Hessian diagonal."""
+    dead = torch.diag(h) == 0
+    if dead.any():
+        h = h.clone()
+        w = w.clone()
+        h[dead, dead] = 1
+        w[:, dead] = 0
+    return w, h
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """Relative output error tr(D H D^T) / tr(W H W^T) with D = W - W_hat: the proxy GPTQ minimises."""
+    d = (w - w_hat).float()
+    num = (d @ h * d).sum()
+    den = (w.float() @ h * w.float()).sum().clamp(min=1e-20)
+    return float(num / den)

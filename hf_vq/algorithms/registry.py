@@ -1,0 +1,47 @@
+"""Which algorithm quantizes which config: glue between configs and the pure algorithms."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from hf_vq.config import GPTQConfig, HfVQConfig, RTNConfig
+from hf_vq.sequential import RunStats, run_sequential
+
+
+def run(model: nn.Module, config: HfVQConfig, targets: dict[str, nn.Linear], progress: bool = True):
+    if isinstance(config, RTNConfig):
+        from hf_vq.algorithms.rtn import rtn_weight
+
+        stats = RunStats()
+        t0 = time.perf_counter()
+        results = {}
+        for name, lin in targets.items():
+            spec = config.spec_for(name)
+            results[name] = rtn_weight(lin.weight.data, spec.bits, spec.group_size, spec.sym)
+        stats.quantize_s = time.perf_counter() - t0
+        return results, stats
+    if isinstance(config, GPTQConfig):
+        from hf_vq.algorithms.gptq import gptq_quantize
+
+        samples = calibration_samples(model, config)
+
+        def quantize_fn(name, lin, h):
+            spec = config.spec_for(name)
+            return gptq_quantize(lin.weight.data, h, spec.bits, spec.group_size, spec.sym, config.percdamp,
+                                 config.act_order, config.block_size, config.clip_search)
+
+        return run_sequential(model, samples, targets, quantize_fn, batch_size=config.calibration_batch_size,
+                              true_sequential=config.true_sequential,
+                              compute_dtype=getattr(torch, config.calibration_dtype), progress=progress)
+    raise NotImplementedError(f"no algorithm registered for {type(config).__name__}")
+
+
+def calibration_samples(model: nn.Module, config: HfVQConfig) -> torch.Tensor:
+    from hf_vq.calibration import build_calibration
+
+    return build_calibration(config.dataset, config.tokenizer, config.num_samples, config.seq_len, config.seed,
+                             config.dataset_config, config.dataset_split, config.text_column,
+                             model_path=getattr(model, "name_or_path", None) or None)

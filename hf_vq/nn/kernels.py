@@ -1,0 +1,46 @@
+"""CPU kernels for QuantLinear. torch's tinygemm int4 kernel (aten._weight_int4pack_mm_for_cpu) serves 2/3/4-bit
+codes exactly for small batches with bf16/fp16 activations (see shared cpu-kernels notes: 3.5-4x fp32 at M=1)."""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def _kernel_group(in_features: int, group_size: int, g_idx: torch.Tensor) -> int | None:
+    gs = in_features if group_size == -1 else group_size
+    for g in KERNEL_GROUPS:
+        if in_features % g == 0 and gs % g == 0:
+            # every kernel group must lie inside one quantization group
+            first = g_idx.view(-1, g)
+            if bool((first == first[:, :1]).all()):
+                return g
+    return None
+
+
+def int4pack_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def int4pack_prepare(codes, scales, zeros, g_idx, group_size, dtype):
+    """Repack codes [N, K] (values < 16) for the int4 CPU kernel; None when the shape is unsupported."""
+    n, k = codes.shape
+    if not int4pack_available() or codes.device.type != "cpu" or n % 16 or k % 2:
+        return None
+    kg = _kernel_group(k, group_size, g_idx)
+    if kg is None:
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    sel = g_idx.view(-1, kg)[:, 0].long()
+    s = scales.float()[:, sel]
+    z = zeros.float()[:, sel]
+    # the kernel computes (q - 8) * scale + zero; ours is s * (q - z)
+    sz = torch.stack((s, s * (8 - z)), -1).transpose(0, 1).contiguous().to(dtype)
+    return packed, kg, sz
+
+
+def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, kernel_group: int, sz: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), packed, kernel_group, sz)
+    return y.reshape(*shape[:-1], y.shape[-1])

@@ -1,0 +1,112 @@
+"""QuantLinear: a Linear whose weight is stored as packed integer codes on an affine grid.
+
+State (all persistent buffers, so save/reload is exact): ``qweight`` uint8 [N, ceil(K*bits/8)], ``scales`` fp16 [N, G],
+``qzeros`` uint8 [N, G], ``g_idx`` int32 [K], optional ``bias``. The forward equals ``F.linear(x, W_dq)`` with
+``W_dq = scales * (codes - zeros)``; on CPU, small batches in bf16/fp16 go through torch's packed int4 kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_vq.nn import kernels
+from hf_vq.quant.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
+from hf_vq.quant.packing import pack, packed_length, unpack
+
+
+class QuantLinear(nn.Module):
+    # Rows of input at or below which the packed decode kernel is used (prefill goes through a dequantized GEMM).
+    decode_max_rows = 4
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
+                 sym: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        groups = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, packed_length(in_features, bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("qzeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
+        else:
+            self.register_parameter("bias", None)
+        self._kernel_cache: tuple | None = None
+
+    @classmethod
+    def from_affine(cls, aw: AffineWeight, bias: torch.Tensor | None) -> "QuantLinear":
+        n, k = aw.shape
+        mod = cls(k, n, aw.bits, aw.group_size, bias=bias is not None, sym=aw.sym, device=aw.codes.device,
+                  dtype=bias.dtype if bias is not None else None)
+        mod.qweight.copy_(pack(aw.codes, aw.bits))
+        mod.scales.copy_(aw.scales)
+        mod.qzeros.copy_(aw.zeros)
+        mod.g_idx.copy_(aw.g_idx)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod
+
+    # ------------------------------------------------------------------ weights
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def affine_weight(self) -> AffineWeight:
+        return AffineWeight(self.codes(), self.scales, self.qzeros, self.g_idx, self.bits, self.group_size, self.sym)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_groups(self.codes(), self.scales, self.qzeros, self.g_idx, dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.qweight.device, dtype=dtype)
+        lin.weight.data.copy_(self.dequantize_weight(dtype))
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias.detach())
+        return lin
+
+    def bits_per_value(self) -> float:
+        """Stored bits per weight, scales/zeros/g_idx included."""
+        nbytes = sum(b.numel() * b.element_size() for b in (self.qweight, self.scales, self.qzeros, self.g_idx))
+        return 8.0 * nbytes / (self.in_features * self.out_features)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= self.decode_max_rows and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            packed = self._packed_for(x.dtype)
+            if packed is not None:
+                y = kernels.int4pack_linear(x, *packed)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.dequantize_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _packed_for(self, dtype: torch.dtype):
+        key = (dtype, self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.scales._version,
+               self.qzeros._version)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            packed = None
+            if self.bits <= 4:
+                packed = kernels.int4pack_prepare(self.codes(), self.scales, self.qzeros, self.g_idx, self.group_size,
+                                                  dtype)
+            self._kernel_cache = (key, packed)
+        return self._kernel_cache[1]
+
+    def _apply(self, fn, recurse=True):
+        # Keep scales in their storage dtype: model.to(bfloat16) must not re-round the quantization grid.
+        scales = self._buffers.pop("scales")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=scales.dtype, device=scales.device))
+            self._buffers["scales"] = scales.to(probe.device)
+        self._kernel_cache = None
+        return self
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size == -1 else self.group_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={g}, "
+                f"sym={self.sym}, bias={self.bias is not None}")

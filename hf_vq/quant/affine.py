@@ -1,0 +1,122 @@
+"""Affine integer grids: w ~= scale * (q - zero), q in [0, 2^bits - 1].
+
+Pure tensor functions. Groups run along the input dimension (columns of a [out, in] weight); a group size that does
+not divide the input dimension leaves a shorter last group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_DTYPE = torch.float16  # scales are stored in fp16; grids are computed so that they are exact in fp16
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """g_idx: the group of each input column (int32)."""
+    cols = torch.arange(in_features, device=device, dtype=torch.int32)
+    return torch.zeros_like(cols) if group_size == -1 else cols // group_size
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | float = 1.0):
+    """Scale and integer zero per row of ``w`` [rows, cols] from its (clipped) range.
+
+    The range always contains 0 (so zero padding and exact zeros stay exact). ``clip`` shrinks the range (a scalar or a
+    per-row tensor). Scales are rounded to fp16 so the stored grid is the grid used for rounding.
+    """
+    maxq = 2**bits - 1
+    wmin = w.amin(dim=1).clamp(max=0) * clip
+    wmax = w.amax(dim=1).clamp(min=0) * clip
+    if sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = (wmax - wmin) / maxq
+        zero = None
+    scale = scale.clamp(min=1e-8).to(SCALE_DTYPE).float()
+    # fp16 has a minimum normal of 6e-5; tiny ranges would underflow to 0
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 1e-4))
+    if zero is None:
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes for ``w`` [rows, cols] with per-row ``scale``/``zero`` [rows] (or broadcastable)."""
+    maxq = 2**bits - 1
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    return scale * (q - zero)
+
+
+def search_clip(w: torch.Tensor, bits: int, sym: bool, grid: int = 40, min_ratio: float = 0.5, norm: float = 2.4):
+    """Per-row range shrink factor minimising sum |w - Q(w)|^norm (the GPTQ reference 'mse' grid search)."""
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_clip = torch.ones(w.shape[0], device=w.device)
+    for i in range(grid + 1):
+        ratio = 1.0 - (1.0 - min_ratio) * i / grid
+        scale, zero = grid_params(w, bits, sym, ratio)
+        err = (dequantize(quantize(w, scale, zero, bits), scale, zero) - w).abs().pow(norm).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_clip = torch.where(better, torch.full_like(best_clip, ratio), best_clip)
+    return best_clip
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip_search: bool = False):
+    """Round-to-nearest over groups of columns. Returns (codes [N, K] float, scales [N, G], zeros [N, G])."""
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    codes = torch.empty_like(w)
+    scales, zeros = [], []
+    for start in range(0, k, gs):
+        block = w[:, start:start + gs]
+        clip = search_clip(block, bits, sym) if clip_search else 1.0
+        scale, zero = grid_params(block, bits, sym, clip)
+        codes[:, start:start + gs] = quantize(block, scale, zero, bits)
+        scales.append(scale)
+        zeros.append(zero)
+    return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weight [N, K] from codes [N, K], per-group scales/zeros [N, G] and g_idx [K]."""
+    g = g_idx.long()
+    s = scales.to(torch.float32)[:, g]
+    z = zeros.to(torch.float32)[:, g]
+    return ((codes.to(torch.float32) - z) * s).to(dtype)
+
+
+class AffineWeight:
+    """A weight quantized on an affine integer grid: codes [N, K], fp16 scales and integer zeros [N, G], g_idx [K]."""
+
+    def __init__(self, codes, scales, zeros, g_idx, bits: int, group_size: int, sym: bool):
+        self.codes = codes.to(torch.uint8)
+        self.scales = scales.to(SCALE_DTYPE)
+        self.zeros = zeros.to(torch.uint8)
+        self.g_idx = g_idx.to(torch.int32)
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+
+    @property
+    def shape(self):
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize_groups(self.codes, self.scales, self.zeros, self.g_idx, dtype)
+
+    def to_module(self, bias: torch.Tensor | None):
+        from hf_vq.nn.qlinear import QuantLinear
+
+        return QuantLinear.from_affine(self, bias)
+

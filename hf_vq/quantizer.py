@@ -1,0 +1,74 @@
+"""The HfQuantizer for quant_method "hf_vq": wiring into transformers' from_pretrained / save_pretrained / Trainer.
+
+Quantize-at-load: fp weights load into plain nn.Linear, then the after-load hook calibrates and swaps modules.
+Reload: the before-load hook rebuilds the exact quantized skeleton from config.json and checks the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.quantizers import HfQuantizer
+
+from hf_vq import convert
+from hf_vq.config import HfVQConfig
+
+logger = logging.getLogger(__name__)
+
+
+class HfVQQuantizer(HfQuantizer):
+    requires_calibration = False  # True would forbid quantizing at load
+    required_packages = ["torch"]
+
+    def __init__(self, quantization_config: HfVQConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+        self.last_run: dict | None = None
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("hf_vq does not support disk offload (device_map with 'disk')")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
+        cfg: HfVQConfig = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None))
+        if self.pre_quantized:
+            if not cfg.layers:
+                raise ValueError("this checkpoint's hf_vq config has no 'layers' record: it was not produced by a "
+                                 "completed hf_vq quantization and cannot be loaded")
+            convert.build_skeleton(model, cfg.layers, dtype)
+            convert.check_checkpoint(model, cfg.layers, checkpoint_files)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg: HfVQConfig = self.quantization_config
+        if self.pre_quantized:
+            return model
+        use_cache = getattr(model.config, "use_cache", None)
+        if use_cache is not None:
+            model.config.use_cache = False
+        try:
+            self.last_run = convert.quantize_model(model, cfg, self.modules_to_not_convert)
+        finally:
+            if use_cache is not None:
+                model.config.use_cache = use_cache
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        return convert.dequantize_model(model, dtype)
