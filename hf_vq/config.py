@@ -58,6 +58,7 @@ class HfVQConfig(QuantizationConfigMixin):
         text_column: str = "text",
         calibration_batch_size: int = 8,
         calibration_dtype: str = "float32",
+        clip_search: bool = False,
         layers: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
@@ -85,6 +86,8 @@ class HfVQConfig(QuantizationConfigMixin):
         self.text_column = text_column
         self.calibration_batch_size = calibration_batch_size
         self.calibration_dtype = calibration_dtype
+        # grid search of a per-row range shrink factor (the GPTQ reference's "mse" option)
+        self.clip_search = clip_search
         # Filled after quantization: the exact per-layer skeleton a reload rebuilds.
         self.layers = layers
         self.format_version = format_version
@@ -201,13 +204,11 @@ class GPTQConfig(HfVQConfig):
     method = "gptq"
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, percdamp: float = 0.01,
-                 act_order: bool = True, true_sequential: bool = True, block_size: int = 128,
-                 clip_search: bool = False, **kwargs):
+                 act_order: bool = True, true_sequential: bool = True, block_size: int = 128, **kwargs):
         self.percdamp = percdamp
         self.act_order = act_order
         self.true_sequential = true_sequential
         self.block_size = block_size
-        self.clip_search = clip_search
         super().__init__(bits=bits, group_size=group_size, sym=sym, **kwargs)
 
     def validate(self) -> None:

@@ -40,25 +40,33 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# Quantized module classes by the "type" written in config.json; each provides layer_record() and from_record().
+LAYER_TYPES: dict[str, type] = {}
+
+
+def register_layer_type(kind: str):
+    def deco(cls):
+        LAYER_TYPES[kind] = cls
+        cls.layer_type = kind
+        return cls
+    return deco
+
+
 def layer_record(module: nn.Module) -> dict[str, Any]:
     """What config.json records per layer so a reload can rebuild the module before reading tensors."""
-    from hf_vq.nn.qlinear import QuantLinear
-
-    if isinstance(module, QuantLinear):
-        return {"type": "affine", "in_features": module.in_features, "out_features": module.out_features,
-                "bits": module.bits, "group_size": module.group_size, "sym": module.sym,
-                "bias": module.bias is not None}
-    raise TypeError(f"no layer record for {type(module).__name__}")
+    if getattr(module, "layer_type", None) not in LAYER_TYPES:
+        raise TypeError(f"no layer record for {type(module).__name__}")
+    return {"type": module.layer_type, **module.layer_record()}
 
 
 def build_module(record: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    from hf_vq.nn.qlinear import QuantLinear
+    import hf_vq.nn  # noqa: F401  (registers the layer types)
 
-    kind = record.get("type")
-    if kind == "affine":
-        return QuantLinear(record["in_features"], record["out_features"], record["bits"], record["group_size"],
-                           bias=record["bias"], sym=record["sym"], dtype=dtype)
-    raise ValueError(f"unknown quantized layer type {kind!r} in config.json (written by a newer hf_vq?)")
+    cls = LAYER_TYPES.get(record.get("type"))
+    if cls is None:
+        raise ValueError(f"unknown quantized layer type {record.get('type')!r} in config.json "
+                         f"(known: {sorted(LAYER_TYPES)}); written by a newer hf_vq?")
+    return cls.from_record(record, dtype)
 
 
 def build_skeleton(model: nn.Module, layers: dict[str, dict[str, Any]], dtype: torch.dtype | None) -> None:
@@ -109,9 +117,9 @@ def check_checkpoint(model: nn.Module, layers: dict, checkpoint_files: list[str]
             problems.append(f"missing {key}")
         elif found[key][0] != shape:
             problems.append(f"{key}: checkpoint shape {list(found[key][0])}, config expects {list(shape)}")
-    quant_suffixes = (".qweight", ".qzeros", ".scales", ".g_idx", ".codebook", ".indices")
+    quant_suffixes = tuple(f".{n}" for cls in LAYER_TYPES.values() for n in getattr(cls, "tensor_names", ()))
     for key in found:
-        if key.endswith(quant_suffixes) and key not in expected:
+        if quant_suffixes and key.endswith(quant_suffixes) and key not in expected:
             problems.append(f"unexpected quantized tensor {key} (not in config.json's layers)")
     if problems:
         head = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -141,9 +149,7 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    from hf_vq.nn.qlinear import QuantLinear
-
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantLinear):
+        if getattr(mod, "layer_type", None) in LAYER_TYPES:
             set_module(model, name, mod.to_linear(dtype))
     return model

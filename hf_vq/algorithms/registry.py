@@ -1,42 +1,63 @@
-"""Which algorithm quantizes which config: glue between configs and the pure algorithms."""
+"""Which algorithm quantizes which config: glue between configs and the pure algorithms.
+
+An algorithm registers ``fn(model, config, targets, progress) -> (results, RunStats)`` under its config's ``method``;
+each result has ``dequantize()`` and ``to_module(bias)``.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
 
-from hf_vq.config import GPTQConfig, HfVQConfig, RTNConfig
+from hf_vq.config import HfVQConfig
 from hf_vq.sequential import RunStats, run_sequential
+
+ALGORITHMS: dict[str, Callable] = {}
+
+
+def register_algorithm(method: str):
+    def deco(fn):
+        ALGORITHMS[method] = fn
+        return fn
+    return deco
 
 
 def run(model: nn.Module, config: HfVQConfig, targets: dict[str, nn.Linear], progress: bool = True):
-    if isinstance(config, RTNConfig):
-        from hf_vq.algorithms.rtn import rtn_weight
+    fn = ALGORITHMS.get(config.method)
+    if fn is None:
+        raise NotImplementedError(f"no algorithm registered for method {config.method!r} ({type(config).__name__})")
+    return fn(model, config, targets, progress)
 
-        stats = RunStats()
-        t0 = time.perf_counter()
-        results = {}
-        for name, lin in targets.items():
-            spec = config.spec_for(name)
-            results[name] = rtn_weight(lin.weight.data, spec.bits, spec.group_size, spec.sym)
-        stats.quantize_s = time.perf_counter() - t0
-        return results, stats
-    if isinstance(config, GPTQConfig):
-        from hf_vq.algorithms.gptq import gptq_quantize
 
-        samples = calibration_samples(model, config)
+@register_algorithm("rtn")
+def _run_rtn(model, config, targets, progress):
+    from hf_vq.algorithms.rtn import rtn_weight
 
-        def quantize_fn(name, lin, h):
-            spec = config.spec_for(name)
-            return gptq_quantize(lin.weight.data, h, spec.bits, spec.group_size, spec.sym, config.percdamp,
-                                 config.act_order, config.block_size, config.clip_search)
+    stats = RunStats()
+    t0 = time.perf_counter()
+    results = {}
+    for name, lin in targets.items():
+        spec = config.spec_for(name)
+        results[name] = rtn_weight(lin.weight.data, spec.bits, spec.group_size, spec.sym, config.clip_search)
+    stats.quantize_s = time.perf_counter() - t0
+    return results, stats
 
-        return run_sequential(model, samples, targets, quantize_fn, batch_size=config.calibration_batch_size,
-                              true_sequential=config.true_sequential,
-                              compute_dtype=getattr(torch, config.calibration_dtype), progress=progress)
-    raise NotImplementedError(f"no algorithm registered for {type(config).__name__}")
+
+@register_algorithm("gptq")
+def _run_gptq(model, config, targets, progress):
+    from hf_vq.algorithms.gptq import gptq_quantize
+
+    def quantize_fn(name, lin, h):
+        spec = config.spec_for(name)
+        return gptq_quantize(lin.weight.data, h, spec.bits, spec.group_size, spec.sym, config.percdamp,
+                             config.act_order, config.block_size, config.clip_search)
+
+    return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
+                          batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
+                          compute_dtype=getattr(torch, config.calibration_dtype), progress=progress)
 
 
 def calibration_samples(model: nn.Module, config: HfVQConfig) -> torch.Tensor:

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_vq.convert import register_layer_type
 from hf_vq.nn import kernels
 from hf_vq.quant.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
 from hf_vq.quant.packing import pack, packed_length, unpack
 
 
+@register_layer_type("affine")
 class QuantLinear(nn.Module):
+    tensor_names = ("qweight", "scales", "qzeros", "g_idx")
     # Rows of input at or below which the packed decode kernel is used (prefill goes through a dequantized GEMM).
     decode_max_rows = 4
 
@@ -49,6 +52,15 @@ class QuantLinear(nn.Module):
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
         return mod
+
+    def layer_record(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "sym": self.sym, "bias": self.bias is not None}
+
+    @classmethod
+    def from_record(cls, record: dict, dtype=None) -> "QuantLinear":
+        return cls(record["in_features"], record["out_features"], record["bits"], record["group_size"],
+                   bias=record["bias"], sym=record["sym"], dtype=dtype)
 
     # ------------------------------------------------------------------ weights
     def codes(self) -> torch.Tensor:
