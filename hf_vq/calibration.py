@@ -54,12 +54,12 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return texts
 
 
-def load_dataset_texts(name: str, config: str | None, split: str, text_column: str) -> list[str]:
+def load_dataset_texts(name: str, config: str | None, split: str, text_column: str, **load_kwargs) -> list[str]:
     """Texts of a `datasets` dataset (a Hub name, or a builder like "text" with data files)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
     except Exception as e:  # noqa: BLE001
         raise CalibrationError(f"could not load dataset {name!r} (config={config!r}, split={split!r}): {e}") from e
     if text_column not in ds.column_names:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hf_vq.algorithms.hessian import inverse_cholesky_upper, prepare_hessian
-from hf_vq.quant.affine import AffineWeight, dequantize, grid_params, group_index, num_groups, quantize, search_clip
+from hf_vq.quant.affine import AffineWeight, grid_params, group_index, num_groups, search_clip
 
 
 @torch.no_grad()
@@ -40,25 +40,35 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         col_group = [c // gs for c in range(k)]
 
     hinv, _ = inverse_cholesky_upper(h, percdamp)
-    codes = torch.zeros_like(w)
+    maxq = 2**bits - 1
+    col_group_t = torch.tensor(col_group, device=w.device)
+    codes_t = torch.zeros(k, n, device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
+        # rows of the transposed block are contiguous columns of W: cheap per-column ops in the inner loop
+        w1 = w[:, i1:i2].T.contiguous()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(hinv1).tolist()
+        s1 = scales[:, col_group_t[i1:i2]].T.contiguous()
+        z1 = zeros[:, col_group_t[i1:i2]].T.contiguous()
         for i in range(i2 - i1):
             col = i1 + i
-            g = col_group[col]
             if not act_order and col % gs == 0:
                 # dynamic groups: grid from the already error-corrected columns of this group
-                set_group(g, torch.cat((w1[:, i:], w[:, i2:]), 1)[:, :gs])
-            s, z = scales[:, g:g + 1], zeros[:, g:g + 1]
-            q = quantize(w1[:, i:i + 1], s, z, bits)
-            codes[:, col] = q[:, 0]
-            e = (w1[:, i] - dequantize(q, s, z)[:, 0]) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                g = col // gs
+                set_group(g, torch.cat((w1[i:].T, w[:, i2:]), 1)[:, :gs])
+                s1[i:] = scales[:, col_group_t[i1 + i:i2]].T
+                z1[i:] = zeros[:, col_group_t[i1 + i:i2]].T
+            wi, si, zi = w1[i], s1[i], z1[i]
+            q = torch.round(wi / si).add_(zi).clamp_(0, maxq)
+            codes_t[col] = q
+            e = wi.sub((q - zi).mul_(si)).div_(diag[i])
+            if i + 1 < i2 - i1:
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+            err1[i] = e
+        w[:, i2:].addmm_(err1.T, hinv[i1:i2, i2:], alpha=-1)
+    codes = codes_t.T
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]

@@ -31,12 +31,20 @@ def int4pack_prepare(codes, scales, zeros, g_idx, group_size, dtype):
     kg = _kernel_group(k, group_size, g_idx)
     if kg is None:
         return None
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     sel = g_idx.view(-1, kg)[:, 0].long()
     s = scales.float()[:, sel]
     z = zeros.float()[:, sel]
-    # the kernel computes (q - 8) * scale + zero; ours is s * (q - z)
-    sz = torch.stack((s, s * (8 - z)), -1).transpose(0, 1).contiguous().to(dtype)
+    q = codes.to(torch.int32)
+    shifted = q - zeros.to(torch.int32)[:, g_idx.long()] + 8
+    if int(shifted.min()) >= 0 and int(shifted.max()) <= 15:
+        # zero-centred codes (always possible below 4 bits): the kernel's zero term vanishes, which avoids the
+        # cancellation of two large bf16-rounded terms
+        q, zero_term = shifted, torch.zeros_like(s)
+    else:
+        # the kernel computes (q - 8) * scale + zero; ours is s * (q - z)
+        zero_term = s * (8 - z)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    sz = torch.stack((s, zero_term), -1).transpose(0, 1).contiguous().to(dtype)
     return packed, kg, sz
 
 

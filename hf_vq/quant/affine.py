@@ -37,12 +37,17 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | floa
     else:
         scale = (wmax - wmin) / maxq
         zero = None
-    scale = scale.clamp(min=1e-8).to(SCALE_DTYPE).float()
-    # fp16 has a minimum normal of 6e-5; tiny ranges would underflow to 0
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 1e-4))
+    scale = _round_up_to_storage(scale.clamp(min=1e-4))
     if zero is None:
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _round_up_to_storage(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales up to the next fp16 value, so the stored grid still covers the whole range."""
+    s16 = scale.to(SCALE_DTYPE)
+    up = torch.nextafter(s16, torch.tensor(float("inf"), dtype=SCALE_DTYPE, device=s16.device))
+    return torch.where(s16.float() < scale, up, s16).float()
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""The ``hf-vq`` command line: quantize a model at load and save it; evaluate perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def _config_from_args(args):
+    import hf_vq
+
+    common = dict(modules_to_not_convert=args.skip or None)
+    if args.method == "rtn":
+        return hf_vq.RTNConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, clip_search=args.clip_search,
+                               **common)
+    calib = dict(dataset=_dataset_arg(args.dataset), tokenizer=args.tokenizer, num_samples=args.num_samples,
+                 seq_len=args.seq_len, seed=args.seed, dataset_config=args.dataset_config,
+                 dataset_split=args.dataset_split, calibration_batch_size=args.batch_size)
+    if args.method == "gptq":
+        return hf_vq.GPTQConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, percdamp=args.percdamp,
+                                act_order=not args.no_act_order, true_sequential=not args.no_true_sequential,
+                                clip_search=args.clip_search, **common, **calib)
+    raise SystemExit(f"hf-vq: method {args.method!r} is not available in this version")
+
+
+def _dataset_arg(value):
+    if value == "austen":
+        from hf_vq import assets
+
+        return [assets.austen_calibration_text()]
+    return value
+
+
+def _eval_text(value):
+    if value == "austen":
+        from hf_vq import assets
+
+        return assets.austen_test_text()
+    from hf_vq.calibration import read_texts
+
+    return "\n\n".join(read_texts(value))
+
+
+def cmd_quantize(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _config_from_args(args)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=cfg, dtype=torch.float32)
+    elapsed = time.perf_counter() - t0
+    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tok.save_pretrained(args.out)
+    run = model.hf_quantizer.last_run or {}
+    print(json.dumps({"out": str(args.out), "method": args.method, "layers": run.get("num_layers"),
+                      "load_and_quantize_s": round(elapsed, 1), "forward_s": round(run.get("forward_s", 0.0), 1),
+                      "math_s": round(run.get("quantize_s", 0.0), 1)}))
+    return 0
+
+
+def cmd_eval(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_vq
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    if args.dtype == "bfloat16":
+        model.to(torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    ppl = hf_vq.evaluate_perplexity(model, tok, _eval_text(args.data), seq_len=args.seq_len,
+                                    max_tokens=args.max_tokens, max_windows=args.max_windows)
+    print(json.dumps({"model": str(args.model), "ppl": round(ppl, 4), "seq_len": args.seq_len}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-vq", description="Quantize Hugging Face models with hf_vq")
+    p.add_argument("-v", "--verbose", action="store_true", help="per-layer quantization log")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize MODEL at load and save it to --out")
+    q.add_argument("model")
+    q.add_argument("--out", required=True)
+    q.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--sym", action="store_true")
+    q.add_argument("--clip-search", action="store_true")
+    q.add_argument("--percdamp", type=float, default=0.01)
+    q.add_argument("--no-act-order", action="store_true")
+    q.add_argument("--no-true-sequential", action="store_true")
+    q.add_argument("--dataset", default="austen", help="'austen' (bundled), a text file/folder or a datasets name")
+    q.add_argument("--dataset-config")
+    q.add_argument("--dataset-split", default="train")
+    q.add_argument("--tokenizer")
+    q.add_argument("--num-samples", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=2048)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--skip", action="append", help="module name/pattern to keep in float (repeatable)")
+    q.add_argument("--max-shard-size", default="5GB")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a (quantized) model")
+    e.add_argument("model")
+    e.add_argument("--data", default="austen", help="'austen' (bundled test split) or a text file/folder")
+    e.add_argument("--tokenizer")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-tokens", type=int, default=65536)
+    e.add_argument("--max-windows", type=int)
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

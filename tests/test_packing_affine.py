@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from hf_vq.quant.affine import dequantize_groups, grid_params, group_index, num_groups, quantize_groups
+from hf_vq.quant.packing import pack, packed_length, unpack
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 64, 99])
+def test_pack_roundtrip_exact(bits, n):
+    codes = torch.randint(0, 2**bits, (5, n), generator=torch.Generator().manual_seed(n))
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (5, packed_length(n, bits))
+    assert torch.equal(unpack(packed, bits, n).long(), codes)
+
+
+def test_pack_4bit_layout_is_low_nibble_first():
+    packed = pack(torch.tensor([[1, 2, 15]]), 4)
+    assert packed.tolist() == [[1 | (2 << 4), 15]]
+
+
+def test_pack_3bit_is_dense():
+    assert packed_length(8, 3) == 3  # 8 codes x 3 bits = 24 bits
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([[16]]), 4)
+
+
+def test_groups_with_partial_last_group():
+    assert num_groups(576, 128) == 5
+    g = group_index(576, 128)
+    assert g[511] == 3 and g[512] == 4 and g[-1] == 4
+    assert num_groups(576, -1) == 1
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_error_within_half_step(bits, sym):
+    w = torch.randn(16, 100, generator=torch.Generator().manual_seed(bits))
+    codes, scales, zeros = quantize_groups(w, bits, 32, sym)
+    assert scales.shape == (16, 4)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    w_hat = dequantize_groups(codes, scales, zeros, group_index(100, 32))
+    step = scales.float()[:, group_index(100, 32).long()]
+    # symmetric grids reach -amax but only (2^(b-1)-1)/(2^(b-1)-0.5) * amax on top: still within half a step
+    assert ((w - w_hat).abs() <= step / 2 * (1 + 1e-3)).all()
+
+
+def test_grid_contains_zero_exactly():
+    w = torch.tensor([[0.5, 1.0, 2.0, 0.0]])
+    scale, zero = grid_params(w, 4, sym=False)
+    # the range is widened to include 0, so 0 dequantizes to exactly 0
+    assert float(scale * (zero - zero)) == 0.0
+    assert zero.item() == 0
+
+
+def test_scales_are_exact_in_fp16():
+    w = torch.randn(8, 64)
+    scale, _ = grid_params(w, 4, sym=False)
+    assert torch.equal(scale, scale.half().float())
