@@ -47,6 +47,8 @@ class HfVQQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg: HfVQConfig = self.quantization_config
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(["hf_vq", "quantized"])  # reach the Hub card on a plain push_to_hub
         if self.pre_quantized:
             return model
         use_cache = getattr(model.config, "use_cache", None)

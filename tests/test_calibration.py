@@ -3,7 +3,7 @@ import torch
 
 from hf_vq.calibration import CalibrationError, build_calibration, sample_windows
 
-from conftest import random_text
+from tests.conftest import random_text
 
 
 def test_list_of_strings_gives_seeded_windows(tiny_tokenizer):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import hf_vq
 from hf_vq.quantizer import HfVQQuantizer
 
-from conftest import random_text
+from tests.conftest import random_text
 
 
 def logits(model, ids):

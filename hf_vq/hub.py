@@ -1,0 +1,259 @@
+"""Sharing hf_vq models through the Hugging Face Hub: model card, one-commit push, encodings download, checked loader.
+
+transformers 5.x has no hook that fails loudly when a checkpoint's quant_method is not registered: it logs
+"Unknown quantization type, got hf_vq", skips the quantization config and leaves every quantized Linear randomly
+initialized. So the card states the requirement first, and ``AutoQuantizedModelForCausalLM`` refuses to return a model
+that did not load through hf_vq.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_session, hf_hub_download, hf_hub_url
+from huggingface_hub.utils import build_hf_headers
+
+from hf_vq import convert
+from hf_vq.config import QUANT_METHOD, HfVQConfig
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "hf_vq_model_card.md"
+LOAD_HINT = ("Install it with `pip install hf_vq` and run `import hf_vq` before `from_pretrained`. Without it, "
+             "transformers logs \"Unknown quantization type, got hf_vq\", skips the quantization config and loads "
+             "random weights in place of every quantized layer.")
+ENCODINGS_SUFFIX = ".encodings"
+METHOD_TITLES = {"rtn": "round-to-nearest", "gptq": "GPTQ", "gptvq": "GPTVQ vector quantization"}
+
+
+# ----------------------------------------------------------------------------- inspection
+def _quant_config(model) -> HfVQConfig:
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if not isinstance(cfg, HfVQConfig) or not cfg.layers:
+        raise ValueError("model is not an hf_vq-quantized model: load it with a hf_vq config "
+                         "(e.g. quantization_config=hf_vq.RTNConfig()) or from an hf_vq checkpoint")
+    return cfg
+
+
+def quantization_summary(model) -> dict[str, Any]:
+    """Sizes and bit rates of an hf_vq model, measured from its tensors (what the checkpoint stores)."""
+    cfg = _quant_config(model)
+    quantized = {n: m for n, m in model.named_modules() if getattr(m, "layer_type", None) in convert.LAYER_TYPES}
+    n_linear = len(quantized) + sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    weights = stored_bits = 0
+    for m in quantized.values():
+        rec = m.layer_record()
+        weights += rec["in_features"] * rec["out_features"]
+        stored_bits += sum(getattr(m, t).numel() * getattr(m, t).element_size() * 8 for t in type(m).tensor_names)
+    seen, total_bytes = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:  # tied weights are stored once
+            seen.add(key)
+            total_bytes += t.numel() * t.element_size()
+    float_params = sum(p.numel() for p in model.parameters()) + weights
+    float_dtype = model.dtype
+    bits = sorted({b for b in map(_nominal_bits, cfg.layers.values()) if b is not None})
+    label = ("mixed " if len(bits) > 1 else "") + "/".join(f"{b:g}" for b in bits) + "-bit" if bits else "quantized"
+    types = sorted({rec.get("type", "?") for rec in cfg.layers.values()})
+    return {
+        "method": cfg.method,
+        "bits": bits,
+        "bits_label": label,
+        "n_quantized": len(quantized),
+        "n_linear": n_linear,
+        "layer_types": ", ".join(types),
+        "bits_per_weight": stored_bits / max(weights, 1),
+        "bits_per_param": total_bytes * 8 / max(float_params, 1),
+        "quantized_bytes": total_bytes,
+        "float_bytes": float_params * torch.finfo(float_dtype).bits // 8,
+        "float_dtype": str(float_dtype).removeprefix("torch."),
+    }
+
+
+def _nominal_bits(rec: dict) -> float | None:
+    """Index bits per weight of one layer record: affine ``bits``, or VQ ``index_bits / vector_dim``."""
+    if rec.get("bits") is not None:
+        return rec["bits"]
+    if rec.get("index_bits") is not None and rec.get("vector_dim"):
+        return rec["index_bits"] / rec["vector_dim"]
+    return None
+
+
+def _is_repo_id(name: str | None) -> bool:
+    return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def _inherited_license(model, base_model: str | None) -> str | None:
+    """The base model's license: from its config, a local README, or its Hub card (best effort, never fatal)."""
+    lic = getattr(model.config, "license", None)
+    if lic:
+        return lic
+    for cand in (base_model, getattr(model.config, "_name_or_path", None)):
+        if cand and (Path(cand) / "README.md").is_file():
+            lic = ModelCard.load(Path(cand) / "README.md").data.license
+            if lic:
+                return lic
+    if _is_repo_id(base_model) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        # one plain GET with a short timeout: hf_hub_download would retry for ~30 s when the Hub is unreachable
+        try:
+            r = get_session().get(hf_hub_url(base_model, "README.md"), headers=build_hf_headers(), timeout=5,
+                                  follow_redirects=True)
+            if r.status_code == 200:
+                return ModelCard(r.text).data.license
+            logger.info("no model card for %s (HTTP %s)", base_model, r.status_code)
+        except Exception as e:  # no network, malformed card: the card just has no license field
+            logger.info("could not read the license of %s: %s", base_model, e)
+    return None
+
+
+# ----------------------------------------------------------------------------- model card
+def render_model_card(model, base_model: str | None, metrics: dict | None = None, calibration: str | None = None,
+                      plot_path=None, *, repo_id: str | None = None, license: str | None = None,
+                      template_path: str | os.PathLike | None = None) -> ModelCard:
+    """Model card (README.md) of an hf_vq model: metadata, method and every parameter, bit rates, how to load.
+
+    ``base_model`` should be a Hub id (it goes to the card's ``base_model`` metadata); a local directory is named in the
+    text only. ``plot_path`` is referenced by file name: upload the file with the card (``push_quantized`` does).
+    """
+    import hf_vq
+
+    cfg = _quant_config(model)
+    summary = quantization_summary(model)
+    template = Path(template_path) if template_path else TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template not found: {template}")
+    base_id = base_model if _is_repo_id(base_model) else None
+    base_name = Path(base_model).name if base_model else "a model"
+    params = cfg.to_dict()
+    params.pop("layers", None)
+    param_rows = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in sorted(params.items())]
+    tags = ["quantized", QUANT_METHOD, f"hf_vq-{cfg.method}", *(f"{b:g}-bit" for b in summary["bits"])]
+    pipeline = "text-generation" if type(model).__name__.endswith("ForCausalLM") else None
+    card_data = ModelCardData(
+        license=license or _inherited_license(model, base_model), base_model=base_id,
+        base_model_relation="quantized" if base_id else None, library_name="transformers", tags=tags,
+        pipeline_tag=pipeline)
+    skipped = cfg.modules_to_not_convert or []
+    calib = calibration or cfg.describe_calibration() or (
+        "None: this method needs no calibration data." if not cfg.needs_calibration else "Not recorded.")
+    metric_rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (metrics or {}).items()]
+    return ModelCard.from_template(
+        card_data, template_path=str(template),
+        title=repo_id.split("/")[-1] if repo_id else f"{base_name} ({summary['bits_label']} hf_vq {cfg.method})",
+        repo_id=repo_id or "<repo_id>", base_model=base_id, base_name=base_name, method=cfg.method,
+        method_title=METHOD_TITLES.get(cfg.method, cfg.method), hf_vq_version=hf_vq.__version__,
+        load_hint=LOAD_HINT, params=param_rows, excluded=", ".join(f"`{s}`" for s in skipped),
+        metrics=metric_rows, calibration=calib, plot_file=Path(plot_path).name if plot_path else None,
+        plot_alt="evaluation plot", quantized_mb=summary["quantized_bytes"] / 1e6,
+        float_mb=summary["float_bytes"] / 1e6,
+        **{k: summary[k] for k in ("bits_label", "n_quantized", "n_linear", "layer_types", "bits_per_weight",
+                                   "bits_per_param", "float_dtype")})
+
+
+# ----------------------------------------------------------------------------- push / download
+def _read_encodings(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON encodings file: {e}") from None
+
+
+def push_quantized(model, repo_id: str, tokenizer=None, card: ModelCard | None = None,
+                   encodings_dir: str | os.PathLike | None = None, *, base_model: str | None = None,
+                   metrics: dict | None = None, calibration: str | None = None, plot_path=None,
+                   extra_files: list | None = None, commit_message: str | None = None, private: bool | None = None,
+                   token: str | None = None, revision: str | None = None, max_shard_size: int | str = "5GB",
+                   create_pr: bool = False):
+    """Push weights + config (+ tokenizer) + model card (+ ``*.encodings`` JSON files) in one commit.
+
+    ``card=None`` renders one with :func:`render_model_card` (``base_model`` defaults to the model's
+    ``name_or_path`` when that is a Hub id). Stale shards and encodings from earlier pushes are deleted in the same
+    commit. Returns huggingface_hub's ``CommitInfo``.
+    """
+    cfg = _quant_config(model)
+    if base_model is None and _is_repo_id(getattr(model.config, "_name_or_path", None)):
+        base_model = model.config._name_or_path
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hf_vq_push_") as tmp:
+        out = Path(tmp)
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        if card is None:
+            card = render_model_card(model, base_model, metrics, calibration, plot_path, repo_id=repo_id)
+        card.save(out / "README.md")
+        files = [Path(p) for p in (extra_files or [])] + ([Path(plot_path)] if plot_path else [])
+        if encodings_dir is not None:
+            enc = sorted(Path(encodings_dir).glob(f"*{ENCODINGS_SUFFIX}"))
+            if not enc:
+                raise ValueError(f"no *{ENCODINGS_SUFFIX} files in {encodings_dir}")
+            for p in enc:
+                _read_encodings(p)  # only valid JSON goes up
+            files += enc
+        for p in files:
+            if (out / p.name).exists():
+                raise ValueError(f"{p.name} would overwrite a file written by save_pretrained")
+            shutil.copyfile(p, out / p.name)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=out, revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f"hf_vq {cfg.method} quantized model",
+            delete_patterns=["*.safetensors", "model.safetensors.index.json", f"*{ENCODINGS_SUFFIX}"])
+
+
+def load_encodings_from_hub(repo_id: str, revision: str | None = None, token: str | None = None
+                            ) -> dict[str, Any]:
+    """Download and parse every ``*.encodings`` file of a repo (JSON only; nothing is unpickled or executed).
+
+    All files come from one commit: ``revision`` is resolved to a sha first.
+    """
+    info = HfApi(token=token).model_info(repo_id, revision=revision)
+    names = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(ENCODINGS_SUFFIX))
+    return {name: _read_encodings(Path(hf_hub_download(repo_id, name, revision=info.sha, token=token)))
+            for name in names}
+
+
+# ----------------------------------------------------------------------------- checked loader
+_CONFIG_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download", "proxies")
+
+
+class AutoQuantizedModelForCausalLM:
+    """``AutoModelForCausalLM.from_pretrained`` that guarantees the result was loaded through hf_vq."""
+
+    def __init__(self):
+        raise TypeError("use AutoQuantizedModelForCausalLM.from_pretrained(repo_or_path, ...)")
+
+    @classmethod
+    def from_pretrained(cls, repo_or_path, **kwargs):
+        import hf_vq  # noqa: F401  (registers quant method "hf_vq"; here for readers who copy this function)
+        from hf_vq.quantizer import HfVQQuantizer
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if kwargs.get("quantization_config") is None:
+            config = kwargs.get("config")
+            if config is None or isinstance(config, (str, os.PathLike)):
+                config = AutoConfig.from_pretrained(config or repo_or_path,
+                                                    **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
+            qc = getattr(config, "quantization_config", None)
+            method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+            if method != QUANT_METHOD:
+                raise ValueError(
+                    f"{repo_or_path} is not an hf_vq checkpoint: its config.json has "
+                    + ("no quantization_config" if qc is None else f"quant_method={method!r}")
+                    + ". Load it with AutoModelForCausalLM, or quantize it with "
+                    "AutoModelForCausalLM.from_pretrained(..., quantization_config=hf_vq.RTNConfig(...)).")
+            kwargs["config"] = config
+        model = AutoModelForCausalLM.from_pretrained(repo_or_path, **kwargs)
+        if not isinstance(getattr(model, "hf_quantizer", None), HfVQQuantizer):
+            raise ValueError(f"{repo_or_path} did not load through hf_vq (hf_quantizer is "
+                             f"{type(getattr(model, 'hf_quantizer', None)).__name__}); is another quantization "
+                             "config overriding it?")
+        return model
