@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_VQ_CACHE ?= $(CURDIR)/.cache/hf_vq
 export TOKENIZERS_PARALLELISM := false
+export OMP_DYNAMIC := FALSE
+export MKL_DYNAMIC := FALSE
 
 .PHONY: setup assets demo test unit integration bench clean
 

@@ -7,7 +7,10 @@ from transformers.quantizers import register_quantization_config, register_quant
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from hf_vq.config import QUANT_METHOD, GPTQConfig, HfVQConfig, RTNConfig
+from hf_vq.config import GPTVQConfig  # noqa: E402,F401
 from hf_vq.eval import evaluate_perplexity
+from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, push_quantized, render_model_card
+from hf_vq.export.aimet import export_encodings, load_encodings
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.quantizer import HfVQQuantizer
 

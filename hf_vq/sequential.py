@@ -134,9 +134,10 @@ QuantizeFn = Callable[[str, nn.Linear, torch.Tensor], object]
 @torch.no_grad()
 def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, nn.Linear], quantize_fn: QuantizeFn,
                    batch_size: int = 8, true_sequential: bool = True, compute_dtype: torch.dtype = torch.float32,
-                   progress: bool = True) -> tuple[dict[str, object], RunStats]:
+                   progress: bool = True, reuse_frozen: bool = True) -> tuple[dict[str, object], RunStats]:
     """Quantize ``targets`` (full name -> Linear) block by block. ``quantize_fn(name, linear, H)`` returns an object
-    with ``dequantize()``; its result replaces the layer's weight for the rest of the run. Returns those objects."""
+    with ``dequantize()``; its result replaces the layer's weight for the rest of the run. Returns those objects.
+    ``reuse_frozen`` skips recomputing block children whose layers are all quantized (same result, less work)."""
     from tqdm.auto import tqdm
 
     stats = RunStats()
@@ -163,8 +164,11 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 groups = sequential_groups(block, local, cache[0][0], cache[0][1], autocast)
             else:
                 groups = [list(local)]
+            frozen = _FrozenChildren(block, local)
             for group in groups:
-                hessians = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats)
+                if reuse_frozen:
+                    frozen.prepare(done={n for n in local if block_prefix + n in results})
+                hessians = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats, frozen)
                 t1 = time.perf_counter()
                 for n in group:
                     full = block_prefix + n
@@ -179,9 +183,11 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                     logger.info("%s: relative output error %.5f", full, err)
                 stats.quantize_s += time.perf_counter() - t1
                 del hessians
+        else:
+            frozen = None
         t2 = time.perf_counter()
         for j, (hidden, kw) in enumerate(cache):
-            with autocast():
+            with autocast(), (frozen.stubbed(j) if frozen else contextlib.nullcontext()):
                 out = _run_block(block, hidden, kw)
             cache[j] = (out.to(hidden.dtype), kw)
         stats.forward_s += time.perf_counter() - t2
@@ -190,7 +196,44 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     return results, stats
 
 
-def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats) -> dict[str, torch.Tensor]:
+class _FrozenChildren:
+    """Outputs of block children whose Linears are all quantized are fixed (groups run in execution order, so their
+    inputs are fixed too): record them once, then stub those children in later passes instead of recomputing them."""
+
+    def __init__(self, block: nn.Module, local: dict[str, nn.Linear]):
+        self.children = dict(block.named_children())
+        self.members = {c: [n for n in local if n.split(".")[0] == c] for c in self.children}
+        self.outputs: dict[str, list] = {}
+        self.recording: dict[str, list] = {}
+
+    def prepare(self, done: set[str]) -> None:
+        self.recording = {c: [] for c, names in self.members.items()
+                          if names and c not in self.outputs and all(n in done for n in names)}
+
+    @contextlib.contextmanager
+    def stubbed(self, batch: int, record: bool = False):
+        handles = []
+        for c, outs in self.outputs.items():
+            self.children[c].forward = (lambda *a, _o=outs[batch], **k: _o)
+        if record:
+            for c, outs in self.recording.items():
+                handles.append(self.children[c].register_forward_hook(lambda _m, _a, out, _l=outs: _l.append(out)))
+        try:
+            yield
+        finally:
+            for c in self.outputs:
+                del self.children[c].forward
+            for h in handles:
+                h.remove()
+
+    def commit(self, n_batches: int) -> None:
+        # a child the early stop cut short is not recorded
+        self.outputs.update({c: outs for c, outs in self.recording.items() if len(outs) == n_batches})
+        self.recording = {}
+
+
+def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats,
+                      frozen: _FrozenChildren) -> dict[str, torch.Tensor]:
     """One pass of the block over the calibration inputs, stopping after the group's last layer has run."""
     accs: dict[str, HessianAccumulator] = {}
     shared: dict[str, str] = {}
@@ -213,14 +256,15 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
                 raise _StopForward
         handles.append(lin.register_forward_pre_hook(hook))
     try:
-        for hidden, kw in cache:
+        for j, (hidden, kw) in enumerate(cache):
             remaining.update(group)
             shared.clear()
-            with contextlib.suppress(_StopForward), autocast():
+            with contextlib.suppress(_StopForward), autocast(), frozen.stubbed(j, record=True):
                 _run_block(block, hidden, kw)
     finally:
         for h in handles:
             h.remove()
+    frozen.commit(len(cache))
     stats.forward_s += time.perf_counter() - t0
     out = {}
     finalized: dict[int, torch.Tensor] = {}

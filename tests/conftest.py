@@ -1,3 +1,9 @@
+import os
+
+# Bit-exact comparisons need a fixed reduction order: no dynamic thread counts under load.
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers

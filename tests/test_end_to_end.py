@@ -142,3 +142,26 @@ def test_bf16_model_keeps_fp16_scales(gptq_model, calib_ids, tmp_path):
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     finally:
         gptq_model.to(torch.float32)
+
+
+def test_reusing_frozen_block_outputs_changes_nothing(tiny_llama_dir, calib_ids):
+    """Stubbing already-quantized children (attention) in later passes must give bit-identical codes."""
+    from hf_vq.algorithms.gptq import gptq_quantize
+    from hf_vq.sequential import run_sequential
+
+    def run(reuse):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+        fn = lambda name, lin, h: gptq_quantize(lin.weight.data, h, 4, 32)  # noqa: E731
+        results, _ = run_sequential(model, calib_ids, targets, fn, batch_size=4, reuse_frozen=reuse, progress=False)
+        return results
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: a fixed summation order, so both runs are comparable bit for bit
+    try:
+        a, b = run(True), run(False)
+    finally:
+        torch.set_num_threads(threads)
+    assert a.keys() == b.keys() and len(a) == 14
+    for name in a:
+        assert torch.equal(a[name].codes, b[name].codes), name

@@ -92,3 +92,10 @@ def test_sym_grid_zero_is_midpoint():
     x = correlated_inputs(32)
     aw = gptq_quantize(torch.randn(8, 32), hessian_of(x), 4, group_size=16, sym=True)
     assert (aw.zeros == 8).all()
+
+
+def test_wide_hessian_uses_triangle_and_stays_symmetric():
+    x = correlated_inputs(1100, 700)
+    h = hessian_of(x)
+    assert torch.equal(h, h.T)
+    assert torch.allclose(h, 2 * x.T @ x / 700, rtol=1e-4, atol=1e-3)

@@ -10,15 +10,27 @@ class HessianAccumulator:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = 0
 
+    # Above this width only the upper block triangle of x^T x is computed (5/8 of the FLOPs with 4 tiles).
+    tile_above = 1024
+
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.sum.addmm_(x.T, x)
+        k = x.shape[1]
+        if k < self.tile_above:
+            self.sum.addmm_(x.T, x)
+        else:
+            edges = [k * t // 4 for t in range(5)]
+            tiles = [x[:, a:b] for a, b in zip(edges, edges[1:])]
+            for i, (a, b) in enumerate(zip(edges, edges[1:])):
+                self.sum[a:b, a:].addmm_(tiles[i].T, x[:, a:])
         self.count += x.shape[0]
 
     def finalize(self) -> torch.Tensor:
         if self.count == 0:
             raise RuntimeError("no calibration inputs reached this layer")
+        if self.sum.shape[0] >= self.tile_above:
+            self.sum = torch.triu(self.sum) + torch.triu(self.sum, diagonal=1).T
         return self.sum.mul_(2.0 / self.count)
 
 
