@@ -61,3 +61,15 @@ def test_scales_are_exact_in_fp16():
     w = torch.randn(8, 64)
     scale, _ = grid_params(w, 4, sym=False)
     assert torch.equal(scale, scale.half().float())
+
+
+@pytest.mark.parametrize("k,group", [(100, 32), (96, 96), (128, -1), (64, 16)])
+def test_broadcast_dequantize_equals_gather(k, group):
+    w = torch.randn(8, k)
+    codes, scales, zeros = quantize_groups(w, 4, group, sym=False)
+    scales = scales.half()
+    g = group_index(k, group)
+    fast = dequantize_groups(codes, scales, zeros, g, group_size=group)
+    slow = dequantize_groups(codes, scales, zeros, g)
+    ref = scales.float()[:, g.long()] * (codes - zeros[:, g.long()])
+    assert torch.allclose(fast, slow, atol=1e-6) and torch.allclose(fast, ref, atol=1e-6)

@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
         return AffineWeight(self.codes(), self.scales, self.qzeros, self.g_idx, self.bits, self.group_size, self.sym)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_groups(self.codes(), self.scales, self.qzeros, self.g_idx, dtype)
+        return dequantize_groups(self.codes(), self.scales, self.qzeros, self.g_idx, dtype, self.group_size)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)

@@ -94,13 +94,35 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
+def is_standard_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when group g holds columns [g*gs, (g+1)*gs): the layout every hf_vq algorithm writes."""
+    return bool(torch.equal(g_idx.long(), group_index(g_idx.numel(), group_size, g_idx.device).long()))
+
+
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Weight [N, K] from codes [N, K], per-group scales/zeros [N, G] and g_idx [K]."""
+                      dtype: torch.dtype = torch.float32, group_size: int | None = None) -> torch.Tensor:
+    """Weight [N, K] from codes [N, K], per-group scales/zeros [N, G] and g_idx [K].
+
+    With ``group_size`` (and the standard contiguous g_idx) groups are broadcast instead of gathered: several times
+    faster, same values.
+    """
+    s = scales.to(torch.float32)
+    zs = zeros.to(torch.float32) * s  # w = q*s - z*s
+    q = codes.to(torch.float32)
+    n, k = q.shape
+    if group_size is not None and (group_size == -1 or is_standard_g_idx(g_idx, group_size)):
+        gs = k if group_size == -1 else group_size
+        full = (k // gs) * gs
+        out = torch.empty(n, k, dtype=torch.float32, device=q.device)
+        if full:
+            g_full = full // gs
+            torch.addcmul(-zs[:, :g_full, None], q[:, :full].view(n, g_full, gs), s[:, :g_full, None],
+                          out=out[:, :full].view(n, g_full, gs))
+        if full < k:
+            torch.addcmul(-zs[:, -1:], q[:, full:], s[:, -1:], out=out[:, full:])
+        return out.to(dtype)
     g = g_idx.long()
-    s = scales.to(torch.float32)[:, g]
-    z = zeros.to(torch.float32)[:, g]
-    return ((codes.to(torch.float32) - z) * s).to(dtype)
+    return torch.addcmul(-zs.index_select(1, g), q, s.index_select(1, g)).to(dtype)
 
 
 class AffineWeight:
@@ -118,7 +140,7 @@ class AffineWeight:
         return tuple(self.codes.shape)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize_groups(self.codes, self.scales, self.zeros, self.g_idx, dtype)
+        return dequantize_groups(self.codes, self.scales, self.zeros, self.g_idx, dtype, self.group_size)
 
     def to_module(self, bias: torch.Tensor | None):
         from hf_vq.nn.qlinear import QuantLinear
