@@ -61,8 +61,20 @@ def _qlinear(n=64, k=100, bits=4, group=32, bias=True):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_forward_equals_dequantized_weight_exactly(bits):
     q = _qlinear(bits=bits)
-    x = torch.randn(3, 5, 100)
+    x = torch.randn(3, 5, 100)  # 15 rows: the dense path
     assert torch.equal(q(x), F.linear(x, q.dequantize_weight(), q.bias))
+    q.exact_decode = True
+    x1 = torch.randn(1, 100)
+    assert torch.equal(q(x1), F.linear(x1, q.dequantize_weight(), q.bias))
+
+
+def test_fp32_decode_uses_kernel_with_bf16_rounding_only():
+    q = _qlinear(n=64, k=128, bits=4, group=64)
+    x = torch.randn(2, 128)
+    ref = F.linear(x, q.dequantize_weight(), q.bias)
+    out = q(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)  # the kernel ran
+    assert (out - ref).norm() / ref.norm() < 1e-2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

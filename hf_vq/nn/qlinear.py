@@ -2,7 +2,8 @@
 
 State (all persistent buffers, so save/reload is exact): ``qweight`` uint8 [N, ceil(K*bits/8)], ``scales`` fp16 [N, G],
 ``qzeros`` uint8 [N, G], ``g_idx`` int32 [K], optional ``bias``. The forward equals ``F.linear(x, W_dq)`` with
-``W_dq = scales * (codes - zeros)``; on CPU, small batches in bf16/fp16 go through torch's packed int4 kernel.
+``W_dq = scales * (codes - zeros)`` (exactly, in the activation dtype); on CPU, decode-sized batches (<= 4 rows) of
+2/3/4-bit layers go through torch's packed int4 kernel with bf16/fp16 activations (set ``exact_decode`` to opt out).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class QuantLinear(nn.Module):
     tensor_names = ("qweight", "scales", "qzeros", "g_idx")
     # Rows of input at or below which the packed decode kernel is used (prefill goes through a dequantized GEMM).
     decode_max_rows = 4
+    # True: decode also goes through the exact dequantized GEMM (no bf16 rounding of activations, much slower).
+    exact_decode = False
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
                  sym: bool = False, device=None, dtype=None):
@@ -89,10 +92,12 @@ class QuantLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= self.decode_max_rows and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            packed = self._packed_for(x.dtype)
+        if rows <= self.decode_max_rows and x.device.type == "cpu" and not self.exact_decode:
+            # the kernel is 10-20x slower with fp32 activations: run it in bf16 (fp16 stays fp16)
+            kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
+            packed = self._packed_for(kdtype)
             if packed is not None:
-                y = kernels.int4pack_linear(x, *packed)
+                y = kernels.int4pack_linear(x.to(kdtype), *packed).to(x.dtype)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantize_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
