@@ -8,9 +8,15 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from hf_vq.config import QUANT_METHOD, GPTQConfig, HfVQConfig, RTNConfig
 from hf_vq.config import GPTVQConfig  # noqa: E402,F401
+from hf_vq.config import AdaScaleConfig  # noqa: E402,F401
 from hf_vq.eval import evaluate_perplexity
 from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, push_quantized, render_model_card
-from hf_vq.export.aimet import export_encodings, load_encodings
+from hf_vq.export.aimet import load_encodings
+from hf_vq.config import QuantSimConfig  # noqa: E402,F401
+from hf_vq.quantsim import (compute_encodings, export_encodings, set_activation_quantizers_to_float,  # noqa: F401
+                            set_blockwise_quantization_for_weights, set_grouped_blockwise_quantization_for_weights)
+from hf_vq.nn.qat import prepare_qat  # noqa: F401
+from hf_vq.export.onnx import export_onnx  # noqa: F401
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.quantizer import HfVQQuantizer
 

@@ -296,3 +296,144 @@ class GPTVQConfig(HfVQConfig):
         n = out_features if out_features is not None else self.rows_per_block
         k = in_features if in_features is not None else self.cols_per_block
         return self.layout(n, k).bits_per_value()
+
+
+class AdaScaleConfig(HfVQConfig):
+    """AdaScale (AIMET; FlexRound scales + OmniQuant learnable clipping): per block, train element-wise (s2) and
+    per-channel (s3) weight scales and clipping (gamma, beta) so the quantized block matches the FP block output
+    (blockwise distillation, MSE, Adam with cosine decay); folded into a plain affine grid (no inference cost).
+
+    ``weight_granularity``: "group" (hf_vq groups, sym or asym), "blockwise" (AIMET min-max blocks of ``group_size``,
+    which must divide in_features) or "lpbq" (symmetric blocks with int * per-channel scales, ``decompressed_bw``).
+    ``init``: "rtn" or "gptq" (GPTQ's rounding as the starting point; not with lpbq). ``fp_input_prob``: chance that
+    an element of a block input comes from the FP model instead of the quantized one. One Adam step uses one batch of
+    ``batch_size`` calibration sequences (cycled in a seeded order); ``percdamp`` is GPTQ's damping for init="gptq".
+    """
+
+    method = "adascale"
+    valid_inits = ("rtn", "gptq")
+    valid_granularities = ("group", "blockwise", "lpbq")
+
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, num_iterations: int = 1500,
+                 batch_size: int = 1, lr_scales: float = 5e-4, lr_clip: float = 1e-3, init: str = "rtn",
+                 fp_input_prob: float = 0.5, weight_granularity: str = "group", decompressed_bw: int = 8,
+                 percdamp: float = 0.01, **kwargs):
+        self.num_iterations = num_iterations
+        self.batch_size = batch_size
+        self.lr_scales = lr_scales
+        self.lr_clip = lr_clip
+        self.init = init
+        self.fp_input_prob = fp_input_prob
+        self.weight_granularity = weight_granularity
+        self.decompressed_bw = decompressed_bw
+        self.percdamp = percdamp
+        super().__init__(bits=bits, group_size=group_size, sym=sym, **kwargs)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_iterations", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_iterations" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'num_iterations' else 'positive'} "
+                                 f"integer, got {value!r}")
+        for name in ("lr_scales", "lr_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.fp_input_prob, (int, float)) or not 0.0 <= self.fp_input_prob <= 1.0:
+            raise ValueError(f"fp_input_prob must be in [0, 1], got {self.fp_input_prob!r}")
+        if self.init not in self.valid_inits:
+            raise ValueError(f"init must be one of {self.valid_inits}, got {self.init!r}")
+        if self.weight_granularity not in self.valid_granularities:
+            raise ValueError(f"weight_granularity must be one of {self.valid_granularities}, "
+                             f"got {self.weight_granularity!r}")
+        if not (0.0 < float(self.percdamp) < 1.0):
+            raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp!r}")
+        if self.weight_granularity == "lpbq":
+            specs = [self.sym] + [o.get("sym", self.sym) for o in self.module_overrides.values()]
+            if not all(specs):
+                raise ValueError("weight_granularity='lpbq' needs sym=True (LPBQ grids are symmetric)")
+            if self.init == "gptq":
+                raise ValueError("init='gptq' is not supported with weight_granularity='lpbq' (GPTQ's scales are not "
+                                 "int x per-channel); use init='rtn'")
+            bits = [self.bits] + [o.get("bits", self.bits) for o in self.module_overrides.values()]
+            if not isinstance(self.decompressed_bw, int) or any(self.decompressed_bw <= b for b in bits) \
+                    or self.decompressed_bw - min(bits) > 10:
+                raise ValueError(f"decompressed_bw must be an integer > bits and <= bits + 10, got "
+                                 f"{self.decompressed_bw!r}")
+            if self.group_size == -1:
+                raise ValueError("weight_granularity='lpbq' needs a block size (group_size), not -1")
+
+
+class QuantSimConfig(HfVQConfig):
+    """AIMET QuantSim-style simulation: symmetric min-max weights (per channel, blockwise or LPBQ) plus activation
+    quantizers on the inputs/outputs of every quantized Linear, encodings computed on calibration data. The loaded
+    model is QAT-ready (latent weights, learnable ranges); ``save_pretrained`` folds it into integer codes.
+
+    ``activation_bits=None`` means weight-only; ``activation_dtype="float16"`` casts activations (no calibration).
+    ``quant_scheme``: "min_max", "tf_enhanced" (SQNR-based range search) or "percentile" (``percentile``).
+    """
+
+    method = "quantsim"
+    valid_granularities = ("per_channel", "blockwise", "lpbq")
+    valid_schemes = ("min_max", "tf_enhanced", "percentile")
+
+    def __init__(self, weight_bits: int = 8, weight_granularity: str = "per_channel", block_size: int = 64,
+                 decompressed_bits: int = 8, activation_bits: int | None = 16, activation_dtype: str = "int",
+                 quant_scheme: str = "min_max", percentile: float = 99.99, quantize_inputs: bool = True,
+                 quantize_outputs: bool = True, **kwargs):
+        self.weight_bits = weight_bits
+        self.weight_granularity = weight_granularity
+        self.block_size = block_size
+        self.decompressed_bits = decompressed_bits
+        self.activation_bits = activation_bits
+        self.activation_dtype = activation_dtype
+        self.quant_scheme = quant_scheme
+        self.percentile = percentile
+        self.quantize_inputs = quantize_inputs
+        self.quantize_outputs = quantize_outputs
+        for derived in ("bits", "group_size", "sym"):  # written by to_dict, derived from the fields above
+            kwargs.pop(derived, None)
+        group = -1 if weight_granularity == "per_channel" else block_size
+        super().__init__(bits=weight_bits, group_size=group if isinstance(group, int) else -1, sym=True, **kwargs)
+
+    def validate(self) -> None:
+        if self.weight_granularity not in self.valid_granularities:
+            raise ValueError(f"weight_granularity must be one of {self.valid_granularities}, "
+                             f"got {self.weight_granularity!r}")
+        if self.weight_granularity != "per_channel" and (
+                not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 2):
+            raise ValueError(f"block_size must be an integer >= 2, got {self.block_size!r}")
+        super().validate()
+        if self.weight_granularity == "lpbq":
+            if not isinstance(self.decompressed_bits, int) or not self.weight_bits < self.decompressed_bits <= 16:
+                raise ValueError(f"decompressed_bits must be an integer in ({self.weight_bits}, 16] for LPBQ, "
+                                 f"got {self.decompressed_bits!r}")
+            if self.decompressed_bits - self.weight_bits > 10:
+                raise ValueError("decompressed_bits - weight_bits must be <= 10 (fp16 block scales)")
+        if self.activation_dtype not in ("int", "float16", "bfloat16"):
+            raise ValueError(f"activation_dtype must be 'int', 'float16' or 'bfloat16', got {self.activation_dtype!r}")
+        if self.activation_dtype == "int":
+            if self.activation_bits not in (None, 8, 16):
+                raise ValueError(f"activation_bits must be 8, 16 or None (weight-only), got {self.activation_bits!r}")
+        elif self.activation_bits not in (None, 16):
+            raise ValueError(f"{self.activation_dtype} activations are 16-bit: activation_bits must be 16 or None, "
+                             f"got {self.activation_bits!r}")
+        if self.quant_scheme not in self.valid_schemes:
+            raise ValueError(f"quant_scheme must be one of {self.valid_schemes}, got {self.quant_scheme!r}")
+        if not isinstance(self.percentile, (int, float)) or not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        for name in ("quantize_inputs", "quantize_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for pattern, override in self.module_overrides.items():
+            if override.get("sym", True) is not True:
+                raise ValueError(f"module_overrides[{pattern!r}]: quantsim weights are symmetric (sym must be True)")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activation_bits is not None and (self.quantize_inputs or self.quantize_outputs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantizes_activations and self.activation_dtype == "int"

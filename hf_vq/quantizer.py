@@ -70,7 +70,17 @@ class HfVQQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        return False
+        return True  # full fine-tuning without PEFT (QATLinear latents; other layers train as usual)
+
+    def get_state_dict_and_metadata(self, model):
+        """Fold QAT latents into integer codes (no ``*.latent`` keys); None = plain ``model.state_dict()``."""
+        from hf_vq.nn.qat import folded_state_dict
+        from hf_vq.quantsim import refresh_layer_records
+
+        state_dict = folded_state_dict(model)
+        if state_dict is not None:
+            refresh_layer_records(model)
+        return state_dict, {}
 
     def _dequantize(self, model, dtype=None):
         return convert.dequantize_model(model, dtype)

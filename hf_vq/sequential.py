@@ -154,7 +154,11 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     stats.forward_s += time.perf_counter() - t0
     results: dict[str, object] = {}
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress, unit="block")
+    last = max((i for i in range(len(blocks)) for n in targets if n.startswith(f"{prefix}.{i}." if prefix else f"{i}.")),
+               default=-1)
     for i in bar:
+        if i > last:
+            break  # nothing left to quantize: no need to replay the remaining blocks
         block = blocks[i]
         block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
         linears = {n: m for n, m in targets.items() if n.startswith(block_prefix)}

@@ -16,13 +16,17 @@ from hf_vq import GPTQConfig, QuantLinear, RTNConfig, convert
 from hf_vq.export import aimet
 from hf_vq.quant import blockwise as bw
 
-REF = Path("/work/shared/reference/aimet-encodings")
+# shared/ lies beside the repository checkout (also in CI)
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "aimet-encodings"
 REF_FILES = sorted(p.name for p in REF.glob("*.encodings"))
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a fixed summation order for the exact round-trip checks
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(hidden=64, intermediate=128, seed=0):

@@ -10,7 +10,7 @@ import torch
 
 from hf_vq.quant import blockwise as bw
 
-REF = Path("/work/shared/reference/aimet-encodings")
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "aimet-encodings"  # shared/ beside the checkout
 
 
 def _ref(name):

@@ -1,0 +1,92 @@
+"""AdaScale quality/speed benchmark on the real model (SmolLM2-135M-Instruct, Austen corpus).
+
+Calibration: 32 x 512 tokens of Emma (same windows for GPTQ and AdaScale). Eval: perplexity at 512 tokens over the
+first ``--max-windows`` windows of Pride and Prejudice + Persuasion, in fp32. Rows are ``fp``, ``rtn<b>``,
+``gptq<b>``, ``ada<b>-<iters>`` (RTN start) and ``adag<b>-<iters>`` (GPTQ start), e.g.
+
+    python benchmarks/adascale.py --rows fp,rtn4,gptq4,ada4-0,ada4-100 --max-windows 16
+
+prints: row, bits, ppl, quantize wall and CPU time, AdaScale wall time per block and per iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_vq
+from hf_vq import assets
+
+
+def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group_size: int):
+    calib_kw = dict(dataset=[calib], tokenizer=tok, num_samples=num_samples, seq_len=seq_len)
+    if row.startswith("rtn"):
+        return hf_vq.RTNConfig(bits=int(row[3:]), group_size=group_size), 0
+    if row.startswith("gptq"):
+        return hf_vq.GPTQConfig(bits=int(row[4:]), group_size=group_size, **calib_kw), 0
+    head, iters = row.split("-")
+    init = "gptq" if head.startswith("adag") else "rtn"
+    bits = int(head[4:] if init == "gptq" else head[3:])
+    return hf_vq.AdaScaleConfig(bits=bits, group_size=group_size, num_iterations=int(iters), init=init,
+                                **calib_kw), int(iters)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="fp,rtn4,gptq4,ada4-0,ada4-100")
+    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="append rows as JSON lines here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = assets.ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib, test = assets.austen_calibration_text(), assets.austen_test_text()
+    rows = []
+    print(f"{'row':<12} {'bits':>4} {'ppl':>8} {'quant_s':>8} {'cpu_s':>8} {'s/block':>8} {'ms/iter':>8}")
+    for row in args.rows.split(","):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if row == "fp":
+            model, iters, bits = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 0, 32
+        else:
+            cfg, iters = make_config(row, tok, calib, args.num_samples, args.calib_len, args.group_size)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
+            bits = cfg.bits
+        qs, qcpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: robust on a shared machine
+        ppl = hf_vq.evaluate_perplexity(model, tok, test, seq_len=args.seq_len, max_tokens=None,
+                                        max_windows=args.max_windows)
+        run = getattr(getattr(model, "hf_quantizer", None), "last_run", None) or {}
+        rec = {"row": row, "bits": bits, "ppl": ppl, "quantize_s": qs if row != "fp" else 0.0, "quantize_cpu_s": qcpu}
+        if row.startswith("ada"):
+            n_blocks = len(model.model.layers)
+            per_block = run.get("quantize_s", 0.0) / n_blocks
+            rec.update(s_per_block=per_block, iterations=iters)
+            # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
+            # an upper bound (start grid, folding and block forwards included)
+            base = next((r["s_per_block"] for r in rows if r["row"] == row.split("-")[0] + "-0"), 0.0)
+            if iters:
+                rec["ms_per_iter"] = 1000 * (per_block - base) / iters
+        rows.append(rec)
+        nan = float("nan")
+        print(f"{row:<12} {bits:>4} {ppl:>8.3f} {rec['quantize_s']:>8.1f} {qcpu:>8.1f} "
+              f"{rec.get('s_per_block', nan):>8.2f} {rec.get('ms_per_iter', nan):>8.1f}", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        del model
+        gc.collect()
+    print(f"# calibration {args.num_samples}x{args.calib_len} Emma; eval ppl@{args.seq_len} over {args.max_windows} "
+          f"windows of austen_test_text(), fp32, {args.threads} thread(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Registers "adascale": blockwise knowledge distillation of AdaScale quantizers (hf_vq/algorithms/adascale.py).
+
+Per decoder block, in order:
+1. FP target = the block with FP weights on the FP model's block input (cached on CPU).
+2. Starting grid per Linear: RTN, or GPTQ with Hessians of the quantized model's block input.
+3. ``num_iterations`` Adam steps (two groups: clipping gamma/beta at ``lr_clip``, scales s2/s3 at ``lr_scales``,
+   cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input: each element
+   from the FP input with probability ``fp_input_prob``, else from the quantized model's input (AIMET's sampling).
+4. Fold into AffineWeights, write the dequantized weights into the block, and run it on the quantized input to get
+   the next block's quantized input; the FP target is the next block's FP input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_from_affine, quantizer_from_rtn
+from hf_vq.algorithms.hessian import HessianAccumulator, output_error
+from hf_vq.algorithms.registry import calibration_samples, register_algorithm
+from hf_vq.sequential import RunStats, _run_block, capture_block_inputs, find_decoder_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@register_algorithm("adascale")
+def run_adascale(model, config, targets, progress):
+    return adascale_model(model, calibration_samples(model, config), targets, config, progress=progress)
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+@torch.no_grad()
+def _block_hessians(block: nn.Module, local: dict[str, nn.Linear], inputs) -> dict[str, torch.Tensor]:
+    accs = {n: HessianAccumulator(lin.in_features, lin.weight.device) for n, lin in local.items()}
+    handles = [lin.register_forward_pre_hook(lambda _m, args, _n=n: accs[_n].add(args[0])) for n, lin in local.items()]
+    try:
+        for hidden, kw in inputs:
+            _run_block(block, hidden, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: acc.finalize() for n, acc in accs.items()}
+
+
+def _init_quantizers(block, local, config, q_inputs, block_prefix):
+    from hf_vq.algorithms.gptq import gptq_quantize
+
+    hessians = _block_hessians(block, local, q_inputs) if config.init == "gptq" else {}
+    quantizers, init_err = {}, {}
+    for n, lin in local.items():
+        spec = config.spec_for(block_prefix + n)
+        check_layout(lin.weight.shape, spec.group_size, config.weight_granularity, block_prefix + n)
+        w = lin.weight.data.float()
+        if config.init == "gptq":
+            start = gptq_quantize(w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)
+            quantizers[n] = quantizer_from_affine(w, start, config.weight_granularity)
+            init_err[n] = output_error(w, start.dequantize(), hessians[n])
+        else:
+            quantizers[n] = quantizer_from_rtn(w, spec.bits, spec.group_size, spec.sym, config.weight_granularity,
+                                               config.decompressed_bw)
+    return quantizers, init_err
+
+
+def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, targets, *, num_iterations: int,
+                lr_scales: float, lr_clip: float, fp_input_prob: float, generator: torch.Generator,
+                desc: str = "", progress: bool = True) -> tuple[float, float]:
+    """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
+    steps, cycling the cached batches in a seeded random order. Returns (first loss, mean loss of the last 10%)."""
+    from tqdm.auto import tqdm
+
+    if num_iterations == 0:
+        return float("nan"), float("nan")
+    originals = {n: block.get_submodule(n) for n in quantizers}
+    for n, qz in quantizers.items():
+        _set_child(block, n, AdaScaleLinear(originals[n], qz))
+    clip = [p for qz in quantizers.values() for p in qz.clip_params()]
+    scales = [p for qz in quantizers.values() for p in qz.scale_params()]
+    opt = torch.optim.Adam([{"params": clip, "lr": lr_clip}, {"params": scales, "lr": lr_scales}])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_iterations, eta_min=0.0)
+    order: list[int] = []
+    losses = []
+    device = next(iter(quantizers.values())).w3.device
+    bar = tqdm(range(num_iterations), desc=desc, disable=not progress, leave=False, unit="it")
+    try:
+        with torch.enable_grad():
+            for _ in bar:
+                if not order:
+                    order = torch.randperm(len(fp_inputs), generator=generator).tolist()
+                j = order.pop()
+                fp_hidden, kw = fp_inputs[j]
+                q_hidden = q_inputs[j][0]
+                if fp_input_prob >= 1.0:
+                    x = fp_hidden
+                elif fp_input_prob <= 0.0:
+                    x = q_hidden
+                else:
+                    mask = torch.rand(fp_hidden.shape, generator=generator) < fp_input_prob
+                    x = torch.where(mask, fp_hidden, q_hidden)
+                out = _run_block(block, x.to(device), kw)
+                loss = nn.functional.mse_loss(out, targets[j].to(out.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3g}")
+    finally:
+        for n, lin in originals.items():
+            _set_child(block, n, lin)
+    tail = losses[-max(1, math.ceil(len(losses) / 10)):]
+    return losses[0], sum(tail) / len(tail)
+
+
+def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, nn.Linear], config,
+                   progress: bool = True) -> tuple[dict, RunStats]:
+    """Quantize ``targets`` (full name -> Linear) with AdaScale, block by block. Returns AffineWeights by name."""
+    from tqdm.auto import tqdm
+
+    try:
+        prefix, blocks = find_decoder_blocks(model)
+    except ValueError as e:
+        raise ValueError(f"AdaScale distils decoder blocks one at a time, but none were found in "
+                         f"{type(model).__name__}: {e}") from None
+    covered = [n for n in targets if n.startswith(f"{prefix}." if prefix else "")]
+    outside = sorted(set(targets) - set(covered))
+    stats = RunStats()
+    stats.block_seconds = []  # training + folding wall time per block
+    stats.block_losses = []  # (first, final) distillation loss per block
+    t0 = time.perf_counter()
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        # block 0's input is the embedding output: identical for the FP and the quantized model
+        fp_inputs = capture_block_inputs(model, blocks[0], samples, config.batch_size, contextlib.nullcontext)
+        fp_inputs = [(h.cpu(), kw) for h, kw in fp_inputs]
+        q_inputs = [(h, kw) for h, kw in fp_inputs]
+        stats.forward_s += time.perf_counter() - t0
+        device = next(blocks[0].parameters()).device
+        results = {}
+        bar = tqdm(range(len(blocks)), desc="AdaScale blocks", disable=not progress, unit="block")
+        for i in bar:
+            block = blocks[i]
+            block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
+            local = {n[len(block_prefix):]: m for n, m in targets.items() if n.startswith(block_prefix)}
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                fp_out = [_run_block(block, h.to(device), kw).cpu() for h, kw in fp_inputs]
+            stats.forward_s += time.perf_counter() - t1
+            if local:
+                t2 = time.perf_counter()
+                gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
+                on_dev = [(h.to(device), kw) for h, kw in q_inputs]
+                quantizers, init_err = _init_quantizers(block, local, config, on_dev, block_prefix)
+                del on_dev
+                first, last = train_block(
+                    block, quantizers, fp_inputs, q_inputs, fp_out, num_iterations=config.num_iterations,
+                    lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
+                    generator=gen, desc=f"block {i}", progress=progress)
+                with torch.no_grad():
+                    for n, qz in quantizers.items():
+                        aw = qz.fold()
+                        local[n].weight.data.copy_(aw.dequantize().to(local[n].weight.dtype))
+                        results[block_prefix + n] = aw
+                        if n in init_err:
+                            stats.layers[block_prefix + n] = init_err[n]  # GPTQ start's relative output error
+                dt = time.perf_counter() - t2
+                stats.quantize_s += dt
+                stats.block_seconds.append(dt)
+                stats.block_losses.append((first, last))
+                bar.set_postfix(loss=f"{first:.3g}->{last:.3g}")
+                logger.info("AdaScale block %d: loss %.4g -> %.4g in %.1fs", i, first, last, dt)
+            t3 = time.perf_counter()
+            with torch.no_grad():
+                q_inputs = [(_run_block(block, h.to(device), kw).cpu(), kw) for h, kw in q_inputs]
+            fp_inputs = [(o, kw) for o, (_, kw) in zip(fp_out, fp_inputs)]
+            stats.forward_s += time.perf_counter() - t3
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(requires_grad[id(p)])
+    if outside:
+        # Linears outside the decoder blocks (e.g. an untied lm_head) have no block to distil: plain RTN grid.
+        for name in outside:
+            spec = config.spec_for(name)
+            lin = targets[name]
+            check_layout(lin.weight.shape, spec.group_size, config.weight_granularity, name)
+            results[name] = quantizer_from_rtn(lin.weight.data.float(), spec.bits, spec.group_size, spec.sym,
+                                               config.weight_granularity, config.decompressed_bw).fold()
+    return results, stats

@@ -1,0 +1,376 @@
+"""GPTVQ (van Baalen et al., 2024): vector quantization with Hessian-weighted codebooks and GPTQ error feedback.
+
+Pure tensor math. A weight [N, K] is cut into d-dim vectors of adjacent columns. Each (rows_per_block x cols_per_block)
+group has a codebook of 2^index_bits centroids, fitted by Hessian-weighted EM at the start of its column group;
+columns are then quantized d at a time with GPTQ error feedback (lazy batches), the codebooks are refined by least
+squares on ||(W - Q)X||^2 with fixed assignments (conjugate gradient), and finally stored at ``codebook_bits``.
+
+Storage (exactly what VQLinear saves): ``vq_indices`` packed index_bits codes [N, ceil(nvec*ib/8)];
+``vq_codebook`` [G, k*d] as packed ints (4/8 bit, with fp16 ``vq_codebook_scales`` [G] stored as int16 bits) or fp16
+bits (16); optional data normalization (paper appendix H): 4-bit log2 scales per row and 64 columns
+(``vq_norm_codes``) relative to one fp32 ``vq_norm_base`` (stored as int32 bits). Float tensors are kept as integer
+bit patterns so that ``model.to(bfloat16)`` or a dtype on reload cannot re-round them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_vq.algorithms.hessian import inverse_cholesky_upper, prepare_hessian
+from hf_vq.quant.packing import pack, packed_length, unpack
+
+NORM_BLOCK = 64       # columns per normalization scale (paper: --vq-scaling-blocksize 64)
+NORM_BITS = 4
+_CHUNK = 1 << 23      # distance-matrix elements evaluated at once
+
+
+# ---------------------------------------------------------------------------------------------- layout / storage
+@dataclass(frozen=True)
+class VQLayout:
+    out_features: int
+    in_features: int
+    vector_dim: int
+    index_bits: int
+    codebook_bits: int
+    rows_per_block: int
+    cols_per_block: int
+    normalize: bool = False
+
+    @property
+    def k(self) -> int:
+        return 2 ** self.index_bits
+
+    @property
+    def nvec(self) -> int:
+        return -(-self.in_features // self.vector_dim)
+
+    @property
+    def padded_in(self) -> int:
+        return self.nvec * self.vector_dim
+
+    @property
+    def row_blocks(self) -> int:
+        return -(-self.out_features // self.rows_per_block)
+
+    @property
+    def col_blocks(self) -> int:
+        return -(-self.padded_in // self.cols_per_block)
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.row_blocks * self.col_blocks
+
+    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        g, kd = self.num_codebooks, self.k * self.vector_dim
+        out = {"vq_indices": ((self.out_features, packed_length(self.nvec, self.index_bits)), torch.uint8)}
+        if self.codebook_bits == 16:
+            out["vq_codebook"] = ((g, kd), torch.int16)
+        else:
+            out["vq_codebook"] = ((g, packed_length(kd, self.codebook_bits)), torch.uint8)
+            out["vq_codebook_scales"] = ((g,), torch.int16)
+        if self.normalize:
+            nblk = -(-self.padded_in // NORM_BLOCK)
+            out["vq_norm_codes"] = ((self.out_features, packed_length(nblk, NORM_BITS)), torch.uint8)
+            out["vq_norm_base"] = ((1,), torch.int32)
+        return out
+
+    def storage_bytes(self) -> int:
+        return sum(math.prod(s) * torch.empty(0, dtype=dt).element_size() for s, dt in self.tensor_shapes().values())
+
+    def bits_per_value(self) -> float:
+        """Stored bits per weight: indices + codebooks + codebook scales + normalization scales."""
+        return 8.0 * self.storage_bytes() / (self.out_features * self.in_features)
+
+
+def _f16_to_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).view(torch.int16)
+
+
+def _bits_to_f32(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.float16).float() if x.dtype == torch.int16 else x.view(torch.float32)
+
+
+def quantize_codebooks(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codebooks [G, k, d] -> (integer values as float [G, k, d], fp16-exact scales [G]) or (fp16 values, None)."""
+    if bits == 16:
+        return c.to(torch.float16).float(), None
+    qmax = 2 ** (bits - 1) - 1
+    amax = c.abs().amax(dim=(1, 2))
+    scale = (amax / qmax).clamp(min=2.0 ** -24).to(torch.float16).float()
+    return (c / scale[:, None, None]).round().clamp(-qmax, qmax), scale
+
+
+def codebook_values(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return q if scale is None else q * scale[:, None, None]
+
+
+def encode_codebooks(q: torch.Tensor, scale: torch.Tensor | None, bits: int) -> dict[str, torch.Tensor]:
+    g = q.shape[0]
+    if bits == 16:
+        return {"vq_codebook": _f16_to_bits(q.reshape(g, -1)).contiguous()}
+    off = 2 ** (bits - 1)
+    return {"vq_codebook": pack((q.reshape(g, -1) + off).to(torch.int32), bits),
+            "vq_codebook_scales": _f16_to_bits(scale).contiguous()}
+
+
+def decode_codebooks(layout: VQLayout, codebook: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    g, k, d = layout.num_codebooks, layout.k, layout.vector_dim
+    if layout.codebook_bits == 16:
+        return _bits_to_f32(codebook).reshape(g, k, d)
+    q = unpack(codebook, layout.codebook_bits, k * d).float() - 2 ** (layout.codebook_bits - 1)
+    return codebook_values(q.reshape(g, k, d), _bits_to_f32(scales))
+
+
+def norm_scales(layout: VQLayout, codes: torch.Tensor, base_bits: torch.Tensor) -> torch.Tensor:
+    """Per-element normalization scales [N, padded_in] = base * 2^-code."""
+    nblk = -(-layout.padded_in // NORM_BLOCK)
+    c = unpack(codes, NORM_BITS, nblk).float()
+    s = _bits_to_f32(base_bits) * torch.exp2(-c)
+    return s.repeat_interleave(NORM_BLOCK, dim=1)[:, :layout.padded_in]
+
+
+def _element_codebook(layout: VQLayout, rows: int, device) -> torch.Tensor:
+    """Codebook id of every vector [rows, nvec]: row block * col_blocks + column block."""
+    rb = torch.arange(rows, device=device) // layout.rows_per_block
+    cb = torch.arange(layout.nvec, device=device) * layout.vector_dim // layout.cols_per_block
+    return rb[:, None] * layout.col_blocks + cb[None, :]
+
+
+def decode_weight(layout: VQLayout, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 weight [N, K] the stored tensors represent."""
+    n, d = layout.out_features, layout.vector_dim
+    idx = unpack(tensors["vq_indices"], layout.index_bits, layout.nvec).long()
+    cbv = decode_codebooks(layout, tensors["vq_codebook"], tensors.get("vq_codebook_scales"))
+    flat = _element_codebook(layout, n, idx.device) * layout.k + idx
+    w = cbv.reshape(-1, d)[flat].reshape(n, layout.padded_in)
+    if layout.normalize:
+        w = w * norm_scales(layout, tensors["vq_norm_codes"], tensors["vq_norm_base"])
+    return w[:, :layout.in_features].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- weighted k-means
+def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_j sum_d w (x - c_j)^2 for x [B, m, d], centroids c [B, k, d], weights broadcastable to x -> [B, m]."""
+    b, m, d = x.shape
+    k = c.shape[1]
+    w = torch.ones_like(x) if w is None else w.expand(b, m, d)
+    rhs = torch.cat((-2 * c, c * c), -1).transpose(1, 2)             # sum w x^2 is constant per vector
+    step = max(1, _CHUNK // max(1, b * k))
+    out = torch.empty(b, m, dtype=torch.long, device=x.device)
+    for s in range(0, m, step):
+        ws = w[:, s:s + step]
+        out[:, s:s + step] = torch.bmm(torch.cat((ws * x[:, s:s + step], ws), -1), rhs).min(-1).indices
+    return out
+
+
+def weighted_error(x, c, idx, w=None) -> torch.Tensor:
+    """sum w (x - c[idx])^2 per batch [B]."""
+    q = c.gather(1, idx[..., None].expand_as(x))
+    e = (x - q) ** 2
+    return (e if w is None else e * w).sum(dim=(1, 2))
+
+
+def _m_step(x, w, idx, c_old):
+    b, m, d = x.shape
+    ix = idx[..., None].expand(b, m, d)
+    num = torch.zeros_like(c_old).scatter_add_(1, ix, w * x)
+    den = torch.zeros_like(c_old).scatter_add_(1, ix, w.expand(b, m, d).contiguous())
+    return torch.where(den > 0, num / den.clamp(min=1e-30), c_old)   # empty clusters keep their centroid
+
+
+def _init_mahalanobis(x, w, k):
+    """Sort vectors by Mahalanobis distance to their mean; take k evenly spaced ranks (valid vectors only)."""
+    b, m, d = x.shape
+    valid = (w > 0).any(-1)
+    vf = valid.to(x.dtype)[..., None]
+    cnt = vf.sum(1).clamp(min=1)                                           # [B, 1]
+    mu = (x * vf).sum(1) / cnt
+    xc = (x - mu[:, None]) * vf
+    cov = xc.transpose(1, 2) @ xc / cnt[..., None]
+    eps = 1e-6 * cov.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
+    cov = cov + eps[:, None, None] * torch.eye(d, dtype=x.dtype, device=x.device)
+    dist = ((xc @ torch.linalg.inv(cov)) * xc).sum(-1).masked_fill(~valid, float("inf"))
+    order = dist.argsort(1)
+    ranks = (torch.arange(k, device=x.device)[None] * cnt / k).long()     # [B, k], < count
+    return x.gather(1, order.gather(1, ranks)[..., None].expand(b, k, d))
+
+
+def _init_kpp(x, w, k, generator):
+    """k-means++ seeding under the weighted distance."""
+    b, m, d = x.shape
+    valid = (w > 0).any(-1).to(x.dtype)
+    rows = torch.arange(b, device=x.device)
+    first = torch.multinomial(valid + (valid.sum(1, keepdim=True) == 0), 1, generator=generator)[:, 0]
+    cents = [x[rows, first]]
+    dmin = torch.full((b, m), float("inf"), dtype=x.dtype, device=x.device)
+    for _ in range(1, k):
+        dmin = torch.minimum(dmin, (w * (x - cents[-1][:, None]) ** 2).sum(-1))
+        p = dmin * valid
+        p = torch.where(p.sum(1, keepdim=True) > 0, p, valid + (valid.sum(1, keepdim=True) == 0))
+        cents.append(x[rows, torch.multinomial(p, 1, generator=generator)[:, 0]])
+    return torch.stack(cents, 1)
+
+
+def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iterations: int = 100, init: str = "mahalanobis",
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """EM for the weighted objective sum w (x - c)^2, batched over B independent codebooks.
+
+    x, w: [B, m, d] (w = 0 marks padding). Returns centroids [B, k, d] and assignments [B, m]. Stops early when no
+    assignment changes (the M-step would then be a fixed point)."""
+    w = w.expand_as(x)
+    c = _init_kpp(x, w, k, generator) if init == "kpp" else _init_mahalanobis(x, w, k)
+    idx = None
+    for _ in range(iterations):
+        new = weighted_argmin(x, c, w)
+        if idx is not None and torch.equal(new, idx):
+            break
+        idx = new
+        c = _m_step(x, w, idx, c)
+    if idx is None:
+        idx = weighted_argmin(x, c, w)
+    return c, idx
+
+
+# ---------------------------------------------------------------------------------------------- GPTVQ
+@dataclass
+class VQWeight:
+    layout: VQLayout
+    tensors: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        return decode_weight(self.layout, self.tensors)
+
+    def to_module(self, bias):
+        from hf_vq.nn.vqlinear import VQLinear
+
+        return VQLinear.from_vq(self, bias)
+
+
+def _quadratic_loss(w0, q, h) -> float:
+    e = w0 - q
+    return float((e @ h * e).sum())
+
+
+def _update_codebooks(cq, flat, m, w0, h, steps):
+    """Least squares on tr((W0 - Q(C)) H (W0 - Q(C))^T), Q(C) = C[flat] * m, assignments fixed: conjugate gradient."""
+    shape = cq.shape
+    c = cq.reshape(-1).clone()
+    fl = flat.reshape(-1)
+
+    def apply(v):
+        return v[flat] * m
+
+    def adjoint(g):
+        return torch.zeros_like(c).index_add_(0, fl, (g * m).reshape(-1))
+
+    r = adjoint((w0 - apply(c)) @ h)
+    p, rs = r.clone(), float(r.square().sum())
+    rs0 = rs
+    for _ in range(steps):
+        if rs <= 1e-12 * rs0 or rs == 0:
+            break
+        ap = apply(p)
+        aph = ap @ h
+        denom = float((ap * aph).sum())
+        if denom <= 0:
+            break
+        alpha = rs / denom
+        c += alpha * p
+        r -= alpha * adjoint(aph)
+        rs_new = float(r.square().sum())
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return c.reshape(shape)
+
+
+@torch.no_grad()
+def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int = 2, index_bits: int = 6,
+                   codebook_bits: int = 8, rows_per_block: int = 32, cols_per_block: int = 256,
+                   kmeans_iterations: int = 100, percdamp: float = 0.01, hessian_weighted_lookup: bool = True,
+                   codebook_update: bool = True, codebook_update_steps: int = 8, data_normalization: bool = False,
+                   init: str = "mahalanobis", block_size: int = 128, seed: int = 0) -> VQWeight:
+    w0, h = prepare_hessian(weight.detach().to(torch.float32), hessian.to(torch.float32))
+    n, kin = w0.shape
+    lay = VQLayout(n, kin, vector_dim, index_bits, codebook_bits, rows_per_block, cols_per_block, data_normalization)
+    d, k, kp, nrb, ncb = vector_dim, lay.k, lay.padded_in, lay.row_blocks, lay.col_blocks
+    r = min(rows_per_block, n)              # a block taller than the layer is the whole layer
+    np_ = nrb * r
+    dev = w0.device
+    # pad rows to whole row blocks and columns to whole vectors; padding has zero weight everywhere
+    wp = torch.zeros(np_, kp, device=dev)
+    wp[:n, :kin] = w0
+    hp = torch.eye(kp, device=dev)
+    hp[:kin, :kin] = h
+    mask = torch.zeros(np_, kp, device=dev)
+    mask[:n, :kin] = 1
+
+    tensors: dict[str, torch.Tensor] = {}
+    if data_normalization:
+        nblk = -(-kp // NORM_BLOCK)
+        amax = torch.zeros(np_, nblk * NORM_BLOCK, device=dev)
+        amax[:, :kp] = wp.abs()
+        amax = amax.view(np_, nblk, NORM_BLOCK).amax(-1)[:n]
+        base = amax.max().clamp(min=1e-12).reshape(1)
+        codes = (-torch.log2(amax.clamp(min=1e-30) / base)).round().clamp(0, 2 ** NORM_BITS - 1)
+        tensors["vq_norm_codes"] = pack(codes.to(torch.int32), NORM_BITS)
+        tensors["vq_norm_base"] = base.view(torch.int32).clone()
+        s = torch.ones(np_, kp, device=dev)
+        s[:n] = norm_scales(lay, tensors["vq_norm_codes"], tensors["vq_norm_base"])
+    else:
+        s = torch.ones(np_, kp, device=dev)
+
+    u, _ = inverse_cholesky_upper(hp, percdamp)
+    dcol = 1.0 / torch.diag(u).square()                        # D = 1 / [H^-1]_qq (GPTQ's per-column loss weight)
+    em_w = dcol[None] * s.square() * mask
+    look_w = em_w if hessian_weighted_lookup else s.square() * mask
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    idx_all = torch.zeros(np_, lay.nvec, dtype=torch.long, device=dev)
+    cq_cols, sc_cols = [], []
+    w = wp.clone()
+    step = max(d, block_size // d * d)
+    for g0 in range(0, kp, cols_per_block):
+        g1 = min(g0 + cols_per_block, kp)
+        nv = (g1 - g0) // d
+        xs = (w[:, g0:g1] / s[:, g0:g1]).reshape(nrb, r * nv, d)
+        c, _ = weighted_kmeans(xs, em_w[:, g0:g1].reshape(nrb, r * nv, d), k, kmeans_iterations, init, gen)
+        qv, qs = quantize_codebooks(c, codebook_bits)
+        cq = codebook_values(qv, qs)                                             # [nrb, k, d]
+        cq_cols.append(cq)
+        for b0 in range(g0, g1, step):
+            b1 = min(b0 + step, g1)
+            w1 = w[:, b0:b1].clone()
+            err = torch.zeros_like(w1)
+            u1 = u[b0:b1, b0:b1]
+            for i in range(0, b1 - b0, d):
+                cols = slice(b0 + i, b0 + i + d)
+                x = (w1[:, i:i + d] / s[:, cols]).reshape(nrb, r, d)
+                ix = weighted_argmin(x, cq, look_w[:, cols].reshape(nrb, r, d))
+                idx_all[:, (b0 + i) // d] = ix.reshape(-1)
+                q = cq.gather(1, ix[..., None].expand(nrb, r, d)).reshape(np_, d) * s[:, cols]
+                for j in range(d):
+                    e = (w1[:, i + j] - q[:, j]) / u1[i + j, i + j]
+                    w1[:, i + j:] -= e[:, None] * u1[i + j, i + j:][None, :]
+                    err[:, i + j] = e
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+
+    # [col block][row block] -> codebook id rb * col_blocks + cb
+    cq_all = torch.stack(cq_cols, 1).reshape(nrb * ncb, k, d)
+    gid = _element_codebook(lay, np_, dev)
+    flat = ((gid * k + idx_all)[..., None] * d + torch.arange(d, device=dev)).reshape(np_, kp)
+    qv, qs = quantize_codebooks(cq_all, codebook_bits)
+    info = {"loss_before_update": _quadratic_loss(wp, cq_all.reshape(-1)[flat] * s * mask, hp)}
+    if codebook_update:
+        upd = _update_codebooks(cq_all, flat, s * mask, wp, hp, codebook_update_steps)
+        qv2, qs2 = quantize_codebooks(upd, codebook_bits)
+        loss2 = _quadratic_loss(wp, codebook_values(qv2, qs2).reshape(-1)[flat] * s * mask, hp)
+        info["loss_after_update"] = loss2
+        if loss2 < info["loss_before_update"]:
+            qv, qs = qv2, qs2
+    tensors.update(encode_codebooks(qv, qs, codebook_bits))
+    tensors["vq_indices"] = pack(idx_all[:n], index_bits)
+    return VQWeight(lay, tensors, info)

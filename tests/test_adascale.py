@@ -1,0 +1,250 @@
+"""AdaScale: trainable quantizer math, folding, blockwise distillation on tiny random Llamas, config validation."""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_vq
+from hf_vq.algorithms.adascale import AdaScaleQuantizer, quantizer_from_affine, quantizer_from_rtn
+from hf_vq.algorithms.adascale_runner import adascale_model, train_block
+from hf_vq.algorithms.gptq import gptq_quantize
+from hf_vq.algorithms.rtn import rtn_weight
+from hf_vq.convert import select_linears
+from hf_vq.export.aimet import collect_param_encodings
+from hf_vq.quant import blockwise
+from hf_vq.quant.affine import AffineWeight
+from hf_vq.sequential import _run_block, capture_block_inputs
+
+GRIDS = [  # (granularity, sym, group/block size) on a 48 x 96 weight
+    ("group", False, 64),  # 96 = 64 + a shorter last group of 32
+    ("group", True, 32),
+    ("group", False, -1),
+    ("blockwise", True, 32),
+    ("blockwise", False, 16),
+    ("lpbq", True, 16),
+]
+
+
+def _weight(seed=0, shape=(48, 96)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 0.05
+
+
+def _perturb(qz: AdaScaleQuantizer, seed=1, size=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in qz.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * size)
+
+
+@pytest.mark.parametrize("gran,sym,gs", GRIDS)
+def test_fold_is_exactly_the_trained_forward_weight(gran, sym, gs):
+    qz = quantizer_from_rtn(_weight(), 3, gs, sym, gran)
+    _perturb(qz)
+    with torch.no_grad():
+        w_fwd = qz()
+    aw = qz.fold()
+    assert isinstance(aw, AffineWeight)
+    assert torch.equal(aw.dequantize(), w_fwd)
+    assert int(aw.codes.max()) <= 7 and aw.zeros.dtype == torch.uint8
+    assert torch.equal(aw.scales.float(), aw.scales.float().half().float())
+    # the stored module reproduces it too
+    lin = aw.to_module(None)
+    assert torch.equal(lin.to_linear(torch.float32).weight.data, w_fwd)
+
+
+def test_fold_of_lpbq_stays_lpbq_and_exports_as_lpbq():
+    qz = quantizer_from_rtn(_weight(), 4, 16, True, "lpbq")
+    _perturb(qz)
+    aw = qz.fold()
+    factored = blockwise.factor_lpbq(aw.scales.float(), 4, 8)
+    assert factored is not None
+    pc, ints = factored
+    assert float(ints.min()) >= 1 and float(ints.max()) == 16
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_zero_parameters_reproduce_rtn_exactly(sym):
+    w = _weight()
+    qz = quantizer_from_rtn(w, 4, 64, sym)
+    with torch.no_grad():
+        assert torch.equal(qz(), rtn_weight(w, 4, 64, sym).dequantize())
+    lp = quantizer_from_rtn(w, 4, 32, True, "lpbq")
+    with torch.no_grad():
+        assert torch.equal(lp(), blockwise.lpbq_affine_weight(w, 4, 32).dequantize())
+
+
+def test_gptq_start_reproduces_gptq_codes():
+    w = _weight()
+    x = torch.randn(256, 96, generator=torch.Generator().manual_seed(3))
+    h = 2 * x.T @ x / 256
+    start = gptq_quantize(w, h, 3, 32, False)
+    qz = quantizer_from_affine(w, start)
+    with torch.no_grad():
+        assert torch.equal(qz(), start.dequantize())
+    assert torch.equal(qz.fold().codes, start.codes)
+
+
+@pytest.mark.parametrize("gran,sym,gs", GRIDS)
+def test_straight_through_gradients_reach_all_parameters(gran, sym, gs):
+    w = _weight()
+    qz = quantizer_from_rtn(w, 3, gs, sym, gran)
+    _perturb(qz, size=0.05)
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    loss = ((x @ qz().T - x @ w.T) ** 2).mean()
+    loss.backward()
+    for name in ("s2", "s3", "gamma", "beta"):
+        grad = getattr(qz, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def _tiny(layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg)
+
+
+def _block_loss(block, inputs, targets):
+    with torch.no_grad():
+        return sum(float(nn.functional.mse_loss(_run_block(block, h, kw), t))
+                   for (h, kw), t in zip(inputs, targets)) / len(inputs)
+
+
+@pytest.mark.parametrize("gran,sym", [("group", False), ("lpbq", True)])
+def test_distillation_lowers_block_loss(gran, sym):
+    model = _tiny(1)
+    model.requires_grad_(False)
+    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, ids, 2, contextlib.nullcontext)
+    with torch.no_grad():
+        targets = [_run_block(block, h, kw) for h, kw in inputs]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    quantizers = {n: quantizer_from_rtn(m.weight.data, 2, 32, sym, gran) for n, m in linears.items()}
+    fp_weights = {n: m.weight.data.clone() for n, m in linears.items()}
+
+    def loss_with(qs):
+        for n, m in linears.items():
+            m.weight.data.copy_(qs[n].fold().dequantize())
+        out = _block_loss(block, inputs, targets)
+        for n, m in linears.items():
+            m.weight.data.copy_(fp_weights[n])
+        return out
+
+    before = loss_with(quantizers)
+    train_block(block, quantizers, inputs, inputs, targets, num_iterations=40, lr_scales=5e-3, lr_clip=1e-2,
+                fp_input_prob=1.0, generator=torch.Generator().manual_seed(0), progress=False)
+    after = loss_with(quantizers)
+    assert all(type(block.get_submodule(n)) is nn.Linear for n in linears)  # stand-ins removed
+    assert after < 0.8 * before, (before, after)
+
+
+def _run(model, config, ids):
+    return adascale_model(model, ids, select_linears(model, config, ["lm_head"]), config, progress=False)
+
+
+def test_reproducible_with_seed():
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = hf_vq.AdaScaleConfig(bits=3, group_size=32, num_iterations=6, batch_size=1, lr_scales=1e-2, lr_clip=1e-2)
+    runs = [_run(_tiny(), cfg, ids)[0] for _ in range(2)]
+    other = _run(_tiny(), hf_vq.AdaScaleConfig(bits=3, group_size=32, num_iterations=6, batch_size=1,
+                                               lr_scales=1e-2, lr_clip=1e-2, seed=5), ids)[0]
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 14
+    for name in runs[0]:
+        assert torch.equal(runs[0][name].codes, runs[1][name].codes)
+        assert torch.equal(runs[0][name].scales, runs[1][name].scales)
+    assert any(not torch.equal(runs[0][n].dequantize(), other[n].dequantize()) for n in runs[0])
+
+
+@pytest.mark.parametrize("gran,sym,gs,init", [("lpbq", True, 32, "rtn"), ("blockwise", True, 32, "gptq"),
+                                               ("group", False, 64, "gptq")])
+def test_from_pretrained_save_reload(tmp_path, gran, sym, gs, init):
+    _tiny().save_pretrained(tmp_path / "fp")
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = hf_vq.AdaScaleConfig(bits=4, group_size=gs, sym=sym, weight_granularity=gran, init=init,
+                               num_iterations=3, dataset=ids, num_samples=4, seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    assert isinstance(model.model.layers[1].mlp.down_proj, hf_vq.QuantLinear)
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(again.config.quantization_config) is hf_vq.AdaScaleConfig
+    assert again.config.quantization_config.weight_granularity == gran
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    encs = collect_param_encodings(model, "1.0.0")
+    kinds = {e["enc_type"] for e in encs.values()}
+    assert kinds == ({"LPBQ"} if gran == "lpbq" else {"PER_BLOCK"})
+
+
+def test_blockwise_block_must_divide_in_features(tmp_path):
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    cfg = hf_vq.AdaScaleConfig(bits=4, group_size=64, sym=True, weight_granularity="blockwise", num_iterations=1)
+    with pytest.raises(ValueError, match="does not divide in_features=96"):
+        _run(_tiny(), cfg, ids)
+
+
+def test_clear_error_without_decoder_blocks():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, input_ids=None, **kw):
+            return self.fc(input_ids.float())
+
+    model = Flat()
+    cfg = hf_vq.AdaScaleConfig(num_iterations=1)
+    with pytest.raises(ValueError, match="AdaScale .* none were found in Flat"):
+        adascale_model(model, torch.zeros(1, 8, dtype=torch.long), {"fc": model.fc}, cfg, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_iterations=-1), "num_iterations"),
+    (dict(num_iterations=1.5), "num_iterations"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(lr_scales=0), "lr_scales"),
+    (dict(lr_clip=-1e-3), "lr_clip"),
+    (dict(init="adaround"), "init"),
+    (dict(fp_input_prob=1.5), "fp_input_prob"),
+    (dict(weight_granularity="vector"), "weight_granularity"),
+    (dict(weight_granularity="lpbq", sym=False), "sym=True"),
+    (dict(weight_granularity="lpbq", sym=True, init="gptq"), "init='gptq'"),
+    (dict(weight_granularity="lpbq", sym=True, decompressed_bw=4), "decompressed_bw"),
+    (dict(weight_granularity="lpbq", sym=True, group_size=-1), "block size"),
+    (dict(bits=5), "bits"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hf_vq.AdaScaleConfig(**kwargs)
+
+
+def test_config_round_trip():
+    cfg = hf_vq.AdaScaleConfig(bits=3, num_iterations=200, lr_scales=1e-4, init="gptq", fp_input_prob=0.25)
+    d = cfg.to_dict()
+    assert d["method"] == "adascale" and d["num_iterations"] == 200
+    again = hf_vq.HfVQConfig.from_dict(d)
+    assert again == cfg and type(again) is hf_vq.AdaScaleConfig
+    assert hf_vq.AdaScaleConfig().num_iterations == 1500 and hf_vq.AdaScaleConfig().fp_input_prob == 0.5
+
+
+@pytest.mark.parametrize("gran,sym,gs", GRIDS)
+def test_fused_ste_matches_autograd(gran, sym, gs):
+    from hf_vq.algorithms.adascale import reference_forward
+
+    w = _weight()
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (lambda q: q(), reference_forward):
+        qz = quantizer_from_rtn(w, 3, gs, sym, gran)
+        _perturb(qz, size=0.2)
+        out = fn(qz)
+        ((x @ out.T - x @ w.T) ** 2).mean().backward()
+        grads.append((out.detach(), [p.grad for p in qz.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
