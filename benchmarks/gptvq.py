@@ -60,7 +60,7 @@ def kernel_part(n=4096, k=4096):
         VQLinear.cache_decoded = True
     base = rows[0][1]
     print(f"\nM=1 decode, {n}x{k}, 1 thread (cache-hot weights; median ms)")
-    print(f"| method | stored bits/weight | ms | speedup vs fp32 |\n|---|---|---|---|")
+    print("| method | stored bits/weight | ms | speedup vs fp32 |\n|---|---|---|---|")
     for name, ms, bpv in rows:
         print(f"| {name} | {bpv:.3f} | {ms:.3f} | {base / ms:.2f} |")
 

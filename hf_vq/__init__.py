@@ -1,4 +1,4 @@
-"""hf_vq: GPTQ / GPTVQ / AdaScale quantization inside transformers' from_pretrained.
+"""hf_vq: GPTQ / GPTVQ / AdaScale / QuantSim quantization inside transformers' from_pretrained.
 
 ``import hf_vq`` registers quant method "hf_vq" with transformers.
 """
@@ -6,19 +6,18 @@
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from hf_vq.config import QUANT_METHOD, GPTQConfig, HfVQConfig, RTNConfig
-from hf_vq.config import GPTVQConfig  # noqa: E402,F401
-from hf_vq.config import AdaScaleConfig  # noqa: E402,F401
+from hf_vq.config import (QUANT_METHOD, AdaScaleConfig, GPTQConfig, GPTVQConfig, HfVQConfig, QuantSimConfig,
+                          RTNConfig)
 from hf_vq.eval import evaluate_perplexity
-from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, push_quantized, render_model_card
 from hf_vq.export.aimet import load_encodings
-from hf_vq.config import QuantSimConfig  # noqa: E402,F401
-from hf_vq.quantsim import (compute_encodings, export_encodings, set_activation_quantizers_to_float,  # noqa: F401
-                            set_blockwise_quantization_for_weights, set_grouped_blockwise_quantization_for_weights)
-from hf_vq.nn.qat import prepare_qat  # noqa: F401
-from hf_vq.export.onnx import export_onnx  # noqa: F401
+from hf_vq.export.onnx import export_onnx
+from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, push_quantized, render_model_card
+from hf_vq.nn.qat import prepare_qat
 from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.nn.vqlinear import VQLinear
 from hf_vq.quantizer import HfVQQuantizer
+from hf_vq.quantsim import (compute_encodings, export_encodings, set_activation_quantizers_to_float,
+                            set_blockwise_quantization_for_weights, set_grouped_blockwise_quantization_for_weights)
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
     register_quantization_config(QUANT_METHOD)(HfVQConfig)
@@ -26,4 +25,11 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
     register_quantizer(QUANT_METHOD)(HfVQQuantizer)
 
 __version__ = "0.1.0"
-__all__ = ["HfVQConfig", "RTNConfig", "GPTQConfig", "QuantLinear", "HfVQQuantizer", "evaluate_perplexity"]
+__all__ = [
+    "HfVQConfig", "RTNConfig", "GPTQConfig", "GPTVQConfig", "AdaScaleConfig", "QuantSimConfig",
+    "QuantLinear", "VQLinear", "HfVQQuantizer", "evaluate_perplexity",
+    "export_encodings", "load_encodings", "export_onnx", "compute_encodings", "prepare_qat",
+    "set_blockwise_quantization_for_weights", "set_grouped_blockwise_quantization_for_weights",
+    "set_activation_quantizers_to_float",
+    "AutoQuantizedModelForCausalLM", "push_quantized", "load_encodings_from_hub", "render_model_card",
+]

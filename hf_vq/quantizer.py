@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from transformers.quantizers import HfQuantizer
 
 from hf_vq import convert

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_vq
-from hf_vq.algorithms.gptvq import (VQLayout, decode_weight, gptvq_quantize, weighted_argmin, weighted_error,
+from hf_vq.algorithms.gptvq import (gptvq_quantize, weighted_argmin, weighted_error,
                                     weighted_kmeans)
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.nn.vqlinear import VQLinear

@@ -330,7 +330,7 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int 
     gen = torch.Generator(device=dev).manual_seed(seed)
 
     idx_all = torch.zeros(np_, lay.nvec, dtype=torch.long, device=dev)
-    cq_cols, sc_cols = [], []
+    cq_cols = []
     w = wp.clone()
     step = max(d, block_size // d * d)
     for g0 in range(0, kp, cols_per_block):

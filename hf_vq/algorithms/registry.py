@@ -66,6 +66,9 @@ def calibration_samples(model: nn.Module, config: HfVQConfig) -> torch.Tensor:
     return build_calibration(config.dataset, config.tokenizer, config.num_samples, config.seq_len, config.seed,
                              config.dataset_config, config.dataset_split, config.text_column,
                              model_path=getattr(model, "name_or_path", None) or None)
-import hf_vq.algorithms.gptvq_runner  # noqa: E402,F401  (registers "gptvq")
-import hf_vq.algorithms.adascale_runner  # noqa: E402,F401  (registers "adascale")
-import hf_vq.quantsim  # noqa: E402,F401  (registers "quantsim")
+
+
+# The other algorithms register themselves on import (they import this module, hence the imports at the end).
+import hf_vq.algorithms.adascale_runner  # noqa: E402,F401
+import hf_vq.algorithms.gptvq_runner  # noqa: E402,F401
+import hf_vq.quantsim  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """Quantized modules. Importing this package registers their layer types."""
 
+from hf_vq.nn.qat import QATLinear, QuantSimLinear
 from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.nn.vqlinear import VQLinear
 
-__all__ = ["QuantLinear"]
-from hf_vq.nn.vqlinear import VQLinear  # noqa: E402,F401
-from hf_vq.nn.qat import QATLinear, QuantSimLinear  # noqa: E402,F401
+__all__ = ["QuantLinear", "VQLinear", "QATLinear", "QuantSimLinear"]
