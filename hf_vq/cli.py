@@ -23,7 +23,15 @@ def _config_from_args(args):
         return hf_vq.GPTQConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, percdamp=args.percdamp,
                                 act_order=not args.no_act_order, true_sequential=not args.no_true_sequential,
                                 clip_search=args.clip_search, **common, **calib)
-    raise SystemExit(f"hf-vq: method {args.method!r} is not available in this version")
+    if args.method == "gptvq":
+        return hf_vq.GPTVQConfig(vector_dim=args.vector_dim, index_bits=args.index_bits,
+                                 codebook_bits=args.codebook_bits, rows_per_block=args.rows_per_block,
+                                 cols_per_block=args.cols_per_block, kmeans_iterations=args.kmeans_iterations,
+                                 percdamp=args.percdamp, **common, **calib)
+    if args.method == "adascale":
+        return hf_vq.AdaScaleConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
+                                    num_iterations=args.num_iterations, init=args.init, **common, **calib)
+    raise SystemExit(f"hf-vq: unknown method {args.method!r}")
 
 
 def _dataset_arg(value):
@@ -55,6 +63,10 @@ def cmd_quantize(args):
     model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     tok.save_pretrained(args.out)
+    if args.push_to_hub:
+        import hf_vq
+
+        hf_vq.push_quantized(model, args.push_to_hub, tokenizer=tok)
     run = model.hf_quantizer.last_run or {}
     print(json.dumps({"out": str(args.out), "method": args.method, "layers": run.get("num_layers"),
                       "load_and_quantize_s": round(elapsed, 1), "forward_s": round(run.get("forward_s", 0.0), 1),
@@ -86,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize MODEL at load and save it to --out")
     q.add_argument("model")
     q.add_argument("--out", required=True)
-    q.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    q.add_argument("--method", choices=["rtn", "gptq", "gptvq", "adascale"], default="gptq")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--sym", action="store_true")
@@ -104,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--skip", action="append", help="module name/pattern to keep in float (repeatable)")
     q.add_argument("--max-shard-size", default="5GB")
+    q.add_argument("--push-to-hub", metavar="REPO_ID", help="also push weights, config, tokenizer and model card")
+    v = q.add_argument_group("gptvq")
+    v.add_argument("--vector-dim", type=int, default=2)
+    v.add_argument("--index-bits", type=int, default=6)
+    v.add_argument("--codebook-bits", type=int, default=8)
+    v.add_argument("--rows-per-block", type=int, default=32)
+    v.add_argument("--cols-per-block", type=int, default=256)
+    v.add_argument("--kmeans-iterations", type=int, default=100)
+    a = q.add_argument_group("adascale")
+    a.add_argument("--num-iterations", type=int, default=1500)
+    a.add_argument("--init", choices=["rtn", "gptq"], default="rtn")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a (quantized) model")

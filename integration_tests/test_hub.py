@@ -177,3 +177,29 @@ def test_load_without_import_hf_vq(hub, base):
     assert "LAYER Linear None" in out.stdout
     card = out.stdout.split("CARD", 1)[1]
     assert "Requires the `hf_vq` package" in card and "pip install hf_vq" in card and "import hf_vq" in card
+
+
+
+def test_push_and_reload_example(hub, base, tmp_path):
+    from examples import push_and_reload
+
+    model, _ = base
+    model.save_pretrained(tmp_path / "q")
+    r = push_and_reload.main(["--model", str(tmp_path / "q"), "--repo-id", "testorg/example-push",
+                              "--base-model", "testorg/tiny-base"])
+    assert r["identical_logits"] is True
+    assert r["encodings_files"] == ["model.encodings"]
+
+
+def test_cli_quantize_push_to_hub(hub, tmp_path):
+    d = _tiny_llama_dir(tmp_path / "base")
+    _tiny_tokenizer().save_pretrained(d)
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "hf_dummy_test_token",
+           "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "hf_vq.cli", "quantize", str(d), "--method", "rtn", "--group-size", "32",
+                        "--out", str(tmp_path / "out"), "--push-to-hub", "testorg/cli-push"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["layers"] == 14
+    again = AutoModelForCausalLM.from_pretrained("testorg/cli-push")
+    assert isinstance(again.model.layers[0].mlp.up_proj, hf_vq.QuantLinear)
