@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -142,10 +143,11 @@ def main():
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--scale-lr", type=float, default=1e-3)  # on log(scale): relative steps
-    ap.add_argument("--out", default="/tmp/hf_vq_qat_bench")
+    ap.add_argument("--out", default=None, help="trainer/checkpoint folder (default: a fresh temporary folder)")
     ap.add_argument("--plot", default="benchmarks/quantsim_qat_loss.png")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.out = args.out or tempfile.mkdtemp(prefix="hf_vq_qat_bench-")
     model_dir = assets.ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib, test = assets.austen_calibration_text(), assets.austen_test_text()
