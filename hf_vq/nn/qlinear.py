@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_vq.convert import register_layer_type
+from hf_vq.nn.base import QuantizedLinearMixin
 from hf_vq.nn import kernels
 from hf_vq.quant.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
 from hf_vq.quant.packing import pack, packed_length, unpack
 
 
 @register_layer_type("affine")
-class QuantLinear(nn.Module):
+class QuantLinear(QuantizedLinearMixin, nn.Module):
     tensor_names = ("qweight", "scales", "qzeros", "g_idx")
     # Rows of input at or below which the packed decode kernel is used (prefill goes through a dequantized GEMM).
     decode_max_rows = 4
@@ -74,20 +75,6 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_groups(self.codes(), self.scales, self.qzeros, self.g_idx, dtype, self.group_size)
-
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.qweight.device, dtype=dtype)
-        lin.weight.data.copy_(self.dequantize_weight(dtype))
-        if self.bias is not None:
-            lin.bias.data.copy_(self.bias.detach())
-        return lin
-
-    def bits_per_value(self) -> float:
-        """Stored bits per weight, scales/zeros/g_idx included."""
-        nbytes = sum(b.numel() * b.element_size() for b in (self.qweight, self.scales, self.qzeros, self.g_idx))
-        return 8.0 * nbytes / (self.in_features * self.out_features)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

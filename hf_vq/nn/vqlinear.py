@@ -17,10 +17,11 @@ from torch import nn
 
 from hf_vq.algorithms.gptvq import VQLayout, decode_weight
 from hf_vq.convert import register_layer_type
+from hf_vq.nn.base import QuantizedLinearMixin
 
 
 @register_layer_type("vq")
-class VQLinear(nn.Module):
+class VQLinear(QuantizedLinearMixin, nn.Module):
     tensor_names = ("vq_indices", "vq_codebook", "vq_codebook_scales", "vq_norm_codes", "vq_norm_base")
     cache_decoded = True
 
@@ -61,31 +62,15 @@ class VQLinear(nn.Module):
         return cls(lay, bias=record["bias"], dtype=dtype)
 
     # ------------------------------------------------------------------ weights
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {name: buf for name, buf in self._buffers.items() if name.startswith("vq_")}
-
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return decode_weight(self.layout, self._tensors()).to(dtype)
-
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.vq_indices.device, dtype=dtype)
-        lin.weight.data.copy_(self.dequantize_weight(dtype))
-        if self.bias is not None:
-            lin.bias.data.copy_(self.bias.detach())
-        return lin
-
-    def bits_per_value(self) -> float:
-        """Stored bits per weight: exactly the bytes of the saved quantized tensors (bias excluded)."""
-        nbytes = sum(b.numel() * b.element_size() for b in self._tensors().values())
-        return 8.0 * nbytes / (self.in_features * self.out_features)
+        return decode_weight(self.layout, self.stored_tensors()).to(dtype)
 
     # ------------------------------------------------------------------ forward
     def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.cache_decoded:
             return self.dequantize_weight(dtype)
-        key = (dtype, self.vq_indices.device) + tuple((b.data_ptr(), b._version) for b in self._tensors().values())
+        key = (dtype, self.vq_indices.device) + tuple((b.data_ptr(), b._version)
+                                                       for b in self.stored_tensors().values())
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old copy before decoding a new one
             self._cache = (key, self.dequantize_weight(dtype))

@@ -1,0 +1,30 @@
+"""What every stored quantized Linear shares: back to nn.Linear, and its honest storage cost."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantizedLinearMixin:
+    """For modules with ``in_features``, ``out_features``, ``bias``, ``dequantize_weight(dtype)`` and a
+    ``tensor_names`` tuple naming their stored quantized buffers."""
+
+    tensor_names: tuple[str, ...] = ()
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: self._buffers[n] for n in self.tensor_names if self._buffers.get(n) is not None}
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        device = next(iter(self.stored_tensors().values())).device
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype)
+        lin.weight.data.copy_(self.dequantize_weight(dtype))
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias.detach())
+        return lin
+
+    def bits_per_value(self) -> float:
+        """Stored bits per weight: the bytes of the saved quantized tensors (bias excluded)."""
+        nbytes = sum(b.numel() * b.element_size() for b in self.stored_tensors().values())
+        return 8.0 * nbytes / (self.in_features * self.out_features)
