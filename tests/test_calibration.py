@@ -52,7 +52,10 @@ def test_pretokenized_tensors_and_dataloader():
     assert torch.equal(build_calibration(dl), t)
 
 
-def test_errors_are_explicit(tiny_tokenizer, tmp_path):
+def test_errors_are_explicit(tiny_tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the Hub
     with pytest.raises(CalibrationError, match="too small: .* tokens, need at least seq_len=5000"):
         build_calibration(["the a of"], tiny_tokenizer, num_samples=1, seq_len=5000)
     with pytest.raises(CalibrationError, match="needs a tokenizer"):
