@@ -49,9 +49,9 @@ def quantization_summary(model) -> dict[str, Any]:
     n_linear = len(quantized) + sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     weights = stored_bits = 0
     for m in quantized.values():
-        rec = m.layer_record()
-        weights += rec["in_features"] * rec["out_features"]
-        stored_bits += sum(getattr(m, t).numel() * getattr(m, t).element_size() * 8 for t in type(m).tensor_names)
+        w = m.in_features * m.out_features
+        weights += w
+        stored_bits += m.bits_per_value() * w
     seen, total_bytes = set(), 0
     for t in model.state_dict().values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())

@@ -236,6 +236,12 @@ class _FrozenChildren:
         self.recording = {}
 
 
+@torch.no_grad()
+def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext):
+    """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]."""
+    return _collect_hessians(block, linears, inputs, autocast, RunStats(), _FrozenChildren(block, linears))
+
+
 def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats,
                       frozen: _FrozenChildren) -> dict[str, torch.Tensor]:
     """One pass of the block over the calibration inputs, stopping after the group's last layer has run."""

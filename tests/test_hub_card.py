@@ -96,3 +96,12 @@ def test_checked_loader(qmodel, base_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quant_method='gptq'"):
         hf_vq.AutoQuantizedModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_card_for_weight_only_quantsim_model(base_dir):
+    # QuantSim layers list activation-quantizer tensors too; the card's bit rate counts only the stored weight tensors
+    cfg = hf_vq.QuantSimConfig(weight_bits=8, weight_granularity="per_channel", activation_bits=None)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg)
+    s = quantization_summary(model)
+    assert 8.0 < s["bits_per_weight"] < 9.0  # 8-bit codes + one fp16 scale and zero per row of 64-128 weights
+    assert "quantsim" in str(render_model_card(model, base_model=None))

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_from_affine, quantizer_from_rtn
-from hf_vq.algorithms.hessian import HessianAccumulator, output_error
+from hf_vq.algorithms.hessian import output_error
 from hf_vq.algorithms.registry import calibration_samples, register_algorithm
-from hf_vq.sequential import RunStats, _run_block, capture_block_inputs, find_decoder_blocks
+from hf_vq.convert import set_module
+from hf_vq.sequential import RunStats, _run_block, capture_block_inputs, collect_hessians, find_decoder_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +34,10 @@ def run_adascale(model, config, targets, progress):
     return adascale_model(model, calibration_samples(model, config), targets, config, progress=progress)
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-@torch.no_grad()
-def _block_hessians(block: nn.Module, local: dict[str, nn.Linear], inputs) -> dict[str, torch.Tensor]:
-    accs = {n: HessianAccumulator(lin.in_features, lin.weight.device) for n, lin in local.items()}
-    handles = [lin.register_forward_pre_hook(lambda _m, args, _n=n: accs[_n].add(args[0])) for n, lin in local.items()]
-    try:
-        for hidden, kw in inputs:
-            _run_block(block, hidden, kw)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: acc.finalize() for n, acc in accs.items()}
-
-
 def _init_quantizers(block, local, config, q_inputs, block_prefix):
     from hf_vq.algorithms.gptq import gptq_quantize
 
-    hessians = _block_hessians(block, local, q_inputs) if config.init == "gptq" else {}
+    hessians = collect_hessians(block, local, q_inputs) if config.init == "gptq" else {}
     quantizers, init_err = {}, {}
     for n, lin in local.items():
         spec = config.spec_for(block_prefix + n)
@@ -81,7 +64,7 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, targets
         return float("nan"), float("nan")
     originals = {n: block.get_submodule(n) for n in quantizers}
     for n, qz in quantizers.items():
-        _set_child(block, n, AdaScaleLinear(originals[n], qz))
+        set_module(block, n, AdaScaleLinear(originals[n], qz))
     clip = [p for qz in quantizers.values() for p in qz.clip_params()]
     scales = [p for qz in quantizers.values() for p in qz.scale_params()]
     opt = torch.optim.Adam([{"params": clip, "lr": lr_clip}, {"params": scales, "lr": lr_scales}])
@@ -115,7 +98,7 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, targets
                 bar.set_postfix(loss=f"{losses[-1]:.3g}")
     finally:
         for n, lin in originals.items():
-            _set_child(block, n, lin)
+            set_module(block, n, lin)
     tail = losses[-max(1, math.ceil(len(losses) / 10)):]
     return losses[0], sum(tail) / len(tail)
 

@@ -261,7 +261,6 @@ def commit_quantlinear(mod: QuantLinear, prepared) -> None:
     mod.qweight.copy_(qweight.to(mod.qweight.device))
     mod.scales.copy_(scales.to(mod.scales.device))
     mod.qzeros.copy_(zeros.to(mod.qzeros.device))
-    mod._kernel_cache = None
 
 
 def load_encodings(model: nn.Module | None, path: str | os.PathLike, *, strict: bool = True, strip_prefix: str = "",

@@ -343,6 +343,9 @@ class QATLinear(nn.Module):
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         return self.fold().to_linear(dtype)
 
+    def bits_per_value(self) -> float:
+        return self.fold().bits_per_value()  # what save_pretrained stores
+
     def aimet_param_encodings(self, version: str) -> dict:
         from hf_vq.export.aimet import quantlinear_encoding
 
