@@ -22,16 +22,10 @@ import torch
 from torch import nn
 
 from hf_vq.quant import blockwise
-from hf_vq.quant.affine import AffineWeight, _round_up_to_storage, grid_params, group_index, num_groups
+from hf_vq.quant.affine import (FP16_MIN_SCALE, AffineWeight, fp16_up, grid_params, group_index, num_groups,
+                                round_ste)
 
 GRANULARITIES = ("group", "blockwise", "lpbq")
-_MIN_SCALE = 2.0**-14  # smallest normal fp16: below it the stored scale would lose precision
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
 def fp16_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest fp16 value in the forward, identity gradient."""
     return x + (x.to(torch.float16).float() - x).detach()
@@ -53,10 +47,10 @@ def initial_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool, granula
     if granularity != "blockwise":
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     scale, offset = blockwise.minmax_grid(w, bits, sym, (1, block))
+    scale = fp16_up(scale)
     if sym:
-        return _round_up_to_storage(scale.clamp(min=_MIN_SCALE)), -offset
-    # asymmetric: fp16 scale first, then the zero point on that scale (the range still contains 0)
-    scale = _round_up_to_storage(scale.clamp(min=_MIN_SCALE))
+        return scale, -offset
+    # asymmetric: the zero point on the fp16 scale (the range still contains 0)
     zero = torch.round(-blockwise.block_reduce(w, (1, block), torch.amin).clamp(max=0) / scale).clamp(0, 2**bits - 1)
     return scale, zero
 
@@ -142,13 +136,13 @@ class AdaScaleQuantizer(nn.Module):
         fg, fb = 2 * torch.sigmoid(self.gamma), 2 * torch.sigmoid(self.beta)
         if self.sym:
             zero = self.zero0
-            raw = (self.scale0 * (fg + fb) / 2).clamp(min=_MIN_SCALE)
+            raw = (self.scale0 * (fg + fb) / 2).clamp(min=FP16_MIN_SCALE)
             if self.granularity == "lpbq":
                 return self._lpbq(raw), zero
             return fp16_ste(raw), zero
         wmax = (self.maxq - self.zero0) * self.scale0 * fg
         wmin = -self.zero0 * self.scale0 * fb
-        scale = fp16_ste(((wmax - wmin) / self.maxq).clamp(min=_MIN_SCALE))
+        scale = fp16_ste(((wmax - wmin) / self.maxq).clamp(min=FP16_MIN_SCALE))
         zero = torch.clamp(round_ste(-wmin / scale), 0, self.maxq)
         return scale, zero
 

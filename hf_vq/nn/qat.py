@@ -23,15 +23,8 @@ from torch import nn
 from hf_vq.convert import register_layer_type
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.quant import blockwise
-from hf_vq.quant.affine import SCALE_DTYPE, AffineWeight, group_index
+from hf_vq.quant.affine import FP16_MIN_SCALE, SCALE_DTYPE, AffineWeight, fp16_up, group_index, round_ste
 from hf_vq.quant.packing import pack
-
-FP16_MIN_SCALE = 2.0**-14  # smallest normal fp16: keeps fp16 scales exact and positive
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
 
 def _keep_fp32(module: nn.Module, fn, names) -> None:
     """Re-apply ``fn`` to the tensors ``names`` of ``module`` for device only (model.to(bf16) keeps them fp32)."""
@@ -227,7 +220,7 @@ class QATLinear(nn.Module):
             self.register_buffer("int_scale", ints.to(dev), persistent=False)
         else:
             raw, _ = blockwise.minmax_grid(self._padded(w), self.bits, True, (1, self.block))
-            self.log_scale = nn.Parameter(torch.log(_fp16_up(raw)).to(dev))
+            self.log_scale = nn.Parameter(torch.log(fp16_up(raw)).to(dev))
 
     def _padded(self, w: torch.Tensor) -> torch.Tensor:
         extra = (-self.in_features) % self.block
@@ -380,13 +373,6 @@ def _fp16_exact_nearest(pc: torch.Tensor, int_bits: int) -> torch.Tensor:
     m, e = torch.frexp(pc.clamp(min=2.0**-24))
     pc = torch.ldexp(torch.round(m * 2**keep) / 2**keep, e)
     return torch.round(pc * 2**24).clamp(min=1) / 2**24
-
-
-def _fp16_up(scale: torch.Tensor) -> torch.Tensor:
-    """Round scales up to fp16-representable values >= the smallest normal fp16."""
-    from hf_vq.quant.affine import _round_up_to_storage
-
-    return _round_up_to_storage(scale.clamp(min=FP16_MIN_SCALE))
 
 
 # ----------------------------------------------------------------------------------------------- model helpers

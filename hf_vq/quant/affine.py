@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 SCALE_DTYPE = torch.float16  # scales are stored in fp16; grids are computed so that they are exact in fp16
+FP16_MIN_SCALE = 2.0**-14  # smallest normal fp16: below it a stored scale would lose precision
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -48,6 +49,16 @@ def _round_up_to_storage(scale: torch.Tensor) -> torch.Tensor:
     s16 = scale.to(SCALE_DTYPE)
     up = torch.nextafter(s16, torch.tensor(float("inf"), dtype=SCALE_DTYPE, device=s16.device))
     return torch.where(s16.float() < scale, up, s16).float()
+
+
+def fp16_up(scale: torch.Tensor) -> torch.Tensor:
+    """Scales rounded up to fp16-representable values, at least the smallest normal fp16."""
+    return _round_up_to_storage(scale.clamp(min=FP16_MIN_SCALE))
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
