@@ -17,10 +17,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from typing import Any, Callable, Iterable
 
@@ -344,32 +341,12 @@ def quantizer_args(model: nn.Module) -> dict:
             "dtype": "float" if is_float and qc.activation_dtype != "int" else "int", "is_symmetric": True}
 
 
-def rewrite_activation_encodings(path: os.PathLike, entries: dict[str, Any], version: str) -> None:
-    """Put ``entries`` ({name: entry}) into an encodings file's activation_encodings (atomic rewrite)."""
-    from hf_vq.export.aimet import _dumps
-
-    with open(path) as f:
-        doc = json.load(f)
-    doc["activation_encodings"] = entries if version == "0.6.1" else list(entries.values())
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.fspath(path)) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(doc))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_encodings(model: nn.Module, out_dir, version: str = "1.0.0", filename_prefix: str = "model", **kwargs):
     """hf_vq.export.aimet.export_encodings plus the activation encodings of quantsim layers (torch names
     ``<module>.input`` / ``<module>.output``). Same arguments and return value."""
     from hf_vq.export import aimet
 
     args = {**quantizer_args(model), **(kwargs.pop("quantizer_args", None) or {})}
-    path = aimet.export_encodings(model, out_dir, version, filename_prefix, quantizer_args=args, **kwargs)
     acts = {f"{n}.{side}": activation_entry(q, f"{n}.{side}", version) for n, side, q in activation_quantizers(model)}
-    if acts:
-        rewrite_activation_encodings(path, acts, version)
-    return path
+    return aimet.export_encodings(model, out_dir, version, filename_prefix, quantizer_args=args,
+                                  activation_encodings=acts, **kwargs)

@@ -1,8 +1,8 @@
 """AIMET encodings (JSON) export and import for hf_vq models.
 
 ``export_encodings(model, out_dir, version="1.0.0" | "0.6.1")`` writes ``<out_dir>/<filename_prefix>.encodings``
-with the top-level layout of aimet-torch 2.42.0: ``producer``, ``version``, ``activation_encodings`` (empty: hf_vq
-does not quantize activations), ``param_encodings``, ``excluded_layers`` (Linear modules left in float),
+with the top-level layout of aimet-torch 2.42.0: ``producer``, ``version``, ``activation_encodings`` (given by
+hf_vq.quantsim for QuantSim models, else empty), ``param_encodings``, ``excluded_layers`` (Linear modules left in float),
 ``quantizer_args`` (quant_scheme "min_max" for RTN, else the hf_vq method name; activation_bitwidth is a placeholder
 16). Parameter names are torch names (``model.layers.0.self_attn.q_proj.weight``); scales are per torch output
 channel. Offsets follow AIMET: ``x = (q + offset) * scale`` on the unsigned grid, i.e. offset = -zero (-2^(bits-1)
@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.io import atomic_write_text
 from hf_vq.export.aimet_common import _ONNX_SUFFIX, ENC_TYPES, VERSIONS  # noqa: F401
 from hf_vq.quant import blockwise
 
@@ -127,7 +127,8 @@ def _quant_method(model) -> str | None:
 
 def export_encodings(model: nn.Module, out_dir: str | os.PathLike, version: str = "1.0.0",
                      filename_prefix: str = "model", *, lpbq: bool | str = "auto", decompressed_bw: int = 8,
-                     split_uneven_groups: bool = True, quantizer_args: dict | None = None) -> Path:
+                     split_uneven_groups: bool = True, quantizer_args: dict | None = None,
+                     activation_encodings: dict[str, Any] | None = None) -> Path:
     """Write ``<out_dir>/<filename_prefix>.encodings`` (atomic) and return its path. See the module docstring."""
     import hf_vq
 
@@ -150,24 +151,15 @@ def export_encodings(model: nn.Module, out_dir: str | os.PathLike, version: str 
             "is_symmetric": all(m.sym for m in model.modules() if isinstance(m, QuantLinear)),
             "per_channel_quantization": True}
     args.update(quantizer_args or {})
+    acts = activation_encodings or {}  # {tensor name: entry}, from hf_vq.quantsim
     doc = {"producer": {"package": "hf_vq", "version": hf_vq.__version__}, "version": version,
-           "activation_encodings": {} if version == "0.6.1" else [],
+           "activation_encodings": acts if version == "0.6.1" else list(acts.values()),
            "param_encodings": params if version == "0.6.1" else list(params.values()),
            "excluded_layers": excluded, "quantizer_args": args}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{filename_prefix}.encodings"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{filename_prefix}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(doc))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, _dumps(doc))
     return path
 
 

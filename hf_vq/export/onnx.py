@@ -90,7 +90,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
     import onnx
 
     from hf_vq.export import aimet
-    from hf_vq.quantsim import activation_entry, activation_quantizers, quantizer_args, rewrite_activation_encodings
+    from hf_vq.quantsim import activation_entry, activation_quantizers, quantizer_args
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,6 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
     _rename_initializers(proto.graph, _PREFIX)
     onnx.save(proto, str(path))
 
-    enc_path = aimet.export_encodings(model, out_dir, version, filename_prefix, quantizer_args=quantizer_args(model))
     initializers = {i.name for i in proto.graph.initializer}
     missing = [n for n in layers if f"{n}.weight" not in initializers]
     if missing:
@@ -125,6 +124,6 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
                 logger.warning("%s: layers sharing this input have different encodings; keeping the first", tensor)
             continue
         acts[tensor] = entry
-    if acts:
-        rewrite_activation_encodings(enc_path, acts, version)
+    aimet.export_encodings(model, out_dir, version, filename_prefix, quantizer_args=quantizer_args(model),
+                           activation_encodings=acts)
     return path
