@@ -95,12 +95,13 @@ class _Observer:
         self.hist: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
+        x = x.detach()
         if self.hist is None:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
+            lo, hi = torch.aminmax(x)  # one pass; bf16/fp16 extremes are exact in float
+            self.lo = min(self.lo, float(lo))
+            self.hi = max(self.hi, float(hi))
         else:
-            self.hist += torch.histc(x.clamp(self.lo, self.hi), HIST_BINS, self.lo, self.hi).cpu()
+            self.hist += torch.histc(x.float().clamp(self.lo, self.hi), HIST_BINS, self.lo, self.hi).cpu()
 
     def start_histogram(self) -> None:
         self.lo, self.hi = min(self.lo, 0.0), max(self.hi, 0.0)

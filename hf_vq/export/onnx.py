@@ -57,13 +57,19 @@ def _rename_initializers(graph, prefix: str) -> None:
                 node.input[k] = renames[name]
 
 
-def activation_tensor_names(graph, layer: str) -> tuple[str, str]:
-    """(input tensor, output tensor) of the quantized Linear ``layer`` in ``graph``."""
-    weight = f"{layer}.weight"
+def graph_consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def activation_tensor_names(graph, layer: str, consumers: dict[str, list] | None = None) -> tuple[str, str]:
+    """(input tensor, output tensor) of the quantized Linear ``layer`` in ``graph``."""
+    weight = f"{layer}.weight"
+    consumers = consumers if consumers is not None else graph_consumers(graph)
     users = consumers.get(weight, [])
     if len(users) == 1 and users[0].op_type == "Transpose":
         wt = users[0].output[0]
@@ -115,8 +121,10 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
     if missing:
         raise RuntimeError(f"ONNX graph lacks weight initializers for {len(missing)} layers (e.g. {missing[0]}.weight)")
     acts: dict = {}
-    names = {n: activation_tensor_names(proto.graph, n) for n in {n for n, _, _ in activation_quantizers(model)}}
-    for layer, side, q in activation_quantizers(model):
+    quantizers = list(activation_quantizers(model))
+    consumers = graph_consumers(proto.graph)
+    names = {n: activation_tensor_names(proto.graph, n, consumers) for n in {n for n, _, _ in quantizers}}
+    for layer, side, q in quantizers:
         tensor = names[layer][0 if side == "input" else 1]
         entry = activation_entry(q, tensor, version)
         if tensor in acts:
