@@ -24,7 +24,6 @@ from hf_vq.convert import register_layer_type
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.quant import blockwise
 from hf_vq.quant.affine import FP16_MIN_SCALE, SCALE_DTYPE, AffineWeight, fp16_up, group_index, round_ste
-from hf_vq.quant.packing import pack
 
 def _keep_fp32(module: nn.Module, fn, names) -> None:
     """Re-apply ``fn`` to the tensors ``names`` of ``module`` for device only (model.to(bf16) keeps them fp32)."""
@@ -284,19 +283,10 @@ class QATLinear(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> QuantSimLinear:
-        aw = self.affine_weight()
-        mod = QuantSimLinear(self.in_features, self.out_features, self.bits, self.group_size,
-                             bias=self.bias is not None, sym=True, device=self.latent.device,
-                             dtype=self.bias.dtype if self.bias is not None else None,
-                             input_quantizer=copy.deepcopy(self.input_quantizer),
-                             output_quantizer=copy.deepcopy(self.output_quantizer),
-                             granularity=self.granularity, decompressed_bits=self.decompressed_bits)
-        mod.qweight.copy_(pack(aw.codes, self.bits))
-        mod.scales.copy_(aw.scales)
-        mod.qzeros.copy_(aw.zeros)
-        mod.g_idx.copy_(aw.g_idx)
-        if self.bias is not None:
-            mod.bias.data.copy_(self.bias.detach())
+        mod = QuantSimLinear.from_affine(self.affine_weight(), self.bias,
+                                         input_quantizer=copy.deepcopy(self.input_quantizer),
+                                         output_quantizer=copy.deepcopy(self.output_quantizer),
+                                         granularity=self.granularity, decompressed_bits=self.decompressed_bits)
         for q in (mod.input_quantizer, mod.output_quantizer):
             if q is not None:
                 q.requires_grad_(False)

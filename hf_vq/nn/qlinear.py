@@ -45,10 +45,11 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
         self._kernel_cache: tuple | None = None
 
     @classmethod
-    def from_affine(cls, aw: AffineWeight, bias: torch.Tensor | None) -> "QuantLinear":
+    def from_affine(cls, aw: AffineWeight, bias: torch.Tensor | None, **kwargs) -> "QuantLinear":
+        """A module holding ``aw`` (``kwargs`` go to a subclass's constructor)."""
         n, k = aw.shape
         mod = cls(k, n, aw.bits, aw.group_size, bias=bias is not None, sym=aw.sym, device=aw.codes.device,
-                  dtype=bias.dtype if bias is not None else None)
+                  dtype=bias.dtype if bias is not None else None, **kwargs)
         mod.qweight.copy_(pack(aw.codes, aw.bits))
         mod.scales.copy_(aw.scales)
         mod.qzeros.copy_(aw.zeros)
