@@ -145,8 +145,13 @@ def test_bf16_model_keeps_fp16_scales(gptq_model, calib_ids, tmp_path):
 
 
 def test_reusing_frozen_block_outputs_changes_nothing(tiny_llama_dir, calib_ids):
-    """Stubbing already-quantized children (attention) in later passes must not change the Hessians or the codes."""
-    from hf_vq.algorithms.gptq import gptq_quantize
+    """Stubbing already-quantized children (attention) in later passes must not change the Hessians or the codes.
+
+    RTN stands in for the algorithm: its codes ignore the Hessian, so float noise from a different memory layout
+    (BLAS kernels may take other paths) cannot cascade through rounding decisions into the next block. A wrong stub
+    would change the Hessians by orders of magnitude more than the tolerance.
+    """
+    from hf_vq.algorithms.rtn import rtn_weight
     from hf_vq.sequential import run_sequential
 
     def run(reuse):
@@ -156,7 +161,7 @@ def test_reusing_frozen_block_outputs_changes_nothing(tiny_llama_dir, calib_ids)
 
         def fn(name, lin, h):
             hessians[name] = h.clone()
-            return gptq_quantize(lin.weight.data, h, 4, 32)
+            return rtn_weight(lin.weight.data, 4, 32, sym=False)
 
         results, _ = run_sequential(model, calib_ids, targets, fn, batch_size=4, reuse_frozen=reuse, progress=False)
         return results, hessians
@@ -164,9 +169,6 @@ def test_reusing_frozen_block_outputs_changes_nothing(tiny_llama_dir, calib_ids)
     (a, ha), (b, hb) = run(True), run(False)
     assert a.keys() == b.keys() and len(a) == 14
     for name in a:
-        # block 0 sees identical inputs in both runs; block 1's inputs depend on block 0's codes, where a rounding
-        # tie may flip with float summation order, so it gets a looser (still far below a wrong stub) tolerance
-        rtol = 1e-5 if ".layers.0." in name else 1e-2
         rel = float((ha[name] - hb[name]).norm() / hb[name].norm())
-        assert rel < rtol, (name, rel)
-        assert (a[name].codes != b[name].codes).float().mean() < 0.01, name
+        assert rel < 1e-4, (name, rel)
+        assert torch.equal(a[name].codes, b[name].codes), name
