@@ -83,15 +83,31 @@ def _run_block(block, hidden, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def sequential_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden, kwargs, autocast) -> list[list[str]]:
-    """Linears in execution order, grouped by shared input (q/k/v, then o, then gate/up, then down for Llama)."""
-    order: list[tuple[str, tuple]] = []
+@dataclass
+class BlockProbe:
+    """What one calibration sample shows about a block's structure."""
+    groups: list[list[str]]        # Linears in execution order, grouped by shared input (q/k/v, o, gate/up, down)
+    shared_input: list[bool]       # per group: all members read the same tensor
+    tails: dict[str, tuple]        # child -> (Linear whose output is the child's output, rebuild of the child output)
+
+
+def probe_block(block: nn.Module, linears: dict[str, nn.Linear], hidden, kwargs, autocast) -> BlockProbe:
+    """Run ``block`` on one sample and record execution order, shared inputs and which child returns a Linear's output
+    unchanged (attention returns o_proj's, the MLP down_proj's): such a child's output can be computed from that
+    Linear's inputs alone once all its Linears are quantized."""
+    order: list[tuple[str, torch.Tensor]] = []
+    lin_out: list[tuple[str, torch.Tensor]] = []  # references keep ids unique while probing
+    child_out: dict[str, object] = {}
     handles = []
     for name, lin in linears.items():
-        def hook(_m, args, _name=name):
-            x = args[0]
-            order.append((_name, (x.data_ptr(), tuple(x.shape), x.dtype)))
-        handles.append(lin.register_forward_pre_hook(hook))
+        def pre(_m, args, _name=name):
+            order.append((_name, args[0]))  # the tensor itself: a freed input's address can be reused
+
+        def post(_m, _args, out, _name=name):
+            lin_out.append((_name, out))
+        handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
+    for c, child in block.named_children():
+        handles.append(child.register_forward_hook(lambda _m, _a, out, _c=c: child_out.__setitem__(_c, out)))
     try:
         with torch.no_grad(), autocast():
             _run_block(block, hidden[:1], _slice_kwargs(kwargs, 1))
@@ -99,21 +115,36 @@ def sequential_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden, k
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last_key = None
+    shared: list[bool] = []
+    last_input = None
     seen = set()
-    for name, key in order:
+    for name, x in order:
         if name in seen:
             continue
         seen.add(name)
-        if groups and key == last_key:
+        if groups and x is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_key = key
+            shared.append(True)
+        last_input = x
     missing = [n for n in linears if n not in seen]
     if missing:
         groups.append(missing)
-    return groups
+        shared.append(False)
+    tails = {}
+    for c, out in child_out.items():
+        first, rest = (out, None) if isinstance(out, torch.Tensor) else (out[0], tuple(out[1:])) \
+            if isinstance(out, (tuple, list)) and out else (None, None)
+        owner = next((n for n, o in lin_out if o is first), None) if first is not None else None
+        if owner and owner.split(".")[0] == c and (rest is None or all(r is None for r in rest)):
+            tails[c] = (owner, (lambda t: t) if rest is None else (lambda t, _r=rest, _k=type(out): _k((t, *_r))))
+    return BlockProbe(groups, shared, tails)
+
+
+def sequential_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden, kwargs, autocast) -> list[list[str]]:
+    """Linears in execution order, grouped by shared input (q/k/v, then o, then gate/up, then down for Llama)."""
+    return probe_block(block, linears, hidden, kwargs, autocast).groups
 
 
 def _slice_kwargs(kwargs: dict, n: int) -> dict:
@@ -129,15 +160,23 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
 
 
 QuantizeFn = Callable[[str, nn.Linear, torch.Tensor], object]
+SharedQuantizeFn = Callable[[list[str], list[nn.Linear], torch.Tensor], list]
+
+# Inputs of a child's last Linear are kept (to compute the child's output without re-running it) only while they
+# take at most this multiple of the block-input cache: memory stays bounded by one block's activations.
+CAPTURE_FACTOR = 4.0
 
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, nn.Linear], quantize_fn: QuantizeFn,
                    batch_size: int = 8, true_sequential: bool = True, compute_dtype: torch.dtype = torch.float32,
-                   progress: bool = True, reuse_frozen: bool = True) -> tuple[dict[str, object], RunStats]:
+                   progress: bool = True, reuse_frozen: bool = True,
+                   quantize_shared_fn: SharedQuantizeFn | None = None) -> tuple[dict[str, object], RunStats]:
     """Quantize ``targets`` (full name -> Linear) block by block. ``quantize_fn(name, linear, H)`` returns an object
     with ``dequantize()``; its result replaces the layer's weight for the rest of the run. Returns those objects.
-    ``reuse_frozen`` skips recomputing block children whose layers are all quantized (same result, less work)."""
+    ``quantize_shared_fn(names, linears, H)``, when given, quantizes layers that read the same input (one Hessian)
+    in one call. ``reuse_frozen`` skips work whose result is already known: outputs of finished children, outputs
+    nobody reads before a pass stops (same result, less work)."""
     from tqdm.auto import tqdm
 
     stats = RunStats()
@@ -162,33 +201,36 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         block = blocks[i]
         block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
         linears = {n: m for n, m in targets.items() if n.startswith(block_prefix)}
+        frozen = None
         if linears:
             local = {n[len(block_prefix):]: m for n, m in linears.items()}
+            probe = probe_block(block, local, cache[0][0], cache[0][1], autocast)
             if true_sequential:
-                groups = sequential_groups(block, local, cache[0][0], cache[0][1], autocast)
+                groups, shared_input = probe.groups, probe.shared_input
             else:
-                groups = [list(local)]
-            frozen = _FrozenChildren(block, local)
-            for group in groups:
+                groups, shared_input = [list(local)], [False]
+            frozen = _FrozenChildren(block, local, probe.tails if reuse_frozen else {})
+            done: set[str] = set()
+            for group, shared in zip(groups, shared_input):
                 if reuse_frozen:
-                    frozen.prepare(done={n for n in local if block_prefix + n in results})
-                hessians = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats, frozen)
+                    frozen.prepare(done)
+                # members other than the last only feed layers after the point where this pass stops
+                skip = set(group[:-1]) if reuse_frozen and shared else set()
+                child = frozen.capture_target(group, done | set(group))
+                if child is not None and local[group[-1]].in_features > CAPTURE_FACTOR * cache[0][0].shape[-1]:
+                    child = None
+                hessians, captured = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats,
+                                                       frozen, skip=skip, capture=group[-1] if child else None)
                 t1 = time.perf_counter()
-                for n in group:
-                    full = block_prefix + n
-                    lin = local[n]
-                    h = hessians[n]
-                    original = lin.weight.data.clone()
-                    result = quantize_fn(full, lin, h)
-                    lin.weight.data.copy_(result.dequantize().to(lin.weight.dtype))
-                    err = output_error(original, lin.weight.data, h)
-                    stats.layers[full] = err
-                    results[full] = result
-                    logger.info("%s: relative output error %.5f", full, err)
+                _quantize_group(group, local, hessians, block_prefix, quantize_fn, quantize_shared_fn, results, stats)
+                done.update(group)
                 stats.quantize_s += time.perf_counter() - t1
                 del hessians
-        else:
-            frozen = None
+                if child is not None:
+                    t2 = time.perf_counter()
+                    frozen.synthesize(child, local[group[-1]], captured)
+                    stats.forward_s += time.perf_counter() - t2
+                del captured
         t2 = time.perf_counter()
         for j, (hidden, kw) in enumerate(cache):
             with autocast(), (frozen.stubbed(j) if frozen else contextlib.nullcontext()):
@@ -200,15 +242,50 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     return results, stats
 
 
+def _quantize_group(group, local, hessians, block_prefix, quantize_fn, quantize_shared_fn, results, stats):
+    """Quantize one group's layers; layers sharing a Hessian go through ``quantize_shared_fn`` together."""
+    by_hessian: dict[int, list[str]] = {}
+    for n in group:
+        by_hessian.setdefault(id(hessians[n]), []).append(n)
+    for names in by_hessian.values():
+        h = hessians[names[0]]
+        originals = [local[n].weight.data.clone() for n in names]
+        fulls = [block_prefix + n for n in names]
+        if quantize_shared_fn is not None and len(names) > 1:
+            outs = quantize_shared_fn(fulls, [local[n] for n in names], h)
+        else:
+            outs = [quantize_fn(f, local[n], h) for f, n in zip(fulls, names)]
+        for n, full, original, result in zip(names, fulls, originals, outs):
+            lin = local[n]
+            lin.weight.data.copy_(result.dequantize().to(lin.weight.dtype))
+            err = output_error(original, lin.weight.data, h)
+            stats.layers[full] = err
+            results[full] = result
+            logger.info("%s: relative output error %.5f", full, err)
+
+
 class _FrozenChildren:
     """Outputs of block children whose Linears are all quantized are fixed (groups run in execution order, so their
     inputs are fixed too): record them once, then stub those children in later passes instead of recomputing them."""
 
-    def __init__(self, block: nn.Module, local: dict[str, nn.Linear]):
+    def __init__(self, block: nn.Module, local: dict[str, nn.Linear], tails: dict | None = None):
         self.children = dict(block.named_children())
         self.members = {c: [n for n in local if n.split(".")[0] == c] for c in self.children}
+        self.tails = tails or {}
         self.outputs: dict[str, list] = {}
         self.recording: dict[str, list] = {}
+
+    def capture_target(self, group: list[str], done_after: set[str]) -> str | None:
+        """The child whose output is the output of ``group``'s last Linear and that is finished once ``group`` is:
+        keeping that Linear's inputs gives the child's output without running it again."""
+        for c, (owner, _) in self.tails.items():
+            if owner == group[-1] and c not in self.outputs and all(n in done_after for n in self.members[c]):
+                return c
+        return None
+
+    def synthesize(self, child: str, linear: nn.Linear, inputs: list[torch.Tensor]) -> None:
+        rebuild = self.tails[child][1]
+        self.outputs[child] = [rebuild(linear(x)) for x in inputs]
 
     def prepare(self, done: set[str]) -> None:
         self.recording = {c: [] for c, names in self.members.items()
@@ -239,41 +316,51 @@ class _FrozenChildren:
 @torch.no_grad()
 def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext):
     """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]."""
-    return _collect_hessians(block, linears, inputs, autocast, RunStats(), _FrozenChildren(block, linears))
+    return _collect_hessians(block, linears, inputs, autocast, RunStats(), _FrozenChildren(block, linears))[0]
 
 
-def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats,
-                      frozen: _FrozenChildren) -> dict[str, torch.Tensor]:
-    """One pass of the block over the calibration inputs, stopping after the group's last layer has run."""
+def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats, frozen: _FrozenChildren,
+                      skip: set[str] = frozenset(), capture: str | None = None):
+    """One pass of the block over the calibration inputs, stopping after the group's last layer has run.
+
+    Layers in ``skip`` return zeros instead of computing (nothing reads them before the stop); the inputs of
+    ``capture`` are kept per batch and returned with the Hessians."""
     accs: dict[str, HessianAccumulator] = {}
-    shared: dict[str, str] = {}
+    seen_inputs: dict[str, torch.Tensor] = {}  # layer -> its input this batch (layers reading one tensor share H)
     remaining = set(group)
+    captured: list[torch.Tensor] = []
     handles = []
     t0 = time.perf_counter()
     for name, lin in group.items():
         def hook(_m, args, _name=name):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            owner = next((o for o, k in shared.items() if k == key and o in accs), None)
+            owner = next((o for o, seen in seen_inputs.items() if seen is x and o in accs), None)
             if owner is None:
                 acc = accs.setdefault(_name, HessianAccumulator(x.shape[-1], x.device))
                 acc.add(x)
-                shared[_name] = key
+                seen_inputs[_name] = x
             else:
                 accs.setdefault(_name, accs[owner])
+            if _name == capture:
+                captured.append(x)
             remaining.discard(_name)
             if not remaining:
                 raise _StopForward
         handles.append(lin.register_forward_pre_hook(hook))
+    for name in skip:
+        lin = group[name]
+        lin.forward = lambda x, _n=lin.out_features: x.new_zeros(*x.shape[:-1], _n)
     try:
         for j, (hidden, kw) in enumerate(cache):
             remaining.update(group)
-            shared.clear()
+            seen_inputs.clear()
             with contextlib.suppress(_StopForward), autocast(), frozen.stubbed(j, record=True):
                 _run_block(block, hidden, kw)
     finally:
         for h in handles:
             h.remove()
+        for name in skip:
+            del group[name].forward
     frozen.commit(len(cache))
     stats.forward_s += time.perf_counter() - t0
     out = {}
@@ -285,4 +372,4 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
         if id(acc) not in finalized:
             finalized[id(acc)] = acc.finalize()
         out[name] = finalized[id(acc)]
-    return out
+    return out, captured

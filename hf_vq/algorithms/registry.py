@@ -50,14 +50,30 @@ def _run_rtn(model, config, targets, progress):
 def _run_gptq(model, config, targets, progress):
     from hf_vq.algorithms.gptq import gptq_quantize
 
+    def quantize(weight, h, spec):
+        return gptq_quantize(weight, h, spec.bits, spec.group_size, spec.sym, config.percdamp, config.act_order,
+                             config.block_size, config.clip_search)
+
     def quantize_fn(name, lin, h):
-        spec = config.spec_for(name)
-        return gptq_quantize(lin.weight.data, h, spec.bits, spec.group_size, spec.sym, config.percdamp,
-                             config.act_order, config.block_size, config.clip_search)
+        return quantize(lin.weight.data, h, config.spec_for(name))
+
+    def quantize_shared_fn(names, lins, h):
+        # GPTQ treats rows independently given H: layers reading one input are one problem with stacked rows
+        out = {}
+        by_spec: dict = {}
+        for name, lin in zip(names, lins):
+            spec = config.spec_for(name)
+            by_spec.setdefault((spec.bits, spec.group_size, spec.sym), (spec, []))[1].append((name, lin))
+        for spec, members in by_spec.values():
+            stacked = quantize(torch.cat([lin.weight.data for _, lin in members]), h, spec)
+            parts = stacked.split_rows([lin.out_features for _, lin in members])
+            out.update({name: part for (name, _), part in zip(members, parts)})
+        return [out[n] for n in names]
 
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
-                          compute_dtype=getattr(torch, config.calibration_dtype), progress=progress)
+                          compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
+                          quantize_shared_fn=quantize_shared_fn)
 
 
 def calibration_samples(model: nn.Module, config: HfVQConfig) -> torch.Tensor:

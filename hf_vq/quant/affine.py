@@ -150,6 +150,11 @@ class AffineWeight:
     def shape(self):
         return tuple(self.codes.shape)
 
+    def split_rows(self, sizes: list[int]) -> list["AffineWeight"]:
+        """Row blocks of a weight quantized as one (layers that share an input share the GPTQ problem)."""
+        parts = zip(self.codes.split(sizes), self.scales.split(sizes), self.zeros.split(sizes))
+        return [AffineWeight(c, s, z, self.g_idx, self.bits, self.group_size, self.sym) for c, s, z in parts]
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_groups(self.codes, self.scales, self.zeros, self.g_idx, dtype, self.group_size)
 
