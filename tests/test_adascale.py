@@ -137,7 +137,8 @@ def test_distillation_lowers_block_loss(gran, sym):
         return out
 
     before = loss_with(quantizers)
-    train_block(block, quantizers, inputs, inputs, targets, num_iterations=40, lr_scales=5e-3, lr_clip=1e-2,
+    hidden, kws = [h for h, _ in inputs], [kw for _, kw in inputs]
+    train_block(block, quantizers, hidden, hidden, kws, targets, num_iterations=40, lr_scales=5e-3, lr_clip=1e-2,
                 fp_input_prob=1.0, generator=torch.Generator().manual_seed(0), progress=False)
     after = loss_with(quantizers)
     assert all(type(block.get_submodule(n)) is nn.Linear for n in linears)  # stand-ins removed
@@ -146,6 +147,33 @@ def test_distillation_lowers_block_loss(gran, sym):
 
 def _run(model, config, ids):
     return adascale_model(model, ids, select_linears(model, config, ["lm_head"]), config, progress=False)
+
+
+def test_disk_activation_cache_gives_identical_result(tmp_path):
+    """Block activations kept on disk (safetensors per batch) instead of in memory change nothing, and are removed."""
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    kw = dict(bits=3, group_size=32, num_iterations=4, batch_size=2, lr_scales=1e-2, lr_clip=1e-2, init="gptq")
+    in_memory = _run(_tiny(), hf_vq.AdaScaleConfig(**kw), ids)[0]
+    cfg = hf_vq.AdaScaleConfig(**kw, activation_cache_dir=str(tmp_path / "acts"))
+    on_disk = _run(_tiny(), cfg, ids)[0]
+    assert in_memory.keys() == on_disk.keys() and len(in_memory) == 14
+    for name in in_memory:
+        assert torch.equal(in_memory[name].codes, on_disk[name].codes), name
+        assert torch.equal(in_memory[name].scales, on_disk[name].scales), name
+    assert list((tmp_path / "acts").iterdir()) == []  # temporary batch files removed
+    assert "activation_cache_dir" not in cfg.to_dict()  # a local path is not part of the saved model
+
+
+def test_activation_store_roundtrip_and_errors(tmp_path):
+    from hf_vq.activation_store import ActivationStore
+
+    for directory in (None, tmp_path):
+        with ActivationStore(2, directory) as store:
+            t = torch.randn(2, 3, 4)
+            store[1] = t
+            assert torch.equal(store[1], t)
+            with pytest.raises(IndexError, match="batch 0 was never stored"):
+                store[0]
 
 
 def test_reproducible_with_seed():

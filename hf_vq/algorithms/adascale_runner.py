@@ -1,7 +1,8 @@
 """Registers "adascale": blockwise knowledge distillation of AdaScale quantizers (hf_vq/algorithms/adascale.py).
 
 Per decoder block, in order:
-1. FP target = the block with FP weights on the FP model's block input (cached on CPU).
+1. FP target = the block with FP weights on the FP model's block input (cached on CPU, or on disk with
+   ``activation_cache_dir``: see hf_vq/activation_store.py).
 2. Starting grid per Linear: RTN, or GPTQ with Hessians of the quantized model's block input.
 3. ``num_iterations`` Adam steps (two groups: clipping gamma/beta at ``lr_clip``, scales s2/s3 at ``lr_scales``,
    cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input: each element
@@ -20,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from hf_vq.activation_store import ActivationStore
 from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_from_affine, quantizer_from_rtn
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.algorithms.registry import calibration_samples, register_algorithm
@@ -53,11 +55,12 @@ def _init_quantizers(block, local, config, q_inputs, block_prefix):
     return quantizers, init_err
 
 
-def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, targets, *, num_iterations: int,
+def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, kwargs, targets, *, num_iterations: int,
                 lr_scales: float, lr_clip: float, fp_input_prob: float, generator: torch.Generator,
                 desc: str = "", progress: bool = True) -> tuple[float, float]:
     """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
-    steps, cycling the cached batches in a seeded random order. Returns (first loss, mean loss of the last 10%)."""
+    steps, cycling the cached batches (FP inputs, quantized inputs, block kwargs, FP targets: indexable by batch) in a
+    seeded random order. Returns (first loss, mean loss of the last 10%)."""
     from tqdm.auto import tqdm
 
     if num_iterations == 0:
@@ -79,8 +82,7 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, targets
                 if not order:
                     order = torch.randperm(len(fp_inputs), generator=generator).tolist()
                 j = order.pop()
-                fp_hidden, kw = fp_inputs[j]
-                q_hidden = q_inputs[j][0]
+                fp_hidden, q_hidden, kw = fp_inputs[j], q_inputs[j], kwargs[j]
                 if fp_input_prob >= 1.0:
                     x = fp_hidden
                 elif fp_input_prob <= 0.0:
@@ -103,6 +105,20 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, targets
     return losses[0], sum(tail) / len(tail)
 
 
+class _OnDevice:
+    """(hidden, kwargs) per batch from a store, moved to the block's device: the cache shape collect_hessians reads."""
+
+    def __init__(self, store, kws, device):
+        self.store, self.kws, self.device = store, kws, device
+
+    def __len__(self):
+        return len(self.store)
+
+    def __iter__(self):
+        for j in range(len(self.store)):
+            yield self.store[j].to(self.device), self.kws[j]
+
+
 def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, nn.Linear], config,
                    progress: bool = True) -> tuple[dict, RunStats]:
     """Quantize ``targets`` (full name -> Linear) with AdaScale, block by block. Returns AffineWeights by name."""
@@ -120,12 +136,19 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     stats.block_losses = []  # (first, final) distillation loss per block
     t0 = time.perf_counter()
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    stack: list[ActivationStore] = []
     model.requires_grad_(False)
     try:
         # block 0's input is the embedding output: identical for the FP and the quantized model
-        fp_inputs = capture_block_inputs(model, blocks[0], samples, config.batch_size, contextlib.nullcontext)
-        fp_inputs = [(h.cpu(), kw) for h, kw in fp_inputs]
-        q_inputs = [(h, kw) for h, kw in fp_inputs]
+        captured = capture_block_inputs(model, blocks[0], samples, config.batch_size, contextlib.nullcontext)
+        kws = [kw for _, kw in captured]
+        n = len(captured)
+        fp_in, fp_out, q_in = (ActivationStore(n, config.activation_cache_dir, name) for name in ("fp_in", "fp_out", "q_in"))
+        stack.extend([fp_in, fp_out, q_in])
+        for j, (h, _) in enumerate(captured):
+            fp_in[j] = h
+            q_in[j] = h
+        del captured
         stats.forward_s += time.perf_counter() - t0
         device = next(blocks[0].parameters()).device
         results = {}
@@ -136,25 +159,25 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             local = {n[len(block_prefix):]: m for n, m in targets.items() if n.startswith(block_prefix)}
             t1 = time.perf_counter()
             with torch.no_grad():
-                fp_out = [_run_block(block, h.to(device), kw).cpu() for h, kw in fp_inputs]
+                for j in range(n):
+                    fp_out[j] = _run_block(block, fp_in[j].to(device), kws[j])
             stats.forward_s += time.perf_counter() - t1
             if local:
                 t2 = time.perf_counter()
                 gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
-                on_dev = [(h.to(device), kw) for h, kw in q_inputs]
-                quantizers, init_err = _init_quantizers(block, local, config, on_dev, block_prefix)
-                del on_dev
+                quantizers, init_err = _init_quantizers(block, local, config, _OnDevice(q_in, kws, device),
+                                                        block_prefix)
                 first, last = train_block(
-                    block, quantizers, fp_inputs, q_inputs, fp_out, num_iterations=config.num_iterations,
+                    block, quantizers, fp_in, q_in, kws, fp_out, num_iterations=config.num_iterations,
                     lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
                     generator=gen, desc=f"block {i}", progress=progress)
                 with torch.no_grad():
-                    for n, qz in quantizers.items():
+                    for name, qz in quantizers.items():
                         aw = qz.fold()
-                        local[n].weight.data.copy_(aw.dequantize().to(local[n].weight.dtype))
-                        results[block_prefix + n] = aw
-                        if n in init_err:
-                            stats.layers[block_prefix + n] = init_err[n]  # GPTQ start's relative output error
+                        local[name].weight.data.copy_(aw.dequantize().to(local[name].weight.dtype))
+                        results[block_prefix + name] = aw
+                        if name in init_err:
+                            stats.layers[block_prefix + name] = init_err[name]  # GPTQ start's relative output error
                 dt = time.perf_counter() - t2
                 stats.quantize_s += dt
                 stats.block_seconds.append(dt)
@@ -163,10 +186,13 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 logger.info("AdaScale block %d: loss %.4g -> %.4g in %.1fs", i, first, last, dt)
             t3 = time.perf_counter()
             with torch.no_grad():
-                q_inputs = [(_run_block(block, h.to(device), kw).cpu(), kw) for h, kw in q_inputs]
-            fp_inputs = [(o, kw) for o, (_, kw) in zip(fp_out, fp_inputs)]
+                for j in range(n):
+                    q_in[j] = _run_block(block, q_in[j].to(device), kws[j])
+            fp_in, fp_out = fp_out, fp_in  # this block's FP output is the next block's FP input
             stats.forward_s += time.perf_counter() - t3
     finally:
+        for store in stack:
+            store.close()
         for p in model.parameters():
             p.requires_grad_(requires_grad[id(p)])
     if outside:

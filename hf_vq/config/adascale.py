@@ -15,6 +15,8 @@ class AdaScaleConfig(HfVQConfig):
     ``init``: "rtn" or "gptq" (GPTQ's rounding as the starting point; not with lpbq). ``fp_input_prob``: chance that
     an element of a block input comes from the FP model instead of the quantized one. One Adam step uses one batch of
     ``batch_size`` calibration sequences (cycled in a seeded order); ``percdamp`` is GPTQ's damping for init="gptq".
+    ``activation_cache_dir``: keep the block inputs/targets of the calibration set on disk there (safetensors, removed
+    afterwards) instead of in CPU memory; not saved with the model.
     """
 
     method = "adascale"
@@ -24,7 +26,7 @@ class AdaScaleConfig(HfVQConfig):
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, num_iterations: int = 1500,
                  batch_size: int = 1, lr_scales: float = 5e-4, lr_clip: float = 1e-3, init: str = "rtn",
                  fp_input_prob: float = 0.5, weight_granularity: str = "group", decompressed_bw: int = 8,
-                 percdamp: float = 0.01, **kwargs):
+                 percdamp: float = 0.01, activation_cache_dir: str | None = None, **kwargs):
         self.num_iterations = num_iterations
         self.batch_size = batch_size
         self.lr_scales = lr_scales
@@ -34,6 +36,7 @@ class AdaScaleConfig(HfVQConfig):
         self.weight_granularity = weight_granularity
         self.decompressed_bw = decompressed_bw
         self.percdamp = percdamp
+        self.activation_cache_dir = None if activation_cache_dir is None else str(activation_cache_dir)
         super().__init__(bits=bits, group_size=group_size, sym=sym, **kwargs)
 
     def validate(self) -> None:

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 LOADING_NOTE = "pip install hf_vq, then `import hf_vq` before from_pretrained (or use hf_vq.AutoQuantizedModelForCausalLM)"
 
 # Runtime-only fields: shared by reference on deepcopy and never written to config.json.
-_RUNTIME_FIELDS = ("dataset", "tokenizer")
+_RUNTIME_FIELDS = ("dataset", "tokenizer", "activation_cache_dir")  # not written to config.json
 
 
 @dataclass
