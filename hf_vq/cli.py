@@ -90,12 +90,12 @@ def cmd_eval(args):
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-vq", description="Quantize Hugging Face models with hf_vq")
-    p.add_argument("-v", "--verbose", action="store_true", help="per-layer quantization log")
-    sub = p.add_subparsers(dest="command", required=True)
+QUANTIZE_HELP = "quantize MODEL at load and save it to --out"
+EVAL_HELP = "perplexity of a (quantized) model"
 
-    q = sub.add_parser("quantize", help="quantize MODEL at load and save it to --out")
+
+def add_quantize_args(q: argparse.ArgumentParser) -> None:
+    """Arguments of ``quantize``; shared by ``hf-vq`` and ``optimum-cli hf-vq`` (hf_vq/optimum_cli.py)."""
     q.add_argument("model")
     q.add_argument("--out", required=True)
     q.add_argument("--method", choices=["rtn", "gptq", "gptvq", "adascale"], default="gptq")
@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = q.add_argument_group("adascale")
     a.add_argument("--num-iterations", type=int, default=1500)
     a.add_argument("--init", choices=["rtn", "gptq"], default="rtn")
-    q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a (quantized) model")
+
+def add_eval_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("model")
     e.add_argument("--data", default="austen", help="'austen' (bundled test split) or a text file/folder")
     e.add_argument("--tokenizer")
@@ -137,13 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=65536)
     e.add_argument("--max-windows", type=int)
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="per-layer quantization log")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-vq", description="Quantize Hugging Face models with hf_vq")
+    add_verbose_arg(p)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help=QUANTIZE_HELP)
+    add_quantize_args(q)
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help=EVAL_HELP)
+    add_eval_args(e)
     e.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    setup_logging(args.verbose)
     return args.func(args)
 
 

@@ -8,8 +8,10 @@ that did not load through hf_vq.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +27,9 @@ from hf_vq.config import QUANT_METHOD, HfVQConfig
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "hf_vq_model_card.md"
+TEMPLATE_NAME = "hf_vq_model_card.md"
+SOURCE_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"  # the single source of the templates
+SWEEP_PLOT_NAME = "ppl_vs_bits.png"
 LOAD_HINT = ("Install it with `pip install hf_vq` and run `import hf_vq` before `from_pretrained`. Without it, "
              "transformers logs \"Unknown quantization type, got hf_vq\", skips the quantization config and loads "
              "random weights in place of every quantized layer.")
@@ -115,21 +119,118 @@ def _inherited_license(model, base_model: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------- model card
+def default_template() -> str:
+    """The card template: package data ``hf_vq.model_cards`` of a wheel install, else model_cards/ of the source tree.
+
+    An editable install cannot import ``hf_vq.model_cards`` (setuptools' editable finder does not resolve a data-only
+    package mapped from outside hf_vq/), so the source-tree path is the fallback there.
+    """
+    try:
+        res = importlib.resources.files("hf_vq.model_cards").joinpath(TEMPLATE_NAME)
+        if res.is_file():
+            return res.read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        pass
+    src = SOURCE_TEMPLATE_DIR / TEMPLATE_NAME
+    if not src.is_file():
+        raise FileNotFoundError(f"model card template {TEMPLATE_NAME} is neither package data of hf_vq.model_cards "
+                                f"nor in {SOURCE_TEMPLATE_DIR}: reinstall hf_vq")
+    return src.read_text(encoding="utf-8")
+
+
+def _check_sweep(sweep, fp_ppl) -> list[tuple[str, float, float]]:
+    rows = []
+    for i, row in enumerate(sweep or []):
+        try:
+            label, bpv, ppl = str(row["label"]), float(row["bits_per_value"]), float(row["ppl"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"sweep row {i} needs label, bits_per_value and ppl (numbers): {row!r}") from e
+        if not (bpv > 0 and math.isfinite(bpv) and ppl > 0 and math.isfinite(ppl)):
+            raise ValueError(f"sweep row {i} ({label}): bits_per_value and ppl must be finite and > 0")
+        rows.append((label, bpv, ppl))
+    if not rows:
+        raise ValueError("sweep is empty: pass a list of {label, bits_per_value, ppl} rows")
+    if fp_ppl is not None and not (math.isfinite(fp_ppl) and fp_ppl > 0):
+        raise ValueError(f"fp_ppl must be finite and > 0, got {fp_ppl}")
+    return rows
+
+
+def plot_perplexity_vs_bits(sweep: list[dict], fp_ppl: float | None, path: str | os.PathLike) -> Path:
+    """PNG of perplexity vs bits per value, one labelled point per ``{label, bits_per_value, ppl}`` row and the float
+    model's perplexity as a dashed line. Written atomically (temp file in the same folder + ``os.replace``).
+
+    Needs matplotlib (``pip install "hf_vq[plot]"``); uses the Agg canvas directly, so pyplot's global backend is
+    left alone.
+    """
+    rows = _check_sweep(sweep, fp_ppl)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FormatStrFormatter
+    except ImportError:
+        raise ImportError('plotting perplexity vs bits per value needs matplotlib: pip install "hf_vq[plot]"') from None
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.scatter([r[1] for r in rows], [r[2] for r in rows], zorder=3)
+    for label, bpv, ppl in rows:
+        ax.annotate(label, (bpv, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if fp_ppl is not None:
+        ax.axhline(fp_ppl, color="gray", linestyle="--", label=f"float: {fp_ppl:.4g}")
+        ax.legend(loc="best")
+    ppls = [r[2] for r in rows] + ([fp_ppl] if fp_ppl is not None else [])
+    if max(ppls) / min(ppls) > 4:
+        ax.set_yscale("log")  # 3-bit settings can be several times worse than 4-bit ones
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 30, 40, ... instead of 3x10^1
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.margins(x=0.25, y=0.1)  # room for the point labels
+    ax.set_xlabel("bits per value (stored)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def render_model_card(model, base_model: str | None, metrics: dict | None = None, calibration: str | None = None,
                       plot_path=None, *, repo_id: str | None = None, license: str | None = None,
-                      template_path: str | os.PathLike | None = None) -> ModelCard:
+                      template_path: str | os.PathLike | None = None, sweep: list[dict] | None = None,
+                      fp_ppl: float | None = None) -> ModelCard:
     """Model card (README.md) of an hf_vq model: metadata, method and every parameter, bit rates, how to load.
 
     ``base_model`` should be a Hub id (it goes to the card's ``base_model`` metadata); a local directory is named in the
     text only. ``plot_path`` is referenced by file name: upload the file with the card (``push_quantized`` does).
+    ``sweep``: the settings a run measured, ``[{"label", "bits_per_value", "ppl"}, ...]`` (``fp_ppl``: the float
+    model's); the card gets their table, and a perplexity-vs-bits PNG is written to ``plot_path`` (put it beside the
+    card's README.md; needs matplotlib).
     """
     import hf_vq
 
     cfg = _quant_config(model)
     summary = quantization_summary(model)
-    template = Path(template_path) if template_path else TEMPLATE_PATH
-    if not template.is_file():
-        raise FileNotFoundError(f"model card template not found: {template}")
+    if template_path:
+        if not Path(template_path).is_file():
+            raise FileNotFoundError(f"model card template not found: {template_path}")
+        template = Path(template_path).read_text(encoding="utf-8")
+    else:
+        template = default_template()
+    sweep_rows = None
+    if sweep is not None:
+        if plot_path is None:
+            raise ValueError("a sweep needs plot_path: where its PNG is written (beside the card's README.md)")
+        sweep_rows = [(label, f"{bpv:.3f}", f"{ppl:.4g}") for label, bpv, ppl in _check_sweep(sweep, fp_ppl)]
+        plot_perplexity_vs_bits(sweep, fp_ppl, plot_path)
     base_id = base_model if _is_repo_id(base_model) else None
     base_name = Path(base_model).name if base_model else "a model"
     params = cfg.to_dict()
@@ -146,13 +247,14 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
         "None: this method needs no calibration data." if not cfg.needs_calibration else "Not recorded.")
     metric_rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (metrics or {}).items()]
     return ModelCard.from_template(
-        card_data, template_path=str(template),
+        card_data, template_str=template,
         title=repo_id.split("/")[-1] if repo_id else f"{base_name} ({summary['bits_label']} hf_vq {cfg.method})",
         repo_id=repo_id or "<repo_id>", base_model=base_id, base_name=base_name, method=cfg.method,
         method_title=METHOD_TITLES.get(cfg.method, cfg.method), hf_vq_version=hf_vq.__version__,
         load_hint=LOAD_HINT, params=param_rows, excluded=", ".join(f"`{s}`" for s in skipped),
         metrics=metric_rows, calibration=calib, plot_file=Path(plot_path).name if plot_path else None,
-        plot_alt="evaluation plot", quantized_mb=summary["quantized_bytes"] / 1e6,
+        plot_alt="perplexity vs bits per value" if sweep_rows else "evaluation plot", sweep=sweep_rows,
+        fp_ppl=f"{fp_ppl:.4g}" if fp_ppl is not None else None, quantized_mb=summary["quantized_bytes"] / 1e6,
         float_mb=summary["float_bytes"] / 1e6,
         **{k: summary[k] for k in ("bits_label", "n_quantized", "n_linear", "layer_types", "bits_per_weight",
                                    "bits_per_param", "float_dtype")})
@@ -171,14 +273,18 @@ def push_quantized(model, repo_id: str, tokenizer=None, card: ModelCard | None =
                    metrics: dict | None = None, calibration: str | None = None, plot_path=None,
                    extra_files: list | None = None, commit_message: str | None = None, private: bool | None = None,
                    token: str | None = None, revision: str | None = None, max_shard_size: int | str = "5GB",
-                   create_pr: bool = False):
+                   create_pr: bool = False, sweep: list[dict] | None = None, fp_ppl: float | None = None):
     """Push weights + config (+ tokenizer) + model card (+ ``*.encodings`` JSON files) in one commit.
 
     ``card=None`` renders one with :func:`render_model_card` (``base_model`` defaults to the model's
-    ``name_or_path`` when that is a Hub id). Stale shards and encodings from earlier pushes are deleted in the same
-    commit. Returns huggingface_hub's ``CommitInfo``.
+    ``name_or_path`` when that is a Hub id); with ``sweep`` its perplexity-vs-bits plot (``ppl_vs_bits.png``) is
+    drawn beside the README.md and pushed with it. ``plot_path`` instead uploads an image you made. Stale shards and
+    encodings from earlier pushes are deleted in the same commit. Returns huggingface_hub's ``CommitInfo``.
     """
     cfg = _quant_config(model)
+    if sweep is not None and (card is not None or plot_path is not None):
+        raise ValueError("sweep draws the card's plot: pass it without card and plot_path (or render the card "
+                         "yourself with render_model_card(..., sweep=..., plot_path=...) and push that plot_path)")
     if base_model is None and _is_repo_id(getattr(model.config, "_name_or_path", None)):
         base_model = model.config._name_or_path
     api = HfApi(token=token)
@@ -189,7 +295,9 @@ def push_quantized(model, repo_id: str, tokenizer=None, card: ModelCard | None =
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         if card is None:
-            card = render_model_card(model, base_model, metrics, calibration, plot_path, repo_id=repo_id)
+            sweep_plot = out / SWEEP_PLOT_NAME if sweep is not None else None
+            card = render_model_card(model, base_model, metrics, calibration, plot_path or sweep_plot,
+                                     repo_id=repo_id, sweep=sweep, fp_ppl=fp_ppl)
         card.save(out / "README.md")
         files = [Path(p) for p in (extra_files or [])] + ([Path(plot_path)] if plot_path else [])
         if encodings_dir is not None:

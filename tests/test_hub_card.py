@@ -105,3 +105,59 @@ def test_card_for_weight_only_quantsim_model(base_dir):
     s = quantization_summary(model)
     assert 8.0 < s["bits_per_weight"] < 9.0  # 8-bit codes + one fp16 scale and zero per row of 64-128 weights
     assert "quantsim" in str(render_model_card(model, base_model=None))
+
+
+SWEEP = [{"label": "RTN 4-bit g128", "bits_per_value": 4.25, "ppl": 31.44},
+         {"label": "RTN 3-bit g128", "bits_per_value": 3.25, "ppl": 97.7},
+         {"label": "GPTQ 4-bit g128", "bits_per_value": 4.25, "ppl": 26.1}]
+
+
+def test_card_with_sweep_plot(qmodel, tmp_path):
+    png = tmp_path / "ppl_vs_bits.png"
+    card = render_model_card(qmodel, "testorg/tiny-base", plot_path=png, sweep=SWEEP, fp_ppl=24.18)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (600, 400)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl_vs_bits.png"]  # no temp file left behind
+    text = card.text
+    assert "![perplexity vs bits per value](ppl_vs_bits.png)" in text  # relative link: the PNG sits beside README.md
+    assert "## Evaluation" in text and "| float (unquantized) | | 24.18 |" in text
+    for row in ("| RTN 4-bit g128 | 4.250 | 31.44 |", "| RTN 3-bit g128 | 3.250 | 97.7 |",
+                "| GPTQ 4-bit g128 | 4.250 | 26.1 |"):
+        assert row in text, row
+
+
+def test_sweep_input_errors(qmodel, tmp_path):
+    with pytest.raises(ValueError, match="needs plot_path"):
+        render_model_card(qmodel, None, sweep=SWEEP, fp_ppl=24.18)
+    with pytest.raises(ValueError, match="row 1 needs label, bits_per_value and ppl"):
+        render_model_card(qmodel, None, plot_path=tmp_path / "p.png", sweep=[SWEEP[0], {"label": "x", "ppl": 3.0}])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        render_model_card(qmodel, None, plot_path=tmp_path / "p.png", sweep=[{**SWEEP[0], "ppl": float("nan")}])
+    with pytest.raises(ValueError, match="sweep is empty"):
+        render_model_card(qmodel, None, plot_path=tmp_path / "p.png", sweep=[])
+    with pytest.raises(ValueError, match="fp_ppl must be"):
+        render_model_card(qmodel, None, plot_path=tmp_path / "p.png", sweep=SWEEP, fp_ppl=0.0)
+    assert not (tmp_path / "p.png").exists()
+    # push_quantized draws the plot itself: an explicit card or plot_path with a sweep is ambiguous (fails before I/O)
+    with pytest.raises(ValueError, match="sweep draws the card's plot"):
+        hf_vq.push_quantized(qmodel, "testorg/x", card=render_model_card(qmodel, None), sweep=SWEEP)
+
+
+def test_plot_without_matplotlib(qmodel, tmp_path, monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "hf_vq\[plot\]"'):
+        render_model_card(qmodel, None, plot_path=tmp_path / "p.png", sweep=SWEEP, fp_ppl=24.18)
+    assert render_model_card(qmodel, None).text  # cards without a sweep never need it
+
+
+def test_default_template_is_model_cards_source():
+    from pathlib import Path
+
+    from hf_vq.hub import TEMPLATE_NAME, default_template
+
+    src = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+    assert default_template() == src.read_text(encoding="utf-8")
