@@ -15,6 +15,7 @@ from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, pu
 from hf_vq.nn.qat import prepare_qat
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.vqlinear import VQLinear
+from hf_vq.peft import load_lora, merge_and_dequantize, prepare_lora  # noqa: F401 (peft imported lazily)
 from hf_vq.quantizer import HfVQQuantizer
 from hf_vq.quantsim import (compute_encodings, export_encodings, set_activation_quantizers_to_float,
                             set_blockwise_quantization_for_weights, set_grouped_blockwise_quantization_for_weights)

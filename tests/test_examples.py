@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from examples import export_encodings, qat_trainer, quantize_at_load
+from examples import export_encodings, lora_finetune, qat_trainer, quantize_at_load
 from tests.conftest import random_text
 
 
@@ -46,3 +46,11 @@ def test_qat_trainer_example(workspace):
                           "--out", str(workspace / "qat"), "--steps", "10"])
     assert r["ppl_after"] < r["ppl_before"]  # training on the same text lowers its perplexity
     assert r["reload_ppl"] == pytest.approx(r["ppl_after"], rel=1e-5)
+
+
+def test_lora_finetune_example(workspace):
+    r = lora_finetune.main(["--model", str(workspace / "model"), "--data", str(workspace / "calib.txt"),
+                            "--out", str(workspace / "lora"), "--steps", "10", "--lr", "1e-2"])
+    assert r["ppl_after"] < r["ppl_before"]  # training on the same text lowers its perplexity
+    assert r["reload_ppl"] == pytest.approx(r["ppl_after"], rel=1e-6)
+    assert r["merged_ppl"] == pytest.approx(r["ppl_after"], rel=1e-4)
