@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,6 +155,19 @@ def test_push_quantized_card_encodings_tokenizer(hub, api, base, tmp_path):
     (enc_dir / "bad.encodings").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ValueError, match="not a JSON encodings file"):
         hf_vq.push_quantized(model, "testorg/tiny-rtn-card", encodings_dir=enc_dir)
+
+
+def test_push_with_sweep_uploads_plot(hub, api, base):
+    """A run that measured several settings pushes the perplexity-vs-bits PNG with the card, linked from it."""
+    model, _ = base
+    sweep = [{"label": "rtn 4-bit", "bits_per_value": 4.25, "ppl": 31.4},
+             {"label": "gptq 3-bit", "bits_per_value": 3.25, "ppl": 45.0}]
+    hf_vq.push_quantized(model, "testorg/tiny-rtn-sweep", base_model="testorg/tiny-base", sweep=sweep, fp_ppl=24.2)
+    assert "ppl_vs_bits.png" in set(api.list_repo_files("testorg/tiny-rtn-sweep"))
+    png = Path(hf_hub_download("testorg/tiny-rtn-sweep", "ppl_vs_bits.png")).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    card = ModelCard.load("testorg/tiny-rtn-sweep")
+    assert "ppl_vs_bits.png" in card.text and "gptq 3-bit" in card.text
 
 
 def test_load_without_import_hf_vq(hub, base):
