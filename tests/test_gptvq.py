@@ -164,7 +164,7 @@ def test_dtype_cast_keeps_codebooks():
     (dict(codebook_bits=6), "codebook_bits"), (dict(rows_per_block=0), "rows_per_block"),
     (dict(cols_per_block=255, vector_dim=2), "multiple of vector_dim"), (dict(init="random"), "init"),
     (dict(percdamp=0), "percdamp"), (dict(kmeans_iterations=-1), "kmeans_iterations"),
-    (dict(hessian_weighted_lookup="yes"), "hessian_weighted_lookup")])
+    (dict(hessian_weighted_lookup="yes"), "hessian_weighted_lookup"), (dict(codebook_scale="row"), "codebook_scale")])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         hf_vq.GPTVQConfig(**kw)
@@ -234,3 +234,61 @@ def test_modules_to_not_convert(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=cfg, dtype=torch.float32)
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(model.model.layers[0].mlp.up_proj, VQLinear)
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "0.6.1"])
+def test_vector_encodings_export_and_load(tiny_llama, tmp_path, version):
+    """A GPTVQ model exports AIMET VECTOR entries (the schema of AIMET's own GPTVQ file) whose per-row grid holds
+    every centroid exactly, and the file loads back; a mismatching file is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_vq.algorithms.gptvq import decode_codebooks
+    from tests.test_aimet_encodings import REF, _schema
+
+    cfg = hf_vq.GPTVQConfig(index_bits=4, rows_per_block=32, cols_per_block=32, kmeans_iterations=3, dataset=_calib())
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=cfg, dtype=torch.float32)
+    path = hf_vq.export_encodings(model, tmp_path, version=version)
+    doc = json.loads(path.read_text())
+    name = "model.layers.0.mlp.down_proj.weight"
+    mod = model.get_submodule("model.layers.0.mlp.down_proj")
+    if version == "1.0.0":
+        entry = next(e for e in doc["param_encodings"] if e["name"] == name)
+        ref = json.loads((REF / "tiny-llama_gptvq-vector-2d-idx6-cb8_a8_v1.0.0_legacy-export.encodings").read_text())
+        ref_entry = next(e for e in ref["param_encodings"] if e["enc_type"] == "VECTOR")
+        assert _schema({k: entry[k] for k in sorted(entry)}) == _schema({k: ref_entry[k] for k in sorted(ref_entry)})
+        scale, fields = entry["scale"], entry
+    else:
+        rows = doc["param_encodings"][name]
+        scale, fields = [r["scale"] for r in rows], rows[0]
+        assert all(r["offset"] == -128 and r["bitwidth"] == 8 for r in rows)
+    assert (fields["rows_per_block"], fields["cols_per_block"], fields["vector_dim"], fields["index_bw"]) == (32, 32, 2, 4)
+    assert len(scale) == mod.out_features
+    # every centroid of a row block is an integer multiple of that row block's exported scale, within int8
+    lay = mod.layout
+    cb = decode_codebooks(lay, mod.vq_codebook, mod.vq_codebook_scales).reshape(lay.row_blocks, -1)
+    row_scale = torch.tensor(scale).reshape(lay.row_blocks, -1)[:, :1]
+    ints = cb / row_scale
+    assert torch.allclose(ints, ints.round(), atol=1e-3) and ints.abs().max() <= 127
+
+    enc = hf_vq.load_encodings(model, path)
+    assert name in enc.applied
+    wrong = json.loads(path.read_text())
+    if version == "1.0.0":
+        next(e for e in wrong["param_encodings"] if e["name"] == name)["index_bw"] = 6
+    else:
+        for r in wrong["param_encodings"][name]:
+            r["index_bw"] = 6
+    bad = tmp_path / "bad.encodings"
+    bad.write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="does not match this VQLinear"):
+        hf_vq.load_encodings(model, bad)
+
+
+def test_per_codebook_scales_refuse_vector_export(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_vq.GPTVQConfig(index_bits=4, rows_per_block=32, cols_per_block=32, kmeans_iterations=3,
+                            dataset=_calib(), codebook_scale="codebook")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=cfg, dtype=torch.float32)
+    with pytest.raises(ValueError, match="codebook_scale='row_block'"):
+        hf_vq.export_encodings(model, tmp_path)

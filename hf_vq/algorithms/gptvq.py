@@ -93,12 +93,15 @@ def _bits_to_f32(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.float16).float() if x.dtype == torch.int16 else x.view(torch.float32)
 
 
-def quantize_codebooks(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codebooks [G, k, d] -> (integer values as float [G, k, d], fp16-exact scales [G]) or (fp16 values, None)."""
+def quantize_codebooks(c: torch.Tensor, bits: int, share: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codebooks [G, k, d] -> (integer values as float [G, k, d], fp16-exact scales [G]) or (fp16 values, None).
+    ``share`` consecutive codebooks get one scale (a row block's codebooks: AIMET's one grid per row block)."""
     if bits == 16:
         return c.to(torch.float16).float(), None
     qmax = 2 ** (bits - 1) - 1
     amax = c.abs().amax(dim=(1, 2))
+    if share > 1:
+        amax = amax.reshape(-1, share).amax(dim=1).repeat_interleave(share)
     scale = (amax / qmax).clamp(min=2.0 ** -24).to(torch.float16).float()
     return (c / scale[:, None, None]).round().clamp(-qmax, qmax), scale
 
@@ -292,7 +295,8 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int 
                    codebook_bits: int = 8, rows_per_block: int = 32, cols_per_block: int = 256,
                    kmeans_iterations: int = 100, percdamp: float = 0.01, hessian_weighted_lookup: bool = True,
                    codebook_update: bool = True, codebook_update_steps: int = 8, data_normalization: bool = False,
-                   init: str = "mahalanobis", block_size: int = 128, seed: int = 0) -> VQWeight:
+                   init: str = "mahalanobis", block_size: int = 128, seed: int = 0,
+                   codebook_scale: str = "row_block") -> VQWeight:
     w0, h = prepare_hessian(weight.detach().to(torch.float32), hessian.to(torch.float32))
     n, kin = w0.shape
     lay = VQLayout(n, kin, vector_dim, index_bits, codebook_bits, rows_per_block, cols_per_block, data_normalization)
@@ -362,11 +366,12 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int 
     cq_all = torch.stack(cq_cols, 1).reshape(nrb * ncb, k, d)
     gid = _element_codebook(lay, np_, dev)
     flat = ((gid * k + idx_all)[..., None] * d + torch.arange(d, device=dev)).reshape(np_, kp)
-    qv, qs = quantize_codebooks(cq_all, codebook_bits)
+    share = ncb if codebook_scale == "row_block" else 1
+    qv, qs = quantize_codebooks(cq_all, codebook_bits, share)
     info = {"loss_before_update": _quadratic_loss(wp, cq_all.reshape(-1)[flat] * s * mask, hp)}
     if codebook_update:
         upd = _update_codebooks(cq_all, flat, s * mask, wp, hp, codebook_update_steps)
-        qv2, qs2 = quantize_codebooks(upd, codebook_bits)
+        qv2, qs2 = quantize_codebooks(upd, codebook_bits, share)
         loss2 = _quadratic_loss(wp, codebook_values(qv2, qs2).reshape(-1)[flat] * s * mask, hp)
         info["loss_after_update"] = loss2
         if loss2 < info["loss_before_update"]:

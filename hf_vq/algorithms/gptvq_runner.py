@@ -20,7 +20,7 @@ def run_gptvq(model, config, targets, progress):
             percdamp=config.percdamp, hessian_weighted_lookup=config.hessian_weighted_lookup,
             codebook_update=config.codebook_update, codebook_update_steps=config.codebook_update_steps,
             data_normalization=config.data_normalization, init=config.init, block_size=config.block_size,
-            seed=config.seed)
+            seed=config.seed, codebook_scale=config.codebook_scale)
 
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,

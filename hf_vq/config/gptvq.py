@@ -9,20 +9,23 @@ class GPTVQConfig(HfVQConfig):
     """GPTVQ (van Baalen et al. 2024): vector quantization with Hessian-weighted codebooks and GPTQ error feedback.
 
     ``vector_dim`` adjacent input columns form a vector; each ``rows_per_block`` x ``cols_per_block`` group of the weight
-    has a codebook of ``2**index_bits`` centroids stored at ``codebook_bits`` (4/8 = int with one fp16 scale per
-    codebook, 16 = fp16). Shapes the blocks do not divide get shorter last blocks. See ``bits_per_value``.
+    has a codebook of ``2**index_bits`` centroids stored at ``codebook_bits`` (4/8 = int with an fp16 scale, 16 = fp16).
+    ``codebook_scale``: "row_block" (default) gives all codebooks of a row block one scale, AIMET's convention, so
+    the model exports as AIMET VECTOR encodings; "codebook" gives each codebook its own (a slightly finer grid, not
+    exportable to AIMET). Shapes the blocks do not divide get shorter last blocks. See ``bits_per_value``.
     """
 
     method = "gptvq"
     valid_vector_dims = (1, 2, 4)
     valid_codebook_bits = (4, 8, 16)
     valid_inits = ("mahalanobis", "kpp")
+    valid_codebook_scales = ("row_block", "codebook")
 
     def __init__(self, vector_dim: int = 2, index_bits: int = 6, codebook_bits: int = 8, rows_per_block: int = 32,
                  cols_per_block: int = 256, kmeans_iterations: int = 100, percdamp: float = 0.01,
                  hessian_weighted_lookup: bool = True, codebook_update: bool = True, codebook_update_steps: int = 8,
                  data_normalization: bool = False, init: str = "mahalanobis", block_size: int = 128,
-                 true_sequential: bool = True, **kwargs):
+                 true_sequential: bool = True, codebook_scale: str = "row_block", **kwargs):
         self.vector_dim = vector_dim
         self.index_bits = index_bits
         self.codebook_bits = codebook_bits
@@ -37,6 +40,7 @@ class GPTVQConfig(HfVQConfig):
         self.init = init
         self.block_size = block_size
         self.true_sequential = true_sequential
+        self.codebook_scale = codebook_scale
         super().__init__(**kwargs)
 
     def validate(self) -> None:
@@ -61,6 +65,8 @@ class GPTVQConfig(HfVQConfig):
             raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp!r}")
         if self.init not in self.valid_inits:
             raise ValueError(f"init must be one of {self.valid_inits}, got {self.init!r}")
+        if self.codebook_scale not in self.valid_codebook_scales:
+            raise ValueError(f"codebook_scale must be one of {self.valid_codebook_scales}, got {self.codebook_scale!r}")
         for name in ("hessian_weighted_lookup", "codebook_update", "data_normalization", "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -294,6 +294,9 @@ def load_encodings(model: nn.Module | None, path: str | os.PathLike, *, strict: 
             enc.skipped[name] = reason
             continue
         hook = getattr(mod, "load_aimet_param_encoding", None)
+        check = getattr(mod, "check_aimet_param_encoding", None)
+        if callable(hook) and callable(check):
+            check(local, p)  # layers with their own hook validate before anything is modified
         prepared = None if callable(hook) else prepare_quantlinear(mod, p, f"{mname}.{local}", require_exact)
         plan.append((name, mod, local, p, prepared))
     for name, mod, local, p, prepared in plan:  # everything validated: now modify

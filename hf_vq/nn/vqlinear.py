@@ -119,6 +119,52 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
                 return y
         return F.linear(x, self._weight_for(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    # ------------------------------------------------------------------ AIMET encodings
+    def _row_grid(self) -> tuple[list[float], int]:
+        """Per output row: the scale of its row block's codebook grid, and the codebook bitwidth."""
+        lay = self.layout
+        if lay.codebook_bits == 16 or lay.normalize:
+            raise ValueError("AIMET VECTOR encodings describe integer codebooks on one grid per row block: export "
+                             "needs codebook_bits 4 or 8 and data_normalization=False")
+        scales = self.vq_codebook_scales.view(torch.float16).float().reshape(lay.row_blocks, lay.col_blocks)
+        per_rb = scales[:, 0]
+        if not bool((scales == per_rb[:, None]).all()):
+            raise ValueError("this layer's codebooks have one scale each (GPTVQConfig(codebook_scale='codebook')); "
+                             "AIMET VECTOR encodings need one per row block: quantize with codebook_scale='row_block'")
+        rows = per_rb.repeat_interleave(min(lay.rows_per_block, lay.out_features))[:lay.out_features]
+        return rows.tolist(), lay.codebook_bits
+
+    def _vector_fields(self) -> dict:
+        lay = self.layout
+        return {"rows_per_block": lay.rows_per_block, "cols_per_block": lay.cols_per_block,
+                "vector_dim": lay.vector_dim, "vector_stride": 1, "index_bw": lay.index_bits}
+
+    def aimet_param_encodings(self, version: str) -> dict:
+        """VECTOR encoding of the weight (AIMET GPTVQ convention: symmetric grid, one scale per output row, equal
+        within a row block, plus the VQ shape fields; the codebooks themselves are in the exported weights)."""
+        scale, bw = self._row_grid()
+        off = -(2 ** (bw - 1))
+        if version == "0.6.1":
+            n = 2 ** bw - 1
+            return {"weight": [{"min": off * s, "max": (off + n) * s, "scale": s, "offset": off, "bitwidth": bw,
+                                "dtype": "int", "is_symmetric": "True", **self._vector_fields()} for s in scale]}
+        return {"weight": {"dtype": "INT", "bw": bw, "is_sym": True, "scale": scale, "offset": [off] * len(scale),
+                           "enc_type": "VECTOR", **self._vector_fields()}}
+
+    def check_aimet_param_encoding(self, local_name: str, enc) -> None:
+        """An encoding can only confirm a VQ layer (its codebooks are the weights): shape fields must match."""
+        if local_name != "weight" or enc.enc_type != "VECTOR":
+            raise ValueError(f"a VQLinear only takes a VECTOR encoding of its weight, got {enc.enc_type} for "
+                             f"{local_name!r}")
+        ours = self._vector_fields()
+        diff = {k: (enc.extra.get(k), v) for k, v in ours.items() if k in enc.extra and enc.extra[k] != v}
+        if diff or len(enc.scale) != self.out_features:
+            raise ValueError(f"VECTOR encoding does not match this VQLinear: (file, layer) {diff}, "
+                             f"{len(enc.scale)} row scales for {self.out_features} rows")
+
+    def load_aimet_param_encoding(self, local_name: str, enc) -> None:
+        self.check_aimet_param_encoding(local_name, enc)
+
     def _apply(self, fn, recurse=True):
         self._cache = self._kcache = None
         return super()._apply(fn, recurse)
