@@ -4,7 +4,7 @@
   python benchmarks/gptvq.py quality --rows vq2d_3,gptq3 # perplexity rows (see ROWS); --iters sets kmeans_iterations
 
 Quality protocol (shared 2-core CPU, so small calibration): 32 x 512 tokens of Emma, ppl@2048 over 32 windows of
-P&P + Persuasion in bf16. Every row prints as it finishes and is appended to --out (JSON lines).
+P&P + Persuasion (fp32 by default, --eval-dtype). Every row prints as it finishes and is appended to --out (JSON lines).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ ROWS = {
 }
 
 
-def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=None):
+def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=None, eval_dtype=torch.float32):
     import hf_vq
     from hf_vq import assets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +108,7 @@ def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=
                 w = m.in_features * m.out_features
                 bits += m.bits_per_value() * w
                 n += w
-        model.to(torch.bfloat16)
+        model.to(eval_dtype)
         ppl = hf_vq.evaluate_perplexity(model, tok, test, seq_len=eval_seq_len, max_tokens=65536,
                                          max_windows=max_windows)
         row = {"row": name, "method": method, **kw, "kmeans_iterations": iters if method == "gptvq" else None,
@@ -130,12 +130,15 @@ def main(argv=None):
     ap.add_argument("--eval-seq-len", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--blocks", type=int, default=None, help="quantize only the first N decoder blocks")
+    # bf16 matmuls are ~10x slower than fp32 on CPUs without bf16 units (AVX2): evaluate in fp32 unless asked
+    ap.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.part == "kernel":
         kernel_part()
     else:
-        quality_part(args.rows.split(","), args.iters, args.out, args.eval_seq_len, args.max_windows, args.blocks)
+        quality_part(args.rows.split(","), args.iters, args.out, args.eval_seq_len, args.max_windows, args.blocks,
+                     getattr(torch, args.eval_dtype))
 
 
 if __name__ == "__main__":
