@@ -1,7 +1,8 @@
-"""GPTVQ benchmark: batch-1 decode speed of VQLinear and quality on SmolLM2-135M.
+"""GPTVQ quality benchmark on SmolLM2-135M.
 
-  python benchmarks/gptvq.py kernel                      # 4096x4096 M=1 decode: VQ vs fp32 / bf16 / int4pack
   python benchmarks/gptvq.py quality --rows vq2d_3,gptq3 # perplexity rows (see ROWS); --iters sets kmeans_iterations
+
+Decode speed (VQ kernel vs fp32 / int4) is benchmarks/vq_kernel.py.
 
 Quality protocol (shared 2-core CPU, so small calibration): 32 x 512 tokens of Emma, ppl@2048 over 32 windows of
 P&P + Persuasion (fp32 by default, --eval-dtype). Every row prints as it finishes and is appended to --out (JSON lines).
@@ -11,58 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
-
-
-def bench(fn, warmup=3, reps=30):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def kernel_part(n=4096, k=4096):
-    from hf_vq.algorithms.gptvq import VQLayout
-    from hf_vq.nn.vqlinear import VQLinear
-
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(k, n, bias=False)
-    x32 = torch.randn(1, k)
-    xbf = x32.bfloat16()
-    rows = [("fp32 nn.Linear", bench(lambda: lin(x32)), 32.0)]
-    wbf = lin.weight.data.bfloat16()
-    rows.append(("bf16 F.linear", bench(lambda: F.linear(xbf, wbf)), 16.0))
-    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    sz = torch.rand(k // 128, n, 2).bfloat16()
-    rows.append(("int4pack g128 (bf16 x)",
-                 bench(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xbf, packed, 128, sz)), 4 + 32 / 128))
-    for d, ib, r in ((2, 6, 32), (2, 8, 256), (4, 8, 256)):
-        lay = VQLayout(n, k, d, ib, 8, r, 256)
-        mod = VQLinear(lay, bias=False)
-        mod.vq_indices.random_(0, 256)
-        mod.vq_codebook.random_(0, 256)
-        mod.vq_codebook_scales.copy_(torch.full((lay.num_codebooks,), 1e-3).half().view(torch.int16))
-        tag = f"VQ {d}D idx{ib} {r}x256"
-        rows.append((f"{tag} cached fp32", bench(lambda: mod(x32)), mod.bits_per_value()))
-        rows.append((f"{tag} cached bf16", bench(lambda: mod(xbf)), mod.bits_per_value()))
-        VQLinear.cache_decoded = False
-        rows.append((f"{tag} decode per call (bf16)", bench(lambda: mod(xbf), 1, 5), mod.bits_per_value()))
-        VQLinear.cache_decoded = True
-    base = rows[0][1]
-    print(f"\nM=1 decode, {n}x{k}, 1 thread (cache-hot weights; median ms)")
-    print("| method | stored bits/weight | ms | speedup vs fp32 |\n|---|---|---|---|")
-    for name, ms, bpv in rows:
-        print(f"| {name} | {bpv:.3f} | {ms:.3f} | {base / ms:.2f} |")
 
 
 ROWS = {
@@ -122,7 +75,7 @@ def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["kernel", "quality"])
+    ap.add_argument("part", choices=["quality"])
     ap.add_argument("--rows", default="gptq3,vq2d_3,vq2d_2,vq2d_4,vq2d_3_nohwl,vq2d_3_noupd,vq1d_3,vq1d_2,vq4d_2")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
@@ -134,11 +87,8 @@ def main(argv=None):
     ap.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.part == "kernel":
-        kernel_part()
-    else:
-        quality_part(args.rows.split(","), args.iters, args.out, args.eval_seq_len, args.max_windows, args.blocks,
-                     getattr(torch, args.eval_dtype))
+    quality_part(args.rows.split(","), args.iters, args.out, args.eval_seq_len, args.max_windows, args.blocks,
+                 getattr(torch, args.eval_dtype))
 
 
 if __name__ == "__main__":
