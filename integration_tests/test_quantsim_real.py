@@ -53,3 +53,33 @@ def test_lpbq_a16_reload_and_encodings(real, tmp_path):
     doc = json.loads(hf_vq.export_encodings(again, tmp_path / "enc").read_text())
     assert len(doc["param_encodings"]) == 210 and {p["enc_type"] for p in doc["param_encodings"]} == {"LPBQ"}
     assert len(doc["activation_encodings"]) == 420
+
+
+def test_onnx_export_of_real_model_runs_in_onnxruntime(real, tmp_path):
+    """W4A16 LPBQ SmolLM2 exported to ONNX: onnxruntime's logits on real text match the PyTorch model with float
+    activations (the graph carries QDQ'd weights; activation encodings ride beside it), and every encodings name is a
+    tensor of the graph."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from hf_vq.quantsim import activation_quantizers
+
+    _, tok, _, test = real
+    m = qsim(real, weight_bits=4, weight_granularity="lpbq", block_size=64, activation_bits=16)
+    path = hf_vq.export_onnx(m, tmp_path, seq_len=8)
+    ids = tok(test[:4000], return_tensors="pt")["input_ids"][:, :48]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": np.ones(ids.shape, dtype=np.int64)})[0]
+    for _, _, q in activation_quantizers(m):
+        q.enabled = False
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits.numpy()
+    # fp32 on both sides, same weights: only op order differs (30 blocks deep)
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.99
+    doc = json.loads(path.with_suffix(".encodings").read_text())
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tensors = {i.name for i in graph.initializer} | {v for n in graph.node for v in (*n.input, *n.output)}
+    names = [e["name"] for e in doc["param_encodings"]] + [e["name"] for e in doc["activation_encodings"]]
+    assert len(doc["param_encodings"]) == 210 and set(names) <= tensors
