@@ -149,8 +149,8 @@ def test_portable_build_without_simd(tmp_path, monkeypatch):
     assert not list(path.parent.glob("*.tmp"))
     lib = vq_kernel.bind(ctypes.CDLL(str(path)))
     assert lib.vq_simd_width() == 1
-    monkeypatch.setattr(vq_kernel, "_lib", lib)
-    monkeypatch.setattr(vq_kernel, "_tried", True)
+    monkeypatch.setattr(vq_kernel.LIBRARY, "_lib", lib)
+    monkeypatch.setattr(vq_kernel.LIBRARY, "_tried", True)
     for d in (1, 2, 4):
         mod = _random_vq(33, 70, d, 4, 8, rpb=16, cpb=32, normalize=True, seed=d)
         x = torch.randn(3, 70)

@@ -7,16 +7,20 @@ column order ("static groups"), so act_order and grouping combine and inference 
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 
 from hf_vq.algorithms.hessian import inverse_cholesky_upper, prepare_hessian
+from hf_vq.cbuild import CLibrary
 from hf_vq.quant.affine import AffineWeight, grid_params, group_index, num_groups, search_clip
 
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False,
                   percdamp: float = 0.01, act_order: bool = True, block_size: int = 128,
-                  clip_search: bool = False) -> AffineWeight:
+                  clip_search: bool = False, use_kernel: bool = True) -> AffineWeight:
     w, h = prepare_hessian(weight.detach().to(torch.float32), hessian.to(torch.float32))
     w = w.clone()
     n, k = w.shape
@@ -40,36 +44,69 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         col_group = [c // gs for c in range(k)]
 
     hinv, _ = inverse_cholesky_upper(h, percdamp)
+    hinv = hinv.contiguous()
     maxq = 2**bits - 1
     col_group_t = torch.tensor(col_group, device=w.device)
     codes_t = torch.zeros(k, n, device=w.device)
+    lib = _kernel() if use_kernel and w.device.type == "cpu" else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         # rows of the transposed block are contiguous columns of W: cheap per-column ops in the inner loop
         w1 = w[:, i1:i2].T.contiguous()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        diag = torch.diag(hinv1).tolist()
         s1 = scales[:, col_group_t[i1:i2]].T.contiguous()
         z1 = zeros[:, col_group_t[i1:i2]].T.contiguous()
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not act_order and col % gs == 0:
-                # dynamic groups: grid from the already error-corrected columns of this group
-                g = col // gs
-                set_group(g, torch.cat((w1[i:].T, w[:, i2:]), 1)[:, :gs])
-                s1[i:] = scales[:, col_group_t[i1 + i:i2]].T
-                z1[i:] = zeros[:, col_group_t[i1 + i:i2]].T
-            wi, si, zi = w1[i], s1[i], z1[i]
-            q = torch.round(wi / si).add_(zi).clamp_(0, maxq)
-            codes_t[col] = q
-            e = wi.sub((q - zi).mul_(si)).div_(diag[i])
-            if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
-            err1[i] = e
+
+        def new_group(i):
+            # dynamic groups: grid from the already error-corrected columns of this group
+            set_group((i1 + i) // gs, torch.cat((w1[i:].T, w[:, i2:]), 1)[:, :gs])
+            s1[i:] = scales[:, col_group_t[i1 + i:i2]].T
+            z1[i:] = zeros[:, col_group_t[i1 + i:i2]].T
+
+        if lib is not None:
+            # C loop between group starts; the rest of the block takes the segment's errors as one matrix update
+            cuts = [i for i in range(i2 - i1) if i == 0 or (not act_order and (i1 + i) % gs == 0)] + [i2 - i1]
+            for a, b in zip(cuts, cuts[1:]):
+                if not act_order and (i1 + a) % gs == 0:
+                    new_group(a)
+                lib.gptq_block(w1[a:].data_ptr(), hinv1[a:, a:].data_ptr(), hinv.stride(0), s1[a:].data_ptr(),
+                               z1[a:].data_ptr(), b - a, n, float(maxq), codes_t[i1 + a:].data_ptr(),
+                               err1[a:].data_ptr(), torch.get_num_threads())
+                if b < i2 - i1:
+                    w1[b:].addmm_(hinv1[a:b, b:].T, err1[a:b], alpha=-1)
+        else:
+            diag = torch.diag(hinv1).tolist()
+            for i in range(i2 - i1):
+                if not act_order and (i1 + i) % gs == 0:
+                    new_group(i)
+                wi, si, zi = w1[i], s1[i], z1[i]
+                q = torch.round(wi / si).add_(zi).clamp_(0, maxq)
+                codes_t[i1 + i] = q
+                e = wi.sub((q - zi).mul_(si)).div_(diag[i])
+                if i + 1 < i2 - i1:
+                    w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+                err1[i] = e
         w[:, i2:].addmm_(err1.T, hinv[i1:i2, i2:], alpha=-1)
     codes = codes_t.T
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return AffineWeight(codes, scales, zeros, group_index(k, group_size, w.device), bits, group_size, sym)
+
+
+def _bind(lib):
+    lib.gptq_block.restype = None
+    lib.gptq_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int]
+    return lib
+
+
+# The per-column loop is Python-overhead bound (a few small ops per column); the C version runs it in one call per
+# block. Without a compiler the torch loop above runs instead (same math).
+LIBRARY = CLibrary(Path(__file__).with_name("csrc") / "gptq_block.c", _bind, "GPTQ block kernel")
+
+
+def _kernel():
+    return LIBRARY.load()

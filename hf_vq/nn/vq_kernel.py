@@ -1,9 +1,8 @@
 """Small-batch CPU kernel for VQLinear: builds and loads csrc/vq_gemv.c, transcodes the stored layout to its input.
 
-The C source is compiled on first use with the system compiler (``cc`` or $CC; ``-O3 -march=native`` and OpenMP when
-they work) into ``$XDG_CACHE_HOME/hf_vq/kernels`` (default ``~/.cache/hf_vq/kernels``), under a name keyed by a hash
-of the source, the flags and the CPU, written atomically, and loaded with ctypes. Anything that goes wrong leaves
-``available()`` False (logged once) and VQLinear keeps its dense path.
+The C source is compiled on first use (hf_vq/cbuild.py: system compiler, ``-O3 -march=native`` and OpenMP when they
+work, cached per source/flags/CPU, loaded with ctypes). Anything that goes wrong leaves ``available()`` False (logged
+once) and VQLinear keeps its dense path.
 
 Kernel layout (``KernelWeights``): one uint8 index per vector, fp32 codebooks with their scales applied, fp32
 normalization scales per row and 64 columns, and the segment table (runs of vectors sharing a codebook and a
@@ -13,67 +12,18 @@ normalization block). For 4096x4096 at 2D/6-bit this is ~9 MiB against 64 MiB fo
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hf_vq.algorithms.gptvq import NORM_BITS, NORM_BLOCK, VQLayout, decode_codebooks
+from hf_vq.cbuild import CLibrary
 from hf_vq.quant.packing import unpack
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "vq_gemv.c"
 MAX_ROWS = 4
 SUPPORTED_DIMS = (1, 2, 4)
-_BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
-# tried in order: the fastest build first, then ones that need less of the compiler
-_FLAG_SETS = (["-march=native", "-fopenmp"], ["-march=native"], [])
-
-_lib = None
-_tried = False
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "hf_vq" / "kernels"
-
-
-def _cpu_tag() -> str:
-    # -march=native binds the binary to this CPU: a shared home on another machine must not reuse it
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
-
-
-def compile_kernel(cc: str, flags: list[str]) -> Path:
-    """Build (or find in the cache) the shared library for these extra compiler flags."""
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + "\0".join([cc, *flags, _cpu_tag()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"vq_gemv_{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.stem, suffix=".so.tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *_BASE_FLAGS, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(tmp, out)  # atomic: concurrent processes never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -87,28 +37,15 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+LIBRARY = CLibrary(SOURCE, bind, "VQ kernel")
+
+
+def compile_kernel(cc: str, flags: list[str]) -> Path:
+    return LIBRARY.compile(cc, flags)
+
+
 def _load():
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.info("hf_vq: no C compiler found; VQLinear uses its dense decode path")
-        return None
-    errors = []
-    for flags in _FLAG_SETS:
-        try:
-            lib = bind(ctypes.CDLL(str(compile_kernel(cc, flags))))
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            errors.append(f"{flags}: {e} {detail.decode(errors='replace')[-300:]}")
-            continue
-        log.debug("hf_vq: VQ kernel built with %s (simd width %d)", flags, lib.vq_simd_width())
-        _lib = lib
-        return lib
-    log.info("hf_vq: building the VQ kernel failed; VQLinear uses its dense decode path:\n%s", "\n".join(errors))
-    return None
+    return LIBRARY.load()
 
 
 def available() -> bool:
