@@ -23,8 +23,10 @@ import hf_vq
 from hf_vq import assets
 
 
-def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group_size: int):
+def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group_size: int, blocks: int | None = None):
     calib_kw = dict(dataset=[calib], tokenizer=tok, num_samples=num_samples, seq_len=seq_len)
+    if blocks is not None:  # quantize only decoder blocks < blocks (iteration sweeps that fit a CPU session)
+        calib_kw["module_overrides"] = {rf"layers\.(?!({'|'.join(map(str, range(blocks)))})\.)": {"skip": True}}
     if row.startswith("rtn"):
         return hf_vq.RTNConfig(bits=int(row[3:]), group_size=group_size), 0
     if row.startswith("gptq"):
@@ -46,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="append rows as JSON lines here")
+    ap.add_argument("--blocks", type=int, default=None, help="quantize only the first N decoder blocks")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = assets.ensure_smollm2()
@@ -58,7 +61,7 @@ def main(argv=None):
         if row == "fp":
             model, iters, bits = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 0, 32
         else:
-            cfg, iters = make_config(row, tok, calib, args.num_samples, args.calib_len, args.group_size)
+            cfg, iters = make_config(row, tok, calib, args.num_samples, args.calib_len, args.group_size, args.blocks)
             model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
             bits = cfg.bits
         qs, qcpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: robust on a shared machine
@@ -67,7 +70,7 @@ def main(argv=None):
         run = getattr(getattr(model, "hf_quantizer", None), "last_run", None) or {}
         rec = {"row": row, "bits": bits, "ppl": ppl, "quantize_s": qs if row != "fp" else 0.0, "quantize_cpu_s": qcpu}
         if row.startswith("ada"):
-            n_blocks = len(model.model.layers)
+            n_blocks = args.blocks or len(model.model.layers)
             per_block = run.get("quantize_s", 0.0) / n_blocks
             rec.update(s_per_block=per_block, iterations=iters)
             # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
@@ -84,7 +87,8 @@ def main(argv=None):
                 f.write(json.dumps(rec) + "\n")
         del model
         gc.collect()
-    print(f"# calibration {args.num_samples}x{args.calib_len} Emma; eval ppl@{args.seq_len} over {args.max_windows} "
+    print(f"# blocks quantized: {args.blocks or 'all'}; calibration {args.num_samples}x{args.calib_len} Emma; "
+          f"eval ppl@{args.seq_len} over {args.max_windows} "
           f"windows of austen_test_text(), fp32, {args.threads} thread(s)")
 
 

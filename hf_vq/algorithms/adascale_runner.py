@@ -153,7 +153,11 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         device = next(blocks[0].parameters()).device
         results = {}
         bar = tqdm(range(len(blocks)), desc="AdaScale blocks", disable=not progress, unit="block")
+        last_block = max((i for i in range(len(blocks)) for n in targets
+                          if n.startswith(f"{prefix}.{i}." if prefix else f"{i}.")), default=-1)
         for i in bar:
+            if i > last_block:
+                break  # no layers left to quantize: later blocks need no activations
             block = blocks[i]
             block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
             local = {n[len(block_prefix):]: m for n, m in targets.items() if n.startswith(block_prefix)}
