@@ -78,6 +78,16 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, samples: torch.Tens
     return captured
 
 
+def block_prefix(prefix: str, i: int) -> str:
+    """Name prefix of decoder block ``i`` under the block list ``prefix``."""
+    return f"{prefix}.{i}." if prefix else f"{i}."
+
+
+def last_target_block(prefix: str, n_blocks: int, targets) -> int:
+    """Index of the last block holding a layer of ``targets`` (-1 if none): later blocks need no calibration pass."""
+    return max((i for i in range(n_blocks) for n in targets if n.startswith(block_prefix(prefix, i))), default=-1)
+
+
 def _run_block(block, hidden, kwargs):
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -142,11 +152,6 @@ def probe_block(block: nn.Module, linears: dict[str, nn.Linear], hidden, kwargs,
     return BlockProbe(groups, shared, tails)
 
 
-def sequential_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden, kwargs, autocast) -> list[list[str]]:
-    """Linears in execution order, grouped by shared input (q/k/v, then o, then gate/up, then down for Llama)."""
-    return probe_block(block, linears, hidden, kwargs, autocast).groups
-
-
 def _slice_kwargs(kwargs: dict, n: int) -> dict:
     out = {}
     for k, v in kwargs.items():
@@ -196,17 +201,16 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     stats.forward_s += time.perf_counter() - t0
     results: dict[str, object] = {}
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress, unit="block")
-    last = max((i for i in range(len(blocks)) for n in targets if n.startswith(f"{prefix}.{i}." if prefix else f"{i}.")),
-               default=-1)
+    last = last_target_block(prefix, len(blocks), targets)
     for i in bar:
         if i > last:
             break  # nothing left to quantize: no need to replay the remaining blocks
         block = blocks[i]
-        block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
-        linears = {n: m for n, m in targets.items() if n.startswith(block_prefix)}
+        bp = block_prefix(prefix, i)
+        linears = {n: m for n, m in targets.items() if n.startswith(bp)}
         frozen = None
         if linears:
-            local = {n[len(block_prefix):]: m for n, m in linears.items()}
+            local = {n[len(bp):]: m for n, m in linears.items()}
             probe = probe_block(block, local, cache[0][0], cache[0][1], autocast)
             if true_sequential:
                 groups, shared_input = probe.groups, probe.shared_input
@@ -225,7 +229,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 hessians, captured = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats,
                                                        frozen, skip=skip, capture=group[-1] if child else None)
                 t1 = time.perf_counter()
-                _quantize_group(group, local, hessians, block_prefix, quantize_fn, quantize_shared_fn, results, stats)
+                _quantize_group(group, local, hessians, bp, quantize_fn, quantize_shared_fn, results, stats)
                 done.update(group)
                 stats.quantize_s += time.perf_counter() - t1
                 del hessians
@@ -245,7 +249,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     return results, stats
 
 
-def _quantize_group(group, local, hessians, block_prefix, quantize_fn, quantize_shared_fn, results, stats):
+def _quantize_group(group, local, hessians, prefix, quantize_fn, quantize_shared_fn, results, stats):
     """Quantize one group's layers; layers sharing a Hessian go through ``quantize_shared_fn`` together."""
     by_hessian: dict[int, list[str]] = {}
     for n in group:
@@ -253,7 +257,7 @@ def _quantize_group(group, local, hessians, block_prefix, quantize_fn, quantize_
     for names in by_hessian.values():
         h = hessians[names[0]]
         originals = [local[n].weight.data.clone() for n in names]
-        fulls = [block_prefix + n for n in names]
+        fulls = [prefix + n for n in names]
         if quantize_shared_fn is not None and len(names) > 1:
             outs = quantize_shared_fn(fulls, [local[n] for n in names], h)
         else:

@@ -26,7 +26,8 @@ from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_fr
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.algorithms.registry import calibration_samples, register_algorithm
 from hf_vq.convert import set_module
-from hf_vq.sequential import RunStats, _run_block, capture_block_inputs, collect_hessians, find_decoder_blocks
+from hf_vq.sequential import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
+                              find_decoder_blocks, last_target_block)
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,14 @@ def run_adascale(model, config, targets, progress):
     return adascale_model(model, calibration_samples(model, config), targets, config, progress=progress)
 
 
-def _init_quantizers(block, local, config, q_inputs, block_prefix):
+def _init_quantizers(block, local, config, q_inputs, prefix):
     from hf_vq.algorithms.gptq import gptq_quantize
 
     hessians = collect_hessians(block, local, q_inputs) if config.init == "gptq" else {}
     quantizers, init_err = {}, {}
     for n, lin in local.items():
-        spec = config.spec_for(block_prefix + n)
-        check_layout(lin.weight.shape, spec.group_size, config.weight_granularity, block_prefix + n)
+        spec = config.spec_for(prefix + n)
+        check_layout(lin.weight.shape, spec.group_size, config.weight_granularity, prefix + n)
         w = lin.weight.data.float()
         if config.init == "gptq":
             start = gptq_quantize(w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)
@@ -153,14 +154,13 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         device = next(blocks[0].parameters()).device
         results = {}
         bar = tqdm(range(len(blocks)), desc="AdaScale blocks", disable=not progress, unit="block")
-        last_block = max((i for i in range(len(blocks)) for n in targets
-                          if n.startswith(f"{prefix}.{i}." if prefix else f"{i}.")), default=-1)
+        last_block = last_target_block(prefix, len(blocks), targets)
         for i in bar:
             if i > last_block:
                 break  # no layers left to quantize: later blocks need no activations
             block = blocks[i]
-            block_prefix = f"{prefix}.{i}." if prefix else f"{i}."
-            local = {n[len(block_prefix):]: m for n, m in targets.items() if n.startswith(block_prefix)}
+            bp = block_prefix(prefix, i)
+            local = {n[len(bp):]: m for n, m in targets.items() if n.startswith(bp)}
             t1 = time.perf_counter()
             with torch.no_grad():
                 for j in range(n):
@@ -170,7 +170,7 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 t2 = time.perf_counter()
                 gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
                 quantizers, init_err = _init_quantizers(block, local, config, _OnDevice(q_in, kws, device),
-                                                        block_prefix)
+                                                        bp)
                 first, last = train_block(
                     block, quantizers, fp_in, q_in, kws, fp_out, num_iterations=config.num_iterations,
                     lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
@@ -179,9 +179,9 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                     for name, qz in quantizers.items():
                         aw = qz.fold()
                         local[name].weight.data.copy_(aw.dequantize().to(local[name].weight.dtype))
-                        results[block_prefix + name] = aw
+                        results[bp + name] = aw
                         if name in init_err:
-                            stats.layers[block_prefix + name] = init_err[name]  # GPTQ start's relative output error
+                            stats.layers[bp + name] = init_err[name]  # GPTQ start's relative output error
                 dt = time.perf_counter() - t2
                 stats.quantize_s += dt
                 stats.block_seconds.append(dt)

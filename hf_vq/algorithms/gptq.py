@@ -48,7 +48,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     maxq = 2**bits - 1
     col_group_t = torch.tensor(col_group, device=w.device)
     codes_t = torch.zeros(k, n, device=w.device)
-    lib = _kernel() if use_kernel and w.device.type == "cpu" else None
+    lib = LIBRARY.load() if use_kernel and w.device.type == "cpu" else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         # rows of the transposed block are contiguous columns of W: cheap per-column ops in the inner loop
@@ -106,7 +106,3 @@ def _bind(lib):
 # The per-column loop is Python-overhead bound (a few small ops per column); the C version runs it in one call per
 # block. Without a compiler the torch loop above runs instead (same math).
 LIBRARY = CLibrary(Path(__file__).with_name("csrc") / "gptq_block.c", _bind, "GPTQ block kernel")
-
-
-def _kernel():
-    return LIBRARY.load()

@@ -40,20 +40,12 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 LIBRARY = CLibrary(SOURCE, bind, "VQ kernel")
 
 
-def compile_kernel(cc: str, flags: list[str]) -> Path:
-    return LIBRARY.compile(cc, flags)
-
-
-def _load():
-    return LIBRARY.load()
-
-
 def available() -> bool:
-    return _load() is not None
+    return LIBRARY.load() is not None
 
 
 def simd_width() -> int:
-    lib = _load()
+    lib = LIBRARY.load()
     return lib.vq_simd_width() if lib is not None else 0
 
 
@@ -103,7 +95,7 @@ def prepare(layout: VQLayout, tensors: dict[str, torch.Tensor]) -> KernelWeights
     """Transcode the stored tensors (see hf_vq.algorithms.gptvq) to the kernel layout."""
     if not supports(layout):
         raise ValueError(f"VQ kernel supports vector_dim in {SUPPORTED_DIMS} and index_bits <= 8, got {layout}")
-    lib = _load()
+    lib = LIBRARY.load()
     if lib is None:
         raise RuntimeError("VQ kernel: not available (see the hf_vq.nn.vq_kernel log)")
     seg = _segments(layout)
@@ -123,7 +115,7 @@ def prepare(layout: VQLayout, tensors: dict[str, torch.Tensor]) -> KernelWeights
 def gemv(kw: KernelWeights, x: torch.Tensor, bias: torch.Tensor | None = None,
          num_threads: int | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for fp32 CPU x [m, in_features], m <= MAX_ROWS."""
-    lib = _load()
+    lib = LIBRARY.load()
     lay = kw.layout
     m = x.shape[0]
     if lib is None or not 1 <= m <= MAX_ROWS or x.dtype != torch.float32 or x.shape[1] != lay.in_features:
