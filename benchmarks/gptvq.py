@@ -34,7 +34,8 @@ ROWS = {
 }
 
 
-def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=None, eval_dtype=torch.float32):
+def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=None, eval_dtype=torch.float32,
+                 finetune=(0, 1e-4), calibration=(32, 512)):
     import hf_vq
     from hf_vq import assets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,13 +46,14 @@ def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=
     print("| row | method | bits/weight (stored, decoder linears) | ppl | quantize s |\n|---|---|---|---|---|")
     for name in names:
         method, kw = ROWS[name]
-        common = dict(dataset=[cal], tokenizer=tok, num_samples=32, seq_len=512)
+        common = dict(dataset=[cal], tokenizer=tok, num_samples=calibration[0], seq_len=calibration[1])
         if blocks is not None:  # quantize only decoder blocks < blocks (quick comparisons on a loaded machine)
             common["module_overrides"] = {rf"layers\.(?!({'|'.join(map(str, range(blocks)))})\.)": {"skip": True}}
         if method == "gptq":
             cfg = hf_vq.GPTQConfig(**kw, **common)
         else:
-            cfg = hf_vq.GPTVQConfig(kmeans_iterations=iters, **kw, **common)
+            cfg = hf_vq.GPTVQConfig(kmeans_iterations=iters, finetune_iterations=finetune[0], finetune_lr=finetune[1],
+                                    **{**kw, **common})
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
         qs = time.perf_counter() - t
@@ -64,7 +66,10 @@ def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=
         model.to(eval_dtype)
         ppl = hf_vq.evaluate_perplexity(model, tok, test, seq_len=eval_seq_len, max_tokens=65536,
                                          max_windows=max_windows)
+        if method == "gptvq":
+            kw = {**kw, "finetune_iterations": finetune[0], "finetune_lr": finetune[1]}
         row = {"row": name, "method": method, **kw, "kmeans_iterations": iters if method == "gptvq" else None,
+               "calibration": f"{calibration[0]}x{calibration[1]}",
                "bpv": bits / n, "ppl": ppl, "eval_seq_len": eval_seq_len, "max_windows": max_windows,
                "blocks": blocks, "quantize_s": qs}
         print(f"| {name} | {method} {kw} | {bits / n:.3f} | {ppl:.2f} | {qs:.0f} |", flush=True)
@@ -85,10 +90,14 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="quantize only the first N decoder blocks")
     # bf16 matmuls are ~10x slower than fp32 on CPUs without bf16 units (AVX2): evaluate in fp32 unless asked
     ap.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--finetune", type=int, default=0, help="GPTVQ codebook fine-tuning iterations per block")
+    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--calibration", default="32x512", help="num_samples x seq_len of Emma windows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     quality_part(args.rows.split(","), args.iters, args.out, args.eval_seq_len, args.max_windows, args.blocks,
-                 getattr(torch, args.eval_dtype))
+                 getattr(torch, args.eval_dtype), (args.finetune, args.finetune_lr),
+                 tuple(int(v) for v in args.calibration.split("x")))
 
 
 if __name__ == "__main__":

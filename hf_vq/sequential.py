@@ -164,6 +164,7 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
     return out
 
 
+BlockHook = Callable[..., "dict[str, object] | None"]
 QuantizeFn = Callable[[str, nn.Linear, torch.Tensor], object]
 SharedQuantizeFn = Callable[[list[str], list[nn.Linear], torch.Tensor], list]
 
@@ -179,12 +180,15 @@ LOG_ERROR_ROWS = 128
 def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, nn.Linear], quantize_fn: QuantizeFn,
                    batch_size: int = 8, true_sequential: bool = True, compute_dtype: torch.dtype = torch.float32,
                    progress: bool = True, reuse_frozen: bool = True,
-                   quantize_shared_fn: SharedQuantizeFn | None = None) -> tuple[dict[str, object], RunStats]:
+                   quantize_shared_fn: SharedQuantizeFn | None = None,
+                   block_hook: BlockHook | None = None) -> tuple[dict[str, object], RunStats]:
     """Quantize ``targets`` (full name -> Linear) block by block. ``quantize_fn(name, linear, H)`` returns an object
     with ``dequantize()``; its result replaces the layer's weight for the rest of the run. Returns those objects.
     ``quantize_shared_fn(names, linears, H)``, when given, quantizes layers that read the same input (one Hessian)
     in one call. ``reuse_frozen`` skips work whose result is already known: outputs of finished children, outputs
-    nobody reads before a pass stops (same result, less work)."""
+    nobody reads before a pass stops (same result, less work). ``block_hook(i, block, local, block_results, cache,
+    fp_outputs)``, when given, runs once a block's layers are quantized, before the replay; ``fp_outputs`` are the
+    block's outputs with its original weights on the same inputs, and it returns replacement results (or None)."""
     from tqdm.auto import tqdm
 
     stats = RunStats()
@@ -217,6 +221,12 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             else:
                 groups, shared_input = [list(local)], [False]
             frozen = _FrozenChildren(block, local, probe.tails if reuse_frozen else {})
+            fp_outputs = None
+            if block_hook is not None:
+                t1 = time.perf_counter()
+                with torch.no_grad(), autocast():
+                    fp_outputs = [_run_block(block, hidden, kw) for hidden, kw in cache]
+                stats.forward_s += time.perf_counter() - t1
             done: set[str] = set()
             for group, shared in zip(groups, shared_input):
                 if reuse_frozen:
@@ -238,6 +248,16 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                     frozen.synthesize(child, local[group[-1]], captured)
                     stats.forward_s += time.perf_counter() - t2
                 del captured
+            if block_hook is not None:
+                t1 = time.perf_counter()
+                mine = {n[len(bp):]: results[n] for n in linears}
+                new = block_hook(i, block, local, mine, cache, fp_outputs)
+                for n, result in (new or {}).items():
+                    local[n].weight.data.copy_(result.dequantize().to(local[n].weight.dtype))
+                    results[bp + n] = result
+                frozen = None  # recorded child outputs predate the hook's changes
+                del fp_outputs
+                stats.quantize_s += time.perf_counter() - t1
         t2 = time.perf_counter()
         for j, (hidden, kw) in enumerate(cache):
             with autocast(), (frozen.stubbed(j) if frozen else contextlib.nullcontext()):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 
 import torch
@@ -23,9 +22,9 @@ from torch import nn
 
 from hf_vq.activation_store import ActivationStore
 from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_from_affine, quantizer_from_rtn
+from hf_vq.algorithms.distill import distill_block
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.algorithms.registry import calibration_samples, register_algorithm
-from hf_vq.convert import set_module
 from hf_vq.sequential import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
                               find_decoder_blocks, last_target_block)
 
@@ -60,50 +59,14 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, kwargs,
                 lr_scales: float, lr_clip: float, fp_input_prob: float, generator: torch.Generator,
                 desc: str = "", progress: bool = True) -> tuple[float, float]:
     """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
-    steps, cycling the cached batches (FP inputs, quantized inputs, block kwargs, FP targets: indexable by batch) in a
-    seeded random order. Returns (first loss, mean loss of the last 10%)."""
-    from tqdm.auto import tqdm
-
-    if num_iterations == 0:
-        return float("nan"), float("nan")
-    originals = {n: block.get_submodule(n) for n in quantizers}
-    for n, qz in quantizers.items():
-        set_module(block, n, AdaScaleLinear(originals[n], qz))
-    clip = [p for qz in quantizers.values() for p in qz.clip_params()]
-    scales = [p for qz in quantizers.values() for p in qz.scale_params()]
-    opt = torch.optim.Adam([{"params": clip, "lr": lr_clip}, {"params": scales, "lr": lr_scales}])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_iterations, eta_min=0.0)
-    order: list[int] = []
-    losses = []
-    device = next(iter(quantizers.values())).w3.device
-    bar = tqdm(range(num_iterations), desc=desc, disable=not progress, leave=False, unit="it")
-    try:
-        with torch.enable_grad():
-            for _ in bar:
-                if not order:
-                    order = torch.randperm(len(fp_inputs), generator=generator).tolist()
-                j = order.pop()
-                fp_hidden, q_hidden, kw = fp_inputs[j], q_inputs[j], kwargs[j]
-                if fp_input_prob >= 1.0:
-                    x = fp_hidden
-                elif fp_input_prob <= 0.0:
-                    x = q_hidden
-                else:
-                    mask = torch.rand(fp_hidden.shape, generator=generator) < fp_input_prob
-                    x = torch.where(mask, fp_hidden, q_hidden)
-                out = _run_block(block, x.to(device), kw)
-                loss = nn.functional.mse_loss(out, targets[j].to(out.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.3g}")
-    finally:
-        for n, lin in originals.items():
-            set_module(block, n, lin)
-    tail = losses[-max(1, math.ceil(len(losses) / 10)):]
-    return losses[0], sum(tail) / len(tail)
+    steps: clipping parameters at ``lr_clip``, scales at ``lr_scales``. Returns (first loss, mean loss of the last
+    10%)."""
+    stand_ins = {n: AdaScaleLinear(block.get_submodule(n), qz) for n, qz in quantizers.items()}
+    groups = [{"params": [p for qz in quantizers.values() for p in qz.clip_params()], "lr": lr_clip},
+              {"params": [p for qz in quantizers.values() for p in qz.scale_params()], "lr": lr_scales}]
+    return distill_block(block, stand_ins, groups, fp_inputs, q_inputs, kwargs, targets,
+                         num_iterations=num_iterations, fp_input_prob=fp_input_prob, generator=generator,
+                         desc=desc, progress=progress)
 
 
 class _OnDevice:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from hf_vq.algorithms.registry import calibration_samples, register_algorithm
-from hf_vq.sequential import run_sequential
+from hf_vq.sequential import _run_block, run_sequential
+
+logger = logging.getLogger(__name__)
 
 
 @register_algorithm("gptvq")
@@ -24,4 +28,33 @@ def run_gptvq(model, config, targets, progress):
 
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
-                          compute_dtype=getattr(torch, config.calibration_dtype), progress=progress)
+                          compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
+                          block_hook=_finetune_hook(config, progress) if config.finetune_iterations else None)
+
+
+def _block_loss(block, cache, fp_outputs) -> float:
+    with torch.no_grad():
+        return sum(float(torch.nn.functional.mse_loss(_run_block(block, h, kw), t)) for (h, kw), t in
+                   zip(cache, fp_outputs)) / len(cache)
+
+
+def _finetune_hook(config, progress):
+    from hf_vq.algorithms.vq_finetune import finetune_vq_block
+
+    def hook(i, block, local, results, cache, fp_outputs):
+        before = _block_loss(block, cache, fp_outputs)
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
+        new, first, _ = finetune_vq_block(
+            block, local, results, [h for h, _ in cache], [kw for _, kw in cache], fp_outputs,
+            iterations=config.finetune_iterations, lr=config.finetune_lr, codebook_scale=config.codebook_scale,
+            generator=gen, desc=f"block {i} codebooks", progress=progress)
+        saved = {n: local[n].weight.data.clone() for n in new}
+        for n, vq in new.items():
+            local[n].weight.data.copy_(vq.dequantize().to(local[n].weight.dtype))
+        after = _block_loss(block, cache, fp_outputs)  # with the codebooks as stored (re-quantized)
+        for n, w in saved.items():
+            local[n].weight.data.copy_(w)
+        logger.info("GPTVQ block %d codebook fine-tuning: block MSE %.4g -> %.4g", i, before, after)
+        return new if after < before else None
+
+    return hook

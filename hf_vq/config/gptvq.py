@@ -13,6 +13,9 @@ class GPTVQConfig(HfVQConfig):
     ``codebook_scale``: "row_block" (default) gives all codebooks of a row block one scale, AIMET's convention, so
     the model exports as AIMET VECTOR encodings; "codebook" gives each codebook its own (a slightly finer grid, not
     exportable to AIMET). Shapes the blocks do not divide get shorter last blocks. See ``bits_per_value``.
+    ``finetune_iterations`` > 0 adds blockwise codebook fine-tuning after each decoder block (Adam at ``finetune_lr``
+    on the codebooks, indices fixed, matching the FP block's output; hf_vq/algorithms/vq_finetune.py): not in the
+    paper, it helps most at ~2 bits per value.
     """
 
     method = "gptvq"
@@ -25,7 +28,8 @@ class GPTVQConfig(HfVQConfig):
                  cols_per_block: int = 256, kmeans_iterations: int = 100, percdamp: float = 0.01,
                  hessian_weighted_lookup: bool = True, codebook_update: bool = True, codebook_update_steps: int = 8,
                  data_normalization: bool = False, init: str = "mahalanobis", block_size: int = 128,
-                 true_sequential: bool = True, codebook_scale: str = "row_block", **kwargs):
+                 true_sequential: bool = True, codebook_scale: str = "row_block", finetune_iterations: int = 0,
+                 finetune_lr: float = 1e-4, **kwargs):
         self.vector_dim = vector_dim
         self.index_bits = index_bits
         self.codebook_bits = codebook_bits
@@ -41,6 +45,8 @@ class GPTVQConfig(HfVQConfig):
         self.block_size = block_size
         self.true_sequential = true_sequential
         self.codebook_scale = codebook_scale
+        self.finetune_iterations = finetune_iterations
+        self.finetune_lr = finetune_lr
         super().__init__(**kwargs)
 
     def validate(self) -> None:
@@ -59,6 +65,10 @@ class GPTVQConfig(HfVQConfig):
         if self.cols_per_block % self.vector_dim:
             raise ValueError(f"cols_per_block ({self.cols_per_block}) must be a multiple of vector_dim "
                              f"({self.vector_dim}): a vector may not straddle two codebooks")
+        if not isinstance(self.finetune_iterations, int) or self.finetune_iterations < 0:
+            raise ValueError(f"finetune_iterations must be a non-negative integer, got {self.finetune_iterations!r}")
+        if not isinstance(self.finetune_lr, (int, float)) or not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
         if not isinstance(self.kmeans_iterations, int) or self.kmeans_iterations < 0:
             raise ValueError(f"kmeans_iterations must be a non-negative integer, got {self.kmeans_iterations!r}")
         if not (0.0 < float(self.percdamp) < 1.0):
