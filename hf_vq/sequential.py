@@ -181,14 +181,16 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                    batch_size: int = 8, true_sequential: bool = True, compute_dtype: torch.dtype = torch.float32,
                    progress: bool = True, reuse_frozen: bool = True,
                    quantize_shared_fn: SharedQuantizeFn | None = None,
-                   block_hook: BlockHook | None = None) -> tuple[dict[str, object], RunStats]:
+                   block_hook: BlockHook | None = None,
+                   first_token_weight: float = 1.0) -> tuple[dict[str, object], RunStats]:
     """Quantize ``targets`` (full name -> Linear) block by block. ``quantize_fn(name, linear, H)`` returns an object
     with ``dequantize()``; its result replaces the layer's weight for the rest of the run. Returns those objects.
     ``quantize_shared_fn(names, linears, H)``, when given, quantizes layers that read the same input (one Hessian)
     in one call. ``reuse_frozen`` skips work whose result is already known: outputs of finished children, outputs
     nobody reads before a pass stops (same result, less work). ``block_hook(i, block, local, block_results, cache,
     fp_outputs)``, when given, runs once a block's layers are quantized, before the replay; ``fp_outputs`` are the
-    block's outputs with its original weights on the same inputs, and it returns replacement results (or None)."""
+    block's outputs with its original weights on the same inputs, and it returns replacement results (or None).
+    ``first_token_weight``: see HessianAccumulator."""
     from tqdm.auto import tqdm
 
     stats = RunStats()
@@ -237,7 +239,8 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 if child is not None and local[group[-1]].in_features > CAPTURE_FACTOR * cache[0][0].shape[-1]:
                     child = None
                 hessians, captured = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats,
-                                                       frozen, skip=skip, capture=group[-1] if child else None)
+                                                       frozen, skip=skip, capture=group[-1] if child else None,
+                                                       first_token_weight=first_token_weight)
                 t1 = time.perf_counter()
                 _quantize_group(group, local, hessians, bp, quantize_fn, quantize_shared_fn, results, stats)
                 done.update(group)
@@ -341,13 +344,15 @@ class _FrozenChildren:
 
 
 @torch.no_grad()
-def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext):
+def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext,
+                     first_token_weight: float = 1.0):
     """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]."""
-    return _collect_hessians(block, linears, inputs, autocast, RunStats(), _FrozenChildren(block, linears))[0]
+    return _collect_hessians(block, linears, inputs, autocast, RunStats(), _FrozenChildren(block, linears),
+                             first_token_weight=first_token_weight)[0]
 
 
 def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats, frozen: _FrozenChildren,
-                      skip: set[str] = frozenset(), capture: str | None = None):
+                      skip: set[str] = frozenset(), capture: str | None = None, first_token_weight: float = 1.0):
     """One pass of the block over the calibration inputs, stopping after the group's last layer has run.
 
     Layers in ``skip`` return zeros instead of computing (nothing reads them before the stop); the inputs of
@@ -363,7 +368,7 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             x = args[0]
             owner = next((o for o, seen in seen_inputs.items() if seen is x and o in accs), None)
             if owner is None:
-                acc = accs.setdefault(_name, HessianAccumulator(x.shape[-1], x.device))
+                acc = accs.setdefault(_name, HessianAccumulator(x.shape[-1], x.device, first_token_weight))
                 acc.add(x)
                 seen_inputs[_name] = x
             else:

@@ -125,3 +125,17 @@ def test_output_error_row_subset_estimates_full_value():
     w_hat = w + 0.05 * torch.randn(1000, 64, generator=g)
     full, est = output_error(w, w_hat, h), output_error(w, w_hat, h, max_rows=128)
     assert est == pytest.approx(full, rel=0.15) and est != full
+
+
+@pytest.mark.parametrize("k", [40, 1100])  # plain and tiled (upper triangle) accumulation
+@pytest.mark.parametrize("weight", [0.0, 1.0, 16.0])
+def test_first_token_weight_matches_weighted_sum(k, weight):
+    x = torch.randn(3, 24, k, generator=torch.Generator().manual_seed(1))
+    acc = HessianAccumulator(k, first_token_weight=weight)
+    acc.add(x[:2])
+    acc.add(x[2:])
+    w = torch.ones(3, 24)
+    w[:, 0] = weight
+    flat, wf = x.reshape(-1, k).double(), w.reshape(-1, 1).double()
+    ref = 2.0 / flat.shape[0] * (flat * wf).T @ flat
+    torch.testing.assert_close(acc.finalize().double(), ref, rtol=1e-5, atol=1e-4)

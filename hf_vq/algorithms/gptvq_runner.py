@@ -29,7 +29,8 @@ def run_gptvq(model, config, targets, progress):
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
                           compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
-                          block_hook=_finetune_hook(config, progress) if config.finetune_iterations else None)
+                          block_hook=_finetune_hook(config, progress) if config.finetune_iterations else None,
+                          first_token_weight=config.first_token_weight)
 
 
 def _block_loss(block, cache, fp_outputs) -> float:

@@ -6,15 +6,23 @@ import torch
 
 
 class HessianAccumulator:
-    def __init__(self, in_features: int, device=None):
+    """``first_token_weight``: weight of each sequence's first token (inputs shaped [batch, seq, features]). That
+    token is the attention sink every later token reads; in long windows its plain 1/seq_len share of H is too small
+    to keep its (massive) activations well reproduced (see GPTQConfig)."""
+
+    def __init__(self, in_features: int, device=None, first_token_weight: float = 1.0):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = 0
+        self.first_token_weight = float(first_token_weight)
 
     # Above this width only the upper block triangle of x^T x is computed (5/8 of the FLOPs with 4 tiles).
     tile_above = 1024
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        if x.dim() == 3 and self.first_token_weight != 1.0:
+            x0 = x[:, 0].to(torch.float32)
+            self.sum.addmm_(x0.T, x0, alpha=self.first_token_weight - 1.0)
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         k = x.shape[1]
         if k < self.tile_above:

@@ -62,6 +62,7 @@ class HfVQConfig(QuantizationConfigMixin):
         calibration_batch_size: int = 8,
         calibration_dtype: str = "float32",
         clip_search: bool = False,
+        first_token_weight: float = 1.0,
         layers: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
@@ -92,6 +93,8 @@ class HfVQConfig(QuantizationConfigMixin):
         self.calibration_dtype = calibration_dtype
         # grid search of a per-row range shrink factor (the GPTQ reference's "mse" option)
         self.clip_search = clip_search
+        # weight of each calibration window's first token (the attention sink) in the Hessians
+        self.first_token_weight = first_token_weight
         # Filled after quantization: the exact per-layer skeleton a reload rebuilds.
         self.layers = layers
         self.format_version = format_version
@@ -120,6 +123,9 @@ class HfVQConfig(QuantizationConfigMixin):
                             ("calibration_batch_size", self.calibration_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.first_token_weight, bool) or not isinstance(self.first_token_weight, (int, float)) \
+                or not 0 <= self.first_token_weight < float("inf"):
+            raise ValueError(f"first_token_weight must be a finite number >= 0, got {self.first_token_weight!r}")
         if self.calibration_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calibration_dtype must be 'float32' or 'bfloat16', got {self.calibration_dtype!r}")
 
