@@ -52,7 +52,9 @@ def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, e
         method, params, calib = spec
         kw = dict(params)
         if calib:
-            kw.update(dataset=[calib_text], tokenizer=tok, num_samples=calib[0], seq_len=calib[1])
+            # Emma has ~222k tokens: larger calibration sets add two more novels instead of repeating text
+            text = calib_text if calib[0] * calib[1] <= 200_000 else assets.austen_calibration_text(extended=True)
+            kw.update(dataset=[text], tokenizer=tok, num_samples=calib[0], seq_len=calib[1])
         cfg = CONFIGS[method](**kw)
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
         split = model.hf_quantizer.last_run

@@ -246,9 +246,14 @@ def _novel(name: str, cache_dir) -> str:
     return ensure_austen(cache_dir)[name].read_text(encoding="utf-8")  # file as written, final newline included
 
 
-def austen_calibration_text(cache_dir: str | os.PathLike | None = None) -> str:
-    """Emma (disjoint from the test split)."""
-    return _novel("emma", cache_dir)
+CALIBRATION_NOVELS = ("emma", "sensesensibility", "northangerabbey")
+
+
+def austen_calibration_text(cache_dir: str | os.PathLike | None = None, extended: bool = False) -> str:
+    """Emma (disjoint from the test and validation splits); ``extended`` appends Sense and Sensibility and Northanger
+    Abbey (about 470k SmolLM2 tokens in all: enough for 128 x 2048 windows without repeating text)."""
+    names = CALIBRATION_NOVELS if extended else CALIBRATION_NOVELS[:1]
+    return "\n\n".join(_novel(n, cache_dir) for n in names)
 
 
 def austen_validation_text(cache_dir: str | os.PathLike | None = None) -> str:

@@ -66,7 +66,8 @@ def test_novels(novels):
 
 
 def test_splits_are_disjoint(novels):
-    test, cal = assets.austen_test_text(), assets.austen_calibration_text()
+    test, cal = assets.austen_test_text(), assets.austen_calibration_text(extended=True)
+    assert not set(assets.CALIBRATION_NOVELS) & {"prideprejudice", "persuasion", "mansfieldpark"}
     assert test.startswith(novels["prideprejudice"].read_text(encoding="utf-8"))
     assert test.index("It is a truth universally acknowledged") < test.index("Sir Walter Elliot")
     long_lines = lambda s: {line for line in s.splitlines() if len(line) >= 30}  # noqa: E731
@@ -79,3 +80,5 @@ def test_token_counts(tokenizer):
     n_cal = len(tokenizer(assets.austen_calibration_text())["input_ids"])
     assert n_test == 283_755  # docs/data-and-models.md
     assert 215_000 < n_cal < 230_000
+    # the extended calibration set covers 128 x 2048 windows without repeating text
+    assert len(tokenizer(assets.austen_calibration_text(extended=True))["input_ids"]) > 128 * 2048

@@ -171,6 +171,8 @@ def test_ensure_functions_are_idempotent(tmp_path, monkeypatch):
     assert assets.ensure_smollm2(tmp_path) == tmp_path / assets.SMOLLM2_DIRNAME
     assert assets.ensure_austen(tmp_path) == {n: austen / f"{n}.txt" for n in assets.AUSTEN_NOVELS}
     assert assets.austen_calibration_text(tmp_path) == "emma text\n"
+    assert assets.austen_calibration_text(tmp_path, extended=True) == \
+        "emma text\n\n\nsensesensibility text\n\n\nnorthangerabbey text\n"
     assert assets.austen_validation_text(tmp_path) == "mansfieldpark text\n"
     assert assets.austen_test_text(tmp_path) == "prideprejudice text\n\n\npersuasion text\n"
 
