@@ -1,8 +1,8 @@
 """Quality benchmark on the real model (SmolLM2-135M-Instruct, Austen corpus).
 
 Protocol (shared/docs/data-and-models.md): quantize in fp32, evaluate (fp32 by default, --eval-dtype bfloat16 for the
-documented bf16 cast), perplexity over the first 32 windows of 2048
-tokens of Pride and Prejudice + Persuasion. Calibration: random windows of Emma.
+documented bf16 cast), perplexity over the first 32 windows of 2048 tokens of Pride and Prejudice + Persuasion.
+Calibration: random windows of Emma (calibration sets above 200k tokens add Sense and Sensibility and Northanger Abbey).
 
     python benchmarks/quality.py --rows fp,rtn4,gptq4-small,gptq4,gptq3-small
 prints a table: method, bits, group, calibration, ppl, ppl/FP, quantize time (forward / math split), peak RSS.
