@@ -19,11 +19,20 @@ from hf_vq.nn.qlinear import QuantLinear
     (dict(module_overrides={"down": {"bitz": 4}}), "unknown keys"),
     (dict(module_overrides={"down": {"bits": 7}}), "bits must be one of .* in module_overrides"),
     (dict(calibration_dtype="float16"), "calibration_dtype"),
+    (dict(first_token_weight=-1), "first_token_weight"), (dict(first_token_weight="high"), "first_token_weight"),
     (dict(nonsense=1), "unknown arguments"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         hf_vq.GPTQConfig(**kwargs)
+
+
+def test_sink_weight_default_scales_with_window_length():
+    assert hf_vq.GPTQConfig(seq_len=2048).sink_weight() == 64.0
+    assert hf_vq.GPTQConfig(seq_len=512).sink_weight() == 16.0
+    assert hf_vq.GPTQConfig(seq_len=16).sink_weight() == 1.0  # never below a plain token
+    assert hf_vq.GPTQConfig(seq_len=2048, first_token_weight=0).sink_weight() == 0.0
+    assert HfVQConfig.from_dict(hf_vq.GPTQConfig(first_token_weight=2.5).to_dict()).sink_weight() == 2.5
 
 
 def test_config_json_roundtrip_dispatches_by_method():

@@ -39,7 +39,7 @@ def run_adascale(model, config, targets, progress):
 def _init_quantizers(block, local, config, q_inputs, prefix):
     from hf_vq.algorithms.gptq import gptq_quantize
 
-    hessians = (collect_hessians(block, local, q_inputs, first_token_weight=config.first_token_weight)
+    hessians = (collect_hessians(block, local, q_inputs, first_token_weight=config.sink_weight())
                 if config.init == "gptq" else {})
     quantizers, init_err = {}, {}
     for n, lin in local.items():

@@ -30,7 +30,7 @@ def run_gptvq(model, config, targets, progress):
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
                           compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
                           block_hook=_finetune_hook(config, progress) if config.finetune_iterations else None,
-                          first_token_weight=config.first_token_weight)
+                          first_token_weight=config.sink_weight())
 
 
 def _block_loss(block, cache, fp_outputs) -> float:

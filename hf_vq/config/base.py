@@ -62,7 +62,7 @@ class HfVQConfig(QuantizationConfigMixin):
         calibration_batch_size: int = 8,
         calibration_dtype: str = "float32",
         clip_search: bool = False,
-        first_token_weight: float = 1.0,
+        first_token_weight: float | None = None,
         layers: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs,
@@ -93,7 +93,7 @@ class HfVQConfig(QuantizationConfigMixin):
         self.calibration_dtype = calibration_dtype
         # grid search of a per-row range shrink factor (the GPTQ reference's "mse" option)
         self.clip_search = clip_search
-        # weight of each calibration window's first token (the attention sink) in the Hessians
+        # weight of each calibration window's first token (the attention sink) in the Hessians; see sink_weight()
         self.first_token_weight = first_token_weight
         # Filled after quantization: the exact per-layer skeleton a reload rebuilds.
         self.layers = layers
@@ -123,9 +123,9 @@ class HfVQConfig(QuantizationConfigMixin):
                             ("calibration_batch_size", self.calibration_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.first_token_weight, bool) or not isinstance(self.first_token_weight, (int, float)) \
-                or not 0 <= self.first_token_weight < float("inf"):
-            raise ValueError(f"first_token_weight must be a finite number >= 0, got {self.first_token_weight!r}")
+        w = self.first_token_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")):
+            raise ValueError(f"first_token_weight must be None (automatic) or a finite number >= 0, got {w!r}")
         if self.calibration_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"calibration_dtype must be 'float32' or 'bfloat16', got {self.calibration_dtype!r}")
 
@@ -134,6 +134,16 @@ class HfVQConfig(QuantizationConfigMixin):
             raise ValueError(f"bits must be one of {self.valid_bits}{where}, got {bits!r}")
         if not isinstance(group_size, int) or (group_size != -1 and group_size < 2):
             raise ValueError(f"group_size must be -1 (per channel) or an integer >= 2{where}, got {group_size!r}")
+
+    def sink_weight(self) -> float:
+        """Hessian weight of each calibration window's first token. Every later token attends to it (attention sink)
+        and its activations are massive, so at weight 1 a long window under-represents it: on SmolLM2, GPTQ 4-bit
+        with 8 x 2048 calibration windows gave ppl@2048 (8 windows, FP 21.91) 26.65 at weight 1, 23.93 at 16, 23.54
+        at 64 and 35.8 at 0; 32 x 512 windows gave 24.78 at 1, 23.52 at 4, 23.46 at 16. The default (None)
+        gives the first token seq_len / 32 (a 1/32 share of each window's weight), never less than 1."""
+        if self.first_token_weight is not None:
+            return float(self.first_token_weight)
+        return max(1.0, self.seq_len / 32)
 
     @property
     def needs_calibration(self) -> bool:
