@@ -1,6 +1,7 @@
 """GPTVQ quality benchmark on SmolLM2-135M.
 
   python benchmarks/gptvq.py quality --rows vq2d_3,gptq3 # perplexity rows (see ROWS); --iters sets kmeans_iterations
+  python benchmarks/gptvq.py quality --rows vq4d_2 --iters 25 --finetune 50   # + codebook fine-tuning, 50 it / block
 
 Decode speed (VQ kernel vs fp32 / int4) is benchmarks/vq_kernel.py.
 
