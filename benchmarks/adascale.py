@@ -22,11 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vq
 from hf_vq import assets
 
+from common import first_blocks_only
+
 
 def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group_size: int, blocks: int | None = None):
     calib_kw = dict(dataset=[calib], tokenizer=tok, num_samples=num_samples, seq_len=seq_len)
     if blocks is not None:  # quantize only decoder blocks < blocks (iteration sweeps that fit a CPU session)
-        calib_kw["module_overrides"] = {rf"layers\.(?!({'|'.join(map(str, range(blocks)))})\.)": {"skip": True}}
+        calib_kw["module_overrides"] = first_blocks_only(blocks)
     if row.startswith("rtn"):
         return hf_vq.RTNConfig(bits=int(row[3:]), group_size=group_size), 0
     if row.startswith("gptq"):

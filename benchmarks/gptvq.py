@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from common import first_blocks_only
+
 
 ROWS = {
     "gptq3": ("gptq", dict(bits=3, group_size=128)),
@@ -49,7 +51,7 @@ def quality_part(names, iters, out, eval_seq_len=2048, max_windows=None, blocks=
         method, kw = ROWS[name]
         common = dict(dataset=[cal], tokenizer=tok, num_samples=calibration[0], seq_len=calibration[1])
         if blocks is not None:  # quantize only decoder blocks < blocks (quick comparisons on a loaded machine)
-            common["module_overrides"] = {rf"layers\.(?!({'|'.join(map(str, range(blocks)))})\.)": {"skip": True}}
+            common["module_overrides"] = first_blocks_only(blocks)
         if method == "gptq":
             cfg = hf_vq.GPTQConfig(**kw, **common)
         else:

@@ -226,7 +226,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             fp_outputs = None
             if block_hook is not None:
                 t1 = time.perf_counter()
-                with torch.no_grad(), autocast():
+                with autocast():
                     fp_outputs = [_run_block(block, hidden, kw) for hidden, kw in cache]
                 stats.forward_s += time.perf_counter() - t1
             done: set[str] = set()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_vq.convert import set_module
+from hf_vq.sequential import _run_block
 
 
 def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_groups: list[dict], fp_inputs, q_inputs,
@@ -20,8 +21,6 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
     ``q_inputs[j]``. Batches (indexable, with ``kwargs[j]``) are visited in a seeded random order. The original
     modules are put back afterwards. Returns (first loss, mean loss of the last 10%)."""
     from tqdm.auto import tqdm
-
-    from hf_vq.sequential import _run_block
 
     if num_iterations == 0:
         return float("nan"), float("nan")

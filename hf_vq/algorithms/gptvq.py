@@ -142,16 +142,37 @@ def _element_codebook(layout: VQLayout, rows: int, device) -> torch.Tensor:
     return rb[:, None] * layout.col_blocks + cb[None, :]
 
 
+def codebook_rows(layout: VQLayout, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row of the stacked codebooks [G * k, d] that every vector [N, nvec] decodes to."""
+    idx = unpack(tensors["vq_indices"], layout.index_bits, layout.nvec).long()
+    return _element_codebook(layout, layout.out_features, idx.device) * layout.k + idx
+
+
+def stored_norm(layout: VQLayout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Per-element normalization scales [N, padded_in], or None without data normalization."""
+    return norm_scales(layout, tensors["vq_norm_codes"], tensors["vq_norm_base"]) if layout.normalize else None
+
+
+def assemble_weight(layout: VQLayout, codebooks: torch.Tensor, rows: torch.Tensor,
+                    norm: torch.Tensor | None) -> torch.Tensor:
+    """Weight [N, K] from codebooks [G, k, d], ``codebook_rows`` and ``stored_norm`` (differentiable in codebooks)."""
+    w = codebooks.reshape(-1, layout.vector_dim)[rows].reshape(layout.out_features, layout.padded_in)
+    if norm is not None:
+        w = w * norm
+    return w[:, :layout.in_features]
+
+
 def decode_weight(layout: VQLayout, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The fp32 weight [N, K] the stored tensors represent."""
-    n, d = layout.out_features, layout.vector_dim
-    idx = unpack(tensors["vq_indices"], layout.index_bits, layout.nvec).long()
     cbv = decode_codebooks(layout, tensors["vq_codebook"], tensors.get("vq_codebook_scales"))
-    flat = _element_codebook(layout, n, idx.device) * layout.k + idx
-    w = cbv.reshape(-1, d)[flat].reshape(n, layout.padded_in)
-    if layout.normalize:
-        w = w * norm_scales(layout, tensors["vq_norm_codes"], tensors["vq_norm_base"])
-    return w[:, :layout.in_features].contiguous()
+    return assemble_weight(layout, cbv, codebook_rows(layout, tensors), stored_norm(layout, tensors)).contiguous()
+
+
+def store_codebooks(layout: VQLayout, codebooks: torch.Tensor, codebook_scale: str):
+    """Codebooks [G, k, d] on their ``codebook_bits`` grid: (values, scales) as ``quantize_codebooks``. With
+    "row_block" the codebooks of a row block share one scale (AIMET's per-row grid)."""
+    share = layout.col_blocks if codebook_scale == "row_block" else 1
+    return quantize_codebooks(codebooks, layout.codebook_bits, share)
 
 
 # ---------------------------------------------------------------------------------------------- weighted k-means
@@ -366,12 +387,11 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int 
     cq_all = torch.stack(cq_cols, 1).reshape(nrb * ncb, k, d)
     gid = _element_codebook(lay, np_, dev)
     flat = ((gid * k + idx_all)[..., None] * d + torch.arange(d, device=dev)).reshape(np_, kp)
-    share = ncb if codebook_scale == "row_block" else 1
-    qv, qs = quantize_codebooks(cq_all, codebook_bits, share)
+    qv, qs = store_codebooks(lay, cq_all, codebook_scale)
     info = {"loss_before_update": _quadratic_loss(wp, cq_all.reshape(-1)[flat] * s * mask, hp)}
     if codebook_update:
         upd = _update_codebooks(cq_all, flat, s * mask, wp, hp, codebook_update_steps)
-        qv2, qs2 = quantize_codebooks(upd, codebook_bits, share)
+        qv2, qs2 = store_codebooks(lay, upd, codebook_scale)
         loss2 = _quadratic_loss(wp, codebook_values(qv2, qs2).reshape(-1)[flat] * s * mask, hp)
         info["loss_after_update"] = loss2
         if loss2 < info["loss_before_update"]:

@@ -34,28 +34,32 @@ def run_gptvq(model, config, targets, progress):
 
 
 def _block_loss(block, cache, fp_outputs) -> float:
-    with torch.no_grad():
-        return sum(float(torch.nn.functional.mse_loss(_run_block(block, h, kw), t)) for (h, kw), t in
-                   zip(cache, fp_outputs)) / len(cache)
+    return sum(float(torch.nn.functional.mse_loss(_run_block(block, h, kw), t)) for (h, kw), t in
+               zip(cache, fp_outputs)) / len(cache)
 
 
 def _finetune_hook(config, progress):
     from hf_vq.algorithms.vq_finetune import finetune_vq_block
 
+    def load(local, results):
+        for n, vq in results.items():
+            local[n].weight.data.copy_(vq.dequantize().to(local[n].weight.dtype))
+
+    @torch.no_grad()
     def hook(i, block, local, results, cache, fp_outputs):
+        # the block's weights hold ``results`` (the runner wrote them): compare with the fine-tuned codebooks as stored
         before = _block_loss(block, cache, fp_outputs)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
-        new, first, _ = finetune_vq_block(
+        new, _, _ = finetune_vq_block(
             block, local, results, [h for h, _ in cache], [kw for _, kw in cache], fp_outputs,
             iterations=config.finetune_iterations, lr=config.finetune_lr, codebook_scale=config.codebook_scale,
             generator=gen, desc=f"block {i} codebooks", progress=progress)
-        saved = {n: local[n].weight.data.clone() for n in new}
-        for n, vq in new.items():
-            local[n].weight.data.copy_(vq.dequantize().to(local[n].weight.dtype))
-        after = _block_loss(block, cache, fp_outputs)  # with the codebooks as stored (re-quantized)
-        for n, w in saved.items():
-            local[n].weight.data.copy_(w)
+        load(local, new)
+        after = _block_loss(block, cache, fp_outputs)
         logger.info("GPTVQ block %d codebook fine-tuning: block MSE %.4g -> %.4g", i, before, after)
-        return new if after < before else None
+        if after < before:
+            return new
+        load(local, results)
+        return None
 
     return hook

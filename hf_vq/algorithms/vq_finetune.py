@@ -9,46 +9,35 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.distill import distill_block
-from hf_vq.algorithms.gptvq import (VQWeight, _element_codebook, decode_codebooks, encode_codebooks, norm_scales,
-                                    quantize_codebooks)
-from hf_vq.quant.packing import unpack
+from hf_vq.algorithms.gptvq import (VQWeight, assemble_weight, codebook_rows, decode_codebooks, encode_codebooks,
+                                    store_codebooks, stored_norm)
 
 
 class VQCodebookLinear(nn.Module):
-    """Stand-in for an nn.Linear during fine-tuning: weight = codebook[index] (* normalization), codebooks trainable."""
+    """Stand-in for an nn.Linear during fine-tuning: the weight VQWeight decodes to, with trainable codebooks."""
 
     def __init__(self, linear: nn.Linear, vq: VQWeight):
         super().__init__()
-        lay = vq.layout
+        lay, dev = vq.layout, linear.weight.device
         self.layout, self.bias = lay, linear.bias
         self.codebook = nn.Parameter(decode_codebooks(lay, vq.tensors["vq_codebook"],
-                                                      vq.tensors.get("vq_codebook_scales")).to(linear.weight.device))
-        idx = unpack(vq.tensors["vq_indices"], lay.index_bits, lay.nvec).long()
-        self.register_buffer("flat", (_element_codebook(lay, lay.out_features, idx.device) * lay.k + idx)
-                             .to(linear.weight.device))
-        norm = (norm_scales(lay, vq.tensors["vq_norm_codes"], vq.tensors["vq_norm_base"]) if lay.normalize else None)
-        self.register_buffer("norm", None if norm is None else norm.to(linear.weight.device))
+                                                      vq.tensors.get("vq_codebook_scales")).to(dev))
+        self.register_buffer("rows", codebook_rows(lay, vq.tensors).to(dev))
+        norm = stored_norm(lay, vq.tensors)
+        self.register_buffer("norm", None if norm is None else norm.to(dev))
         self.other = {k: v for k, v in vq.tensors.items() if k not in ("vq_codebook", "vq_codebook_scales")}
 
     def weight(self) -> torch.Tensor:
-        lay = self.layout
-        w = self.codebook.reshape(-1, lay.vector_dim)[self.flat].reshape(lay.out_features, lay.padded_in)
-        if self.norm is not None:
-            w = w * self.norm
-        return w[:, :lay.in_features]
+        return assemble_weight(self.layout, self.codebook, self.rows, self.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
     def to_vq(self, codebook_scale: str) -> VQWeight:
-        """Store the trained codebooks at the layout's codebook bits (same scale sharing as gptvq_quantize)."""
-        lay = self.layout
-        share = lay.col_blocks if codebook_scale == "row_block" else 1
-        qv, qs = quantize_codebooks(self.codebook.detach().float().cpu(), lay.codebook_bits, share)
-        tensors = dict(self.other)
-        tensors.update(encode_codebooks(qv, qs, lay.codebook_bits))
-        return VQWeight(lay, tensors)
+        """The trained codebooks stored at the layout's codebook bits, as gptvq_quantize stores them."""
+        qv, qs = store_codebooks(self.layout, self.codebook.detach().float().cpu(), codebook_scale)
+        return VQWeight(self.layout, {**self.other, **encode_codebooks(qv, qs, self.layout.codebook_bits)})
 
 
 def finetune_vq_block(block: nn.Module, local: dict[str, nn.Linear], results: dict[str, VQWeight], inputs, kwargs,
