@@ -27,9 +27,11 @@ demo: assets
 	$(PY) examples/demo.py
 
 test: assets
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q tests integration_tests
 
 unit: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q tests
 
 bench: assets

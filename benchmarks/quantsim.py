@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import hf_vq  # noqa: E402
 from hf_vq import assets  # noqa: E402
-from hf_vq.calibration import sample_windows  # noqa: E402
+from hf_vq.pipeline.data import sample_windows  # noqa: E402
 
 EVAL = dict(seq_len=512, max_tokens=65536, max_windows=16)
 

@@ -36,7 +36,7 @@ def _mib(*ts) -> float:
 
 
 def random_vq(n, k, d, ib, rpb, cpb=256):
-    from hf_vq.algorithms.gptvq import VQLayout
+    from hf_vq.formats.vq import VQLayout
     from hf_vq.nn.vqlinear import VQLinear
 
     lay = VQLayout(n, k, d, ib, 8, rpb, cpb)

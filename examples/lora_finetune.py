@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import hf_vq
 from hf_vq import assets
-from hf_vq.calibration import build_calibration
+from hf_vq.pipeline.data import build_calibration
 
 
 def main(argv=None):

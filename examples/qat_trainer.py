@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_vq
-from hf_vq.calibration import build_calibration
+from hf_vq.pipeline.data import build_calibration
 
 
 def main(argv=None):

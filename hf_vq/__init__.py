@@ -8,24 +8,26 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from hf_vq.config import (QUANT_METHOD, AdaScaleConfig, GPTQConfig, GPTVQConfig, HfVQConfig, QuantSimConfig,
                           RTNConfig)
-from hf_vq.eval import evaluate_perplexity
+from hf_vq.model.eval import evaluate_perplexity
 from hf_vq.export.aimet import load_encodings
 from hf_vq.export.onnx import export_onnx
 from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, push_quantized, render_model_card
 from hf_vq.nn.qat import prepare_qat
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.vqlinear import VQLinear
-from hf_vq.peft import load_lora, merge_and_dequantize, prepare_lora  # noqa: F401 (peft imported lazily)
-from hf_vq.quantizer import HfVQQuantizer
-from hf_vq.quantsim import (compute_encodings, export_encodings, set_activation_quantizers_to_float,
-                            set_blockwise_quantization_for_weights, set_grouped_blockwise_quantization_for_weights)
+from hf_vq.integrations.peft import load_lora, merge_and_dequantize, prepare_lora  # noqa: F401 (peft imported lazily)
+from hf_vq.integrations.quantizer import HfVQQuantizer
+from hf_vq.export.quantsim import export_encodings
+from hf_vq.model.quantsim import (set_activation_quantizers_to_float, set_blockwise_quantization_for_weights,
+                                  set_grouped_blockwise_quantization_for_weights)
+from hf_vq.pipeline.quantsim import compute_encodings
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
     register_quantization_config(QUANT_METHOD)(HfVQConfig)
 if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
     register_quantizer(QUANT_METHOD)(HfVQQuantizer)
 
-__version__ = "0.1.0"
+from hf_vq.utils.version import __version__  # noqa: E402
 __all__ = [
     "HfVQConfig", "RTNConfig", "GPTQConfig", "GPTVQConfig", "AdaScaleConfig", "QuantSimConfig",
     "QuantLinear", "VQLinear", "HfVQQuantizer", "evaluate_perplexity",

@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from hf_vq.io import atomic_write_text  # noqa: F401  (also public here)
+from hf_vq.utils.io import atomic_write_text  # noqa: F401  (also public here)
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def _eval_text(value):
         from hf_vq import assets
 
         return assets.austen_test_text()
-    from hf_vq.calibration import read_texts
+    from hf_vq.pipeline.data import read_texts
 
     return "\n\n".join(read_texts(value))
 

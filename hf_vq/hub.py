@@ -22,8 +22,9 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_session, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
-from hf_vq import convert
+from hf_vq.model import convert
 from hf_vq.config import QUANT_METHOD, HfVQConfig
+from hf_vq.utils.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +216,6 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
     model's); the card gets their table, and a perplexity-vs-bits PNG is written to ``plot_path`` (put it beside the
     card's README.md; needs matplotlib).
     """
-    import hf_vq
-
     cfg = _quant_config(model)
     summary = quantization_summary(model)
     if template_path:
@@ -250,7 +249,7 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
         card_data, template_str=template,
         title=repo_id.split("/")[-1] if repo_id else f"{base_name} ({summary['bits_label']} hf_vq {cfg.method})",
         repo_id=repo_id or "<repo_id>", base_model=base_id, base_name=base_name, method=cfg.method,
-        method_title=METHOD_TITLES.get(cfg.method, cfg.method), hf_vq_version=hf_vq.__version__,
+        method_title=METHOD_TITLES.get(cfg.method, cfg.method), hf_vq_version=__version__,
         load_hint=LOAD_HINT, params=param_rows, excluded=", ".join(f"`{s}`" for s in skipped),
         metrics=metric_rows, calibration=calib, plot_file=Path(plot_path).name if plot_path else None,
         plot_alt="perplexity vs bits per value" if sweep_rows else "evaluation plot", sweep=sweep_rows,
@@ -341,8 +340,7 @@ class AutoQuantizedModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, repo_or_path, **kwargs):
-        import hf_vq  # noqa: F401  (registers quant method "hf_vq"; here for readers who copy this function)
-        from hf_vq.quantizer import HfVQQuantizer
+        from hf_vq.integrations.quantizer import HfVQQuantizer
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if kwargs.get("quantization_config") is None:

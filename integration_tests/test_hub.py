@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import hf_vq
-from hf_vq.quantizer import HfVQQuantizer
+from hf_vq.integrations.quantizer import HfVQQuantizer
 
 IDS = torch.arange(3, 35)[None]
 

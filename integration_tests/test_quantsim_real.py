@@ -63,7 +63,7 @@ def test_onnx_export_of_real_model_runs_in_onnxruntime(real, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from hf_vq.quantsim import activation_quantizers
+    from hf_vq.export.quantsim import activation_quantizers
 
     _, tok, _, test = real
     m = qsim(real, weight_bits=4, weight_granularity="lpbq", block_size=64, activation_bits=16)

@@ -9,14 +9,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_vq
 from hf_vq.algorithms.adascale import AdaScaleQuantizer, quantizer_from_affine, quantizer_from_rtn
-from hf_vq.algorithms.adascale_runner import adascale_model, train_block
+from hf_vq.pipeline.adascale import adascale_model, train_block
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.rtn import rtn_weight
-from hf_vq.convert import select_linears
+from hf_vq.model.convert import select_linears
 from hf_vq.export.aimet import collect_param_encodings
-from hf_vq.quant import blockwise
-from hf_vq.quant.affine import AffineWeight
-from hf_vq.sequential import _run_block, capture_block_inputs
+from hf_vq.formats import blockwise
+from hf_vq.formats.affine import AffineWeight
+from hf_vq.pipeline.runner import _run_block, capture_block_inputs
+from hf_vq.nn.registry import module_from_format
 
 GRIDS = [  # (granularity, sym, group/block size) on a 48 x 96 weight
     ("group", False, 64),  # 96 = 64 + a shorter last group of 32
@@ -52,7 +53,7 @@ def test_fold_is_exactly_the_trained_forward_weight(gran, sym, gs):
     assert int(aw.codes.max()) <= 7 and aw.zeros.dtype == torch.uint8
     assert torch.equal(aw.scales.float(), aw.scales.float().half().float())
     # the stored module reproduces it too
-    lin = aw.to_module(None)
+    lin = module_from_format(aw, None)
     assert torch.equal(lin.to_linear(torch.float32).weight.data, w_fwd)
 
 
@@ -165,7 +166,7 @@ def test_disk_activation_cache_gives_identical_result(tmp_path):
 
 
 def test_activation_store_roundtrip_and_errors(tmp_path):
-    from hf_vq.activation_store import ActivationStore
+    from hf_vq.pipeline.activation_store import ActivationStore
 
     for directory in (None, tmp_path):
         with ActivationStore(2, directory) as store:

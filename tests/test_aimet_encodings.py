@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_vq
 from hf_vq import GPTQConfig, QuantLinear, RTNConfig, convert
 from hf_vq.export import aimet
-from hf_vq.quant import blockwise as bw
+from hf_vq.formats import blockwise as bw
+from hf_vq.nn.registry import module_from_format
 
 # shared/ lies beside the repository checkout (also in CI)
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "aimet-encodings"
@@ -51,7 +52,7 @@ def lpbq_model(bits=4, block=16, dbw=8):
     """Tiny Llama whose Linears are LPBQ-quantized (blockwise.lpbq_affine_weight) hf_vq QuantLinears."""
     model = tiny_llama()
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
-        convert.set_module(model, name, bw.lpbq_affine_weight(lin.weight.data, bits, block, dbw).to_module(lin.bias))
+        convert.set_module(model, name, module_from_format(bw.lpbq_affine_weight(lin.weight.data, bits, block, dbw), lin.bias))
     return model
 
 

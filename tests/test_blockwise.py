@@ -1,4 +1,4 @@
-"""AIMET-style grids (hf_vq.quant.blockwise): hand-computed cases and conventions checked on AIMET's own files."""
+"""AIMET-style grids (hf_vq.formats.blockwise): hand-computed cases and conventions checked on AIMET's own files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vq.quant import blockwise as bw
+from hf_vq.formats import blockwise as bw
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "aimet-encodings"  # shared/ beside the checkout
 

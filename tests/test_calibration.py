@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_vq.calibration import CalibrationError, build_calibration, sample_windows
+from hf_vq.pipeline.data import CalibrationError, build_calibration, sample_windows
 
 from tests.conftest import random_text
 
@@ -35,7 +35,7 @@ def test_datasets_text_builder_with_local_file(tiny_tokenizer, tmp_path):
     f = tmp_path / "corpus.txt"
     f.write_text("\n".join(random_text(30, s) for s in range(20)))
     # the `datasets` loader path, with the "text" builder reading a local file instead of a Hub dataset
-    from hf_vq.calibration import load_dataset_texts
+    from hf_vq.pipeline.data import load_dataset_texts
 
     texts = load_dataset_texts("text", None, "train", "text", data_files=str(f))
     assert len(texts) == 20

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hf_vq
-from hf_vq.quantizer import HfVQQuantizer
+from hf_vq.integrations.quantizer import HfVQQuantizer
 
 from tests.conftest import random_text
 
@@ -152,7 +152,7 @@ def test_reusing_frozen_block_outputs_changes_nothing(tiny_llama_dir, calib_ids)
     would change the Hessians by orders of magnitude more than the tolerance.
     """
     from hf_vq.algorithms.rtn import rtn_weight
-    from hf_vq.sequential import run_sequential
+    from hf_vq.pipeline.runner import run_sequential
 
     def run(reuse):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)

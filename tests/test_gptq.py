@@ -4,7 +4,7 @@ import torch
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.hessian import HessianAccumulator, output_error
 from hf_vq.algorithms.rtn import rtn_weight
-from hf_vq.quant.affine import dequantize, quantize
+from hf_vq.formats.affine import dequantize, quantize
 
 
 def correlated_inputs(k, n_tokens=2048, seed=0):

@@ -14,6 +14,7 @@ from hf_vq.algorithms.gptvq import (gptvq_quantize, weighted_argmin, weighted_er
                                     weighted_kmeans)
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.nn.vqlinear import VQLinear
+from hf_vq.nn.registry import module_from_format
 
 
 def _problem(n=64, k=96, seed=0):
@@ -101,7 +102,7 @@ def test_odd_shapes(shape):
     vq = gptvq_quantize(w, h, vector_dim=2, index_bits=3, rows_per_block=32, cols_per_block=256,
                         kmeans_iterations=5)
     assert vq.dequantize().shape == (n, k)
-    mod = vq.to_module(None)
+    mod = module_from_format(vq, None)
     assert torch.equal(mod.dequantize_weight(), vq.dequantize())
     # codebook count: ceil(rows / 32) x ceil(padded cols / 256)
     assert mod.vq_codebook.shape[0] == -(-n // 32) * -(-(-(-k // 2) * 2) // 256)
@@ -119,7 +120,7 @@ def test_forward_exact_and_bits_honest(tmp_path):
     w, h = _problem(64, 96)
     vq = gptvq_quantize(w, h, rows_per_block=32, cols_per_block=64, kmeans_iterations=5)
     bias = torch.randn(64)
-    mod = vq.to_module(bias)
+    mod = module_from_format(vq, bias)
     x = torch.randn(3, 5, 96)
     assert torch.equal(mod(x), torch.nn.functional.linear(x, vq.dequantize(), bias))
     VQLinear.cache_decoded = False
@@ -152,7 +153,7 @@ def test_nominal_bits_per_value():
 
 def test_dtype_cast_keeps_codebooks():
     w, h = _problem(32, 64)
-    mod = gptvq_quantize(w, h, codebook_bits=16, rows_per_block=32, cols_per_block=64, kmeans_iterations=3).to_module(None)
+    mod = module_from_format(gptvq_quantize(w, h, codebook_bits=16, rows_per_block=32, cols_per_block=64, kmeans_iterations=3), None)
     ref = mod.dequantize_weight()
     mod.to(torch.bfloat16)
     assert torch.equal(mod.dequantize_weight(), ref)
@@ -245,7 +246,7 @@ def test_vector_encodings_export_and_load(tiny_llama, tmp_path, version):
     every centroid exactly, and the file loads back; a mismatching file is refused."""
     from transformers import AutoModelForCausalLM
 
-    from hf_vq.algorithms.gptvq import decode_codebooks
+    from hf_vq.formats.vq import decode_codebooks
     from tests.test_aimet_encodings import REF, _schema
 
     cfg = hf_vq.GPTVQConfig(index_bits=4, rows_per_block=32, cols_per_block=32, kmeans_iterations=3, dataset=_calib())
@@ -303,8 +304,8 @@ def test_codebook_finetune_lowers_block_error(tiny_llama, kw):
     from transformers import AutoModelForCausalLM
 
     from hf_vq.algorithms.gptvq import gptvq_quantize
-    from hf_vq.algorithms.vq_finetune import VQCodebookLinear, finetune_vq_block
-    from hf_vq.sequential import _run_block, capture_block_inputs
+    from hf_vq.pipeline.vq_finetune import VQCodebookLinear, finetune_vq_block
+    from hf_vq.pipeline.runner import _run_block, capture_block_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     block = model.model.layers[0]

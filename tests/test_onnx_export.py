@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_vq
-from hf_vq.quantsim import activation_quantizers
+from hf_vq.export.quantsim import activation_quantizers
 
 # fp32 graph vs fp32 torch with the same QDQ'd weights: only op order differs
 ORT_ATOL = 1e-4

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hf_vq.quant.affine import dequantize_groups, grid_params, group_index, num_groups, quantize_groups
-from hf_vq.quant.packing import pack, packed_length, unpack
+from hf_vq.formats.affine import dequantize_groups, grid_params, group_index, num_groups, quantize_groups
+from hf_vq.formats.packing import pack, packed_length, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -10,7 +10,7 @@ import hf_vq
 from hf_vq.nn.qat import QATLinear, QuantSimLinear
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.vqlinear import VQLinear
-from hf_vq.peft import QuantLoraLinear, _FrozenLinearFn
+from hf_vq.integrations.peft import QuantLoraLinear, _FrozenLinearFn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -181,7 +181,7 @@ def test_plain_get_peft_model_without_registration_is_refused(gptq_dir):
 
 def test_second_adapter_and_mixed_batch(gptq_dir, calib_ids):
     peft_model = hf_vq.prepare_lora(AutoModelForCausalLM.from_pretrained(gptq_dir), lora_config())
-    peft_model.add_adapter("other", hf_vq.peft.register_lora_modules(lora_config(target_modules=["q_proj"])))
+    peft_model.add_adapter("other", hf_vq.integrations.peft.register_lora_modules(lora_config(target_modules=["q_proj"])))
     for n, p in peft_model.named_parameters():
         if ".lora_B.default." in n:
             torch.nn.init.normal_(p, std=0.1)

@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_vq.algorithms.gptvq import VQLayout, gptvq_quantize
+from hf_vq.algorithms.gptvq import gptvq_quantize
+from hf_vq.formats.vq import VQLayout
 from hf_vq.nn import vq_kernel
 from hf_vq.nn.vqlinear import VQLinear
+from hf_vq.nn.registry import module_from_format
 
 CC = shutil.which("cc")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (`cc`) on PATH: the VQ kernel cannot be built")
@@ -83,7 +85,7 @@ def test_gptvq_weights_and_threads():
     x = torch.randn(256, 130, generator=g)
     vq = gptvq_quantize(torch.randn(70, 130, generator=g) * 0.05, 2 * x.T @ x / 256, vector_dim=2, index_bits=6,
                         rows_per_block=32, cols_per_block=64, kmeans_iterations=10, data_normalization=True)
-    mod = vq.to_module(None)
+    mod = module_from_format(vq, None)
     kw = mod.kernel_weights()
     xs = torch.randn(4, 130, generator=g)
     for threads in (1, 2, 3):

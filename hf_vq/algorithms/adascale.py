@@ -9,7 +9,7 @@ Forward weight of one Linear ``W`` [N, K] on an affine grid with per-group scale
 
 Every parameter starts at 0, so the first forward is exactly the initial grid (RTN, or GPTQ's codes). Scales are
 rounded to fp16 in the forward (straight-through) and zeros are integers, so :meth:`AdaScaleQuantizer.fold` returns
-an :class:`~hf_vq.quant.affine.AffineWeight` whose dequantized weight is bit-identical to the trained forward weight.
+an :class:`~hf_vq.formats.affine.AffineWeight` whose dequantized weight is bit-identical to the trained forward weight.
 
 Grids ("granularity"): "group" = hf_vq's min-max groups (sym or asym); "blockwise" = AIMET min-max blocks (equal
 blocks along K); "lpbq" = AIMET LPBQ, symmetric blocks whose scales stay ``int * per_channel`` (int in
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_vq.quant import blockwise
-from hf_vq.quant.affine import (FP16_MIN_SCALE, AffineWeight, fp16_up, grid_params, group_index, num_groups,
+from hf_vq.formats import blockwise
+from hf_vq.formats.affine import (FP16_MIN_SCALE, AffineWeight, fp16_up, grid_params, group_index, num_groups,
                                 round_ste)
 
 GRANULARITIES = ("group", "blockwise", "lpbq")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from hf_vq.algorithms.hessian import inverse_cholesky_upper, prepare_hessian
-from hf_vq.cbuild import CLibrary
-from hf_vq.quant.affine import AffineWeight, grid_params, group_index, num_groups, search_clip
+from hf_vq.utils.cbuild import CLibrary
+from hf_vq.formats.affine import AffineWeight, grid_params, group_index, num_groups, search_clip
 
 
 @torch.no_grad()

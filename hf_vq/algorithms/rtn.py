@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_vq.quant.affine import AffineWeight, group_index, quantize_groups
+from hf_vq.formats.affine import AffineWeight, group_index, quantize_groups
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hf_vq.config.base import HfVQConfig
+from hf_vq.formats.vq import VQLayout
 
 
 class GPTVQConfig(HfVQConfig):
@@ -82,8 +83,6 @@ class GPTVQConfig(HfVQConfig):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def layout(self, out_features: int, in_features: int):
-        from hf_vq.algorithms.gptvq import VQLayout
-
         return VQLayout(out_features, in_features, self.vector_dim, self.index_bits, self.codebook_bits,
                         self.rows_per_block, self.cols_per_block, self.data_normalization)
 

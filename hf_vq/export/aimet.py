@@ -2,7 +2,7 @@
 
 ``export_encodings(model, out_dir, version="1.0.0" | "0.6.1")`` writes ``<out_dir>/<filename_prefix>.encodings``
 with the top-level layout of aimet-torch 2.42.0: ``producer``, ``version``, ``activation_encodings`` (given by
-hf_vq.quantsim for QuantSim models, else empty), ``param_encodings``, ``excluded_layers`` (Linear modules left in float),
+hf_vq.export.quantsim for QuantSim models, else empty), ``param_encodings``, ``excluded_layers`` (Linear modules left in float),
 ``quantizer_args`` (quant_scheme "min_max" for RTN, else the hf_vq method name; activation_bitwidth is a placeholder
 16). Parameter names are torch names (``model.layers.0.self_attn.q_proj.weight``); scales are per torch output
 channel. Offsets follow AIMET: ``x = (q + offset) * scale`` on the unsigned grid, i.e. offset = -zero (-2^(bits-1)
@@ -12,7 +12,7 @@ QuantLinear (affine) entries, exact to the module's grid (fp16 scales written as
 
 - one group per row -> 1.0.0 ``PER_CHANNEL``; several groups -> ``PER_BLOCK`` with ``block_size`` = group size, or
   ``LPBQ`` when ``lpbq`` allows it and the group scales factor exactly as int * per-channel scale (layers built with
-  :func:`hf_vq.quant.blockwise.lpbq_affine_weight` do); 0.6.1 always writes one dict per channel / block.
+  :func:`hf_vq.formats.blockwise.lpbq_affine_weight` do); 0.6.1 always writes one dict per channel / block.
 - A group size that does not divide ``in_features`` (e.g. 576 columns, group 128: last group 64) cannot be one
   AIMET block. With ``split_uneven_groups=True`` (default) the layer is written with the largest block size at which
   every group boundary falls (gcd, here 64), repeating each group's scale: still exact. ``False`` raises instead.
@@ -38,68 +38,24 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from hf_vq.nn.qlinear import QuantLinear
-from hf_vq.io import atomic_write_text
+from hf_vq.nn.registry import LAYER_TYPES
+from hf_vq.utils.io import atomic_write_text
+from hf_vq.utils.version import __version__
 from hf_vq.export.aimet_common import _ONNX_SUFFIX, ENC_TYPES, VERSIONS  # noqa: F401
-from hf_vq.quant import blockwise
+from hf_vq.formats.encodings import affine_encoding
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------ export
-def _entry_1_0_0(name, bits, sym, scale, offset, enc_type, **extra) -> dict:
-    scale = scale.tolist() if isinstance(scale, torch.Tensor) else scale
-    offset = offset.tolist() if isinstance(offset, torch.Tensor) else offset
-    entry = {"name": name, "dtype": "INT", "bw": int(bits), "is_sym": bool(sym),
-             "scale": [float(x) for x in scale], "offset": [int(x) for x in offset], "enc_type": enc_type}
-    entry.update(extra)
-    return entry
-
-
-def _entries_0_6_1(bits, sym, scale, offset) -> list[dict]:
-    n = 2**bits - 1
-    return [{"min": float(o) * float(s), "max": (float(o) + n) * float(s), "scale": float(s), "offset": int(o),
-             "bitwidth": int(bits), "dtype": "int", "is_symmetric": str(bool(sym))}
-            for s, o in zip(scale.tolist(), offset.tolist())]
-
-
-def quantlinear_encoding(mod: QuantLinear, name: str, version: str = "1.0.0", lpbq: bool | str = "auto",
-                         decompressed_bw: int = 8, split_uneven_groups: bool = True):
-    """The encoding of one QuantLinear's weight (1.0.0: entry dict; 0.6.1: list of dicts)."""
-    block, scale, offset = blockwise.blocks_from_groups(mod.scales, mod.qzeros, mod.g_idx)
-    gs = mod.in_features if mod.group_size == -1 else mod.group_size
-    nb = scale.shape[1]
-    if nb > 1 and block != gs and not split_uneven_groups:
-        raise ValueError(f"{name}: group_size {gs} does not tile its {mod.in_features} input columns into equal AIMET "
-                         f"blocks; pass split_uneven_groups=True to export blocks of {block} with repeated scales")
-    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-        raise ValueError(f"{name}: scales must be finite and positive to export")
-    if version == "0.6.1":
-        return _entries_0_6_1(mod.bits, mod.sym, scale.flatten(), offset.flatten())
-    if nb == 1:
-        return _entry_1_0_0(name, mod.bits, mod.sym, scale[:, 0], offset[:, 0], "PER_CHANNEL")
-    if lpbq and mod.sym:
-        factored = blockwise.factor_lpbq(scale, mod.bits, decompressed_bw)
-        if factored is not None:
-            pc, ints = factored
-            return _entry_1_0_0(name, decompressed_bw, True, pc, [-(2 ** (decompressed_bw - 1))] * len(pc), "LPBQ",
-                                block_size=int(block), compressed_bw=int(mod.bits),
-                                per_block_int_scale=[int(x) for x in ints.flatten().tolist()])
-    if lpbq is True:
-        raise ValueError(f"{name}: not an LPBQ grid (needs sym=True and scales that factor exactly as int "
-                         f"1..{2 ** (decompressed_bw - mod.bits)} x per-channel scale); quantize with "
-                         "hf_vq.quant.blockwise.lpbq_affine_weight or use lpbq='auto'")
-    return _entry_1_0_0(name, mod.bits, mod.sym, scale.flatten(), offset.flatten(), "PER_BLOCK",
-                        block_size=int(block))
+quantlinear_encoding = affine_encoding  # the name this module has always had
 
 
 def collect_param_encodings(model: nn.Module, version: str = "1.0.0", **kw) -> dict[str, Any]:
     """{param name: encoding} for every hf_vq quantized layer of ``model``."""
-    from hf_vq.convert import LAYER_TYPES
-
     out: dict[str, Any] = {}
     for mname, mod in model.named_modules():
         prefix = f"{mname}." if mname else ""
@@ -130,8 +86,6 @@ def export_encodings(model: nn.Module, out_dir: str | os.PathLike, version: str 
                      split_uneven_groups: bool = True, quantizer_args: dict | None = None,
                      activation_encodings: dict[str, Any] | None = None) -> Path:
     """Write ``<out_dir>/<filename_prefix>.encodings`` (atomic) and return its path. See the module docstring."""
-    import hf_vq
-
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     if lpbq not in (True, False, "auto"):
@@ -151,8 +105,8 @@ def export_encodings(model: nn.Module, out_dir: str | os.PathLike, version: str 
             "is_symmetric": all(m.sym for m in model.modules() if isinstance(m, QuantLinear)),
             "per_channel_quantization": True}
     args.update(quantizer_args or {})
-    acts = activation_encodings or {}  # {tensor name: entry}, from hf_vq.quantsim
-    doc = {"producer": {"package": "hf_vq", "version": hf_vq.__version__}, "version": version,
+    acts = activation_encodings or {}  # {tensor name: entry}, from hf_vq.export.quantsim
+    doc = {"producer": {"package": "hf_vq", "version": __version__}, "version": version,
            "activation_encodings": acts if version == "0.6.1" else list(acts.values()),
            "param_encodings": params if version == "0.6.1" else list(params.values()),
            "excluded_layers": excluded, "quantizer_args": args}

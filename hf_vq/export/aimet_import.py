@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from hf_vq.nn.qlinear import QuantLinear
-from hf_vq.quant import blockwise
-from hf_vq.quant.packing import pack
+from hf_vq.formats import blockwise
+from hf_vq.formats.packing import pack
 
 from hf_vq.export.aimet_common import _ONNX_SUFFIX, VERSIONS
 

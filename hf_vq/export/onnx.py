@@ -20,6 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_vq.export import aimet
+from hf_vq.export.quantsim import activation_entry, activation_quantizers, quantizer_args
+from hf_vq.nn.registry import LAYER_TYPES
+from hf_vq.utils.modules import set_module
+
 logger = logging.getLogger(__name__)
 _PREFIX = "m."
 
@@ -36,8 +41,6 @@ class _LogitsOnly(nn.Module):
 def float_export_copy(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
     """fp32 copy of ``model`` whose quantized layers are nn.Linear with their quantize-dequantized weights; also
     returns {layer name: original quantized module}."""
-    from hf_vq.convert import LAYER_TYPES, set_module
-
     layers = {n: m for n, m in model.named_modules() if getattr(m, "layer_type", None) in LAYER_TYPES}
     if not layers:
         raise ValueError("the model has no hf_vq quantized layer to export")
@@ -94,9 +97,6 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
                 version: str = "1.0.0", opset_version: int = 17, dynamic: bool = True) -> Path:
     """Write ``<out_dir>/<prefix>.onnx`` and ``<out_dir>/<prefix>.encodings``; returns the ONNX path."""
     import onnx
-
-    from hf_vq.export import aimet
-    from hf_vq.quantsim import activation_entry, activation_quantizers, quantizer_args
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

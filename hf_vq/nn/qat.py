@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vq.convert import register_layer_type
+from hf_vq.formats import blockwise
+from hf_vq.formats.affine import FP16_MIN_SCALE, SCALE_DTYPE, AffineWeight, fp16_up, group_index, round_ste
+from hf_vq.formats.encodings import affine_encoding
 from hf_vq.nn.qlinear import QuantLinear
-from hf_vq.quant import blockwise
-from hf_vq.quant.affine import FP16_MIN_SCALE, SCALE_DTYPE, AffineWeight, fp16_up, group_index, round_ste
+from hf_vq.nn.registry import register_layer_type
+from hf_vq.utils.modules import set_module
 
 def _keep_fp32(module: nn.Module, fn, names) -> None:
     """Re-apply ``fn`` to the tensors ``names`` of ``module`` for device only (model.to(bf16) keeps them fp32)."""
@@ -330,10 +332,8 @@ class QATLinear(nn.Module):
         return self.fold().bits_per_value()  # what save_pretrained stores
 
     def aimet_param_encodings(self, version: str) -> dict:
-        from hf_vq.export.aimet import quantlinear_encoding
-
         dbw = self.decompressed_bits or 8
-        return {"weight": quantlinear_encoding(self.fold(), "weight", version, decompressed_bw=dbw)}
+        return {"weight": affine_encoding(self.fold(), "weight", version, decompressed_bw=dbw)}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -391,8 +391,6 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 def prepare_qat(model: nn.Module) -> nn.Module:
     """Turn a reloaded model's QuantSimLinear layers back into QATLinear (latent = stored quantized weight)."""
-    from hf_vq.convert import set_module
-
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantSimLinear):
             set_module(model, name, QATLinear.from_quantlinear(mod))

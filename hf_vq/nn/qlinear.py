@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vq.convert import register_layer_type
 from hf_vq.nn.base import QuantizedLinearMixin
-from hf_vq.nn import kernels
-from hf_vq.quant.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
-from hf_vq.quant.packing import pack, packed_length, unpack
+from hf_vq.nn.registry import register_format, register_layer_type
+import hf_vq.nn.kernels as kernels
+from hf_vq.formats.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
+from hf_vq.formats.packing import pack, packed_length, unpack
 
 
 @register_layer_type("affine")
@@ -115,3 +115,6 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
         g = "channel" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={g}, "
                 f"sym={self.sym}, bias={self.bias is not None}")
+
+
+register_format(AffineWeight, QuantLinear.from_affine)

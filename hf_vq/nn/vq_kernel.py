@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from hf_vq.algorithms.gptvq import NORM_BITS, NORM_BLOCK, VQLayout, decode_codebooks
-from hf_vq.cbuild import CLibrary
-from hf_vq.quant.packing import unpack
+from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQLayout, decode_codebooks
+from hf_vq.utils.cbuild import CLibrary
+from hf_vq.formats.packing import unpack
 
 SOURCE = Path(__file__).with_name("csrc") / "vq_gemv.c"
 MAX_ROWS = 4

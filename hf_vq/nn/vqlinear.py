@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vq.algorithms.gptvq import VQLayout, decode_weight
-from hf_vq.convert import register_layer_type
-from hf_vq.nn import vq_kernel
+from hf_vq.formats.vq import VQLayout, VQWeight, decode_weight
+import hf_vq.nn.vq_kernel as vq_kernel
 from hf_vq.nn.base import QuantizedLinearMixin
+from hf_vq.nn.registry import register_format, register_layer_type
 
 
 @register_layer_type("vq")
@@ -175,3 +175,6 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
                 f"index_bits={lay.index_bits}, codebook_bits={lay.codebook_bits}, "
                 f"block={lay.rows_per_block}x{lay.cols_per_block}, normalize={lay.normalize}, "
                 f"bpv={self.bits_per_value():.3f}")
+
+
+register_format(VQWeight, VQLinear.from_vq)

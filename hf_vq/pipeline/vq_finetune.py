@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_vq.algorithms.distill import distill_block
-from hf_vq.algorithms.gptvq import (VQWeight, assemble_weight, codebook_rows, decode_codebooks, encode_codebooks,
-                                    store_codebooks, stored_norm)
+from hf_vq.formats.vq import (VQWeight, assemble_weight, codebook_rows, decode_codebooks, encode_codebooks,
+                              store_codebooks, stored_norm)
+from hf_vq.pipeline.distill import distill_block
 
 
 class VQCodebookLinear(nn.Module):

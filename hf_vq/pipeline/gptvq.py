@@ -6,16 +6,16 @@ import logging
 
 import torch
 
-from hf_vq.algorithms.registry import calibration_samples, register_algorithm
-from hf_vq.sequential import _run_block, run_sequential
+from hf_vq.algorithms.gptvq import gptvq_quantize
+from hf_vq.pipeline.registry import calibration_samples, register_algorithm
+from hf_vq.pipeline.runner import _run_block, run_sequential
+from hf_vq.pipeline.vq_finetune import finetune_vq_block
 
 logger = logging.getLogger(__name__)
 
 
 @register_algorithm("gptvq")
 def run_gptvq(model, config, targets, progress):
-    from hf_vq.algorithms.gptvq import gptvq_quantize
-
     def quantize_fn(name, lin, h):
         return gptvq_quantize(
             lin.weight.data, h, vector_dim=config.vector_dim, index_bits=config.index_bits,
@@ -39,8 +39,6 @@ def _block_loss(block, cache, fp_outputs) -> float:
 
 
 def _finetune_hook(config, progress):
-    from hf_vq.algorithms.vq_finetune import finetune_vq_block
-
     def load(local, results):
         for n, vq in results.items():
             local[n].weight.data.copy_(vq.dequantize().to(local[n].weight.dtype))

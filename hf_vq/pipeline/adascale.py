@@ -20,12 +20,13 @@ import time
 import torch
 from torch import nn
 
-from hf_vq.activation_store import ActivationStore
+from hf_vq.pipeline.activation_store import ActivationStore
 from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_from_affine, quantizer_from_rtn
-from hf_vq.algorithms.distill import distill_block
+from hf_vq.pipeline.distill import distill_block
+from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.hessian import output_error
-from hf_vq.algorithms.registry import calibration_samples, register_algorithm
-from hf_vq.sequential import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
+from hf_vq.pipeline.registry import calibration_samples, register_algorithm
+from hf_vq.pipeline.runner import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
                               find_decoder_blocks, last_target_block)
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ def run_adascale(model, config, targets, progress):
 
 
 def _init_quantizers(block, local, config, q_inputs, prefix):
-    from hf_vq.algorithms.gptq import gptq_quantize
-
     hessians = (collect_hessians(block, local, q_inputs, first_token_weight=config.sink_weight())
                 if config.init == "gptq" else {})
     quantizers, init_err = {}, {}

@@ -158,8 +158,3 @@ class AffineWeight:
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_groups(self.codes, self.scales, self.zeros, self.g_idx, dtype, self.group_size)
 
-    def to_module(self, bias: torch.Tensor | None):
-        from hf_vq.nn.qlinear import QuantLinear
-
-        return QuantLinear.from_affine(self, bias)
-

@@ -251,7 +251,7 @@ def merge_and_dequantize(peft_model, dtype: torch.dtype | None = None) -> nn.Mod
     if getattr(base, "hf_quantizer", None) is not None:
         base.dequantize(dtype)
     else:
-        from hf_vq.convert import dequantize_model
+        from hf_vq.model.convert import dequantize_model
 
         dequantize_model(base, dtype)
     return peft_model.merge_and_unload()

@@ -10,8 +10,10 @@ import logging
 
 from transformers.quantizers import HfQuantizer
 
-from hf_vq import convert
 from hf_vq.config import HfVQConfig
+from hf_vq.model import convert
+from hf_vq.model.quantsim import refresh_layer_records
+from hf_vq.nn.qat import folded_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +75,6 @@ class HfVQQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """Fold QAT latents into integer codes (no ``*.latent`` keys); None = plain ``model.state_dict()``."""
-        from hf_vq.nn.qat import folded_state_dict
-        from hf_vq.quantsim import refresh_layer_records
-
         state_dict = folded_state_dict(model)
         if state_dict is not None:
             refresh_layer_records(model)

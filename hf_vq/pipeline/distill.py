@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
-from hf_vq.convert import set_module
-from hf_vq.sequential import _run_block
+from hf_vq.pipeline.runner import _run_block
+from hf_vq.utils.modules import set_module
 
 
 def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_groups: list[dict], fp_inputs, q_inputs,

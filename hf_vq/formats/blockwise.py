@@ -202,7 +202,7 @@ def lpbq_affine_weight(w: torch.Tensor, bits: int, block_size: int, decompressed
     bits (relative change <= 2^-(10 - (dbw - bw))) so that every block scale int*pc is exact in fp16 (QuantLinear
     stores fp16 scales). Such a layer exports as an exact LPBQ encoding.
     """
-    from hf_vq.quant.affine import AffineWeight, group_index
+    from hf_vq.formats.affine import AffineWeight, group_index
 
     w = w.detach().float()
     canonical_block_size(w.shape, (1, block_size))

@@ -1,0 +1,1 @@
+"""Integrations with the Hugging Face stack: the transformers HfQuantizer and PEFT LoRA on quantized layers."""
