@@ -24,6 +24,8 @@ from hf_vq.formats import blockwise
 from hf_vq.formats.affine import FP16_MIN_SCALE, SCALE_DTYPE, AffineWeight, fp16_up, group_index, round_ste
 from hf_vq.formats.encodings import affine_encoding
 from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.nn.records import (QUANTSIM_SCHEMA, WEIGHT_GRANULARITIES, check_finite_positive, quantsim_rules,
+                              validate_record)
 from hf_vq.nn.registry import register_layer_type
 from hf_vq.utils.modules import set_module
 
@@ -167,14 +169,26 @@ class QuantSimLinear(QuantLinear):
         return {**super().layer_record(), "granularity": self.granularity, "decompressed_bits": self.decompressed_bits,
                 "input_quantizer": _spec(self.input_quantizer), "output_quantizer": _spec(self.output_quantizer)}
 
+    record_schema, record_rules = QUANTSIM_SCHEMA, staticmethod(quantsim_rules)
+
     @classmethod
-    def from_record(cls, record: dict, dtype=None) -> "QuantSimLinear":
+    def from_record(cls, record: dict, dtype=None, where: str = "layer record") -> "QuantSimLinear":
+        validate_record(record, cls.record_schema, where, cls.record_rules)
         return cls(record["in_features"], record["out_features"], record["bits"], record["group_size"],
                    bias=record["bias"], sym=record["sym"], dtype=dtype,
                    input_quantizer=build_act_quantizer(record.get("input_quantizer")),
                    output_quantizer=build_act_quantizer(record.get("output_quantizer")),
                    granularity=record.get("granularity", "per_channel"),
                    decompressed_bits=record.get("decompressed_bits"))
+
+    def check_stored(self, where: str) -> None:
+        super().check_stored(where)
+        for side in ("input_quantizer", "output_quantizer"):
+            q = getattr(self, side)
+            for p in ("min", "max"):
+                t = getattr(q, p, None) if q is not None else None
+                if isinstance(t, torch.Tensor):
+                    check_finite_positive(t.detach(), f"{where}.{side}.{p}", positive=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
@@ -188,7 +202,7 @@ class QATLinear(nn.Module):
     """Fake-quantized Linear for QAT; ``fold()`` returns the equivalent QuantSimLinear (identical forward)."""
 
     layer_type = "quantsim"  # its checkpoint (folded) form; reload builds a QuantSimLinear
-    GRANULARITIES = ("per_channel", "blockwise", "lpbq")
+    GRANULARITIES = WEIGHT_GRANULARITIES
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, granularity: str = "per_channel",
                  block_size: int = 64, decompressed_bits: int = 8, input_quantizer: nn.Module | None = None,
@@ -348,6 +362,11 @@ class QATLinear(nn.Module):
             self.bias.data.copy_(state_dict[prefix + "bias"])
         if {"qweight", "scales", "qzeros", "g_idx"} <= set(pending):
             ref = QuantLinear(self.in_features, self.out_features, self.bits, self.group_size, bias=False, sym=True)
+            try:  # refuse (not cast) wrong dtypes, and out-of-range values, before they reach the latent
+                ref.check_tensors(pending, prefix.rstrip(".") or "state_dict")
+            except ValueError:
+                pending.clear()
+                raise
             for k in ("qweight", "scales", "qzeros", "g_idx"):
                 getattr(ref, k).copy_(pending[k])
             with torch.no_grad():

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_vq.nn.base import QuantizedLinearMixin
+from hf_vq.nn.records import (AFFINE_SCHEMA, check_finite_positive, check_int_range, check_tensor_layout,
+                              validate_record)
 from hf_vq.nn.registry import register_format, register_layer_type
 import hf_vq.nn.kernels as kernels
 from hf_vq.formats.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
@@ -62,10 +64,47 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
                 "group_size": self.group_size, "sym": self.sym, "bias": self.bias is not None}
 
+    record_schema = AFFINE_SCHEMA
+
     @classmethod
-    def from_record(cls, record: dict, dtype=None) -> "QuantLinear":
+    def from_record(cls, record: dict, dtype=None, where: str = "layer record") -> "QuantLinear":
+        validate_record(record, cls.record_schema, where)
         return cls(record["in_features"], record["out_features"], record["bits"], record["group_size"],
                    bias=record["bias"], sym=record["sym"], dtype=dtype)
+
+    # ------------------------------------------------------------------ checks of stored tensors
+    _AFFINE = ("qweight", "scales", "qzeros", "g_idx")
+
+    def expected_layout(self) -> dict:
+        """(shape, dtype) of each stored affine tensor, from this module's record (not from loaded values)."""
+        n, k, groups = self.out_features, self.in_features, num_groups(self.in_features, self.group_size)
+        return {"qweight": ((n, packed_length(k, self.bits)), torch.uint8), "scales": ((n, groups), SCALE_DTYPE),
+                "qzeros": ((n, groups), torch.uint8), "g_idx": ((k,), torch.int32)}
+
+    def check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Refuse stored tensors this layer cannot hold as they are: wrong dtype/shape, scales that are not finite
+        and positive, zero-points outside [0, 2^bits - 1], g_idx outside [0, groups). Every packed code pattern is a
+        valid code, so ``qweight`` needs no range check. O(N*G + K): cheap next to reading the weights."""
+        check_tensor_layout(tensors, self.expected_layout(), where)
+        check_finite_positive(tensors["scales"], f"{where}.scales")
+        check_int_range(tensors["qzeros"], 0, 2**self.bits - 1, f"{where}.qzeros")
+        check_int_range(tensors["g_idx"], 0, num_groups(self.in_features, self.group_size) - 1, f"{where}.g_idx")
+
+    def check_stored(self, where: str) -> None:
+        """check_tensors on this module's own buffers (after a load)."""
+        self.check_tensors({n: self._buffers[n] for n in self._AFFINE}, where)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict (Trainer resume, peft) would cast a float32 qweight or accept an out-of-range g_idx
+        present = {k: state_dict[prefix + k] for k in self._AFFINE if prefix + k in state_dict}
+        if len(present) == len(self._AFFINE):
+            self.check_tensors(present, prefix.rstrip(".") or "state_dict")
+        elif present:
+            check_tensor_layout(present, {k: v for k, v in self.expected_layout().items() if k in present},
+                                prefix.rstrip(".") or "state_dict")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ weights
     def codes(self) -> torch.Tensor:

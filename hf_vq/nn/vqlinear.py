@@ -23,6 +23,8 @@ from torch import nn
 from hf_vq.formats.vq import VQLayout, VQWeight, decode_weight
 import hf_vq.nn.vq_kernel as vq_kernel
 from hf_vq.nn.base import QuantizedLinearMixin
+from hf_vq.nn.records import (VQ_SCHEMA, check_finite_positive, check_fp16_bits, check_tensor_layout, validate_record,
+                              vq_rules)
 from hf_vq.nn.registry import register_format, register_layer_type
 
 
@@ -63,12 +65,43 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
                 "rows_per_block": lay.rows_per_block, "cols_per_block": lay.cols_per_block,
                 "normalize": lay.normalize, "bias": self.bias is not None}
 
+    record_schema, record_rules = VQ_SCHEMA, staticmethod(vq_rules)
+
     @classmethod
-    def from_record(cls, record: dict, dtype=None) -> "VQLinear":
+    def from_record(cls, record: dict, dtype=None, where: str = "layer record") -> "VQLinear":
+        validate_record(record, cls.record_schema, where, cls.record_rules)
         lay = VQLayout(record["out_features"], record["in_features"], record["vector_dim"], record["index_bits"],
                        record["codebook_bits"], record["rows_per_block"], record["cols_per_block"],
                        record.get("normalize", False))
         return cls(lay, bias=record["bias"], dtype=dtype)
+
+    # ------------------------------------------------------------------ checks of stored tensors
+    def check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Exact dtypes and shapes; finite fp16 codebooks (16-bit), finite positive codebook scales and
+        normalization base. Every packed index / code / norm-code pattern is valid (indices address 2^index_bits
+        entries), so those need no range check."""
+        lay = self.layout
+        check_tensor_layout(tensors, lay.tensor_shapes(), where)
+        if lay.codebook_bits == 16:
+            check_fp16_bits(tensors["vq_codebook"], f"{where}.vq_codebook", positive=False)
+        else:
+            check_fp16_bits(tensors["vq_codebook_scales"], f"{where}.vq_codebook_scales", positive=True)
+        if lay.normalize:
+            check_finite_positive(tensors["vq_norm_base"].view(torch.float32), f"{where}.vq_norm_base")
+
+    def check_stored(self, where: str) -> None:
+        self.check_tensors(self.stored_tensors(), where)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        present = {k: state_dict[prefix + k] for k in self.layout.tensor_shapes() if prefix + k in state_dict}
+        if len(present) == len(self.layout.tensor_shapes()):
+            self.check_tensors(present, prefix.rstrip(".") or "state_dict")
+        elif present:
+            check_tensor_layout(present, {k: v for k, v in self.layout.tensor_shapes().items() if k in present},
+                                prefix.rstrip(".") or "state_dict")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------------ weights
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

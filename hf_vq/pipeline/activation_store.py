@@ -1,18 +1,25 @@
 """Per-batch calibration activations kept in memory or, with a directory, on disk (safetensors, one file per batch).
 
 AdaScale holds three copies of a block's activations for the whole calibration set (FP inputs, quantized inputs, FP
-targets); on disk, memory holds one batch at a time plus the model.
+targets); on disk, memory holds one batch at a time plus the model. Each store's folder is named after the process
+that owns it (hf_vq.utils.io.owned_tempdir) and removed by ``close()`` (the runner closes on success and on error);
+folders left by a killed run are removed when the next store opens in the same directory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from hf_vq.utils.io import owned_tempdir, remove_stale_tempdirs
+
+logger = logging.getLogger(__name__)
+PREFIX = "hf_vq_acts"
 
 
 class ActivationStore:
@@ -24,7 +31,9 @@ class ActivationStore:
         self._dir: Path | None = None
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix=f"hf_vq_{name}_", dir=directory))
+            for stale in remove_stale_tempdirs(directory, PREFIX):
+                logger.warning("hf_vq: removed %s, left by a run that was killed", stale)
+            self._dir = owned_tempdir(directory, PREFIX, suffix=f".{name}")
 
     def __len__(self) -> int:
         return self.n

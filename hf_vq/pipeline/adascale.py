@@ -107,8 +107,9 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         captured = capture_block_inputs(model, blocks[0], samples, config.batch_size, contextlib.nullcontext)
         kws = [kw for _, kw in captured]
         n = len(captured)
-        fp_in, fp_out, q_in = (ActivationStore(n, config.activation_cache_dir, name) for name in ("fp_in", "fp_out", "q_in"))
-        stack.extend([fp_in, fp_out, q_in])
+        for name in ("fp_in", "fp_out", "q_in"):  # one by one into `stack`: a failure closes those already open
+            stack.append(ActivationStore(n, config.activation_cache_dir, name))
+        fp_in, fp_out, q_in = stack
         for j, (h, _) in enumerate(captured):
             fp_in[j] = h
             q_in[j] = h
