@@ -25,6 +25,8 @@ from huggingface_hub.utils import build_hf_headers
 from hf_vq.model import convert
 from hf_vq.config import QUANT_METHOD, HfVQConfig
 from hf_vq.utils.version import __version__
+from hf_vq.export.encodings_reader import EncodingsError, parse_document
+from hf_vq.utils.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def quantization_summary(model) -> dict[str, Any]:
     n_linear = len(quantized) + sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     weights = stored_bits = 0
     for m in quantized.values():
-        w = m.in_features * m.out_features
+        w = m.num_weights() if hasattr(m, "num_weights") else m.in_features * m.out_features  # fused experts: E*(...)
         weights += w
         stored_bits += m.bits_per_value() * w
     seen, total_bytes = set(), 0
@@ -65,7 +67,8 @@ def quantization_summary(model) -> dict[str, Any]:
             total_bytes += t.numel() * t.element_size()
     float_params = sum(p.numel() for p in model.parameters()) + weights
     float_dtype = model.dtype
-    bits = sorted({b for b in map(_nominal_bits, cfg.layers.values()) if b is not None})
+    records = [r for rec in cfg.layers.values() for r in ((rec["gate_up"], rec["down"]) if "gate_up" in rec else (rec,))]
+    bits = sorted({b for b in map(_nominal_bits, records) if b is not None})
     label = ("mixed " if len(bits) > 1 else "") + "/".join(f"{b:g}" for b in bits) + "-bit" if bits else "quantized"
     types = sorted({rec.get("type", "?") for rec in cfg.layers.values()})
     return {
@@ -261,10 +264,14 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
 
 # ----------------------------------------------------------------------------- push / download
 def _read_encodings(path: Path) -> Any:
+    """The JSON document of an encodings file, after the same strict, typed checks as ``load_encodings`` (size,
+    nesting, UTF-8, duplicates, every field): EncodingsError otherwise."""
+    doc = read_json(path, what="JSON encodings file", error=EncodingsError)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a JSON encodings file: {e}") from None
+        parse_document(doc)
+    except EncodingsError as e:
+        raise EncodingsError(f"{path}: {e}") from None
+    return doc
 
 
 def push_quantized(model, repo_id: str, tokenizer=None, card: ModelCard | None = None,

@@ -2,7 +2,8 @@
 
 ``export_encodings(model, out_dir, version="1.0.0" | "0.6.1")`` writes ``<out_dir>/<filename_prefix>.encodings``
 with the top-level layout of aimet-torch 2.42.0: ``producer``, ``version``, ``activation_encodings`` (given by
-hf_vq.export.quantsim for QuantSim models, else empty), ``param_encodings``, ``excluded_layers`` (Linear modules left in float),
+hf_vq.export.quantsim for QuantSim models, else empty), ``param_encodings``, ``excluded_layers`` (Linear modules left in
+float),
 ``quantizer_args`` (quant_scheme "min_max" for RTN, else the hf_vq method name; activation_bitwidth is a placeholder
 16). Parameter names are torch names (``model.layers.0.self_attn.q_proj.weight``); scales are per torch output
 channel. Offsets follow AIMET: ``x = (q + offset) * scale`` on the unsigned grid, i.e. offset = -zero (-2^(bits-1)
@@ -40,6 +41,7 @@ from typing import Any
 
 from torch import nn
 
+from hf_vq.nn.experts import FusedExperts
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.registry import LAYER_TYPES
 from hf_vq.utils.io import atomic_write_text
@@ -71,6 +73,10 @@ def collect_param_encodings(model: nn.Module, version: str = "1.0.0", **kw) -> d
                 out[prefix + local] = enc
         elif isinstance(mod, QuantLinear):
             out[prefix + "weight"] = quantlinear_encoding(mod, prefix + "weight", version, **kw)
+        elif isinstance(mod, FusedExperts):
+            raise ValueError(f"{mname} is a fused mixture-of-experts module ({type(mod).__name__}): AIMET encodings "
+                             "describe per-tensor Linear weights and have no entry for 3-D expert weights, so MoE "
+                             "models cannot be exported to AIMET encodings")
         elif getattr(mod, "layer_type", None) in LAYER_TYPES:
             raise TypeError(f"{mname}: hf_vq layer type {mod.layer_type!r} has no aimet_param_encodings(version)")
     return out

@@ -22,6 +22,7 @@ from torch import nn
 
 from hf_vq.export import aimet
 from hf_vq.export.quantsim import activation_entry, activation_quantizers, quantizer_args
+from hf_vq.nn.experts import FusedExperts
 from hf_vq.nn.registry import LAYER_TYPES
 from hf_vq.utils.modules import set_module
 
@@ -98,6 +99,10 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
     """Write ``<out_dir>/<prefix>.onnx`` and ``<out_dir>/<prefix>.encodings``; returns the ONNX path."""
     import onnx
 
+    for name, mod in model.named_modules():
+        if isinstance(mod, FusedExperts):  # routing is data-dependent: a traced graph would freeze one routing
+            raise ValueError(f"export_onnx: {name} is a fused mixture-of-experts module ({type(mod).__name__}); "
+                             "its token routing has no static ONNX graph, so MoE models cannot be exported to ONNX")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{filename_prefix}.onnx"

@@ -9,13 +9,37 @@ from __future__ import annotations
 import logging
 
 from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import AutoHfQuantizer
 
-from hf_vq.config import HfVQConfig
-from hf_vq.model import convert
+from hf_vq.config import QUANT_METHOD, HfVQConfig
+from hf_vq.model import checkpoint, convert, targets
 from hf_vq.model.quantsim import refresh_layer_records
 from hf_vq.nn.qat import folded_state_dict
 
 logger = logging.getLogger(__name__)
+
+
+def _refuse_requantization(merge):
+    """transformers keeps a checkpoint's own quantization config and ignores (with a warning) one passed to
+    from_pretrained; for an hf_vq checkpoint that would silently skip the quantization the user asked for."""
+    def merged(cls, quantization_config, quantization_config_from_args):
+        saved = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+                 else getattr(quantization_config, "quant_method", None))
+        if saved == QUANT_METHOD and isinstance(quantization_config_from_args, HfVQConfig):
+            method = (quantization_config.get("method") if isinstance(quantization_config, dict)
+                      else getattr(quantization_config, "method", None))
+            raise ValueError(
+                f"this checkpoint is already quantized by hf_vq (method {method!r}); a quantization_config "
+                f"({type(quantization_config_from_args).__name__}) cannot re-quantize it. Load it without "
+                "quantization_config, or quantize the original float model")
+        return merge(cls, quantization_config, quantization_config_from_args)
+    merged._hf_vq_guard = True
+    return merged
+
+
+if not getattr(AutoHfQuantizer.merge_quantization_configs, "_hf_vq_guard", False):
+    AutoHfQuantizer.merge_quantization_configs = classmethod(
+        _refuse_requantization(AutoHfQuantizer.merge_quantization_configs.__func__))
 
 
 class HfVQQuantizer(HfQuantizer):
@@ -26,6 +50,10 @@ class HfVQQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self.last_run: dict | None = None
+        # save_pretrained writes a sha256 of every quantized tensor into the safetensors header (hf_vq.model.checkpoint);
+        # a reload of such a checkpoint verifies them and keeps writing them
+        self.save_checksums = False
+        self._checksums: dict[str, str] = {}
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -44,13 +72,17 @@ class HfVQQuantizer(HfQuantizer):
                 raise ValueError("this checkpoint's hf_vq config has no 'layers' record: it was not produced by a "
                                  "completed hf_vq quantization and cannot be loaded")
             convert.build_skeleton(model, cfg.layers, dtype)
-            convert.check_checkpoint(model, cfg.layers, checkpoint_files)
+            targets.add_init_placeholders(model)  # until loading ends (GPT-2's _init_weights reads .weight)
+            self._checksums = checkpoint.check_checkpoint(model, cfg.layers, checkpoint_files, self)
+            self.save_checksums = self.save_checksums or bool(self._checksums)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg: HfVQConfig = self.quantization_config
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["hf_vq", "quantized"])  # reach the Hub card on a plain push_to_hub
         if self.pre_quantized:
+            targets.remove_init_placeholders(model)
+            checkpoint.check_loaded(model, cfg.layers, self._checksums)  # value ranges (+ checksums): before any use
             return model
         use_cache = getattr(model.config, "use_cache", None)
         if use_cache is not None:
@@ -74,11 +106,15 @@ class HfVQQuantizer(HfQuantizer):
         return True  # full fine-tuning without PEFT (QATLinear latents; other layers train as usual)
 
     def get_state_dict_and_metadata(self, model):
-        """Fold QAT latents into integer codes (no ``*.latent`` keys); None = plain ``model.state_dict()``."""
+        """Fold QAT latents into integer codes (no ``*.latent`` keys); None = plain ``model.state_dict()``. With
+        ``save_checksums`` the header metadata carries the sha256 of every quantized tensor."""
         state_dict = folded_state_dict(model)
         if state_dict is not None:
             refresh_layer_records(model)
-        return state_dict, {}
+        if not self.save_checksums:
+            return state_dict, {}
+        sd = state_dict if state_dict is not None else model.state_dict()
+        return state_dict, checkpoint.checksum_metadata(sd, self.quantization_config.layers)
 
     def _dequantize(self, model, dtype=None):
         return convert.dequantize_model(model, dtype)

@@ -4,7 +4,6 @@ the exact quantized skeleton of a saved model from its config."""
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any
 
@@ -14,106 +13,96 @@ from torch import nn
 import hf_vq.nn  # noqa: F401  (registers the layer types that build_module reads)
 from hf_vq.config import HfVQConfig
 from hf_vq.nn.registry import LAYER_TYPES, build_module, layer_record, module_from_format
+from hf_vq.model.checkpoint import check_checkpoint, expected_tensors, validate_layer_records  # noqa: F401
+from hf_vq.model import experts as experts_mod
+from hf_vq.model import report as report_mod
+from hf_vq.model import targets as targets_mod
 from hf_vq.pipeline import registry
+from hf_vq.pipeline.experts import resolve_options as expert_options
 from hf_vq.utils.modules import set_module
 
 logger = logging.getLogger(__name__)
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    """Prefix at a module boundary, suffix, or regex match (transformers' should_convert_module semantics)."""
-    for p in patterns:
-        if name == p or name.startswith(p + ".") or name.endswith("." + p):
-            return True
-        try:
-            if re.fullmatch(p, name):
-                return True
-        except re.error:
-            pass
-    return False
-
-
-def select_linears(model: nn.Module, config: HfVQConfig, skip: list[str]) -> dict[str, nn.Linear]:
-    return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and not _matches(name, skip) and config.spec_for(name) is not None}
+def select_linears(model: nn.Module, config: HfVQConfig, skip: list[str]) -> dict[str, nn.Module]:
+    """The Linear (and GPT-2 Conv1D) layers a run quantizes; hf_vq.model.targets.plan_targets gives the whole plan
+    (fused experts, and why every other weight stays float)."""
+    return targets_mod.plan_targets(model, config, skip).linears
 
 
 def build_skeleton(model: nn.Module, layers: dict[str, dict[str, Any]], dtype: torch.dtype | None) -> None:
     """Swap each recorded Linear for an empty quantized module of exactly the recorded shape."""
+    validate_layer_records(layers)  # hf_vq.model.checkpoint: a clear error naming the layer and field
     for name, record in layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"config.json lists quantized layer {name!r}, which this model does not have") from None
-        if not isinstance(old, nn.Linear):
+        if experts_mod.is_experts_record(record):  # fused MoE experts
+            set_module(model, name, experts_mod.build_quantized(old, record, dtype, name))
+            continue
+        shape = targets_mod.linear_shape(old)  # nn.Linear, or GPT-2's Conv1D (weight stored transposed)
+        if shape is None:
             raise ValueError(f"config.json lists quantized layer {name!r}, but it is a {type(old).__name__}")
-        if (old.in_features, old.out_features) != (record["in_features"], record["out_features"]):
+        if shape != (record["in_features"], record["out_features"]):
             raise ValueError(f"layer {name!r}: config.json records {record['out_features']}x{record['in_features']}, "
-                             f"the model has {old.out_features}x{old.in_features}")
+                             f"the model has {shape[1]}x{shape[0]}")
         set_module(model, name, build_module(record, dtype))
 
 
-def expected_tensors(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    out = {}
-    for name in layers:
-        mod = model.get_submodule(name)
-        for key, t in mod.state_dict(keep_vars=True).items():
-            out[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
-    return out
-
-
-def check_checkpoint(model: nn.Module, layers: dict, checkpoint_files: list[str] | None) -> None:
-    """Fail loudly when the checkpoint's quantized tensors disagree with the config (transformers would only warn and
-    leave random values)."""
-    if not checkpoint_files:
-        return
-    files = [f for f in checkpoint_files if str(f).endswith(".safetensors")]
-    if len(files) != len(checkpoint_files):
-        raise ValueError("hf_vq checkpoints load from safetensors only; found "
-                         f"{[str(f) for f in checkpoint_files if not str(f).endswith('.safetensors')]}")
-    from safetensors import safe_open
-
-    found: dict[str, tuple[tuple[int, ...], str]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                sl = sf.get_slice(key)
-                found[key] = (tuple(sl.get_shape()), sl.get_dtype())
-    expected = expected_tensors(model, layers)
-    problems = []
-    for key, (shape, dtype) in expected.items():
-        if key not in found:
-            problems.append(f"missing {key}")
-        elif found[key][0] != shape:
-            problems.append(f"{key}: checkpoint shape {list(found[key][0])}, config expects {list(shape)}")
-    quant_suffixes = tuple(f".{n}" for cls in LAYER_TYPES.values() for n in getattr(cls, "tensor_names", ()))
-    for key in found:
-        if quant_suffixes and key.endswith(quant_suffixes) and key not in expected:
-            problems.append(f"unexpected quantized tensor {key} (not in config.json's layers)")
-    if problems:
-        head = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise ValueError(f"checkpoint does not match its hf_vq quantization config: {head}")
-
-
 def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progress: bool = True) -> dict:
-    """Quantize the model's Linear layers in place according to ``config``; returns run statistics."""
-    targets = select_linears(model, config, skip)
-    if not targets:
-        raise ValueError("no Linear layer to quantize (everything is excluded by modules_to_not_convert/overrides)")
+    """Quantize the model's Linear layers and fused experts in place according to ``config``; returns the run report
+    (hf_vq.model.report): what was quantized, what stayed float and why, per-layer error, run times."""
+    plan = targets_mod.plan_targets(model, config, skip)
+    if not plan.linears and not plan.experts:
+        kept = ", ".join(f"{n}: {r}" for n, r in list(plan.floats.items())[:6])
+        raise ValueError(f"no layer to quantize in {type(model).__name__} (weight-bearing modules kept in float: "
+                         f"{kept or 'none found'})")
+    if plan.experts and config.method not in experts_mod.METHODS:
+        name, layout = next(iter(plan.experts.items()))
+        experts_mod.refuse(model.get_submodule(name), layout, name, config.method)
     t0 = time.perf_counter()
-    results, stats = registry.run(model, config, targets, progress=progress)
+    for name, mod in plan.linears.items():
+        if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D: the same layer as a Linear (weight transposed)
+            set_module(model, name, targets_mod.conv1d_to_linear(mod))
+    mode, min_tokens = expert_options(config)
+    unfused = {}
+    for name, layout in plan.experts.items():
+        unfused[name] = experts_mod.unfuse(model.get_submodule(name), layout, mode, min_tokens)
+        set_module(model, name, unfused[name])
+    targets = {name: model.get_submodule(name) for name in plan.linears}
+    for name, cal in unfused.items():
+        targets.update({f"{name}.{n}": m for n, m in cal.named_modules() if isinstance(m, nn.Linear)})
+    try:
+        results, stats = registry.run(model, config, targets, progress=progress)
+    except BaseException:
+        for name, cal in unfused.items():
+            set_module(model, name, experts_mod.refold(cal))
+        raise
+    member_of = {t: name for name in unfused for t in targets if t.startswith(name + ".")}
+    quantized = []
     for name, result in results.items():
+        if name in member_of:
+            continue
         bias = targets[name].bias
         to_module = getattr(result, "to_module", None)
         set_module(model, name, to_module(bias) if to_module else module_from_format(result, bias))
-    config.layers = {name: layer_record(model.get_submodule(name)) for name in results}
+        quantized.append(name)
+    experts_report = {}
+    for name, cal in unfused.items():
+        if "routed_tokens" in cal.report:  # calibrated (RTN never routes a token)
+            experts_report[name] = dict(cal.report)
+        if all(t in results for t, owner in member_of.items() if owner == name):
+            set_module(model, name, experts_mod.fuse(cal, plan.experts[name], results, name))
+            quantized.append(name)
+        else:
+            set_module(model, name, experts_mod.refold(cal))
+    config.layers = {name: layer_record(model.get_submodule(name)) for name in quantized}
     config.modules_to_not_convert = list(skip)
-    total = time.perf_counter() - t0
-    summary = {"total_s": total, "forward_s": stats.forward_s, "quantize_s": stats.quantize_s,
-               "layers": stats.layers, "num_layers": len(results)}
-    logger.info("hf_vq %s: quantized %d layers in %.1fs (forward %.1fs, %s math %.1fs)", config.method, len(results),
-                total, stats.forward_s, config.method, stats.quantize_s)
-    return summary
+    floats = dict(plan.floats)
+    floats.update({n: targets_mod.UNREACHED for n in list(plan.linears) + list(plan.experts) if n not in quantized})
+    return report_mod.build_report(model, config, quantized, floats, stats, experts_report, member_of,
+                                   time.perf_counter() - t0)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

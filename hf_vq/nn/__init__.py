@@ -1,7 +1,8 @@
 """Quantized modules. Importing this package registers their layer types."""
 
+from hf_vq.nn.experts import QuantExperts, VQExperts
 from hf_vq.nn.qat import QATLinear, QuantSimLinear
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.vqlinear import VQLinear
 
-__all__ = ["QuantLinear", "VQLinear", "QATLinear", "QuantSimLinear"]
+__all__ = ["QuantLinear", "VQLinear", "QATLinear", "QuantSimLinear", "QuantExperts", "VQExperts"]

@@ -59,8 +59,9 @@ def make_act_quantizer(config) -> nn.Module | None:
 def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = True):
     stats = RunStats()
     t0 = time.perf_counter()
-    results = {}
+    results, originals = {}, {}
     for name, lin in targets.items():
+        originals[name] = lin
         spec = config.spec_for(name)
         if spec.group_size == -1:
             gran, block = "per_channel", lin.in_features
@@ -80,8 +81,18 @@ def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = 
     if config.needs_calibration:
         t1 = time.perf_counter()
         samples = calibration_samples(model, config)
-        compute_encodings(model, samples, config.quant_scheme, config.percentile, config.calibration_batch_size)
+        ranges = compute_encodings(model, samples, config.quant_scheme, config.percentile,
+                                   config.calibration_batch_size, skip_unreached=True)
         stats.forward_s = time.perf_counter() - t1
+        # modules the calibration data never reaches (a vision tower under text-only calibration, an expert no token
+        # was routed to) have no activation ranges: they stay in float, and the run report lists them
+        for name in list(results):
+            mod = results[name].module
+            quantizers = [f"{name}.{q}" for q in ("input_quantizer", "output_quantizer")
+                          if isinstance(getattr(mod, q, None), ActQuantizer)]
+            if any(q not in ranges for q in quantizers):
+                set_module(model, name, originals[name])
+                del results[name]
     return results, stats
 
 
@@ -150,11 +161,14 @@ def _forward_fn(data, batch_size: int) -> Callable[[nn.Module], None]:
 
 @torch.no_grad()
 def compute_encodings(model: nn.Module, data: torch.Tensor | Callable[[nn.Module], Any], quant_scheme: str = "min_max",
-                      percentile: float = 99.99, batch_size: int = 8) -> dict[str, tuple[float, float]]:
+                      percentile: float = 99.99, batch_size: int = 8,
+                      skip_unreached: bool = False) -> dict[str, tuple[float, float]]:
     """Set the range of every int activation quantizer of ``model`` from calibration data.
 
     ``data``: token ids [n, L], or a callback ``fn(model)`` running the forward passes (AIMET's
     forward_pass_callback; called twice for histogram schemes). Returns {quantizer name: (min, max)}.
+    Quantizers the data never reaches raise, or with ``skip_unreached`` are left without a range, logged and absent
+    from the result.
     """
     if quant_scheme not in ("min_max", "tf_enhanced", "percentile"):
         raise ValueError(f"quant_scheme must be 'min_max', 'tf_enhanced' or 'percentile', got {quant_scheme!r}")
@@ -170,8 +184,14 @@ def compute_encodings(model: nn.Module, data: torch.Tensor | Callable[[nn.Module
             q.observer = observers[n]
         run(model)
         missing = [n for n, o in observers.items() if o.hi < o.lo]
-        if missing:
+        if missing and not skip_unreached:
             raise RuntimeError(f"{len(missing)} activation quantizers saw no data (e.g. {missing[0]})")
+        if missing:
+            logger.warning("hf_vq QuantSim: %d activation quantizers saw no calibration data and are skipped: %s",
+                           len(missing), ", ".join(missing))
+            for n in missing:
+                quantizers.pop(n).observer = None
+                del observers[n]
         if quant_scheme != "min_max":
             for o in observers.values():
                 o.start_histogram()
