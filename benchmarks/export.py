@@ -7,8 +7,10 @@ Quantizes SmolLM2 with GPTQ (symmetric 4-bit, group 32 by default: the grid of G
   ``benchmarks/setup_readers.sh llama``), scoring the HF tokenizer's ids so both sides see the same tokens; and the
   baseline: the float model written to Q4_0 by the ``gguf`` library's own round-to-nearest quantizer.
 - compressed-tensors: transformers with the compressed-tensors package (a fresh process without hf_vq).
-- gptq: layout only here (no GPTQ reader installs on this CPU-only machine; see the closing note). On a GPU machine:
-  ``pip install vllm && python -c "from vllm import LLM; print(LLM('OUT/gptq').generate('The')[0].outputs[0].text)"``.
+- gptq: transformers + gptqmodel 7.6.0 (``benchmarks/gptq_reader.py`` in ``.cache/readers/gptq``).
+- vLLM (not run here, minutes per load): ``.cache/readers/vllm/bin/python benchmarks/vllm_reader.py OUT/gptq
+  --token-ids OUT/test_ids.json --seq-len 2048 --max-windows 8`` (same for OUT/compressed-tensors); on a GPU machine
+  ``pip install vllm`` and the same script.
 
 Prints a table: format, file size, ppl in the real reader, ppl in hf_vq, batch-1 decode tokens/s in the reader and
 in hf_vq's ``generate()`` (same thread count).
@@ -36,6 +38,7 @@ from hf_vq.export.common import ExportReport, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_PY = ROOT / ".cache" / "readers" / "llama" / "bin" / "python"
+GPTQ_PY = ROOT / ".cache" / "readers" / "gptq" / "bin" / "python"
 CT_READER = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM
@@ -140,7 +143,14 @@ def main() -> int:
 
     gq = out / "gptq"
     hf_vq.export_checkpoint(model, gq, "gptq", overwrite=True)
-    rows.append(("gptq (no CPU reader here)", size_mb(gq), None, hf_ppl, None, hf_tps, None))
+    r = {"error": "no gptq reader venv: run benchmarks/setup_readers.sh gptq"}
+    if GPTQ_PY.exists():
+        proc = subprocess.run([str(GPTQ_PY), str(ROOT / "benchmarks" / "gptq_reader.py"), "load", str(gq),
+                               "--token-ids", str(ids_file), "--seq-len", str(args.seq_len), "--max-windows",
+                               str(args.max_windows)], capture_output=True, text=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
+            "error": proc.stderr.strip().splitlines()[-1]}
+    rows.append(("gptq (transformers + gptqmodel)", size_mb(gq), r.get("ppl"), hf_ppl, None, hf_tps, r.get("error")))
 
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"\nSmolLM2-135M GPTQ sym 4-bit g{args.group_size}, {args.num_samples}x{args.calib_len} calibration "

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--memory-utilization", type=float, default=0.5,
+                   help="fraction of RAM vLLM's CPU backend reserves (its gpu_memory_utilization)")
     p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (minutes on 2 cores)")
     args = p.parse_args(argv)
     if args.seq_len < 2:
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     # Room for the prompt and its generated tokens, and for a window plus the one token vLLM must generate.
     max_len = args.max_model_len or max(64 + args.gen_tokens, args.seq_len + 1 if args.token_ids else 0)
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=max_len, enforce_eager=not args.compile,
+              gpu_memory_utilization=args.memory_utilization,
               enable_prefix_caching=False, seed=0)
     out = {"reader": "vllm", "vllm": __version__, "model": os.path.abspath(args.model), "dtype": args.dtype,
            "quantization": llm.llm_engine.vllm_config.model_config.quantization,
