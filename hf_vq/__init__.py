@@ -9,7 +9,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from hf_vq.config import (QUANT_METHOD, AdaScaleConfig, GPTQConfig, GPTVQConfig, HfVQConfig, QuantSimConfig,
                           RTNConfig)
 from hf_vq.model.eval import evaluate_perplexity
+from hf_vq.model.safe_save import save_pretrained_safely
 from hf_vq.export.aimet import load_encodings
+from hf_vq.export.checkpoint import ExportError, export_checkpoint
 from hf_vq.export.onnx import export_onnx
 from hf_vq.hub import AutoQuantizedModelForCausalLM, load_encodings_from_hub, push_quantized, render_model_card
 from hf_vq.nn.qat import prepare_qat
@@ -31,8 +33,10 @@ from hf_vq.utils.version import __version__  # noqa: E402
 __all__ = [
     "HfVQConfig", "RTNConfig", "GPTQConfig", "GPTVQConfig", "AdaScaleConfig", "QuantSimConfig",
     "QuantLinear", "VQLinear", "HfVQQuantizer", "evaluate_perplexity",
-    "export_encodings", "load_encodings", "export_onnx", "compute_encodings", "prepare_qat",
+    "export_encodings", "load_encodings", "export_onnx", "export_checkpoint", "ExportError", "compute_encodings",
+    "prepare_qat",
     "set_blockwise_quantization_for_weights", "set_grouped_blockwise_quantization_for_weights",
     "set_activation_quantizers_to_float",
     "AutoQuantizedModelForCausalLM", "push_quantized", "load_encodings_from_hub", "render_model_card",
+    "save_pretrained_safely",
 ]

@@ -29,6 +29,7 @@ def _config_from_args(args):
                                  cols_per_block=args.cols_per_block, kmeans_iterations=args.kmeans_iterations,
                                  percdamp=args.percdamp, **common, **calib)
     if args.method == "adascale":
+        calib.pop("calibration_batch_size")  # AdaScale refuses it: its batch_size is sequences per Adam step
         return hf_vq.AdaScaleConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                                     num_iterations=args.num_iterations, init=args.init, **common, **calib)
     raise SystemExit(f"hf-vq: unknown method {args.method!r}")
@@ -94,6 +95,31 @@ QUANTIZE_HELP = "quantize MODEL at load and save it to --out"
 EVAL_HELP = "perplexity of a (quantized) model"
 
 
+def cmd_export(args):
+    from transformers import AutoModelForCausalLM
+
+    import hf_vq
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)   # an hf_vq checkpoint: import hf_vq registers it
+    if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is None:
+        raise ValueError(f"{args.model} is not an hf_vq checkpoint (no hf_vq quantization_config)")
+    report = hf_vq.export_checkpoint(model, args.out, args.format, requantize=args.requantize, dtype=args.dtype,
+                                     overwrite=args.overwrite, gguf_pre_tokenizer=args.gguf_pre_tokenizer)
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def add_export_args(x: argparse.ArgumentParser) -> None:
+    x.add_argument("model", help="folder of an hf_vq checkpoint (save_pretrained output)")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "gguf"])
+    x.add_argument("--out", required=True)
+    x.add_argument("--requantize", action="store_true",
+                   help="round layers the format can't hold exactly onto its grid (GGUF); the report gives the error")
+    x.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the float tensors")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    x.add_argument("--gguf-pre-tokenizer", default="default", help="llama.cpp pre-tokenizer name, e.g. smollm")
+
+
 def add_quantize_args(q: argparse.ArgumentParser) -> None:
     """Arguments of ``quantize``; shared by ``hf-vq`` and ``optimum-cli hf-vq`` (hf_vq/optimum_cli.py)."""
     q.add_argument("model")
@@ -157,13 +183,34 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help=EVAL_HELP)
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write an hf_vq checkpoint as compressed-tensors, GPTQ or GGUF")
+    add_export_args(x)
+    x.set_defaults(func=cmd_export)
     return p
 
 
+# User mistakes (bad option values, missing or unreadable files, bad calibration data): one line, exit status 2.
+# hf_vq's ConfigError and CalibrationError are ValueErrors; transformers reports a missing model folder as OSError.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if any(a not in ("-v", "--verbose") for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.verbose = bool(args.verbose or extra)  # -v is accepted after the subcommand too
     setup_logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"hf-vq: error: {message}" + ("" if args.verbose else " (-v for details)"), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

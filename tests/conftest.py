@@ -49,3 +49,14 @@ def tiny_llama_dir(tmp_path_factory):
 def calib_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (16, 64), generator=g)
+
+
+# Property-based tests (hypothesis): "ci" (the default, run by `make test`) keeps a bounded, derandomized example
+# count; HYPOTHESIS_PROFILE=extended runs 5000 examples per property. No example database is written into the tree.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("extended", max_examples=5000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -35,8 +35,8 @@ def test_sink_weight_default_scales_with_window_length():
     assert HfVQConfig.from_dict(hf_vq.GPTQConfig(first_token_weight=2.5).to_dict()).sink_weight() == 2.5
 
 
-def test_config_json_roundtrip_dispatches_by_method():
-    cfg = hf_vq.GPTQConfig(bits=3, group_size=64, act_order=False, dataset=["x"] * 3, tokenizer=object())
+def test_config_json_roundtrip_dispatches_by_method(tiny_tokenizer):
+    cfg = hf_vq.GPTQConfig(bits=3, group_size=64, act_order=False, dataset=["x"] * 3, tokenizer=tiny_tokenizer)
     d = cfg.to_dict()
     json.dumps(d)  # JSON-clean even with a tokenizer object and in-memory texts
     assert "tokenizer" not in d and "dataset" not in d
@@ -48,10 +48,10 @@ def test_config_json_roundtrip_dispatches_by_method():
     repr(cfg)
 
 
-def test_deepcopy_shares_runtime_objects():
+def test_deepcopy_shares_runtime_objects(tiny_tokenizer):
     import copy
 
-    tok = object()
+    tok = tiny_tokenizer  # a tokenizer object (configs refuse non-callable ones)
     cfg = hf_vq.GPTQConfig(dataset=["a"], tokenizer=tok)
     assert copy.deepcopy(cfg).tokenizer is tok
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from hf_vq.config.base import HfVQConfig
+from hf_vq.config.gptq import PERCDAMP
+from hf_vq.config.schema import ConfigError, Field, Float, Instance, Int, Optional, Str
+
+LR = Float(0.0, 1.0, lo_open=True)  # Adam steps on scales near 1: above 1 only diverges
 
 
 class AdaScaleConfig(HfVQConfig):
@@ -22,54 +28,35 @@ class AdaScaleConfig(HfVQConfig):
     method = "adascale"
     valid_inits = ("rtn", "gptq")
     valid_granularities = ("group", "blockwise", "lpbq")
-
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, num_iterations: int = 1500,
-                 batch_size: int = 1, lr_scales: float = 5e-4, lr_clip: float = 1e-3, init: str = "rtn",
-                 fp_input_prob: float = 0.5, weight_granularity: str = "group", decompressed_bw: int = 8,
-                 percdamp: float = 0.01, activation_cache_dir: str | None = None, **kwargs):
-        self.num_iterations = num_iterations
-        self.batch_size = batch_size
-        self.lr_scales = lr_scales
-        self.lr_clip = lr_clip
-        self.init = init
-        self.fp_input_prob = fp_input_prob
-        self.weight_granularity = weight_granularity
-        self.decompressed_bw = decompressed_bw
-        self.percdamp = percdamp
-        self.activation_cache_dir = None if activation_cache_dir is None else str(activation_cache_dir)
-        super().__init__(bits=bits, group_size=group_size, sym=sym, **kwargs)
+    schema = HfVQConfig.schema.without(
+        clip_search="clip_search is an RTN/GPTQ grid option (AdaScale learns its clipping)",
+        calibration_dtype="AdaScale runs its calibration passes in the model's dtype",
+        calibration_batch_size="AdaScale batches calibration sequences with batch_size",
+    ).extend(
+        num_iterations=Field(Int(0), 1500, doc="Adam steps per block"),
+        batch_size=Field(Int(1), 1, doc="calibration sequences per Adam step"),
+        lr_scales=Field(LR, 5e-4),
+        lr_clip=Field(LR, 1e-3),
+        init=Field(Str(valid_inits), "rtn"),
+        fp_input_prob=Field(Float(0.0, 1.0), 0.5),
+        weight_granularity=Field(Str(valid_granularities), "group"),
+        decompressed_bw=Field(Int(2, hi=32), 8, doc="LPBQ per-channel scale bits"),
+        percdamp=PERCDAMP,
+        activation_cache_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never"),
+    )
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_iterations", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_iterations" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'num_iterations' else 'positive'} "
-                                 f"integer, got {value!r}")
-        for name in ("lr_scales", "lr_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.fp_input_prob, (int, float)) or not 0.0 <= self.fp_input_prob <= 1.0:
-            raise ValueError(f"fp_input_prob must be in [0, 1], got {self.fp_input_prob!r}")
-        if self.init not in self.valid_inits:
-            raise ValueError(f"init must be one of {self.valid_inits}, got {self.init!r}")
-        if self.weight_granularity not in self.valid_granularities:
-            raise ValueError(f"weight_granularity must be one of {self.valid_granularities}, "
-                             f"got {self.weight_granularity!r}")
-        if not (0.0 < float(self.percdamp) < 1.0):
-            raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp!r}")
-        if self.weight_granularity == "lpbq":
-            specs = [self.sym] + [o.get("sym", self.sym) for o in self.module_overrides.values()]
-            if not all(specs):
-                raise ValueError("weight_granularity='lpbq' needs sym=True (LPBQ grids are symmetric)")
-            if self.init == "gptq":
-                raise ValueError("init='gptq' is not supported with weight_granularity='lpbq' (GPTQ's scales are not "
-                                 "int x per-channel); use init='rtn'")
-            bits = [self.bits] + [o.get("bits", self.bits) for o in self.module_overrides.values()]
-            if not isinstance(self.decompressed_bw, int) or any(self.decompressed_bw <= b for b in bits) \
-                    or self.decompressed_bw - min(bits) > 10:
-                raise ValueError(f"decompressed_bw must be an integer > bits and <= bits + 10, got "
-                                 f"{self.decompressed_bw!r}")
-            if self.group_size == -1:
-                raise ValueError("weight_granularity='lpbq' needs a block size (group_size), not -1")
+        if self.weight_granularity != "lpbq":
+            return
+        if not all([self.sym] + [o.get("sym", self.sym) for o in self.module_overrides.values()]):
+            raise ConfigError("weight_granularity='lpbq' needs sym=True (LPBQ grids are symmetric)", field="sym")
+        if self.init == "gptq":
+            raise ConfigError("init='gptq' is not supported with weight_granularity='lpbq' (GPTQ's scales are not "
+                              "int x per-channel); use init='rtn'", field="init")
+        bits = [self.bits] + [o.get("bits", self.bits) for o in self.module_overrides.values()]
+        if any(self.decompressed_bw <= b for b in bits) or self.decompressed_bw - min(bits) > 10:
+            raise ConfigError(f"decompressed_bw must be an integer > bits and <= bits + 10, got "
+                              f"{self.decompressed_bw!r}", field="decompressed_bw")
+        if self.group_size == -1 or any(o.get("group_size") == -1 for o in self.module_overrides.values()):
+            raise ConfigError("weight_granularity='lpbq' needs a block size (group_size), not -1", field="group_size")

@@ -1,139 +1,193 @@
 """The base of every hf_vq config: one registered quant method ("hf_vq"), one subclass per algorithm.
 
-Every config is validated when built and serializes to plain JSON. The algorithm is recorded as ``method`` so that a
-reload (``from_pretrained(dir)`` with no config) dispatches to the right class.
+Each class declares its fields in a :class:`~hf_vq.config.schema.Schema` (``schema``): construction, ``from_dict``
+and attribute assignment check every value against it, and a field a class does not take is refused with
+:class:`ConfigError`. Configs serialize to plain JSON; the algorithm is recorded as ``method`` so that a reload
+(``from_pretrained(dir)`` with no config) dispatches to the right class.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hf_vq.config.schema import (Bool, ConfigError, Field, Float, GroupSize, Instance, Int, Optional, Overrides,
+                                 Records, Schema, Str, StrList, show)
 
 QUANT_METHOD = "hf_vq"
 FORMAT_VERSION = 1
+VALID_BITS = (2, 3, 4, 8)
 
 # Written into config.json: transformers without the plug-in skips this config and loads random weights, silently.
 LOADING_NOTE = "pip install hf_vq, then `import hf_vq` before from_pretrained (or use hf_vq.AutoQuantizedModelForCausalLM)"
-
-# Runtime-only fields: shared by reference on deepcopy and never written to config.json.
-_RUNTIME_FIELDS = ("dataset", "tokenizer", "activation_cache_dir")  # not written to config.json
+NOTES = ("calibration", "loading")  # notes for people in config.json; ignored on load
 
 
 @dataclass
 class LayerSpec:
-    """Resolved quantization settings for one Linear layer."""
+    """Resolved quantization settings for one Linear layer (None: the method has no affine grid, e.g. GPTVQ)."""
 
-    bits: int
-    group_size: int
-    sym: bool
+    bits: int | None
+    group_size: int | None
+    sym: bool | None
+
+
+class FormatVersion(Int):
+    def __init__(self):
+        super().__init__(lo=1, what=f"an integer in 1..{FORMAT_VERSION}")
+
+    def __call__(self, name, value, where=""):
+        value = super().__call__(name, value, where)
+        if value > FORMAT_VERSION:
+            raise ConfigError(f"checkpoint {name} {value} is newer than this hf_vq supports ({FORMAT_VERSION}); "
+                              "upgrade hf_vq", field=name)
+        return value
+
+
+BITS = Int(choices=VALID_BITS)
+GRID_OVERRIDES = {"bits": BITS, "group_size": GroupSize(), "sym": Bool(), "skip": Bool()}
+DATASET = Instance((str, os.PathLike, list, tuple, torch.Tensor, torch.utils.data.DataLoader),
+                   "a list of texts, a text file/folder or datasets name, token ids (a tensor or a list of "
+                   "tensors/dicts) or a DataLoader")
+TOKENIZER = Instance((str, os.PathLike), "a tokenizer object or a tokenizer path/name", callable_ok=True)
+
+# Calibration fields: taken by every method that runs the model on data (all but RTN).
+CALIBRATION_FIELDS = ("dataset", "tokenizer", "num_samples", "seq_len", "seed", "dataset_config", "dataset_split",
+                      "text_column", "calibration_batch_size", "calibration_dtype", "first_token_weight")
+
+BASE_SCHEMA = Schema(dict(
+    bits=Field(BITS, 4, doc="bits per weight"),
+    group_size=Field(GroupSize(), 128, doc="input columns per scale/zero group; -1 = per output channel"),
+    sym=Field(Bool(), False, doc="symmetric grid (no zero-point)"),
+    modules_to_not_convert=Field(Optional(StrList()), None, doc="kept in float; default: lm_head, tied embeddings"),
+    module_overrides=Field(Overrides(GRID_OVERRIDES), {}, doc="{regex: {bits, group_size, sym, skip}}; last wins"),
+    dataset=Field(Optional(DATASET), None, saved="text", doc="calibration data"),
+    tokenizer=Field(Optional(TOKENIZER), None, saved="text", doc="default: the model's own path"),
+    num_samples=Field(Int(1), 128, doc="calibration windows"),
+    seq_len=Field(Int(1), 2048, doc="tokens per calibration window"),
+    seed=Field(Int(0, hi=2**32 - 1, what="an integer in [0, 2**32)"), 0, doc="window sampling and method seeds"),
+    dataset_config=Field(Optional(Str()), None, doc="datasets config name"),
+    dataset_split=Field(Str(), "train", doc="datasets split"),
+    text_column=Field(Str(), "text", doc="datasets text column"),
+    calibration_batch_size=Field(Int(1), 8, doc="windows per forward pass"),
+    calibration_dtype=Field(Str(("float32", "bfloat16")), "float32", doc="autocast dtype of the forward passes"),
+    clip_search=Field(Bool(), False, doc="grid search of a per-row range shrink factor (GPTQ reference's 'mse')"),
+    first_token_weight=Field(Optional(Float(lo=0.0), what="None (automatic) or a finite number >= 0"), None,
+                             doc="Hessian weight of each window's first token (attention sink); see sink_weight()"),
+    layers=Field(Optional(Records()), None, doc="filled after quantization: the per-layer skeleton a reload rebuilds"),
+    format_version=Field(FormatVersion(), FORMAT_VERSION, doc="checkpoint layout version"),
+))
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - an arbitrary object's __eq__ may raise or be ambiguous
+        return False
+
+
+def _prefixed(cls: type, e: ConfigError) -> ConfigError:
+    msg = str(e)
+    return e if msg.startswith(cls.__name__) else ConfigError(f"{cls.__name__}: {msg}", field=e.field)
 
 
 class HfVQConfig(QuantizationConfigMixin):
-    """Base class of every hf_vq config. Use a subclass (RTNConfig, GPTQConfig, ...)."""
+    """Base class of every hf_vq config. Use a subclass (RTNConfig, GPTQConfig, ...); fields are keyword-only and
+    listed in the class's ``schema`` (``inspect.signature(cls)`` shows them with their defaults)."""
 
     method: ClassVar[str] = ""
     _registry: ClassVar[dict[str, type["HfVQConfig"]]] = {}
-    valid_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+    valid_bits: ClassVar[tuple[int, ...]] = VALID_BITS
+    schema: ClassVar[Schema] = BASE_SCHEMA
+    derived: ClassVar[tuple[str, ...]] = ()  # read-only properties also written to config.json
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        _finish_class(cls)
         if cls.method:
             HfVQConfig._registry[cls.method] = cls
 
-    def __init__(
-        self,
-        bits: int = 4,
-        group_size: int = 128,
-        sym: bool = False,
-        modules_to_not_convert: list[str] | None = None,
-        module_overrides: dict[str, dict[str, Any]] | None = None,
-        dataset: Any = None,
-        tokenizer: Any = None,
-        num_samples: int = 128,
-        seq_len: int = 2048,
-        seed: int = 0,
-        dataset_config: str | None = None,
-        dataset_split: str = "train",
-        text_column: str = "text",
-        calibration_batch_size: int = 8,
-        calibration_dtype: str = "float32",
-        clip_search: bool = False,
-        first_token_weight: float | None = None,
-        layers: dict[str, dict[str, Any]] | None = None,
-        format_version: int = FORMAT_VERSION,
-        **kwargs,
-    ):
-        kwargs.pop("quant_method", None)
-        saved_method = kwargs.pop("method", None)
-        kwargs.pop("calibration", None)
-        kwargs.pop("loading", None)
-        if saved_method is not None and saved_method != self.method:
-            raise ValueError(f"config says method={saved_method!r} but was loaded as {type(self).__name__}")
-        if kwargs:
-            raise TypeError(f"{type(self).__name__} got unknown arguments: {sorted(kwargs)}")
-        self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = group_size
-        self.sym = sym
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
-        self.module_overrides = dict(module_overrides or {})
-        self.dataset = dataset
-        self.tokenizer = tokenizer
-        self.num_samples = num_samples
-        self.seq_len = seq_len
-        self.seed = seed
-        self.dataset_config = dataset_config
-        self.dataset_split = dataset_split
-        self.text_column = text_column
-        self.calibration_batch_size = calibration_batch_size
-        self.calibration_dtype = calibration_dtype
-        # grid search of a per-row range shrink factor (the GPTQ reference's "mse" option)
-        self.clip_search = clip_search
-        # weight of each calibration window's first token (the attention sink) in the Hessians; see sink_weight()
-        self.first_token_weight = first_token_weight
-        # Filled after quantization: the exact per-layer skeleton a reload rebuilds.
-        self.layers = layers
-        self.format_version = format_version
-        self.validate()
+    def __init__(self, /, *args, **kwargs):
+        cls = type(self)
+        try:
+            if args:
+                raise ConfigError(f"pass config fields by keyword (got {len(args)} positional argument(s))")
+            cls._take_saved_notes(kwargs)
+            unknown = [k for k in kwargs if k not in cls.schema.fields]
+            if unknown:
+                raise cls._unknown_fields(unknown)
+            object.__setattr__(self, "quant_method", QUANT_METHOD)
+            for name, f in cls.schema.fields.items():
+                value = kwargs[name] if name in kwargs else copy.deepcopy(f.default)
+                object.__setattr__(self, name, f.validate(name, value))
+            self.validate()
+        except ConfigError as e:
+            raise _prefixed(cls, e) from None
+        object.__setattr__(self, "_ready", True)
+
+    @classmethod
+    def _take_saved_notes(cls, kwargs: dict) -> None:
+        """Pop the keys to_dict writes besides the fields (quant_method, method, notes) and check them."""
+        qm = kwargs.pop("quant_method", QUANT_METHOD)
+        if not isinstance(qm, str) or qm != QUANT_METHOD:
+            raise ConfigError(f"quant_method must be {QUANT_METHOD!r}, got {show(qm)}", field="quant_method")
+        method = kwargs.pop("method", None)
+        if method is not None and (not isinstance(method, str) or method != cls.method):
+            raise ConfigError(f"config says method={show(method)} but was loaded as {cls.__name__}", field="method")
+        for note in NOTES:
+            value = kwargs.pop(note, None)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{note} must be a string note, got {show(value)}", field=note)
+
+    @classmethod
+    def _unknown_fields(cls, names: list[str]) -> ConfigError:
+        parts, rest = [], []
+        for name in names:
+            owners = [c.__name__ for c in HfVQConfig._registry.values() if name in c.schema.fields]
+            if name in cls.schema.refused:
+                parts.append(f"{cls.__name__} does not take {name!r}: {cls.schema.refused[name]}")
+            elif owners or name in cls.derived:
+                parts.append(f"{cls.__name__} does not take {name!r} (a field of {', '.join(owners) or 'no config'})")
+            else:
+                rest.append(name)
+        if rest:
+            parts.append(f"{cls.__name__} got unknown arguments: {sorted(rest)}")
+        return ConfigError("; ".join(parts), field=names[0])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cls = type(self)
+        f = cls.schema.fields.get(name)
+        if f is None:
+            if name.startswith("_") or (name == "quant_method" and isinstance(value, str) and value == QUANT_METHOD):
+                object.__setattr__(self, name, value)
+                return
+            raise _prefixed(cls, cls._unknown_fields([name]))
+        try:
+            value = f.validate(name, value)
+            if not self.__dict__.get("_ready"):
+                object.__setattr__(self, name, value)
+                return
+            old = self.__dict__[name]
+            object.__setattr__(self, name, value)
+            try:
+                self.validate()  # cross-field rules hold after every assignment
+            except ConfigError:
+                object.__setattr__(self, name, old)
+                raise
+        except ConfigError as e:
+            raise _prefixed(cls, e) from None
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
-        self._check_grid(self.bits, self.group_size, "")
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"checkpoint format_version {self.format_version} is newer than this hf_vq supports ({FORMAT_VERSION}); "
-                "upgrade hf_vq"
-            )
-        for pattern, override in self.module_overrides.items():
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"module_overrides pattern {pattern!r} is not a valid regex: {e}") from None
-            unknown = set(override) - {"bits", "group_size", "sym", "skip"}
-            if unknown:
-                raise ValueError(f"module_overrides[{pattern!r}] has unknown keys {sorted(unknown)}; "
-                                 "allowed: bits, group_size, sym, skip")
-            self._check_grid(override.get("bits", self.bits), override.get("group_size", self.group_size),
-                             f" in module_overrides[{pattern!r}]")
-        for name, value in (("num_samples", self.num_samples), ("seq_len", self.seq_len),
-                            ("calibration_batch_size", self.calibration_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        w = self.first_token_weight
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")):
-            raise ValueError(f"first_token_weight must be None (automatic) or a finite number >= 0, got {w!r}")
-        if self.calibration_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"calibration_dtype must be 'float32' or 'bfloat16', got {self.calibration_dtype!r}")
-
-    def _check_grid(self, bits, group_size, where):
-        if bits not in self.valid_bits:
-            raise ValueError(f"bits must be one of {self.valid_bits}{where}, got {bits!r}")
-        if not isinstance(group_size, int) or (group_size != -1 and group_size < 2):
-            raise ValueError(f"group_size must be -1 (per channel) or an integer >= 2{where}, got {group_size!r}")
+        """Cross-field rules (each field's own type and range are checked by the schema). Raises ConfigError."""
 
     def sink_weight(self) -> float:
         """Hessian weight of each calibration window's first token. Every later token attends to it (attention sink)
@@ -152,7 +206,7 @@ class HfVQConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------ per-layer specs
     def spec_for(self, module_name: str) -> LayerSpec | None:
         """Settings for one Linear by name: the last matching override wins; None means keep it in float."""
-        spec = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        spec = {k: getattr(self, k, None) for k in ("bits", "group_size", "sym")}
         for pattern, override in self.module_overrides.items():
             if re.search(pattern, module_name):
                 if override.get("skip"):
@@ -163,30 +217,57 @@ class HfVQConfig(QuantizationConfigMixin):
     # ------------------------------------------------------------ serialization
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        config_dict = dict(config_dict)
-        method = config_dict.get("method", cls.method)
-        target = HfVQConfig._registry.get(method)
-        if target is None:
-            raise ValueError(f"unknown hf_vq method {method!r}; known: {sorted(HfVQConfig._registry)}")
-        config = target(**config_dict)
-        for key in list(kwargs):
-            if hasattr(config, key):
-                setattr(config, key, kwargs.pop(key))
+        """Rebuild a config from its config.json dict, dispatching on ``method``. Fields older versions wrote for
+        every method are accepted where they do not apply (they had no effect; a non-default value warns), and
+        derived fields must agree with the fields they derive from."""
+        try:
+            if not isinstance(config_dict, Mapping):
+                raise ConfigError(f"an hf_vq quantization config must be a dict, got {type(config_dict).__name__}")
+            d = dict(config_dict)
+            bad = [k for k in d if not isinstance(k, str)]
+            if bad:
+                raise ConfigError(f"config keys must be strings, got {show(bad[0])}")
+            method = d.get("method", cls.method)
+            if not isinstance(method, str) or method not in HfVQConfig._registry:
+                raise ConfigError(f"unknown hf_vq method {show(method)}; known: {sorted(HfVQConfig._registry)}",
+                                  field="method")
+            target = HfVQConfig._registry[method]
+            derived = {k: d.pop(k) for k in target.derived if k in d}
+            for key in [k for k in d if k in BASE_SCHEMA.fields and k not in target.schema.fields]:
+                value = d.pop(key)
+                if not _same(value, BASE_SCHEMA.fields[key].default):
+                    warnings.warn(f"hf_vq config field {key}={show(value)} does not apply to {target.__name__}; "
+                                  "ignored (it had no effect when the model was quantized)", stacklevel=2)
+            config = target(**d)
+            for key, value in derived.items():
+                if not _same(value, getattr(config, key)):
+                    raise ConfigError(f"{key}={show(value)} contradicts the fields it derives from "
+                                      f"({target.__name__} gives {getattr(config, key)!r})", field=key)
+            for key in list(kwargs):
+                if key in target.schema.fields:
+                    setattr(config, key, kwargs.pop(key))
+        except ConfigError as e:
+            raise _prefixed(cls, e) from None
         return (config, kwargs) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
+        out: dict[str, Any] = {"quant_method": self.quant_method}
+        for name, f in type(self).schema.fields.items():
+            value = self.__dict__[name]
+            if f.saved == "always" or (f.saved == "text" and isinstance(value, str)):
+                out[name] = copy.deepcopy(value)
+        for name in type(self).derived:
+            out[name] = getattr(self, name)
         out["method"] = self.method
         out["calibration"] = self.describe_calibration()
         out["loading"] = LOADING_NOTE
-        if isinstance(self.dataset, str):
-            out["dataset"] = self.dataset
-        if isinstance(self.tokenizer, str):
-            out["tokenizer"] = self.tokenizer
         return out
 
+    def __iter__(self):
+        yield from self.to_dict().items()
+
     def describe_calibration(self) -> str | None:
-        d = self.dataset
+        d = self.__dict__.get("dataset")
         if d is None:
             return None
         if isinstance(d, str):
@@ -201,9 +282,21 @@ class HfVQConfig(QuantizationConfigMixin):
         # from_pretrained deep-copies the config: share the tokenizer and dataset instead of copying them.
         new = type(self).__new__(type(self))
         memo[id(self)] = new
+        runtime = {n for n, f in type(self).schema.fields.items() if f.saved != "always"}
         for k, v in self.__dict__.items():
-            new.__dict__[k] = v if k in _RUNTIME_FIELDS else copy.deepcopy(v, memo)
+            new.__dict__[k] = v if k in runtime else copy.deepcopy(v, memo)
         return new
 
     def __eq__(self, other):
         return type(self) is type(other) and self.to_dict() == other.to_dict()
+
+
+def _finish_class(cls: type[HfVQConfig]) -> None:
+    """Check that the schema's defaults pass their own checks and expose the fields as the class's signature."""
+    cls.schema.check_defaults(cls.__name__)
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+              for n, f in cls.schema.fields.items()]
+    cls.__signature__ = inspect.Signature(params)
+
+
+_finish_class(HfVQConfig)

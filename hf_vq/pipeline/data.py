@@ -88,17 +88,53 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def _as_ids(item: Any, where: str) -> torch.Tensor:
+    if isinstance(item, dict):
+        if "input_ids" not in item:
+            raise CalibrationError(f"{where}: a dict sample needs an 'input_ids' entry, got keys "
+                                   f"{sorted(map(str, item))}")
+        item = item["input_ids"]
+    try:
+        t = torch.as_tensor(item)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CalibrationError(f"{where}: not token ids ({type(item).__name__}): {e}") from None
+    if t.dim() not in (1, 2):
+        raise CalibrationError(f"{where}: token ids must be a 1-D sample or a 2-D [samples, tokens] batch, got a "
+                               f"{t.dim()}-D tensor of shape {list(t.shape)}")
+    return t
+
+
 def _from_tensors(items: Iterable[Any]) -> torch.Tensor:
     rows = []
-    for item in items:
-        if isinstance(item, dict):
-            item = item["input_ids"]
-        t = torch.as_tensor(item)
+    for i, item in enumerate(items):
+        t = _as_ids(item, f"calibration item {i}")
         rows.extend(t if t.dim() == 2 else [t])
+    if not rows:
+        raise CalibrationError("pre-tokenized calibration data holds no samples")
     lengths = {r.numel() for r in rows}
     if len(lengths) != 1:
         raise CalibrationError(f"pre-tokenized calibration samples must share one length, got lengths {sorted(lengths)}")
-    return torch.stack([r.reshape(-1) for r in rows]).long()
+    if 0 in lengths:
+        raise CalibrationError("pre-tokenized calibration samples are empty (0 tokens)")
+    out = torch.stack(rows)
+    if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
+        raise CalibrationError(f"token ids must be integers, got dtype {out.dtype}")
+    return out.long()
+
+
+def check_token_ids(samples: torch.Tensor, vocab_size: int | None, max_positions: int | None) -> torch.Tensor:
+    """Token windows [n, L] the model can run: ids inside its vocabulary, L within its positions."""
+    if max_positions is not None and samples.shape[1] > max_positions:
+        raise CalibrationError(f"calibration samples have {samples.shape[1]} tokens, more than the model's "
+                               f"max_position_embeddings ({max_positions})")
+    if vocab_size is not None:
+        bad = (samples < 0) | (samples >= vocab_size)
+        if bool(bad.any()):
+            i, j = (int(v) for v in bad.nonzero()[0])
+            raise CalibrationError(f"calibration token id {int(samples[i, j])} (sample {i}, position {j}) is outside "
+                                   f"the model's vocabulary [0, {vocab_size}); {int(bad.sum())} ids are out of range "
+                                   "(a tokenizer of another model?)")
+    return samples
 
 
 def _looks_like_path(s: str) -> bool:
@@ -107,26 +143,33 @@ def _looks_like_path(s: str) -> bool:
 
 def build_calibration(dataset: Any, tokenizer: Any = None, num_samples: int = 128, seq_len: int = 2048, seed: int = 0,
                       dataset_config: str | None = None, dataset_split: str = "train", text_column: str = "text",
-                      model_path: str | None = None) -> torch.Tensor:
+                      model_path: str | None = None, vocab_size: int | None = None,
+                      max_positions: int | None = None) -> torch.Tensor:
     """Calibration token windows [num_samples, seq_len] (int64) from any supported source.
 
     Sources: a `datasets` name (``dataset_config``/``dataset_split``/``text_column``), a local text file or folder,
     a list of strings, a LongTensor [n, L] or a list of token tensors/dicts, or a DataLoader yielding those.
-    Pre-tokenized data is used as given (no resampling).
+    Pre-tokenized data is used as given (no resampling). With ``vocab_size`` / ``max_positions`` (the model's), ids
+    outside the vocabulary and windows longer than the model's positions raise CalibrationError.
     """
     if dataset is None:
         raise CalibrationError("this method needs calibration data: pass dataset=<list of strings | path | datasets name>")
     if isinstance(dataset, torch.Tensor):
-        return _from_tensors([dataset])
+        return check_token_ids(_from_tensors([dataset]), vocab_size, max_positions)
     if isinstance(dataset, torch.utils.data.DataLoader):
-        return _from_tensors(list(dataset))
+        return check_token_ids(_from_tensors(list(dataset)), vocab_size, max_positions)
+    if max_positions is not None and seq_len > max_positions and (
+            isinstance(dataset, (str, os.PathLike)) or (isinstance(dataset, (list, tuple)) and dataset
+                                                        and all(isinstance(t, str) for t in dataset))):
+        raise CalibrationError(f"seq_len={seq_len} is longer than the model's max_position_embeddings "
+                               f"({max_positions})")
     if isinstance(dataset, (list, tuple)):
         if not dataset:
             raise CalibrationError("calibration dataset is an empty list")
         if all(isinstance(t, str) for t in dataset):
             texts = list(dataset)
         else:
-            return _from_tensors(dataset)
+            return check_token_ids(_from_tensors(dataset), vocab_size, max_positions)
     elif isinstance(dataset, (str, os.PathLike)):
         if Path(dataset).exists():
             texts = read_texts(dataset)
@@ -139,4 +182,4 @@ def build_calibration(dataset: Any, tokenizer: Any = None, num_samples: int = 12
     tok = load_tokenizer(tokenizer, model_path)
     ids = _token_stream(texts, tok)
     logger.info("calibration: %d tokens from %d texts -> %d x %d windows", ids.numel(), len(texts), num_samples, seq_len)
-    return sample_windows(ids, num_samples, seq_len, seed)
+    return check_token_ids(sample_windows(ids, num_samples, seq_len, seed), vocab_size, max_positions)

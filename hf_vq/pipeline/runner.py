@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.hessian import HessianAccumulator, output_error
+from hf_vq.pipeline.experts import ExpertPass, regroup
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 groups, shared_input = probe.groups, probe.shared_input
             else:
                 groups, shared_input = [list(local)], [False]
+            groups, shared_input = regroup(block, groups, shared_input)  # fused experts: two groups per module
             frozen = _FrozenChildren(block, local, probe.tails if reuse_frozen else {})
             fp_outputs = None
             if block_hook is not None:
@@ -248,7 +250,8 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                 del hessians
                 if child is not None:
                     t2 = time.perf_counter()
-                    frozen.synthesize(child, local[group[-1]], captured)
+                    with autocast():  # as the child itself runs: its captured inputs may be bf16
+                        frozen.synthesize(child, local[group[-1]], captured)
                     stats.forward_s += time.perf_counter() - t2
                 del captured
             if block_hook is not None:
@@ -347,8 +350,11 @@ class _FrozenChildren:
 def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext,
                      first_token_weight: float = 1.0):
     """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]."""
-    return _collect_hessians(block, linears, inputs, autocast, RunStats(), _FrozenChildren(block, linears),
-                             first_token_weight=first_token_weight)[0]
+    out = {}
+    for group in regroup(block, [list(linears)], [False])[0]:  # fused experts: gate_up, then down
+        out.update(_collect_hessians(block, {n: linears[n] for n in group}, inputs, autocast, RunStats(),
+                                     _FrozenChildren(block, linears), first_token_weight=first_token_weight)[0])
+    return out
 
 
 def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats, frozen: _FrozenChildren,
@@ -359,11 +365,22 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
     ``capture`` are kept per batch and returned with the Hessians."""
     accs: dict[str, HessianAccumulator] = {}
     seen_inputs: dict[str, torch.Tensor] = {}  # layer -> its input this batch (layers reading one tensor share H)
-    remaining = set(group)
+    experts = ExpertPass(block, list(group), first_token_weight)  # fused experts collect their own statistics
+    tracked = (set(group) - experts.members) | set(experts.modules)
+    remaining = set(tracked)
     captured: list[torch.Tensor] = []
     handles = []
     t0 = time.perf_counter()
+
+    def experts_done(_m, _a, _o, _name):
+        remaining.discard(_name)
+        if not remaining:
+            raise _StopForward
+    for cname, mod in experts.modules.items():
+        handles.append(mod.register_forward_hook(lambda m, a, o, _n=cname: experts_done(m, a, o, _n)))
     for name, lin in group.items():
+        if name in experts.members:
+            continue
         def hook(_m, args, _name=name):
             x = args[0]
             owner = next((o for o, seen in seen_inputs.items() if seen is x and o in accs), None)
@@ -384,20 +401,24 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
         lin.forward = lambda x, _n=lin.out_features: x.new_zeros(*x.shape[:-1], _n)
     try:
         for j, (hidden, kw) in enumerate(cache):
-            remaining.update(group)
+            remaining.update(tracked)
             seen_inputs.clear()
+            experts.begin_batch(hidden)
             with contextlib.suppress(_StopForward), autocast(), frozen.stubbed(j, record=True):
                 _run_block(block, hidden, kw)
+        out = experts.hessians()
     finally:
+        experts.close()
         for h in handles:
             h.remove()
         for name in skip:
             del group[name].forward
     frozen.commit(len(cache))
     stats.forward_s += time.perf_counter() - t0
-    out = {}
     finalized: dict[int, torch.Tensor] = {}
     for name in group:
+        if name in experts.members:
+            continue
         acc = accs.get(name)
         if acc is None:
             raise RuntimeError(f"layer {name} never ran during calibration")
