@@ -61,7 +61,9 @@ def cmd_quantize(args):
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=cfg, dtype=torch.float32)
     elapsed = time.perf_counter() - t0
-    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    from hf_vq.model.safe_save import save_pretrained_safely
+
+    save_pretrained_safely(model, args.out, max_shard_size=args.max_shard_size)   # an earlier --out survives a crash
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     tok.save_pretrained(args.out)
     if args.push_to_hub:

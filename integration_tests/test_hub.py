@@ -120,8 +120,9 @@ def test_push_quantized_card_encodings_tokenizer(hub, api, base, tmp_path):
     model, ref = base
     enc_dir = tmp_path / "enc"
     enc_dir.mkdir()
-    encodings = {"model.encodings": {"version": "1.0.0", "param_encodings": {"w": [{"bitwidth": 4, "min": -1.0}]}},
-                 "lm_head.encodings": {"version": "1.0.0", "activation_encodings": {}}}
+    # two valid (empty) documents in both layouts: push_quantized only uploads files that parse as encodings
+    encodings = {"model.encodings": {"version": "1.0.0", "activation_encodings": [], "param_encodings": []},
+                 "lm_head.encodings": {"version": "0.6.1", "activation_encodings": {}, "param_encodings": {}}}
     for name, obj in encodings.items():
         (enc_dir / name).write_text(json.dumps(obj))
     (enc_dir / "notes.txt").write_text("not an encodings file, not uploaded")

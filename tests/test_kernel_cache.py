@@ -89,7 +89,9 @@ def test_planted_library_never_runs_and_the_kernel_still_works(cache, tmp_path, 
 
     # 2) the verified library itself overwritten with the foreign bytes (same name, stale record): rebuilt
     (real,) = cache.glob(f"gptq_block_{key}_*.so")
-    shutil.copy(foreign, real)
+    # swapped in as a new file: writing into the file `first` has mapped would corrupt the loaded code itself
+    shutil.copy(foreign, real.with_suffix(".swap"))
+    os.replace(real.with_suffix(".swap"), real)
     second = fresh_gptq_library()
     monkeypatch.setattr(gptq, "LIBRARY", second)
     a, b = quantize_both(second)

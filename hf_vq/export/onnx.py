@@ -24,6 +24,7 @@ from hf_vq.export import aimet
 from hf_vq.export.quantsim import activation_entry, activation_quantizers, quantizer_args
 from hf_vq.nn.experts import FusedExperts
 from hf_vq.nn.registry import LAYER_TYPES
+from hf_vq.utils.io import atomic_output
 from hf_vq.utils.modules import set_module
 
 logger = logging.getLogger(__name__)
@@ -112,19 +113,20 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: s
     mask = torch.ones_like(ids)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch", 1: "sequence"}} if dynamic else None
-    with torch.no_grad():
-        torch.onnx.export(_LogitsOnly(clone), (ids, mask), str(path), dynamo=False, input_names=["input_ids",
-                          "attention_mask"], output_names=["logits"], dynamic_axes=axes, opset_version=opset_version,
-                          do_constant_folding=False)
-    del clone
-    proto = onnx.load(str(path))
-    _rename_initializers(proto.graph, _PREFIX)
-    onnx.save(proto, str(path))
-
-    initializers = {i.name for i in proto.graph.initializer}
-    missing = [n for n in layers if f"{n}.weight" not in initializers]
-    if missing:
-        raise RuntimeError(f"ONNX graph lacks weight initializers for {len(missing)} layers (e.g. {missing[0]}.weight)")
+    with atomic_output(path) as tmp:   # a failed or killed export never leaves a partial model.onnx
+        with torch.no_grad():
+            torch.onnx.export(_LogitsOnly(clone), (ids, mask), str(tmp), dynamo=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=axes,
+                              opset_version=opset_version, do_constant_folding=False)
+        del clone
+        proto = onnx.load(str(tmp))
+        _rename_initializers(proto.graph, _PREFIX)
+        initializers = {i.name for i in proto.graph.initializer}
+        missing = [n for n in layers if f"{n}.weight" not in initializers]
+        if missing:
+            raise RuntimeError(f"ONNX graph lacks weight initializers for {len(missing)} layers "
+                               f"(e.g. {missing[0]}.weight)")
+        onnx.save(proto, str(tmp))
     acts: dict = {}
     quantizers = list(activation_quantizers(model))
     consumers = graph_consumers(proto.graph)
