@@ -5,7 +5,7 @@ checks on and off, and each check on its own: the layer-record schema, the heade
 transformers' key renaming), the value-range checks, the sha256 verification, and the sha256 computed at save.
 Medians of ``--repeats`` runs (interleaved, so that load on a shared machine hits all variants alike).
 
-    HF_VQ_CACHE=.cache/hf_vq OMP_NUM_THREADS=2 python benchmarks/load_checks.py [--out /tmp/load_checks]
+    HF_VQ_CACHE=.cache/hf_vq OMP_NUM_THREADS=2 python benchmarks/load_checks.py [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="/tmp/hf_vq_load_checks")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / ".cache" / "load_checks"))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     out = Path(args.out)

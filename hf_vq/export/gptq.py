@@ -30,8 +30,7 @@ vLLM: `vllm serve <this folder>` (4-bit and 8-bit symmetric). GPTQModel: `GPTQMo
 def _int32_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, n] codes -> [rows, n*bits/32] int32 words of the LSB-first bit stream (hf_vq's byte packing read as
     little-endian int32)."""
-    packed = pack(codes, bits)
-    return packed.contiguous().view(torch.int32) if packed.shape[-1] % 4 == 0 else None
+    return pack(codes, bits).contiguous().view(torch.int32)   # _check: n * bits is a multiple of 32
 
 
 def _check(layer: Layer) -> None:
