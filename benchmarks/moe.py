@@ -25,7 +25,6 @@ import hf_vq
 from hf_vq import assets
 from hf_vq.model import convert
 from hf_vq.pipeline.data import build_calibration
-from hf_vq.pipeline.experts import calibration_options
 
 RARE = 7  # the expert the biased router starves
 
@@ -74,19 +73,19 @@ def mlp_inputs(dense, samples: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def bias_router(moe, inputs: list[torch.Tensor], target: float = 0.005) -> list[float]:
-    """Steer router row RARE against each layer's mean router input until that expert gets about ``target`` of the
+def bias_router(moe, inputs: list[torch.Tensor], target: float = 0.005, rare: int = RARE) -> list[float]:
+    """Steer router row ``rare`` against each layer's mean router input until that expert gets about ``target`` of the
     (token, slot) choices; returns the share it gets per layer."""
     shares = []
     for layer, x in zip(moe.model.layers, inputs):
         w = layer.mlp.gate.weight
         mean = x.mean(0)
-        base = w[RARE].clone()
+        base = w[rare].clone()
         lo, hi = 0.0, 1.0
         def share(beta):
-            w[RARE] = base - beta * mean / mean.norm() ** 2
+            w[rare] = base - beta * mean / mean.norm() ** 2
             idx = torch.topk(x @ w.T, 2, dim=-1).indices
-            return float((idx == RARE).float().mean())
+            return float((idx == rare).float().mean())
         while share(hi) > target and hi < 1e6:
             hi *= 4
         for _ in range(30):
@@ -100,9 +99,9 @@ def ppl(model, tok, text, seq_len, windows):
     return hf_vq.evaluate_perplexity(model, tok, text, seq_len=seq_len, max_tokens=windows * seq_len)
 
 
-def gptq(model, tok, calib_text, args):
+def gptq(model, tok, calib_text, args, mode="routed"):
     cfg = hf_vq.GPTQConfig(bits=4, group_size=128, dataset=[calib_text], tokenizer=tok, num_samples=args.num_samples,
-                           seq_len=args.seq_len)
+                           seq_len=args.seq_len, expert_calibration=mode)
     t0 = time.perf_counter()
     run = convert.quantize_model(model, cfg, ["lm_head"], progress=False)
     model.config.quantization_config = cfg
@@ -162,8 +161,7 @@ def main():
         if biased:
             shares = bias_router(q, inputs)
             assert max(shares) < 0.01, shares
-        with calibration_options(mode=mode):
-            run, secs = gptq(q, tok, calib_text, args)
+        run, secs = gptq(q, tok, calib_text, args, mode)
         fallback = {n: sorted(map(int, r.get("fallback", {}))) for n, r in run["experts"].items() if r.get("fallback")}
         report(f"gptq-moe-{name}", ppl=ppl(q, tok, test_text, args.seq_len, args.windows), quantize_s=secs,
                fallback_layers=len(fallback), min_routed=min(min(r["routed_tokens"]) for r in run["experts"].values()),

@@ -202,9 +202,14 @@ def main(argv=None) -> int:
     if any(a not in ("-v", "--verbose") for a in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.verbose = bool(args.verbose or extra)  # -v is accepted after the subcommand too
+    return run_command(args.func, args)
+
+
+def run_command(func, args) -> int:
+    """Run one command; a user mistake prints one line (the traceback too with -v) and gives exit code 2."""
     setup_logging(args.verbose)
     try:
-        return args.func(args)
+        return func(args)
     except USER_ERRORS as e:
         if args.verbose:
             import traceback

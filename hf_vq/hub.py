@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_session, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
-from hf_vq.model import convert
+from hf_vq.model import convert, targets
 from hf_vq.config import QUANT_METHOD, HfVQConfig
 from hf_vq.utils.version import __version__
 from hf_vq.export.encodings_reader import EncodingsError, parse_document
@@ -84,6 +85,21 @@ def quantization_summary(model) -> dict[str, Any]:
         "float_bytes": float_params * torch.finfo(float_dtype).bits // 8,
         "float_dtype": str(float_dtype).removeprefix("torch."),
     }
+
+
+def _float_modules(model, cfg: HfVQConfig) -> str:
+    """Weight-bearing modules the model keeps in float, by reason (embeddings aside), block indices folded into
+    ``*``: routers and unsupported modules show in the card, not only ``modules_to_not_convert``."""
+    plan = targets.plan_targets(model, cfg, cfg.modules_to_not_convert or [])
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in plan.floats.items():
+        if reason != targets.EMBEDDING:
+            pattern = re.sub(r"\.\d+\.", ".*.", name)
+            if pattern not in by_reason.setdefault(reason.split(" (")[0], []):
+                by_reason[reason.split(" (")[0]].append(pattern)
+    for name in [*plan.linears, *plan.experts]:  # float but quantizable: say so rather than hide it
+        by_reason.setdefault("not quantized", []).append(name)
+    return "; ".join(f"{', '.join(f'`{n}`' for n in names)} ({reason})" for reason, names in by_reason.items())
 
 
 def _nominal_bits(rec: dict) -> float | None:
@@ -244,7 +260,7 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
         license=license or _inherited_license(model, base_model), base_model=base_id,
         base_model_relation="quantized" if base_id else None, library_name="transformers", tags=tags,
         pipeline_tag=pipeline)
-    skipped = cfg.modules_to_not_convert or []
+    kept = _float_modules(model, cfg)
     calib = calibration or cfg.describe_calibration() or (
         "None: this method needs no calibration data." if not cfg.needs_calibration else "Not recorded.")
     metric_rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (metrics or {}).items()]
@@ -253,7 +269,7 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
         title=repo_id.split("/")[-1] if repo_id else f"{base_name} ({summary['bits_label']} hf_vq {cfg.method})",
         repo_id=repo_id or "<repo_id>", base_model=base_id, base_name=base_name, method=cfg.method,
         method_title=METHOD_TITLES.get(cfg.method, cfg.method), hf_vq_version=__version__,
-        load_hint=LOAD_HINT, params=param_rows, excluded=", ".join(f"`{s}`" for s in skipped),
+        load_hint=LOAD_HINT, params=param_rows, excluded=kept,
         metrics=metric_rows, calibration=calib, plot_file=Path(plot_path).name if plot_path else None,
         plot_alt="perplexity vs bits per value" if sweep_rows else "evaluation plot", sweep=sweep_rows,
         fp_ppl=f"{fp_ppl:.4g}" if fp_ppl is not None else None, quantized_mb=summary["quantized_bytes"] / 1e6,

@@ -20,8 +20,7 @@ class _HfVQLeaf(BaseOptimumCLICommand):
     FUNC = None  # the hf_vq.cli command function
 
     def run(self):
-        cli.setup_logging(self.args.verbose)
-        rc = type(self).FUNC(self.args)
+        rc = cli.run_command(type(self).FUNC, self.args)
         if rc:  # optimum's main ignores run()'s return value
             raise SystemExit(rc)
 

@@ -96,3 +96,52 @@ def test_quantsim_int8_input_activations_tf_enhanced_beats_min_max(real, fp_ppl)
     print(f"ppl@512 x3: FP {fp_ppl:.3f}, W8A8 inputs tf_enhanced {tf:.3f}, min_max {mm:.3f}")
     assert tf < 0.97 * mm
     assert tf < 1.6 * fp_ppl
+
+
+FIRST_TWO_BLOCKS = {r"layers\.([2-9]|[1-2][0-9])\.": {"skip": True}}  # blocks 0-1 only: options, not quality
+
+
+def _reload_exact(real, model, tmp_path):
+    _, tok, _, test = real
+    ids = tok(test[:4000], return_tensors="pt")["input_ids"][:, :128]
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    runtime = ("dataset", "tokenizer", "calibration")  # in-memory calibration data is not saved
+    saved, orig = (({k: v for k, v in m.config.quantization_config.to_dict().items() if k not in runtime})
+                   for m in (again, model))
+    assert saved == orig
+
+
+def test_gptvq_options(real, fp_ppl, tmp_path):
+    """1-D vectors with k-means++ init, int4 codebooks with one scale per codebook, data normalization, plain
+    (unweighted) lookup, no codebook update, and two steps of codebook fine-tuning."""
+    model = quantize(real, hf_vq.GPTVQConfig, vector_dim=1, index_bits=3, codebook_bits=4, init="kpp",
+                     codebook_scale="codebook", data_normalization=True, hessian_weighted_lookup=False,
+                     codebook_update=False, kmeans_iterations=5, rows_per_block=64, cols_per_block=128,
+                     finetune_iterations=2, finetune_lr=1e-4, module_overrides=FIRST_TWO_BLOCKS)
+    vq = [m for m in model.modules() if isinstance(m, hf_vq.VQLinear)]
+    assert len(vq) == 14 and all(m.layout.vector_dim == 1 and m.layout.index_bits == 3 for m in vq)
+    q = ppl(real, model)
+    print(f"ppl@512 x3: FP {fp_ppl:.3f}, GPTVQ 1-D 3-bit options (blocks 0-1) {q:.3f}")
+    assert fp_ppl < q < 1.15 * fp_ppl
+    _reload_exact(real, model, tmp_path)
+
+
+@pytest.mark.parametrize("granularity", ["lpbq", "blockwise"])
+def test_adascale_options(real, fp_ppl, tmp_path, granularity):
+    """AIMET grids (LPBQ with its RTN start, blockwise with a GPTQ start), FP-only block inputs, two sequences per
+    step, custom learning rates and the on-disk activation cache (removed afterwards)."""
+    cache = tmp_path / "acts"
+    init = "rtn" if granularity == "lpbq" else "gptq"
+    model = quantize(real, hf_vq.AdaScaleConfig, bits=4, group_size=64, sym=True, weight_granularity=granularity,
+                     decompressed_bw=8, init=init, fp_input_prob=1.0, batch_size=2, num_iterations=3,
+                     lr_scales=1e-3, lr_clip=2e-3, activation_cache_dir=str(cache), module_overrides=FIRST_TWO_BLOCKS)
+    q = [m for m in model.modules() if isinstance(m, hf_vq.QuantLinear)]
+    assert len(q) == 14 and all(m.bits == 4 and m.sym for m in q)
+    assert cache.is_dir() and list(cache.iterdir()) == []
+    got = ppl(real, model)
+    print(f"ppl@512 x3: FP {fp_ppl:.3f}, AdaScale {granularity} 4-bit b64 (blocks 0-1) {got:.3f}")
+    assert fp_ppl < got < 1.1 * fp_ppl
+    _reload_exact(real, model, tmp_path / "saved")

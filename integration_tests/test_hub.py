@@ -218,3 +218,22 @@ def test_cli_quantize_push_to_hub(hub, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["layers"] == 14
     again = AutoModelForCausalLM.from_pretrained("testorg/cli-push")
     assert isinstance(again.model.layers[0].mlp.up_proj, hf_vq.QuantLinear)
+
+
+def test_push_quantized_moe_roundtrip(hub, api, tmp_path):
+    """Quantized fused experts (Qwen3-MoE, GPTQ) go up with push_quantized and come back with a plain
+    from_pretrained(repo_id): same logits, experts still quantized, the card says what was left float."""
+    from tests.arch_models import configs, save_tiny
+
+    cls, cfg = configs()["qwen3_moe"]
+    save_tiny("qwen3_moe", cls, cfg, tmp_path / "moe")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=hf_vq.GPTQConfig(
+        dataset=[torch.randint(3, 100, (64,)) for _ in range(8)], num_samples=8, seq_len=32, group_size=32))
+    ref = _logits(model)
+    hf_vq.push_quantized(model, "testorg/tiny-moe-gptq")
+    loaded = AutoModelForCausalLM.from_pretrained("testorg/tiny-moe-gptq")
+    experts = loaded.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "QuantExperts" and experts.specs["down"]["bits"] == 4
+    assert torch.equal(_logits(loaded), ref)
+    card = ModelCard.load("testorg/tiny-moe-gptq").content
+    assert "affine_experts" in card and "`model.layers.*.mlp.gate` (router)" in card

@@ -136,6 +136,14 @@ def test_vision_tower_quantized_when_asked(arch_dir, tmp_path, caplog):
     assert any("patch_embedding" in w for w in run["warnings"])
     assert any("patch_embedding" in r.message for r in caplog.records if r.levelname == "WARNING")
     _check_reload_and_generate(model, tmp_path)
+    # quantize_vision=True: every vision Linear is quantized, with the config's own grid
+    model = AutoModelForCausalLM.from_pretrained(arch_dir("gemma3_mm"),
+                                                 quantization_config=method_config("rtn", quantize_vision=True))
+    assert isinstance(model.model.vision_tower.encoder.layers[0].mlp.fc1, hf_vq.QuantLinear)
+    left = float_weights_left(model)
+    assert "model.vision_tower.embeddings.patch_embedding" in left and "model.multi_modal_projector" in left
+    # what is left has no quantized form (Conv2d, raw projection weights, MultiheadAttention), and the report says so
+    assert {n: model.hf_quantizer.last_run["float"][n].split(" ")[0] for n in left} == dict.fromkeys(left, "unsupported")
     # text-only calibration never reaches the vision tower: GPTQ reports those layers instead of failing
     model = AutoModelForCausalLM.from_pretrained(arch_dir("gemma3_mm"),
                                                  quantization_config=method_config("gptq", module_overrides=asked))

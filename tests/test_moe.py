@@ -13,7 +13,6 @@ import hf_vq
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.model.experts import experts_layout, unfuse
 from hf_vq.nn.experts import QuantExperts, VQExperts
-from hf_vq.pipeline.experts import calibration_options
 
 from tests.arch_models import MOE, configs, save_tiny
 
@@ -202,17 +201,19 @@ def test_rare_expert_falls_back_and_is_reported(rare_dir):
 
 
 def test_threshold_as_a_count_and_the_all_mode(rare_dir):
-    with calibration_options(mode="routed", min_tokens=10**6):  # every expert is "rare"
-        model = AutoModelForCausalLM.from_pretrained(rare_dir, quantization_config=gptq())
+    model = AutoModelForCausalLM.from_pretrained(  # every expert is "rare"
+        rare_dir, quantization_config=gptq(expert_calibration="routed", min_expert_tokens=10**6))
     rep = next(iter(model.hf_quantizer.last_run["experts"].values()))
     assert rep["threshold"] == 10**6 and set(rep["fallback"]) == {"0", "1", "2", "3"}
-    with calibration_options(mode="all"):
-        model = AutoModelForCausalLM.from_pretrained(rare_dir, quantization_config=gptq())
+    model = AutoModelForCausalLM.from_pretrained(rare_dir, quantization_config=gptq(expert_calibration="all"))
     rep = next(iter(model.hf_quantizer.last_run["experts"].values()))
     assert rep["mode"] == "all" and "fallback" not in rep
-    with pytest.raises(ValueError, match="expert_calibration"):
-        with calibration_options(mode="sometimes"):
-            pass
+    with pytest.raises(hf_vq.ConfigError, match="expert_calibration"):
+        gptq(expert_calibration="sometimes")
+    with pytest.raises(hf_vq.ConfigError, match="min_expert_tokens"):
+        gptq(min_expert_tokens=-1)
+    with pytest.raises(hf_vq.ConfigError, match="RTNConfig does not take 'expert_calibration'"):
+        hf_vq.RTNConfig(expert_calibration="all")
 
 
 def test_report_and_reload_of_a_gptq_moe(moe_dirs, tmp_path):

@@ -87,6 +87,18 @@ def test_quantize(tiny_llama_dir, tiny_tokenizer, tmp_path):
         assert torch.equal(loaded(ids).logits, ref(ids).logits)
 
 
+def test_user_error_is_one_line(tmp_path):
+    """A missing model folder: one line naming it and exit code 2, not a traceback (the traceback only with -v)."""
+    argv = OPTIMUM_CLI + ["hf-vq", "eval", str(tmp_path / "missing"), "--data", "austen"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("hf-vq: error:") and "missing" in lines[-1] and "(-v for details)" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run(OPTIMUM_CLI + ["hf-vq", "-v", "eval", str(tmp_path / "missing"), "--data", "austen"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
 
 def test_eval_command_runs(tiny_llama_dir, tiny_tokenizer, tmp_path, capsys):
     # in-process (the subprocess path is covered above): parse, then what optimum's main does: args.func(args).run()

@@ -61,7 +61,9 @@ TOKENIZER = Instance((str, os.PathLike), "a tokenizer object or a tokenizer path
 
 # Calibration fields: taken by every method that runs the model on data (all but RTN).
 CALIBRATION_FIELDS = ("dataset", "tokenizer", "num_samples", "seq_len", "seed", "dataset_config", "dataset_split",
-                      "text_column", "calibration_batch_size", "calibration_dtype", "first_token_weight")
+                      "text_column", "calibration_batch_size", "calibration_dtype", "first_token_weight",
+                      "expert_calibration", "min_expert_tokens")
+EXPERT_CALIBRATION_MODES = ("routed", "all")
 
 BASE_SCHEMA = Schema(dict(
     bits=Field(BITS, 4, doc="bits per weight"),
@@ -82,6 +84,14 @@ BASE_SCHEMA = Schema(dict(
     clip_search=Field(Bool(), False, doc="grid search of a per-row range shrink factor (GPTQ reference's 'mse')"),
     first_token_weight=Field(Optional(Float(lo=0.0), what="None (automatic) or a finite number >= 0"), None,
                              doc="Hessian weight of each window's first token (attention sink); see sink_weight()"),
+    expert_calibration=Field(Str(EXPERT_CALIBRATION_MODES), "routed",
+                             doc="fused MoE experts: Hessians from the tokens routed to each expert ('routed') or from "
+                                 "every calibration token ('all'; the block output still follows the router)"),
+    min_expert_tokens=Field(Float(lo=0.0), 0.01,
+                            doc="routed mode: an expert routed fewer tokens (a fraction of the calibration tokens "
+                                "if < 1, else a count) gets all-token Hessians; listed in the run report"),
+    quantize_vision=Field(Bool(), False, doc="multimodal models: also quantize the vision tower (default: the "
+                                             "language model only)"),
     layers=Field(Optional(Records()), None, doc="filled after quantization: the per-layer skeleton a reload rebuilds"),
     format_version=Field(FormatVersion(), FORMAT_VERSION, doc="checkpoint layout version"),
 ))

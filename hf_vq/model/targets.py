@@ -24,7 +24,7 @@ EXCLUDED = "excluded (modules_to_not_convert)"
 SKIPPED = "excluded (module_overrides skip)"
 ROUTER = "router"
 EMBEDDING = "embedding"
-NOT_LANGUAGE = "not the language model (quantize it by naming it in module_overrides)"
+NOT_LANGUAGE = "not the language model (quantize_vision=True or a module_overrides pattern quantizes it)"
 UNREACHED = "not reached by calibration"
 
 
@@ -79,11 +79,14 @@ def _weight_bearing(mod: nn.Module) -> bool:
 def _routers(model: nn.Module) -> set[str]:
     out = set()
     for name, mod in model.named_modules():
-        if not has_expert_parameters(mod):
+        if has_expert_parameters(mod):
+            n_experts = next(p for p in mod.parameters(recurse=False) if p.dim() == 3).shape[0]
+        elif isinstance(getattr(mod, "num_experts", None), int) and hasattr(mod, "dequantize_expert"):
+            n_experts = mod.num_experts  # already quantized experts (hf_vq.nn.experts)
+        else:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        n_experts = next(p for p in mod.parameters(recurse=False) if p.dim() == 3).shape[0]
         for cname, sib in parent.named_children():
             w = sib._parameters.get("weight")
             if cname != child and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (n_experts, 1):
@@ -110,7 +113,7 @@ def _language_model(model: nn.Module) -> tuple[str | None, str | None]:
 
 
 def _vision_asked(config: HfVQConfig, name: str) -> bool:
-    if getattr(config, "quantize_vision", False):
+    if config.quantize_vision:
         return True
     return any(re.search(p, name) and not o.get("skip") for p, o in config.module_overrides.items())
 

@@ -26,7 +26,6 @@ The first token of each calibration window gets the runner's ``first_token_weigh
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable
 
@@ -36,7 +35,6 @@ from torch import nn
 from hf_vq.algorithms.hessian import HessianAccumulator
 
 MODES = ("routed", "all")
-_DEFAULTS = {"mode": "routed", "min_tokens": 0.01}
 
 
 def check_options(mode: str, min_tokens: float) -> None:
@@ -47,26 +45,10 @@ def check_options(mode: str, min_tokens: float) -> None:
                          f"< 1, else a token count), got {min_tokens!r}")
 
 
-@contextlib.contextmanager
-def calibration_options(mode: str | None = None, min_tokens: float | None = None):
-    """Expert calibration settings for quantization runs inside the ``with`` block (config fields
-    ``expert_calibration`` / ``min_expert_tokens``, when a config has them, take precedence)."""
-    old = dict(_DEFAULTS)
-    new = {"mode": mode if mode is not None else old["mode"],
-           "min_tokens": min_tokens if min_tokens is not None else old["min_tokens"]}
-    check_options(new["mode"], new["min_tokens"])
-    _DEFAULTS.update(new)
-    try:
-        yield
-    finally:
-        _DEFAULTS.clear()
-        _DEFAULTS.update(old)
-
-
 def resolve_options(config) -> tuple[str, float]:
-    mode = getattr(config, "expert_calibration", None) or _DEFAULTS["mode"]
-    min_tokens = getattr(config, "min_expert_tokens", None)
-    min_tokens = _DEFAULTS["min_tokens"] if min_tokens is None else min_tokens
+    """(expert_calibration, min_expert_tokens) of a config; RTN (no calibration) has neither: the defaults."""
+    mode = getattr(config, "expert_calibration", "routed")
+    min_tokens = getattr(config, "min_expert_tokens", 0.01)
     check_options(mode, min_tokens)
     return mode, min_tokens
 
