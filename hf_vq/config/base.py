@@ -52,6 +52,23 @@ class FormatVersion(Int):
         return value
 
 
+class Device(Str):
+    """"auto" or a torch device string ("cpu", "cuda", "cuda:1", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.what = "'auto' or a torch device such as 'cpu' or 'cuda:0'"
+
+    def __call__(self, name, value, where=""):
+        value = super().__call__(name, value, where)
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"{name} must be {self.what}, got {value!r}", field=name) from None
+        return value
+
+
 BITS = Int(choices=VALID_BITS)
 GRID_OVERRIDES = {"bits": BITS, "group_size": GroupSize(), "sym": Bool(), "skip": Bool()}
 DATASET = Instance((str, os.PathLike, list, tuple, torch.Tensor, torch.utils.data.DataLoader),
@@ -62,7 +79,7 @@ TOKENIZER = Instance((str, os.PathLike), "a tokenizer object or a tokenizer path
 # Calibration fields: taken by every method that runs the model on data (all but RTN).
 CALIBRATION_FIELDS = ("dataset", "tokenizer", "num_samples", "seq_len", "seed", "dataset_config", "dataset_split",
                       "text_column", "calibration_batch_size", "calibration_dtype", "first_token_weight",
-                      "expert_calibration", "min_expert_tokens")
+                      "expert_calibration", "min_expert_tokens", "quantization_device", "resume_dir")
 EXPERT_CALIBRATION_MODES = ("routed", "all")
 
 BASE_SCHEMA = Schema(dict(
@@ -90,6 +107,11 @@ BASE_SCHEMA = Schema(dict(
     min_expert_tokens=Field(Float(lo=0.0), 0.01,
                             doc="routed mode: an expert routed fewer tokens (a fraction of the calibration tokens "
                                 "if < 1, else a count) gets all-token Hessians; listed in the run report"),
+    quantization_device=Field(Optional(Device()), None, saved="never",
+                              doc="where each decoder block is calibrated and quantized, one at a time ('cuda:0', "
+                                  "'cpu', 'auto'); default: where the block is"),
+    resume_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never",
+                     doc="store finished blocks there; a rerun with the same config continues after them"),
     quantize_vision=Field(Bool(), False, doc="multimodal models: also quantize the vision tower (default: the "
                                              "language model only)"),
     layers=Field(Optional(Records()), None, doc="filled after quantization: the per-layer skeleton a reload rebuilds"),

@@ -56,9 +56,7 @@ class HfVQQuantizer(HfQuantizer):
         self._checksums: dict[str, str] = {}
 
     def validate_environment(self, *args, **kwargs):
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("hf_vq does not support disk offload (device_map with 'disk')")
+        pass  # any device_map, disk offload included: blocks are onloaded one at a time (hf_vq.pipeline.placement)
 
     def update_dtype(self, dtype):
         return dtype

@@ -9,7 +9,7 @@ import torch
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.pipeline.runner import RunStats, run_sequential
+from hf_vq.pipeline.runner import RunStats, run_options, run_sequential
 
 
 @register_algorithm("rtn")
@@ -49,4 +49,4 @@ def _run_gptq(model, config, targets, progress):
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
                           compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
-                          quantize_shared_fn=quantize_shared_fn, first_token_weight=config.sink_weight())
+                          quantize_shared_fn=quantize_shared_fn, first_token_weight=config.sink_weight(), **run_options(config))

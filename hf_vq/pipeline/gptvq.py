@@ -8,7 +8,7 @@ import torch
 
 from hf_vq.algorithms.gptvq import gptvq_quantize
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.pipeline.runner import _run_block, run_sequential
+from hf_vq.pipeline.runner import _run_block, run_options, run_sequential
 from hf_vq.pipeline.vq_finetune import finetune_vq_block
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def run_gptvq(model, config, targets, progress):
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
                           compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
                           block_hook=_finetune_hook(config, progress) if config.finetune_iterations else None,
-                          first_token_weight=config.sink_weight())
+                          first_token_weight=config.sink_weight(), **run_options(config))
 
 
 def _block_loss(block, cache, fp_outputs) -> float:

@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.hessian import HessianAccumulator, output_error
-from hf_vq.pipeline.experts import ExpertPass, regroup
+from hf_vq.formats.state import to_device
+from hf_vq.pipeline import distributed
+from hf_vq.pipeline.experts import CalibrationExperts, ExpertPass, regroup
+from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
+from hf_vq.pipeline.resume import ResumeStore, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +51,11 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 class RunStats:
     forward_s: float = 0.0
     quantize_s: float = 0.0
+    resume_io_s: float = 0.0
+    resumed_blocks: int = 0  # blocks taken from resume_dir instead of being run
+    processes: int = 1  # torch.distributed ranks that shared the calibration windows
+    windows: int = 0  # calibration windows this process ran
     layers: dict[str, float] = field(default_factory=dict)  # relative output error per layer
-
-
-def _first_param(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, samples: torch.Tensor, batch_size: int, autocast):
@@ -67,7 +71,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, samples: torch.Tens
         captured.append((hidden.detach(), kw))
         raise _StopForward
 
-    device = _first_param(model).device
+    device = execution_device(model)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, samples.shape[0], batch_size):
@@ -183,7 +187,8 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                    progress: bool = True, reuse_frozen: bool = True,
                    quantize_shared_fn: SharedQuantizeFn | None = None,
                    block_hook: BlockHook | None = None,
-                   first_token_weight: float = 1.0) -> tuple[dict[str, object], RunStats]:
+                   first_token_weight: float = 1.0, quantization_device: str | None = None,
+                   resume_dir=None, resume_key: dict | None = None) -> tuple[dict[str, object], RunStats]:
     """Quantize ``targets`` (full name -> Linear) block by block. ``quantize_fn(name, linear, H)`` returns an object
     with ``dequantize()``; its result replaces the layer's weight for the rest of the run. Returns those objects.
     ``quantize_shared_fn(names, linears, H)``, when given, quantizes layers that read the same input (one Hessian)
@@ -191,12 +196,33 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     nobody reads before a pass stops (same result, less work). ``block_hook(i, block, local, block_results, cache,
     fp_outputs)``, when given, runs once a block's layers are quantized, before the replay; ``fp_outputs`` are the
     block's outputs with its original weights on the same inputs, and it returns replacement results (or None).
-    ``first_token_weight``: see HessianAccumulator."""
+    ``first_token_weight``: see HessianAccumulator.
+
+    ``quantization_device``: where each block is calibrated and quantized (hf_vq.pipeline.placement; None: where it
+    is). Under torch.distributed each rank runs its shard of ``samples`` (hf_vq.pipeline.distributed). With
+    ``resume_dir`` finished blocks are stored and a rerun continues after them (hf_vq.pipeline.resume;
+    ``resume_key``: the config, part of what must match)."""
     from tqdm.auto import tqdm
 
     stats = RunStats()
     prefix, blocks = find_decoder_blocks(model)
-    device = _first_param(blocks[0]).device
+    device = resolve_device(quantization_device, blocks[0])
+    ranks = distributed.current(device)
+    if ranks.active and block_hook is not None:
+        raise NotImplementedError("block-level fine-tuning (GPTVQ finetune_iterations) runs in one process only; "
+                                  "run without torch.distributed or with finetune_iterations=0")
+    if ranks.active:
+        experts = [n for n, m in model.named_modules() if isinstance(m, CalibrationExperts)]
+        if experts:
+            raise NotImplementedError(f"fused experts ({experts[0]}) are calibrated in one process only; run without "
+                                      "torch.distributed (or exclude the experts)")
+    store = None
+    if resume_dir is not None:
+        model_config = getattr(getattr(model, "config", None), "to_dict", dict)()
+        store = ResumeStore(resume_dir, fingerprint(resume_key or {}, model_config, targets, samples, ranks.world),
+                            ranks.rank)
+    samples = distributed.shard(samples, ranks)
+    stats.processes, stats.windows = ranks.world, samples.shape[0]
 
     def autocast():
         if compute_dtype == torch.float32:
@@ -207,87 +233,137 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     cache = capture_block_inputs(model, blocks[0], samples, batch_size, autocast)
     stats.forward_s += time.perf_counter() - t0
     results: dict[str, object] = {}
-    bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress, unit="block")
+    start = 0
+    if store is not None and (done_before := store.last_finished()) >= 0:
+        t0 = time.perf_counter()
+        stored, hidden = store.load(done_before)
+        for name, result in stored.items():
+            owner = next(b for j, b in enumerate(blocks) if name.startswith(block_prefix(prefix, j)))
+            results[name] = to_device(result, execution_device(owner))
+        cache = [(h, kw) for h, (_, kw) in zip(hidden, cache)]
+        start = stats.resumed_blocks = done_before + 1
+        stats.resume_io_s += time.perf_counter() - t0
+        logger.info("hf_vq: resuming after block %d from %s", done_before, resume_dir)
+    bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress, unit="block", initial=start)
     last = last_target_block(prefix, len(blocks), targets)
-    for i in bar:
+    for i in range(start, len(blocks)):
         if i > last:
             break  # nothing left to quantize: no need to replay the remaining blocks
         block = blocks[i]
-        bp = block_prefix(prefix, i)
-        linears = {n: m for n, m in targets.items() if n.startswith(bp)}
-        frozen = None
-        if linears:
-            local = {n[len(bp):]: m for n, m in linears.items()}
-            probe = probe_block(block, local, cache[0][0], cache[0][1], autocast)
-            if true_sequential:
-                groups, shared_input = probe.groups, probe.shared_input
-            else:
-                groups, shared_input = [list(local)], [False]
-            groups, shared_input = regroup(block, groups, shared_input)  # fused experts: two groups per module
-            frozen = _FrozenChildren(block, local, probe.tails if reuse_frozen else {})
-            fp_outputs = None
-            if block_hook is not None:
-                t1 = time.perf_counter()
-                with autocast():
-                    fp_outputs = [_run_block(block, hidden, kw) for hidden, kw in cache]
-                stats.forward_s += time.perf_counter() - t1
-            done: set[str] = set()
-            for group, shared in zip(groups, shared_input):
-                if reuse_frozen:
-                    frozen.prepare(done)
-                # members other than the last only feed layers after the point where this pass stops
-                skip = set(group[:-1]) if reuse_frozen and shared else set()
-                child = frozen.capture_target(group, done | set(group))
-                if child is not None and local[group[-1]].in_features > CAPTURE_FACTOR * cache[0][0].shape[-1]:
-                    child = None
-                hessians, captured = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats,
-                                                       frozen, skip=skip, capture=group[-1] if child else None,
-                                                       first_token_weight=first_token_weight)
-                t1 = time.perf_counter()
-                _quantize_group(group, local, hessians, bp, quantize_fn, quantize_shared_fn, results, stats)
-                done.update(group)
-                stats.quantize_s += time.perf_counter() - t1
-                del hessians
-                if child is not None:
-                    t2 = time.perf_counter()
-                    with autocast():  # as the child itself runs: its captured inputs may be bf16
-                        frozen.synthesize(child, local[group[-1]], captured)
-                    stats.forward_s += time.perf_counter() - t2
-                del captured
-            if block_hook is not None:
-                t1 = time.perf_counter()
-                mine = {n[len(bp):]: results[n] for n in linears}
-                new = block_hook(i, block, local, mine, cache, fp_outputs)
-                for n, result in (new or {}).items():
-                    local[n].weight.data.copy_(result.dequantize().to(local[n].weight.dtype))
-                    results[bp + n] = result
-                frozen = None  # recorded child outputs predate the hook's changes
-                del fp_outputs
-                stats.quantize_s += time.perf_counter() - t1
-        t2 = time.perf_counter()
-        for j, (hidden, kw) in enumerate(cache):
-            with autocast(), (frozen.stubbed(j) if frozen else contextlib.nullcontext()):
-                out = _run_block(block, hidden, kw)
-            cache[j] = (out.to(hidden.dtype), kw)
-        stats.forward_s += time.perf_counter() - t2
-        if stats.layers:
-            bar.set_postfix(err=f"{max(stats.layers[n] for n in linears) if linears else 0:.4f}")
+        home = execution_device(block)
+        with onloaded(block, device):
+            cache = [(hidden.to(device), move(kw, device)) for hidden, kw in cache]
+            linears = _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, ranks,
+                                     true_sequential, reuse_frozen, quantize_fn, quantize_shared_fn, block_hook,
+                                     first_token_weight)
+        for n in linears:
+            results[n] = to_device(results[n], home)
+        if store is not None:
+            t0 = time.perf_counter()
+            store.save_block(i, {n: results[n] for n in linears}, [hidden for hidden, _ in cache])
+            stats.resume_io_s += time.perf_counter() - t0
+        bar.update(1)
+        postfix = {"err": f"{max(stats.layers[n] for n in linears) if linears else 0:.4f}"}
+        if ranks.active:
+            postfix["rank"] = f"{ranks.rank}/{ranks.world}"
+        if device.type == "cuda":
+            postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
+        bar.set_postfix(postfix)
+    bar.close()
+    if store is not None:
+        store.finish()
     return results, stats
 
 
-def _quantize_group(group, local, hessians, prefix, quantize_fn, quantize_shared_fn, results, stats):
-    """Quantize one group's layers; layers sharing a Hessian go through ``quantize_shared_fn`` together."""
+def run_options(config) -> dict:
+    """run_sequential's placement and resume arguments from a config."""
+    return dict(quantization_device=config.quantization_device, resume_dir=config.resume_dir,
+                resume_key=config.to_dict())
+
+
+def _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, ranks, true_sequential, reuse_frozen,
+                   quantize_fn, quantize_shared_fn, block_hook, first_token_weight) -> dict[str, nn.Module]:
+    """Calibrate and quantize block ``i`` (on the device it is on), then replay it: ``cache`` becomes its outputs."""
+    bp = block_prefix(prefix, i)
+    linears = {n: m for n, m in targets.items() if n.startswith(bp)}
+    frozen = None
+    if linears:
+        local = {n[len(bp):]: m for n, m in linears.items()}
+        probe = probe_block(block, local, cache[0][0], cache[0][1], autocast)
+        if true_sequential:
+            groups, shared_input = probe.groups, probe.shared_input
+        else:
+            groups, shared_input = [list(local)], [False]
+        groups, shared_input = regroup(block, groups, shared_input)  # fused experts: two groups per module
+        frozen = _FrozenChildren(block, local, probe.tails if reuse_frozen else {})
+        fp_outputs = None
+        if block_hook is not None:
+            t1 = time.perf_counter()
+            with autocast():
+                fp_outputs = [_run_block(block, hidden, kw) for hidden, kw in cache]
+            stats.forward_s += time.perf_counter() - t1
+        done: set[str] = set()
+        for group, shared in zip(groups, shared_input):
+            if reuse_frozen:
+                frozen.prepare(done)
+            # members other than the last only feed layers after the point where this pass stops
+            skip = set(group[:-1]) if reuse_frozen and shared else set()
+            child = frozen.capture_target(group, done | set(group))
+            if child is not None and local[group[-1]].in_features > CAPTURE_FACTOR * cache[0][0].shape[-1]:
+                child = None
+            hessians, captured = _collect_hessians(block, {n: local[n] for n in group}, cache, autocast, stats,
+                                                   frozen, skip=skip, capture=group[-1] if child else None,
+                                                   first_token_weight=first_token_weight, ranks=ranks)
+            t1 = time.perf_counter()
+            _quantize_group(group, local, hessians, bp, quantize_fn, quantize_shared_fn, results, stats, ranks)
+            done.update(group)
+            stats.quantize_s += time.perf_counter() - t1
+            del hessians
+            if child is not None:
+                t2 = time.perf_counter()
+                with autocast():  # as the child itself runs: its captured inputs may be bf16
+                    frozen.synthesize(child, local[group[-1]], captured)
+                stats.forward_s += time.perf_counter() - t2
+            del captured
+        if block_hook is not None:
+            t1 = time.perf_counter()
+            mine = {n[len(bp):]: results[n] for n in linears}
+            new = block_hook(i, block, local, mine, cache, fp_outputs)
+            for n, result in (new or {}).items():
+                local[n].weight.data.copy_(result.dequantize().to(local[n].weight.dtype))
+                results[bp + n] = result
+            frozen = None  # recorded child outputs predate the hook's changes
+            del fp_outputs
+            stats.quantize_s += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    for j, (hidden, kw) in enumerate(cache):
+        with autocast(), (frozen.stubbed(j) if frozen else contextlib.nullcontext()):
+            out = _run_block(block, hidden, kw)
+        cache[j] = (out.to(hidden.dtype), kw)
+    stats.forward_s += time.perf_counter() - t2
+    return linears
+
+
+def _quantize_group(group, local, hessians, prefix, quantize_fn, quantize_shared_fn, results, stats,
+                    ranks: distributed.Ranks = distributed.Ranks()):
+    """Quantize one group's layers; layers sharing a Hessian go through ``quantize_shared_fn`` together. Under
+    torch.distributed each such set is solved by one rank and broadcast."""
     by_hessian: dict[int, list[str]] = {}
     for n in group:
         by_hessian.setdefault(id(hessians[n]), []).append(n)
-    for names in by_hessian.values():
+    for index, names in enumerate(by_hessian.values()):
         h = hessians[names[0]]
         originals = [local[n].weight.data.clone() for n in names]
         fulls = [prefix + n for n in names]
-        if quantize_shared_fn is not None and len(names) > 1:
+        src = distributed.owner(index, ranks)
+        if ranks.rank != src:
+            outs = [None] * len(names)
+        elif quantize_shared_fn is not None and len(names) > 1:
             outs = quantize_shared_fn(fulls, [local[n] for n in names], h)
         else:
             outs = [quantize_fn(f, local[n], h) for f, n in zip(fulls, names)]
+        if ranks.active:
+            outs = [to_device(distributed.broadcast_result(o, src, ranks), h.device) for o in outs]
         for n, full, original, result in zip(names, fulls, originals, outs):
             lin = local[n]
             lin.weight.data.copy_(result.dequantize().to(lin.weight.dtype))
@@ -358,7 +434,8 @@ def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, au
 
 
 def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats, frozen: _FrozenChildren,
-                      skip: set[str] = frozenset(), capture: str | None = None, first_token_weight: float = 1.0):
+                      skip: set[str] = frozenset(), capture: str | None = None, first_token_weight: float = 1.0,
+                      ranks: distributed.Ranks = distributed.Ranks()):
     """One pass of the block over the calibration inputs, stopping after the group's last layer has run.
 
     Layers in ``skip`` return zeros instead of computing (nothing reads them before the stop); the inputs of
@@ -415,6 +492,8 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             del group[name].forward
     frozen.commit(len(cache))
     stats.forward_s += time.perf_counter() - t0
+    if ranks.active:
+        distributed.reduce_accumulators(accs.values())  # sums and counts of every rank's windows
     finalized: dict[int, torch.Tensor] = {}
     for name in group:
         if name in experts.members:
