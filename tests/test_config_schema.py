@@ -233,3 +233,18 @@ def test_malformed_saved_config_fails_from_pretrained_with_config_error(tiny_lla
         with pytest.raises(ConfigError) as info:
             AutoModelForCausalLM.from_pretrained(tmp_path)
         assert info.value.field == field
+
+
+def test_a_value_without_effect_warns():
+    import warnings
+
+    with pytest.warns(UserWarning, match="finetune_lr=0.001 has no effect"):
+        hf_vq.GPTVQConfig(finetune_lr=1e-3)
+    with pytest.warns(UserWarning, match="codebook_update_steps=4 has no effect"):
+        hf_vq.GPTVQConfig(codebook_update=False, codebook_update_steps=4)
+    with pytest.warns(UserWarning, match="min_expert_tokens"):
+        hf_vq.GPTQConfig(expert_calibration="all", min_expert_tokens=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_vq.GPTVQConfig(finetune_iterations=5, finetune_lr=1e-3)  # used: no warning
+        hf_vq.GPTQConfig(expert_calibration="all")  # the default threshold: nothing was asked

@@ -140,6 +140,11 @@ class HfVQConfig(QuantizationConfigMixin):
     valid_bits: ClassVar[tuple[int, ...]] = VALID_BITS
     schema: ClassVar[Schema] = BASE_SCHEMA
     derived: ClassVar[tuple[str, ...]] = ()  # read-only properties also written to config.json
+    # (field, why it has no effect, test on the config): a non-default value that has no effect warns at construction
+    inert: ClassVar[tuple] = (
+        ("min_expert_tokens", "the few-token fallback applies to expert_calibration='routed' only",
+         lambda c: c.expert_calibration != "routed"),
+    )
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -164,6 +169,10 @@ class HfVQConfig(QuantizationConfigMixin):
         except ConfigError as e:
             raise _prefixed(cls, e) from None
         object.__setattr__(self, "_ready", True)
+        for name, why, no_effect in cls.inert:
+            if name in cls.schema.fields and name in kwargs and \
+                    not _same(kwargs[name], cls.schema.fields[name].default) and no_effect(self):
+                warnings.warn(f"{cls.__name__}: {name}={show(kwargs[name])} has no effect: {why}", stacklevel=2)
 
     @classmethod
     def _take_saved_notes(cls, kwargs: dict) -> None:

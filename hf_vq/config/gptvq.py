@@ -54,6 +54,11 @@ class GPTVQConfig(HfVQConfig):
         finetune_lr=Field(Float(0.0, 1.0, lo_open=True), 1e-4),
     )
 
+    inert = HfVQConfig.inert + (
+        ("finetune_lr", "it is the learning rate of finetune_iterations, which is 0", lambda c: not c.finetune_iterations),
+        ("codebook_update_steps", "codebook_update is False", lambda c: not c.codebook_update),
+    )
+
     def validate(self) -> None:
         super().validate()
         if self.cols_per_block % self.vector_dim:
