@@ -94,18 +94,10 @@ def test_other_methods_on_dense_and_moe(method, arch_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(arch_dir("llama"), quantization_config=method_config(method))
     assert float_weights_left(model) == []
     _check_reload_and_generate(model, tmp_path / "dense")
-    if method != "quantsim":  # affine and VQ results: the experts are quantized fused
-        model = AutoModelForCausalLM.from_pretrained(arch_dir("qwen3_moe"), quantization_config=method_config(method))
-        assert float_weights_left(model) == []
-        assert model.hf_quantizer.last_run["warnings"] == []
-    else:  # no fused storage for QuantSim layers: a clear error, or the experts kept float on request
-        with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts \(Qwen3MoeExperts\).*quantsim"):
-            AutoModelForCausalLM.from_pretrained(arch_dir("qwen3_moe"), quantization_config=method_config(method))
-        model = AutoModelForCausalLM.from_pretrained(
-            arch_dir("qwen3_moe"), quantization_config=method_config(method, modules_to_not_convert=["lm_head",
-                                                                                                   "experts"]))
-        assert float_weights_left(model) == [f"model.layers.{i}.mlp.experts" for i in range(2)]
-        assert model.hf_quantizer.last_run["float"]["model.layers.0.mlp.experts"].startswith("excluded")
+    # affine, VQ and QuantSim weight grids: the experts are quantized fused
+    model = AutoModelForCausalLM.from_pretrained(arch_dir("qwen3_moe"), quantization_config=method_config(method))
+    assert float_weights_left(model) == []
+    assert model.hf_quantizer.last_run["warnings"] == []
     _check_reload_and_generate(model, tmp_path / "moe")
 
 

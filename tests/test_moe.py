@@ -256,10 +256,25 @@ def test_unsupported_experts_are_refused_by_class_name(tmp_path):
     assert run["warnings"] == []
 
 
-def test_quantsim_names_the_experts_it_cannot_store(moe_dirs):
-    cfg = hf_vq.QuantSimConfig(dataset=_ids(), num_samples=8, seq_len=32, weight_bits=4)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts \(MixtralExperts\).*'quantsim'"):
-        AutoModelForCausalLM.from_pretrained(moe_dirs["mixtral"], quantization_config=cfg)
+@pytest.mark.parametrize("granularity", ["blockwise", "lpbq"])
+def test_quantsim_stores_fused_experts_on_its_weight_grid(moe_dirs, tmp_path, granularity):
+    """QuantSim on MoE: the experts get QuantSim's symmetric block grid (stored as QuantExperts, no activation
+    quantizers inside them); the other layers are QATLinears with their activation quantizers."""
+    cfg = hf_vq.QuantSimConfig(dataset=_ids(), num_samples=8, seq_len=32, weight_bits=4, block_size=32,
+                               weight_granularity=granularity)
+    model = AutoModelForCausalLM.from_pretrained(moe_dirs["mixtral"], quantization_config=cfg)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, QuantExperts)
+    assert experts.specs["down"] == {"bits": 4, "group_size": 32, "sym": True}
+    assert isinstance(model.model.layers[0].self_attn.q_proj, hf_vq.nn.QATLinear)
+    fp = AutoModelForCausalLM.from_pretrained(moe_dirs["mixtral"]).model.layers[0].mlp.experts
+    w = experts.dequantize_expert("down", 1)
+    ref = fp.down_proj.data[1]
+    assert 0 < (w - ref).norm() / ref.norm() < 0.2
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = _ids(2, 16, seed=4)
+    assert torch.equal(logits(again, ids), logits(model, ids))
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])

@@ -122,7 +122,7 @@ def unfuse(module: nn.Module, layout: ExpertsLayout, mode: str, min_tokens: floa
 
 
 # methods whose results a fused experts module stores: affine weights (QuantExperts) and VQ weights (VQExperts)
-METHODS = ("rtn", "gptq", "adascale", "gptvq")
+METHODS = ("rtn", "gptq", "adascale", "gptvq", "quantsim")
 
 
 def refuse(module: nn.Module, layout: ExpertsLayout, name: str, method: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
+from hf_vq.pipeline.experts import CalibrationExperts
 from hf_vq.nn.qat import ActQuantizer, FloatQuantizer, QATLinear
 from hf_vq.pipeline.runner import RunStats
 from hf_vq.utils.modules import set_module
@@ -60,8 +61,13 @@ def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = 
     stats = RunStats()
     t0 = time.perf_counter()
     results, originals = {}, {}
+    # fused MoE experts are stored as QuantExperts: QuantSim weight grids, no activation quantizers inside them
+    expert_members = {n for n in targets
+                      if isinstance(model.get_submodule(n.rsplit(".", 2)[0]) if n.count(".") >= 2 else None,
+                                    CalibrationExperts)}
     for name, lin in targets.items():
         originals[name] = lin
+        acts = name not in expert_members
         spec = config.spec_for(name)
         if spec.group_size == -1:
             gran, block = "per_channel", lin.in_features
@@ -73,8 +79,8 @@ def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = 
                              "(AIMET requires equal blocks)")
         mod = QATLinear(lin.weight.data, None if lin.bias is None else lin.bias.data, spec.bits, gran, block,
                         config.decompressed_bits,
-                        make_act_quantizer(config) if config.quantize_inputs else None,
-                        make_act_quantizer(config) if config.quantize_outputs else None)
+                        make_act_quantizer(config) if acts and config.quantize_inputs else None,
+                        make_act_quantizer(config) if acts and config.quantize_outputs else None)
         set_module(model, name, mod)
         results[name] = _Built(mod)
     stats.quantize_s = time.perf_counter() - t0
@@ -93,6 +99,11 @@ def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = 
             if any(q not in ranges for q in quantizers):
                 set_module(model, name, originals[name])
                 del results[name]
+    for name in expert_members & set(results):
+        results[name] = results[name].module.affine_weight()  # what fuse() stores
+    if expert_members:
+        logger.info("QuantSim: %d fused-expert projections get QuantSim weight grids, without activation quantizers",
+                    len(expert_members))
     return results, stats
 
 
