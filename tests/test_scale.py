@@ -156,15 +156,28 @@ def _launch(nproc: int, deep_dir, out: Path, port: int) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_gloo_processes_match_one(deep_dir, tmp_path):
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    from tests.arch_models import configs, save_tiny
+
+    cls, cfg = configs()["qwen3_moe"]
+    d = tmp_path_factory.mktemp("moe")
+    save_tiny("qwen3_moe", cls, cfg, d)
+    return d
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_two_gloo_processes_match_one(arch, deep_dir, moe_dir, tmp_path):
+    """Dense Llama, and Qwen3-MoE (per-expert routed-token Hessians and counts summed over ranks)."""
     import socket
 
+    model_dir = deep_dir if arch == "llama" else moe_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = tmp_path / "two"
     two.mkdir()
-    _launch(2, deep_dir, two, port)
+    _launch(2, model_dir, two, port)
     from safetensors import safe_open
 
     for r in (0, 1):  # each rank ran half of the 8 windows
@@ -173,7 +186,7 @@ def test_two_gloo_processes_match_one(deep_dir, tmp_path):
     r0, r1 = load_file(str(two / "rank0.safetensors")), load_file(str(two / "rank1.safetensors"))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)  # every rank: the same model
 
-    one = quantized_tensors(AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=gptq()))
+    one = quantized_tensors(AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=gptq()))
     assert one.keys() == r0.keys()
     # the Hessians are the same sums in another order: identical up to float rounding, so a code may flip where a
     # weight sits on a rounding boundary, and nothing more
@@ -182,5 +195,6 @@ def test_two_gloo_processes_match_one(deep_dir, tmp_path):
     total = sum(one[k].numel() for k in codes)
     scales = max(float(((one[k].float() - r0[k].float()).abs() / one[k].float().abs()).max())
                  for k in one if k.endswith("scales"))
-    print(f"2 gloo ranks vs 1 process: {differ}/{total} packed code bytes differ, max scale rel diff {scales:.2e}")
+    print(f"{arch}: 2 gloo ranks vs 1 process: {differ}/{total} packed code bytes differ, max scale rel diff "
+          f"{scales:.2e}")
     assert differ / total < 0.01

@@ -125,11 +125,38 @@ class CalibrationExperts(nn.Module):
     def threshold(self, tokens: int) -> int:
         return int(self.min_tokens) if self.min_tokens >= 1 else math.ceil(self.min_tokens * tokens)
 
-    def finish_statistics(self) -> dict[str, torch.Tensor]:
-        """Hessians of the members given to ``start_statistics`` (local names), with the fallbacks applied."""
+    def _reduce(self, st: _Stats, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum every rank's statistics (torch.distributed): token counts, and each accumulator, created empty where
+        this rank saw no token for it so that every rank reduces the same list."""
+        counts = reduce(torch.tensor([st.tokens] + list(st.counts or [0] * self.num_experts), dtype=torch.float64))
+        st.tokens, st.counts = int(counts[0]), [int(c) for c in counts[1:]]
+        ran = reduce(torch.tensor([float(e in st.ran_all) for e in range(self.num_experts)]))
+        st.ran_all = {e for e in range(self.num_experts) if ran[e] > 0}
+        dev = self.expert(0).down_proj.weight.device
+        accs = []
+        if st.first_experts:
+            if st.inputs is None:
+                st.inputs = HessianAccumulator(self.expert(0).down_proj.out_features, dev, st.weight)
+            accs.append(st.inputs)
+        for table, members, width in ((st.first, st.first_experts, lambda e: self.expert(e).down_proj.out_features),
+                                      (st.down, st.down_experts, lambda e: self.expert(e).down_proj.in_features)):
+            for e in sorted(members):
+                accs.append(table.get(e) or table.setdefault(e, HessianAccumulator(width(e), dev, st.weight)))
+        for acc in accs:
+            acc.sum = reduce(acc.sum)
+            acc.count = int(reduce(torch.tensor([acc.count], dtype=torch.float64))[0])
+        for table in (st.first, st.down):  # an expert no rank saw keeps "no statistics"
+            for e in [e for e, acc in table.items() if acc.count == 0]:
+                del table[e]
+
+    def finish_statistics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Hessians of the members given to ``start_statistics`` (local names), with the fallbacks applied.
+        ``reduce`` (sum over torch.distributed ranks) is applied to the statistics first."""
         st, self._stats = self._stats, None
-        if st is None or st.counts is None:
+        if st is None or (st.counts is None and reduce is None):
             raise RuntimeError("the experts module never ran during calibration")
+        if reduce is not None:
+            self._reduce(st, reduce)
         thr = self.threshold(st.tokens)
         rare = {e for e, c in enumerate(st.counts) if c < thr}
         out: dict[str, torch.Tensor] = {}
@@ -222,10 +249,10 @@ class ExpertPass:
         for ce in self.modules.values():
             ce.set_window(hidden.shape[1] if hidden.dim() == 3 else None)
 
-    def hessians(self) -> dict[str, torch.Tensor]:
+    def hessians(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for cname, ce in self.modules.items():
-            out.update({f"{cname}.{n}": h for n, h in ce.finish_statistics().items()})
+            out.update({f"{cname}.{n}": h for n, h in ce.finish_statistics(reduce).items()})
         return out
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from hf_vq.algorithms.hessian import HessianAccumulator, output_error
 from hf_vq.formats.state import to_device
 from hf_vq.pipeline import distributed
-from hf_vq.pipeline.experts import CalibrationExperts, ExpertPass, regroup
+from hf_vq.pipeline.experts import ExpertPass, regroup
 from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, fingerprint
 
@@ -211,11 +211,6 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     if ranks.active and block_hook is not None:
         raise NotImplementedError("block-level fine-tuning (GPTVQ finetune_iterations) runs in one process only; "
                                   "run without torch.distributed or with finetune_iterations=0")
-    if ranks.active:
-        experts = [n for n, m in model.named_modules() if isinstance(m, CalibrationExperts)]
-        if experts:
-            raise NotImplementedError(f"fused experts ({experts[0]}) are calibrated in one process only; run without "
-                                      "torch.distributed (or exclude the experts)")
     store = None
     if resume_dir is not None:
         model_config = getattr(getattr(model, "config", None), "to_dict", dict)()
@@ -483,7 +478,7 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             experts.begin_batch(hidden)
             with contextlib.suppress(_StopForward), autocast(), frozen.stubbed(j, record=True):
                 _run_block(block, hidden, kw)
-        out = experts.hessians()
+        out = experts.hessians(distributed.all_reduce_sum if ranks.active else None)
     finally:
         experts.close()
         for h in handles:
