@@ -59,12 +59,22 @@ def test_disk_offload_gives_the_in_ram_model(deep_dir, tmp_path):
                   **{f"model.layers.{i}": "cpu" if i == 0 else "disk" for i in range(LAYERS)}}
     model = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=gptq(quantization_device="cpu"),
                                                  device_map=device_map, offload_folder=tmp_path / "offload")
-    got, want = quantized_tensors(model), quantized_tensors(ref)
-    assert got.keys() == want.keys() and len(got) == 3 * 7 * LAYERS
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    # the quantized modules of the offloaded blocks are back on disk; block 0 (in memory) stays in memory
+    assert model.model.layers[2].mlp.down_proj.qweight.device.type == "meta"
+    assert model.model.layers[0].mlp.down_proj.qweight.device.type == "cpu"
+    assert (tmp_path / "offload" / "hf_vq_quantized" / "model.layers.2.mlp.down_proj.safetensors").is_file()
     x = torch.arange(3, 40)[None]
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
+    model.save_pretrained(tmp_path / "saved")  # offloaded tensors are read back for the save
+    got, want = load_file(str(tmp_path / "saved" / "model.safetensors")), quantized_tensors(ref)
+    assert len(want) == 3 * 7 * LAYERS and all(torch.equal(got[k], want[k]) for k in want)
+    # and the checkpoint loads back with the same placement: quantized tensors (buffers) stay on disk
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map=device_map,
+                                                 offload_folder=tmp_path / "offload2")
+    assert again.model.layers[3].self_attn.q_proj.qweight.is_meta
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, ref(x).logits)
 
 
 def test_onloaded_restores_offloaded_weights(deep_dir, tmp_path):

@@ -12,7 +12,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AutoHfQuantizer
 
 from hf_vq.config import QUANT_METHOD, HfVQConfig
-from hf_vq.model import checkpoint, convert, targets
+from hf_vq.model import checkpoint, convert, offload, targets
 from hf_vq.model.quantsim import refresh_layer_records
 from hf_vq.nn.qat import folded_state_dict
 
@@ -81,6 +81,7 @@ class HfVQQuantizer(HfQuantizer):
         if self.pre_quantized:
             targets.remove_init_placeholders(model)
             checkpoint.check_loaded(model, cfg.layers, self._checksums)  # value ranges (+ checksums): before any use
+            offload.offload_loaded(model, cfg.layers)  # disk-placed quantized tensors stay on disk
             return model
         use_cache = getattr(model.config, "use_cache", None)
         if use_cache is not None:

@@ -26,6 +26,7 @@ from torch import nn
 
 import hf_vq.nn  # noqa: F401  (registers the layer types)
 from hf_vq.nn.records import CheckpointError, validate_record
+from hf_vq.pipeline import placement
 from hf_vq.nn.registry import LAYER_TYPES
 
 CHECKSUM_KEY = "hf_vq.sha256"
@@ -180,12 +181,19 @@ def checksum_metadata(state_dict: dict[str, torch.Tensor], layers: dict) -> dict
 def check_loaded(model: nn.Module, layers: dict, checksums: dict[str, str] | None = None) -> None:
     """After loading: each quantized layer's value checks on its loaded tensors, then the checksums if any."""
     for name in layers:
-        check = getattr(model.get_submodule(name), "check_stored", None)
+        module = model.get_submodule(name)
+        check = getattr(module, "check_stored", None)
         if callable(check):
-            check(name)
+            with placement.onloaded(module, placement.execution_device(module)):  # disk-offloaded: read it back
+                check(name)
     if checksums:
-        sd = model.state_dict()
-        bad = [k for k, h in checksums.items() if tensor_sha256(sd[k]) != h]
+        bad = []
+        for k, h in checksums.items():
+            owner, _, tensor = k.rpartition(".")
+            module = model.get_submodule(owner)
+            with placement.onloaded(module, placement.execution_device(module)):
+                if tensor_sha256(getattr(module, tensor)) != h:
+                    bad.append(k)
         if bad:
             raise CheckpointError(f"checksum mismatch for {len(bad)} quantized tensors (first: {bad[0]}): the weights "
                                   "changed after they were saved (corrupted or edited file)")

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 
+SPILL_DIR = "hf_vq_quantized"  # inside accelerate's offload folder: results and modules of disk-offloaded blocks
+
+
 def _align_hooks(module: nn.Module) -> list:
     """accelerate AlignDevicesHooks on ``module`` (a SequentialHook holds several)."""
     hook = getattr(module, "_hf_hook", None)
@@ -37,6 +40,19 @@ def execution_device(module: nn.Module) -> torch.device:
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
+
+
+def disk_offload_folder(module: nn.Module):
+    """The accelerate offload folder that holds ``module``'s weights (disk offload), else None (in memory, or CPU
+    offload: weights in RAM)."""
+    for m in module.modules():
+        for h in _align_hooks(m):
+            wm = h.weights_map if h.offload else None
+            loader = getattr(wm, "dataset", wm)
+            folder = getattr(loader, "save_folder", None)
+            if folder is not None:
+                return folder
+    return None
 
 
 def resolve_device(spec: str | None, block: nn.Module) -> torch.device:

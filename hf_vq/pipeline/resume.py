@@ -31,6 +31,41 @@ class ResumeError(ValueError):
     pass
 
 
+def save_results(path: Path, results: dict[str, object]) -> None:
+    """Quantized results (name -> AffineWeight/VQWeight) in one safetensors file, written atomically."""
+    tensors, headers = {}, {}
+    for name, result in results.items():
+        header, ts = to_state(result)
+        headers[name] = header
+        tensors.update({f"{name}::{k}": v.detach().cpu().contiguous().clone() for k, v in ts.items()})
+    tmp = path.with_name(path.name + TMP)
+    save_file(tensors, str(tmp), metadata={"headers": json.dumps(headers)})
+    os.replace(tmp, path)
+
+
+def load_results(path: Path, names: list[str] | None = None) -> dict[str, object]:
+    """The results stored by save_results (only ``names`` when given)."""
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        headers = json.loads(f.metadata()["headers"])
+        for name, header in headers.items():
+            if names is not None and name not in names:
+                continue
+            prefix = f"{name}::"
+            out[name] = from_state(header, {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+    return out
+
+
+class SpilledResult:
+    """A finished layer's result kept on disk instead of in RAM (blocks offloaded to disk): ``load()`` reads it."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+
+    def load(self):
+        return load_results(self.path, [self.name])[self.name]
+
+
 def fingerprint(config_dict: dict, model_config: dict, targets: dict, samples: torch.Tensor, world: int) -> str:
     """What must match for a rerun to continue a stored run."""
     h = hashlib.sha256()
@@ -62,22 +97,17 @@ class ResumeStore:
                               "count; use another resume_dir or delete this one")
         return doc["finished"]
 
-    def _save(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         final = self.dir / name
         tmp = final.with_name(final.name + TMP)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, final)
 
     def save_block(self, index: int, results: dict[str, object], hidden: list[torch.Tensor]) -> None:
         """Block ``index``'s results (rank 0 writes them) and this rank's activations, then the progress marker.
         Every rank calls this, in step: the marker is written after all ranks stored their activations."""
         if self.rank == 0:
-            tensors, headers = {}, {}
-            for name, result in results.items():
-                header, ts = to_state(result)
-                headers[name] = header
-                tensors.update({f"{name}::{k}": v for k, v in ts.items()})
-            self._save(f"block-{index:05d}.safetensors", tensors, {"headers": json.dumps(headers)})
+            save_results(self.dir / f"block-{index:05d}.safetensors", results)
         self._save(f"acts-rank{self.rank}.safetensors", {str(j): h for j, h in enumerate(hidden)})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -89,15 +119,8 @@ class ResumeStore:
         results = {}
         for i in range(last + 1):
             path = self.dir / f"block-{i:05d}.safetensors"
-            if not path.exists():
-                continue  # a block with no layer to quantize stores nothing
-            with safe_open(str(path), "pt") as f:
-                headers = json.loads(f.metadata()["headers"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            for name, header in headers.items():
-                prefix = f"{name}::"
-                results[name] = from_state(header, {k[len(prefix):]: v for k, v in tensors.items()
-                                                    if k.startswith(prefix)})
+            if path.exists():  # a block with no layer to quantize stores nothing
+                results.update(load_results(path))
         with safe_open(str(self.dir / f"acts-rank{self.rank}.safetensors"), "pt") as f:
             hidden = [f.get_tensor(str(j)) for j in range(len(f.keys()))]
         return results, hidden

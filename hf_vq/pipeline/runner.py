@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,8 +21,8 @@ from hf_vq.algorithms.hessian import HessianAccumulator, output_error
 from hf_vq.formats.state import to_device
 from hf_vq.pipeline import distributed
 from hf_vq.pipeline.experts import ExpertPass, regroup
-from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
-from hf_vq.pipeline.resume import ResumeStore, fingerprint
+from hf_vq.pipeline.placement import SPILL_DIR, disk_offload_folder, execution_device, move, onloaded, resolve_device
+from hf_vq.pipeline.resume import ResumeStore, SpilledResult, fingerprint, save_results
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +233,10 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     if store is not None and (done_before := store.last_finished()) >= 0:
         t0 = time.perf_counter()
         stored, hidden = store.load(done_before)
-        for name, result in stored.items():
-            owner = next(b for j, b in enumerate(blocks) if name.startswith(block_prefix(prefix, j)))
-            results[name] = to_device(result, execution_device(owner))
+        for j in range(done_before + 1):
+            mine = [n for n in stored if n.startswith(block_prefix(prefix, j))]
+            results.update({n: to_device(stored.pop(n), execution_device(blocks[j])) for n in mine})
+            _spill(blocks[j], j, mine, results)
         cache = [(h, kw) for h, (_, kw) in zip(hidden, cache)]
         start = stats.resumed_blocks = done_before + 1
         stats.resume_io_s += time.perf_counter() - t0
@@ -257,6 +259,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             t0 = time.perf_counter()
             store.save_block(i, {n: results[n] for n in linears}, [hidden for hidden, _ in cache])
             stats.resume_io_s += time.perf_counter() - t0
+        _spill(block, i, list(linears), results)
         bar.update(1)
         postfix = {"err": f"{max(stats.layers[n] for n in linears) if linears else 0:.4f}"}
         if ranks.active:
@@ -268,6 +271,18 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     if store is not None:
         store.finish()
     return results, stats
+
+
+def _spill(block: nn.Module, i: int, names: list[str], results: dict) -> None:
+    """A block offloaded to disk keeps its results on disk too (beside accelerate's files) until they are converted:
+    host memory does not grow with the number of finished blocks."""
+    folder = disk_offload_folder(block)
+    if folder is None or not names:
+        return
+    path = Path(folder) / SPILL_DIR / f"block-{i:05d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_results(path, {n: results[n] for n in names})
+    results.update({n: SpilledResult(path, n) for n in names})
 
 
 def run_options(config) -> dict:
