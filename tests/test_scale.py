@@ -77,6 +77,28 @@ def test_disk_offload_gives_the_in_ram_model(deep_dir, tmp_path):
         assert torch.equal(again(x).logits, ref(x).logits)
 
 
+def test_rtn_with_disk_offload(deep_dir, tmp_path):
+    cfg = hf_vq.RTNConfig(group_size=32)
+    ref = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=cfg)
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" for i in range(LAYERS)}}
+    model = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=hf_vq.RTNConfig(group_size=32),
+                                                 device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model.model.layers[1].mlp.up_proj.qweight.is_meta
+    x = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_methods_that_cannot_onload_refuse_disk_offload(deep_dir, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" for i in range(LAYERS)}}
+    cfg = hf_vq.QuantSimConfig(dataset=ids(), num_samples=8, seq_len=32, weight_bits=4, block_size=32)
+    with pytest.raises(NotImplementedError, match="'quantsim' does not load disk-offloaded blocks.*model.layers.0"):
+        AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=cfg, device_map=device_map,
+                                             offload_folder=tmp_path / "offload")
+
+
 def test_onloaded_restores_offloaded_weights(deep_dir, tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
                   **{f"model.layers.{i}": "disk" for i in range(LAYERS)}}

@@ -9,7 +9,8 @@ import torch
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.pipeline.runner import RunStats, run_options, run_sequential
+from hf_vq.pipeline.placement import execution_device, onloaded
+from hf_vq.pipeline.runner import RunStats, run_options, run_sequential, spill
 
 
 @register_algorithm("rtn")
@@ -19,7 +20,9 @@ def _run_rtn(model, config, targets, progress):
     results = {}
     for name, lin in targets.items():
         spec = config.spec_for(name)
-        results[name] = rtn_weight(lin.weight.data, spec.bits, spec.group_size, spec.sym, config.clip_search)
+        with onloaded(lin, execution_device(lin)):  # a disk-offloaded layer is read back for its rounding
+            results[name] = rtn_weight(lin.weight.data, spec.bits, spec.group_size, spec.sym, config.clip_search)
+        spill(lin, name, [name], results)
     stats.quantize_s = time.perf_counter() - t0
     return results, stats
 

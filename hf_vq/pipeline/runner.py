@@ -236,7 +236,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         for j in range(done_before + 1):
             mine = [n for n in stored if n.startswith(block_prefix(prefix, j))]
             results.update({n: to_device(stored.pop(n), execution_device(blocks[j])) for n in mine})
-            _spill(blocks[j], j, mine, results)
+            spill(blocks[j], f"block-{j:05d}", mine, results)
         cache = [(h, kw) for h, (_, kw) in zip(hidden, cache)]
         start = stats.resumed_blocks = done_before + 1
         stats.resume_io_s += time.perf_counter() - t0
@@ -259,7 +259,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             t0 = time.perf_counter()
             store.save_block(i, {n: results[n] for n in linears}, [hidden for hidden, _ in cache])
             stats.resume_io_s += time.perf_counter() - t0
-        _spill(block, i, list(linears), results)
+        spill(block, f"block-{i:05d}", list(linears), results)
         bar.update(1)
         postfix = {"err": f"{max(stats.layers[n] for n in linears) if linears else 0:.4f}"}
         if ranks.active:
@@ -273,13 +273,13 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     return results, stats
 
 
-def _spill(block: nn.Module, i: int, names: list[str], results: dict) -> None:
-    """A block offloaded to disk keeps its results on disk too (beside accelerate's files) until they are converted:
+def spill(module: nn.Module, stem: str, names: list[str], results: dict) -> None:
+    """A module offloaded to disk keeps its results on disk too (beside accelerate's files) until they are converted:
     host memory does not grow with the number of finished blocks."""
-    folder = disk_offload_folder(block)
+    folder = disk_offload_folder(module)
     if folder is None or not names:
         return
-    path = Path(folder) / SPILL_DIR / f"block-{i:05d}.safetensors"
+    path = Path(folder) / SPILL_DIR / f"{stem}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_results(path, {n: results[n] for n in names})
     results.update({n: SpilledResult(path, n) for n in names})
