@@ -122,14 +122,16 @@ def test_onloaded_restores_offloaded_weights(deep_dir, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {root!r})
+    from torch.nn.modules.module import register_module_forward_pre_hook
     from transformers import AutoModelForCausalLM
-    import hf_vq
-    from hf_vq.model import convert
     from tests.test_scale import gptq
-    model = AutoModelForCausalLM.from_pretrained({model!r})
-    # a real kill when block {k} + 1 starts calibrating: blocks 0..{k} are finished and stored
-    model.model.layers[{k} + 1].register_forward_pre_hook(lambda *a: os.kill(os.getpid(), signal.SIGKILL))
-    convert.quantize_model(model, gptq(resume_dir={resume!r}), ["lm_head"], progress=False)
+
+    def kill(module, args):  # a real kill when block {k} + 1 starts calibrating: blocks 0..{k} are finished
+        if type(module).__name__ == "LlamaDecoderLayer" and module.self_attn.layer_idx == {k} + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    register_module_forward_pre_hook(kill)
+    AutoModelForCausalLM.from_pretrained({model!r}, quantization_config=gptq(resume_dir={resume!r}))
 """)
 
 
@@ -146,6 +148,8 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(deep_dir, tmp_path):
     with pytest.raises(ValueError, match="another config"):
         AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=gptq(resume_dir=str(resume), seed=1))
 
+    # resumed through quantize_model on a float model: the quantizer's own changes to the model config around a
+    # from_pretrained run (use_cache, quantization_config) are not part of what must match
     calls = [0] * LAYERS
     model = AutoModelForCausalLM.from_pretrained(deep_dir)
     for i, layer in enumerate(model.model.layers):

@@ -215,6 +215,8 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     store = None
     if resume_dir is not None:
         model_config = getattr(getattr(model, "config", None), "to_dict", dict)()
+        for key in ("use_cache", "quantization_config"):  # set by the quantizer around the run, not the model's own
+            model_config.pop(key, None)
         store = ResumeStore(resume_dir, fingerprint(resume_key or {}, model_config, targets, samples, ranks.world),
                             ranks.rank)
     samples = distributed.shard(samples, ranks)
@@ -313,6 +315,7 @@ def _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, r
                 fp_outputs = [_run_block(block, hidden, kw) for hidden, kw in cache]
             stats.forward_s += time.perf_counter() - t1
         done: set[str] = set()
+        solved = 0  # shared-Hessian sets solved so far in this block (dealt over torch.distributed ranks)
         for group, shared in zip(groups, shared_input):
             if reuse_frozen:
                 frozen.prepare(done)
@@ -325,7 +328,8 @@ def _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, r
                                                    frozen, skip=skip, capture=group[-1] if child else None,
                                                    first_token_weight=first_token_weight, ranks=ranks)
             t1 = time.perf_counter()
-            _quantize_group(group, local, hessians, bp, quantize_fn, quantize_shared_fn, results, stats, ranks)
+            solved = _quantize_group(group, local, hessians, bp, quantize_fn, quantize_shared_fn, results, stats, ranks,
+                                     solved)
             done.update(group)
             stats.quantize_s += time.perf_counter() - t1
             del hessians
@@ -355,13 +359,14 @@ def _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, r
 
 
 def _quantize_group(group, local, hessians, prefix, quantize_fn, quantize_shared_fn, results, stats,
-                    ranks: distributed.Ranks = distributed.Ranks()):
+                    ranks: distributed.Ranks = distributed.Ranks(), solved: int = 0) -> int:
     """Quantize one group's layers; layers sharing a Hessian go through ``quantize_shared_fn`` together. Under
-    torch.distributed each such set is solved by one rank and broadcast."""
+    torch.distributed each such set is solved by one rank (dealt round-robin, counting from ``solved`` sets before
+    this group in the block) and broadcast. Returns the count after this group."""
     by_hessian: dict[int, list[str]] = {}
     for n in group:
         by_hessian.setdefault(id(hessians[n]), []).append(n)
-    for index, names in enumerate(by_hessian.values()):
+    for index, names in enumerate(by_hessian.values(), start=solved):
         h = hessians[names[0]]
         originals = [local[n].weight.data.clone() for n in names]
         fulls = [prefix + n for n in names]
@@ -381,6 +386,7 @@ def _quantize_group(group, local, hessians, prefix, quantize_fn, quantize_shared
             stats.layers[full] = err
             results[full] = result
             logger.info("%s: relative output error %.5f", full, err)
+    return solved + len(by_hessian)
 
 
 class _FrozenChildren:
