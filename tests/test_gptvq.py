@@ -305,7 +305,7 @@ def test_codebook_finetune_lowers_block_error(tiny_llama, kw):
 
     from hf_vq.algorithms.gptvq import gptvq_quantize
     from hf_vq.pipeline.vq_finetune import VQCodebookLinear, finetune_vq_block
-    from hf_vq.pipeline.runner import _run_block, capture_block_inputs
+    from hf_vq.pipeline.blocks import _run_block, capture_block_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     block = model.model.layers[0]

@@ -10,7 +10,8 @@ from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
 from hf_vq.pipeline.placement import execution_device, onloaded
-from hf_vq.pipeline.runner import RunStats, run_options, run_sequential, spill
+from hf_vq.pipeline.blocks import RunStats
+from hf_vq.pipeline.runner import run_options, run_sequential, spill
 
 
 @register_algorithm("rtn")

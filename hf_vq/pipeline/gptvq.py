@@ -8,7 +8,8 @@ import torch
 
 from hf_vq.algorithms.gptvq import gptvq_quantize
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.pipeline.runner import _run_block, run_options, run_sequential
+from hf_vq.pipeline.blocks import _run_block
+from hf_vq.pipeline.runner import run_options, run_sequential
 from hf_vq.pipeline.vq_finetune import finetune_vq_block
 
 logger = logging.getLogger(__name__)

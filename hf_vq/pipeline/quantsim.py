@@ -24,7 +24,7 @@ from torch import nn
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
 from hf_vq.pipeline.experts import CalibrationExperts
 from hf_vq.nn.qat import ActQuantizer, FloatQuantizer, QATLinear
-from hf_vq.pipeline.runner import RunStats
+from hf_vq.pipeline.blocks import RunStats
 from hf_vq.utils.modules import set_module
 
 logger = logging.getLogger(__name__)
