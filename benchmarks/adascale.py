@@ -1,12 +1,15 @@
 """AdaScale quality/speed benchmark on the real model (SmolLM2-135M-Instruct, Austen corpus).
 
-Calibration: 32 x 512 tokens of Emma (same windows for GPTQ and AdaScale). Eval: perplexity at 512 tokens over the
-first ``--max-windows`` windows of Pride and Prejudice + Persuasion, in fp32. Rows are ``fp``, ``rtn<b>``,
-``gptq<b>``, ``ada<b>-<iters>`` (RTN start) and ``adag<b>-<iters>`` (GPTQ start), e.g.
+Calibration: ``--num-samples`` x ``--calib-len`` tokens of Emma (default 32 x 512; same windows for GPTQ and
+AdaScale). Eval: perplexity at ``--seq-len`` tokens (default 512) over the first ``--max-windows`` windows of Pride
+and Prejudice + Persuasion, in fp32. Rows are ``fp``, ``rtn<b>``, ``gptq<b>``, ``ada<b>-<iters>`` (RTN start) and
+``adag<b>-<iters>`` (GPTQ start), e.g.
 
     python benchmarks/adascale.py --rows fp,rtn4,gptq4,ada4-0,ada4-100 --max-windows 16
 
-prints: row, bits, ppl, quantize wall and CPU time, AdaScale wall time per block and per iteration.
+prints: row, bits, ppl, quantize wall and CPU time, AdaScale wall time per block and per iteration. ``--json``
+also keeps each block's per-step losses and step count (early-stop studies); ``--plot out.png`` draws ppl vs
+quantize CPU time from such a file instead of running anything.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from hf_vq import assets
 from common import first_blocks_only
 
 
-def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group_size: int, blocks: int | None = None):
+def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group_size: int, blocks: int | None = None,
+                **ada_kw):
     calib_kw = dict(dataset=[calib], tokenizer=tok, num_samples=num_samples, seq_len=seq_len)
     if blocks is not None:  # quantize only decoder blocks < blocks (iteration sweeps that fit a CPU session)
         calib_kw["module_overrides"] = first_blocks_only(blocks)
@@ -37,7 +41,23 @@ def make_config(row: str, tok, calib: str, num_samples: int, seq_len: int, group
     init = "gptq" if head.startswith("adag") else "rtn"
     bits = int(head[4:] if init == "gptq" else head[3:])
     return hf_vq.AdaScaleConfig(bits=bits, group_size=group_size, num_iterations=int(iters), init=init,
-                                **calib_kw), int(iters)
+                                **calib_kw, **ada_kw), int(iters)
+
+
+def record_histories(into: list):
+    """Wrap the pipeline's train_block so each block's per-step losses land in ``into`` (offline early-stop
+    studies)."""
+    from hf_vq.pipeline import adascale
+
+    inner = adascale.train_block
+
+    def train_block(*args, history=None, **kw):
+        history = [] if history is None else history
+        out = inner(*args, history=history, **kw)
+        into.append(list(history))
+        return out
+
+    adascale.train_block = train_block
 
 
 def main(argv=None):
@@ -51,7 +71,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="append rows as JSON lines here")
     ap.add_argument("--blocks", type=int, default=None, help="quantize only the first N decoder blocks")
+    ap.add_argument("--early-stop-margin", default="default", help="a number, 'none', or 'default' (the config's)")
+    ap.add_argument("--train-dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
+    ap.add_argument("--plot", help="only draw ppl vs quantize CPU time from the --json file into this PNG")
     args = ap.parse_args(argv)
+    if args.plot:
+        return plot(args.json, args.plot)
+    ada_kw = {}
+    if args.early_stop_margin != "default":
+        ada_kw["early_stop_margin"] = None if args.early_stop_margin == "none" else float(args.early_stop_margin)
+    if args.train_dtype:
+        ada_kw["train_dtype"] = args.train_dtype
+    histories: list[list[float]] = []
+    record_histories(histories)
     torch.set_num_threads(args.threads)
     model_dir = assets.ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -63,7 +95,9 @@ def main(argv=None):
         if row == "fp":
             model, iters, bits = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), 0, 32
         else:
-            cfg, iters = make_config(row, tok, calib, args.num_samples, args.calib_len, args.group_size, args.blocks)
+            cfg, iters = make_config(row, tok, calib, args.num_samples, args.calib_len, args.group_size, args.blocks,
+                                     **(ada_kw if row.startswith("ada") else {}))
+            histories.clear()
             model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
             bits = cfg.bits
         qs, qcpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: robust on a shared machine
@@ -74,7 +108,9 @@ def main(argv=None):
         if row.startswith("ada"):
             n_blocks = args.blocks or len(model.model.layers)
             per_block = run.get("quantize_s", 0.0) / n_blocks
-            rec.update(s_per_block=per_block, iterations=iters)
+            rec.update(s_per_block=per_block, iterations=iters, block_steps=[len(h) for h in histories],
+                       histories=[[round(x, 7) for x in h] for h in histories],
+                       early_stop_margin=cfg.early_stop_margin, train_dtype=cfg.train_dtype)
             # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
             # an upper bound (start grid, folding and block forwards included)
             base = next((r["s_per_block"] for r in rows if r["row"] == row.split("-")[0] + "-0"), 0.0)
@@ -92,6 +128,41 @@ def main(argv=None):
     print(f"# blocks quantized: {args.blocks or 'all'}; calibration {args.num_samples}x{args.calib_len} Emma; "
           f"eval ppl@{args.seq_len} over {args.max_windows} "
           f"windows of austen_test_text(), fp32, {args.threads} thread(s)")
+
+
+def plot(json_path: str, png: str) -> None:
+    """ppl vs quantize CPU time per bit width: GPTQ as a star, AdaScale rows (GPTQ start) as a line over iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        rows = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for bits, color in ((4, "tab:blue"), (3, "tab:red")):
+        gptq = [r for r in rows if r["row"] == f"gptq{bits}"]
+        ada = sorted((r for r in rows if r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is None),
+                     key=lambda r: r["iterations"])
+        if ada:
+            ax.plot([r["quantize_cpu_s"] for r in ada], [r["ppl"] for r in ada], "o-", color=color,
+                    label=f"AdaScale {bits}-bit (GPTQ start)")
+            for r in ada:
+                ax.annotate(f"{r['iterations']} it", (r["quantize_cpu_s"], r["ppl"]), fontsize=8,
+                            textcoords="offset points", xytext=(4, 4))
+        for r in gptq:
+            ax.plot(r["quantize_cpu_s"], r["ppl"], "*", ms=14, color=color, label=f"GPTQ {bits}-bit")
+        for r in rows:
+            if r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is not None:
+                ax.plot(r["quantize_cpu_s"], r["ppl"], "s", color=color, mfc="none",
+                        label=f"AdaScale {bits}-bit {r['iterations']} it, early stop {r['early_stop_margin']}")
+    ax.set_xlabel("quantize CPU time (s, 1 thread)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("SmolLM2-135M, g128: AdaScale (GPTQ start) vs GPTQ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":

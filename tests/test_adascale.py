@@ -16,7 +16,7 @@ from hf_vq.model.convert import select_linears
 from hf_vq.export.aimet import collect_param_encodings
 from hf_vq.formats import blockwise
 from hf_vq.formats.affine import AffineWeight
-from hf_vq.pipeline.runner import _run_block, capture_block_inputs
+from hf_vq.pipeline.blocks import _run_block, capture_block_inputs
 from hf_vq.nn.registry import module_from_format
 
 GRIDS = [  # (granularity, sym, group/block size) on a 48 x 96 weight
@@ -179,15 +179,34 @@ def test_activation_store_roundtrip_and_errors(tmp_path):
 
 def test_reproducible_with_seed():
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    cfg = hf_vq.AdaScaleConfig(bits=3, group_size=32, num_iterations=6, batch_size=1, lr_scales=1e-2, lr_clip=1e-2)
-    runs = [_run(_tiny(), cfg, ids)[0] for _ in range(2)]
-    other = _run(_tiny(), hf_vq.AdaScaleConfig(bits=3, group_size=32, num_iterations=6, batch_size=1,
-                                               lr_scales=1e-2, lr_clip=1e-2, seed=5), ids)[0]
-    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 14
-    for name in runs[0]:
-        assert torch.equal(runs[0][name].codes, runs[1][name].codes)
-        assert torch.equal(runs[0][name].scales, runs[1][name].scales)
-    assert any(not torch.equal(runs[0][n].dequantize(), other[n].dequantize()) for n in runs[0])
+    kw = dict(bits=3, group_size=32, num_iterations=6, batch_size=1, lr_scales=1e-2, lr_clip=1e-2, init="rtn")
+    runs = [_run(_tiny(), hf_vq.AdaScaleConfig(**kw), ids) for _ in range(2)]
+    other, stats = _run(_tiny(), hf_vq.AdaScaleConfig(**kw, seed=5), ids)
+    assert runs[0][0].keys() == runs[1][0].keys() and len(runs[0][0]) == 14
+    for name in runs[0][0]:
+        assert torch.equal(runs[0][0][name].codes, runs[1][0][name].codes)
+        assert torch.equal(runs[0][0][name].scales, runs[1][0][name].scales)
+    # another seed trains differently (from the RTN start, training lowers these blocks' output error: kept)
+    assert all(t < s for s, t in runs[0][1].block_output_mse + stats.block_output_mse)
+    assert any(not torch.equal(runs[0][0][n].dequantize(), other[n].dequantize()) for n in runs[0][0])
+
+
+def test_start_kept_when_training_makes_the_block_worse():
+    """A learning rate that wrecks the scales: each block falls back to its start (GPTQ's), so the result is the
+    0-iteration one."""
+    from hf_vq.pipeline.adascale import run_adascale
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    kw = dict(bits=3, group_size=32, batch_size=2, dataset=ids, num_samples=4, seq_len=32, early_stop_margin=None)
+    out = []
+    for cfg in (hf_vq.AdaScaleConfig(num_iterations=0, **kw),
+                hf_vq.AdaScaleConfig(num_iterations=5, lr_scales=1.0, lr_clip=1.0, **kw)):
+        model = _tiny()
+        out.append(run_adascale(model, cfg, select_linears(model, cfg, ["lm_head"]), progress=False))
+    (start, _), (trained, stats) = out
+    assert len(stats.block_output_mse) == 2 and all(t > s for s, t in stats.block_output_mse)
+    for n in start:
+        assert torch.equal(start[n].codes, trained[n].codes) and torch.equal(start[n].scales, trained[n].scales), n
 
 
 @pytest.mark.parametrize("gran,sym,gs,init", [("lpbq", True, 32, "rtn"), ("blockwise", True, 32, "gptq"),
@@ -246,6 +265,10 @@ def test_clear_error_without_decoder_blocks():
     (dict(weight_granularity="lpbq", sym=True, decompressed_bw=4), "decompressed_bw"),
     (dict(weight_granularity="lpbq", sym=True, group_size=-1), "block size"),
     (dict(bits=5), "bits"),
+    (dict(early_stop_margin=1.0), "early_stop_margin"),
+    (dict(early_stop_margin=-0.1), "early_stop_margin"),
+    (dict(train_dtype="float16"), "train_dtype"),
+    (dict(compile="yes"), "compile"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -258,7 +281,7 @@ def test_config_round_trip():
     assert d["method"] == "adascale" and d["num_iterations"] == 200
     again = hf_vq.HfVQConfig.from_dict(d)
     assert again == cfg and type(again) is hf_vq.AdaScaleConfig
-    assert hf_vq.AdaScaleConfig().num_iterations == 1500 and hf_vq.AdaScaleConfig().fp_input_prob == 0.5
+    assert hf_vq.AdaScaleConfig().num_iterations == 100 and hf_vq.AdaScaleConfig().fp_input_prob == 0.5
 
 
 @pytest.mark.parametrize("gran,sym,gs", GRIDS)
@@ -277,3 +300,157 @@ def test_fused_ste_matches_autograd(gran, sym, gs):
     assert torch.equal(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- issue 16: speed
+def test_compiled_kernels_match_eager_and_fold_exactly():
+    from hf_vq.algorithms.adascale import compiled_kernels
+
+    w = _weight()
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for compiled in (False, True):
+        qz = quantizer_from_rtn(w, 3, 64, False)
+        if compiled:
+            qz.kernels = compiled_kernels()
+        _perturb(qz, size=0.2)
+        out = qz()
+        ((x @ out.T - x @ w.T) ** 2).mean().backward()
+        assert torch.equal(qz.fold().dequantize(), out.detach())
+        runs.append((out.detach(), [p.grad for p in qz.parameters()]))
+    assert qz.kernels.compiled  # no fallback happened
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-6)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_failing_compile_falls_back_to_eager():
+    from hf_vq.algorithms.adascale import QuantKernels
+
+    kernels = QuantKernels(compile=True)
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    kernels.forward = broken
+    qz = quantizer_from_rtn(_weight(), 4, 32, True)
+    expected = qz().detach()
+    qz.kernels = kernels
+    with pytest.warns(UserWarning, match="torch.compile failed .*no compiler"):
+        got = qz()
+    assert torch.equal(got.detach(), expected) and not kernels.compiled
+
+
+def _one_block(seed=0):
+    model = _tiny(1, seed)
+    model.requires_grad_(False)
+    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, ids, 1, contextlib.nullcontext)
+    with torch.no_grad():
+        targets = [_run_block(block, h, kw) for h, kw in inputs]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    return block, inputs, targets, linears
+
+
+def test_bf16_autocast_training_lowers_the_fp32_loss():
+    block, inputs, targets, linears = _one_block()
+    quantizers = {n: quantizer_from_rtn(m.weight.data, 2, 32, False) for n, m in linears.items()}
+    fp_weights = {n: m.weight.data.clone() for n, m in linears.items()}
+
+    def folded_loss():
+        for n, m in linears.items():
+            m.weight.data.copy_(quantizers[n].fold().dequantize())
+        out = _block_loss(block, inputs, targets)
+        for n, m in linears.items():
+            m.weight.data.copy_(fp_weights[n])
+        return out
+
+    before = folded_loss()
+    hidden, kws = [h for h, _ in inputs], [kw for _, kw in inputs]
+    train_block(block, quantizers, hidden, hidden, kws, targets, num_iterations=40, lr_scales=5e-3, lr_clip=1e-2,
+                fp_input_prob=1.0, generator=torch.Generator().manual_seed(0), progress=False,
+                autocast_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for q in quantizers.values() for p in q.parameters())
+    assert folded_loss() < 0.8 * before
+
+
+# ---------------------------------------------------------------------------------------------- early stop
+def test_early_stop_never_stops_a_loss_falling_by_more_than_the_margin():
+    from hf_vq.pipeline.distill import EarlyStop
+
+    margin, window = 0.01, 8
+    stop = EarlyStop(window, margin)
+    rng = torch.Generator().manual_seed(0)
+    # each window's mean 1.5% below the last (slower than most real curves), with +-20% step-to-step spread that
+    # averages out within a window (zero-mean within each window)
+    for w in range(200):
+        noise = torch.rand(window // 2, generator=rng) * 0.2
+        spread = torch.cat([noise, -noise]).tolist()
+        level = 0.985 ** w
+        for e in spread:
+            assert not stop.update(level * (1 + e)), f"stopped in window {w}"
+
+
+def test_early_stop_stops_a_flat_loss_after_two_windows():
+    from hf_vq.pipeline.distill import EarlyStop
+
+    stop = EarlyStop(8, 0.01)
+    steps = next(i for i in range(1, 100) if stop.update(1.0 - 0.005 * (i // 8) / 8))  # 0.06% per window: flat
+    assert steps == 16
+
+
+def test_early_stop_ends_distillation_of_a_flat_block():
+    from hf_vq.pipeline.distill import EarlyStop
+
+    block, inputs, targets, linears = _one_block()
+    quantizers = {n: quantizer_from_rtn(m.weight.data, 4, 32, False) for n, m in linears.items()}
+    hidden, kws = [h for h, _ in inputs], [kw for _, kw in inputs]
+    history = []
+    # learning rates too small to move anything: the loss only varies with the batch, window = one pass
+    train_block(block, quantizers, hidden, hidden, kws, targets, num_iterations=1000, lr_scales=1e-12,
+                lr_clip=1e-12, fp_input_prob=1.0, generator=torch.Generator().manual_seed(0), progress=False,
+                early_stop=EarlyStop(len(targets), 0.01), history=history)
+    assert len(history) == 2 * len(targets)
+    assert all(type(block.get_submodule(n)) is nn.Linear for n in linears)
+
+
+def test_adascale_model_reports_steps_per_block():
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = hf_vq.AdaScaleConfig(bits=3, group_size=32, num_iterations=200, batch_size=1, lr_scales=1e-12,
+                               lr_clip=1e-12, fp_input_prob=1.0, early_stop_margin=0.01, compile=False)
+    _, stats = _run(_tiny(), cfg, ids)
+    assert stats.block_iterations == [32, 32]  # windows of 16 steps (4 passes over the 4 batches): stopped after 2
+    cfg = hf_vq.AdaScaleConfig(bits=3, group_size=32, num_iterations=40, batch_size=1, early_stop_margin=None)
+    assert _run(_tiny(), cfg, ids)[1].block_iterations == [40, 40]
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+def test_default_init_is_gptq_except_lpbq():
+    assert hf_vq.AdaScaleConfig().init_method() == "gptq"
+    assert hf_vq.AdaScaleConfig(weight_granularity="blockwise", sym=True).init_method() == "gptq"
+    lpbq = hf_vq.AdaScaleConfig(weight_granularity="lpbq", sym=True)  # valid: the default resolves to RTN there
+    assert lpbq.init is None and lpbq.init_method() == "rtn"
+    assert hf_vq.AdaScaleConfig(init="rtn").init_method() == "rtn"
+
+
+@pytest.mark.parametrize("gran,sym", [("group", False), ("blockwise", True)])
+def test_zero_iterations_with_default_init_are_gptq(gran, sym):
+    """With 0 Adam steps the result is the GPTQ method's (true-sequential Hessians, same damping and act order),
+    code for code, in every block."""
+    from hf_vq.pipeline.adascale import run_adascale
+    from hf_vq.pipeline.gptq import _run_gptq
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    cfg = hf_vq.AdaScaleConfig(bits=3, group_size=32, sym=sym, weight_granularity=gran, num_iterations=0,
+                               batch_size=2, dataset=ids, num_samples=4, seq_len=32)
+    model = _tiny()
+    got, _ = run_adascale(model, cfg, select_linears(model, cfg, ["lm_head"]), progress=False)
+    ref = _tiny()
+    gcfg = hf_vq.GPTQConfig(bits=3, group_size=32, sym=sym, dataset=ids, num_samples=4, seq_len=32,
+                            calibration_batch_size=2)
+    want, _ = _run_gptq(ref, gcfg, select_linears(ref, gcfg, ["lm_head"]), progress=False)
+    assert got.keys() == want.keys() and len(got) == 14
+    for n in got:
+        assert torch.equal(got[n].codes, want[n].codes), n
+        assert torch.equal(got[n].scales, want[n].scales) and torch.equal(got[n].zeros, want[n].zeros), n

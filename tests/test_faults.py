@@ -185,7 +185,7 @@ ADASCALE = """
     from transformers import AutoModelForCausalLM
     cfg = hf_vq.AdaScaleConfig(bits=4, group_size=32, num_iterations=10**6, batch_size=2,
                                dataset=torch.randint(0, 128, (4, 32)), num_samples=4, seq_len=32,
-                               activation_cache_dir=sys.argv[2])
+                               activation_cache_dir=sys.argv[2], early_stop_margin=None, compile=False)
     print("start", flush=True)
     AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=cfg)
 """

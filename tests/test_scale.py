@@ -90,6 +90,44 @@ def test_rtn_with_disk_offload(deep_dir, tmp_path):
         assert torch.equal(model(x).logits, ref(x).logits)
 
 
+def adascale(**kw):
+    return hf_vq.AdaScaleConfig(dataset=ids(), num_samples=8, seq_len=32, group_size=32, batch_size=2,
+                                num_iterations=4, early_stop_margin=None, **kw)
+
+
+def test_adascale_with_disk_offload_and_resume(deep_dir, tmp_path):
+    """AdaScale goes through the same onloading (disk-offloaded blocks loaded one at a time) and resume state
+    (its FP and quantized block inputs) as GPTQ, with the in-RAM result."""
+    ref = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=adascale())
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" for i in range(LAYERS)}}
+    model = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=adascale(quantization_device="cpu"),
+                                                 device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model.model.layers[1].mlp.up_proj.qweight.is_meta
+    x = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        want = ref(x).logits
+        assert torch.equal(model(x).logits, want)
+
+    # interrupted when block 2 starts, then resumed: blocks 0-1 are not trained again, same model
+    from hf_vq.model import convert
+
+    resume = tmp_path / "resume"
+    model = AutoModelForCausalLM.from_pretrained(deep_dir)
+    def stop(*_):
+        raise KeyboardInterrupt
+    handle = model.model.layers[2].register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        convert.quantize_model(model, adascale(resume_dir=str(resume)), ["lm_head"], progress=False)
+    handle.remove()
+    assert json.loads((resume / "progress.json").read_text())["finished"] == 1
+    model = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=adascale(resume_dir=str(resume)))
+    run = model.hf_quantizer.last_run
+    assert run["resumed_blocks"] == 2 and len(run["block_iterations"]) == LAYERS - 2
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, want)
+
+
 def test_methods_that_cannot_onload_refuse_disk_offload(deep_dir, tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
                   **{f"model.layers.{i}": "disk" for i in range(LAYERS)}}

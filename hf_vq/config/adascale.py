@@ -6,7 +6,7 @@ import os
 
 from hf_vq.config.base import HfVQConfig
 from hf_vq.config.gptq import PERCDAMP
-from hf_vq.config.schema import ConfigError, Field, Float, Instance, Int, Optional, Str
+from hf_vq.config.schema import Bool, ConfigError, Field, Float, Instance, Int, Optional, Str
 
 LR = Float(0.0, 1.0, lo_open=True)  # Adam steps on scales near 1: above 1 only diverges
 
@@ -18,11 +18,16 @@ class AdaScaleConfig(HfVQConfig):
 
     ``weight_granularity``: "group" (hf_vq groups, sym or asym), "blockwise" (AIMET min-max blocks of ``group_size``,
     which must divide in_features) or "lpbq" (symmetric blocks with int * per-channel scales, ``decompressed_bw``).
-    ``init``: "rtn" or "gptq" (GPTQ's rounding as the starting point; not with lpbq). ``fp_input_prob``: chance that
-    an element of a block input comes from the FP model instead of the quantized one. One Adam step uses one batch of
-    ``batch_size`` calibration sequences (cycled in a seeded order); ``percdamp`` is GPTQ's damping for init="gptq".
-    ``activation_cache_dir``: keep the block inputs/targets of the calibration set on disk there (safetensors, removed
-    afterwards) instead of in CPU memory; not saved with the model.
+    ``init``: "rtn" or "gptq" (GPTQ's rounding as the starting point; not with lpbq); None (default): "gptq", or
+    "rtn" for lpbq. ``fp_input_prob``: chance that an element of a block input comes from the FP model instead of the
+    quantized one. One Adam step uses one batch of ``batch_size`` calibration sequences (cycled in a seeded order);
+    ``percdamp`` is GPTQ's damping for init="gptq". ``early_stop_margin``: a block stops training once the mean loss
+    of a pass over the calibration batches is not below the previous pass's by more than this fraction (None: always
+    run ``num_iterations``). ``train_dtype``: the block's forward/backward during training ("bfloat16" autocast with
+    float32 trained parameters, or "float32"); None: bfloat16 where the device has fast bfloat16 matmuls.
+    ``compile``: torch.compile the quantizer's element-wise math; None: when the run is long enough for the one-off
+    compile to pay for itself. ``activation_cache_dir``: keep the block inputs/targets of the calibration set on disk
+    there (safetensors, removed afterwards) instead of in CPU memory; not saved with the model.
     """
 
     method = "adascale"
@@ -33,17 +38,25 @@ class AdaScaleConfig(HfVQConfig):
         calibration_dtype="AdaScale runs its calibration passes in the model's dtype",
         calibration_batch_size="AdaScale batches calibration sequences with batch_size",
     ).extend(
-        num_iterations=Field(Int(0), 1500, doc="Adam steps per block"),
+        num_iterations=Field(Int(0), 100, doc="Adam steps per block (at most: see early_stop_margin)"),
         batch_size=Field(Int(1), 1, doc="calibration sequences per Adam step"),
         lr_scales=Field(LR, 5e-4),
         lr_clip=Field(LR, 1e-3),
-        init=Field(Str(valid_inits), "rtn"),
+        init=Field(Optional(Str(valid_inits)), None, doc="None: gptq, or rtn for lpbq"),
+        early_stop_margin=Field(Optional(Float(0.0, 1.0, hi_open=True)), 0.01,
+                                doc="stop a block when a pass over the batches lowers the loss by less than this"),
+        train_dtype=Field(Optional(Str(("float32", "bfloat16"))), None, doc="None: bfloat16 where fast"),
+        compile=Field(Optional(Bool()), None, doc="None: for long runs"),
         fp_input_prob=Field(Float(0.0, 1.0), 0.5),
         weight_granularity=Field(Str(valid_granularities), "group"),
         decompressed_bw=Field(Int(2, hi=32), 8, doc="LPBQ per-channel scale bits"),
         percdamp=PERCDAMP,
         activation_cache_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never"),
     )
+
+    def init_method(self) -> str:
+        """The starting grid: ``init``, or by default GPTQ's (RTN for LPBQ, whose scales GPTQ does not keep)."""
+        return self.init or ("rtn" if self.weight_granularity == "lpbq" else "gptq")
 
     def validate(self) -> None:
         super().validate()

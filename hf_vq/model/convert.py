@@ -24,7 +24,7 @@ from hf_vq.pipeline.experts import resolve_options as expert_options
 from hf_vq.utils.modules import set_module
 
 logger = logging.getLogger(__name__)
-ONLOADING_METHODS = ("rtn", "gptq", "gptvq")  # the methods that load disk-offloaded blocks one at a time
+ONLOADING_METHODS = ("rtn", "gptq", "gptvq", "adascale")  # the methods that load disk-offloaded blocks one at a time
 
 
 def select_linears(model: nn.Module, config: HfVQConfig, skip: list[str]) -> dict[str, nn.Module]:

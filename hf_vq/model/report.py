@@ -42,7 +42,9 @@ def build_report(model: nn.Module, config, quantized: list[str], floats: dict[st
     summary = {"method": config.method, "total_s": total_s, "forward_s": stats.forward_s,
                "quantize_s": stats.quantize_s, "resume_io_s": getattr(stats, "resume_io_s", 0.0),
                "resumed_blocks": getattr(stats, "resumed_blocks", 0), "processes": getattr(stats, "processes", 1),
-               "windows": getattr(stats, "windows", None), "layers": stats.layers, "num_layers": len(quantized),
+               "windows": getattr(stats, "windows", None),
+               **{k: getattr(stats, k) for k in ("block_iterations", "block_output_mse") if hasattr(stats, k)},
+               "layers": stats.layers, "num_layers": len(quantized),
                "quantized": report_q, "float": dict(sorted(floats.items())), "experts": experts,
                "warnings": warnings}
     log_report(summary)

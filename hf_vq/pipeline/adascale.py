@@ -3,12 +3,15 @@
 Per decoder block, in order:
 1. FP target = the block with FP weights on the FP model's block input (cached on CPU, or on disk with
    ``activation_cache_dir``: see hf_vq/activation_store.py).
-2. Starting grid per Linear: RTN, or GPTQ with Hessians of the quantized model's block input.
-3. ``num_iterations`` Adam steps (two groups: clipping gamma/beta at ``lr_clip``, scales s2/s3 at ``lr_scales``,
-   cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input: each element
-   from the FP input with probability ``fp_input_prob``, else from the quantized model's input (AIMET's sampling).
-4. Fold into AffineWeights, write the dequantized weights into the block, and run it on the quantized input to get
-   the next block's quantized input; the FP target is the next block's FP input.
+2. Starting grid per Linear: GPTQ with Hessians of the quantized model's block input (default), or RTN.
+3. Up to ``num_iterations`` Adam steps (two groups: clipping gamma/beta at ``lr_clip``, scales s2/s3 at
+   ``lr_scales``, cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input:
+   each element from the FP input with probability ``fp_input_prob``, else from the quantized model's input (AIMET's
+   sampling); fewer when the loss stops falling (``early_stop_margin``). The block runs under bfloat16 autocast where
+   that is fast (``train_dtype``); the quantizer's element-wise math is compiled for long runs (``compile``).
+4. Fold into AffineWeights and write the dequantized weights into the block; if the block's output MSE on the
+   quantized input (against the FP target) is higher than the start's, keep the start. Run it on the quantized input
+   to get the next block's quantized input; the FP target is the next block's FP input.
 """
 
 from __future__ import annotations
@@ -21,13 +24,19 @@ import torch
 from torch import nn
 
 from hf_vq.pipeline.activation_store import ActivationStore
-from hf_vq.algorithms.adascale import AdaScaleLinear, check_layout, quantizer_from_affine, quantizer_from_rtn
-from hf_vq.pipeline.distill import distill_block
+from hf_vq.algorithms.adascale import (AdaScaleLinear, check_layout, compiled_kernels, quantizer_from_affine,
+                                      quantizer_from_rtn)
+from hf_vq.pipeline.distill import EarlyStop, distill_block
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.pipeline.runner import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
-                              find_decoder_blocks, last_target_block)
+from hf_vq.formats.state import to_device
+from hf_vq.pipeline import distributed
+from hf_vq.pipeline.blocks import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
+                                   find_decoder_blocks, last_target_block, probe_block)
+from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
+from hf_vq.pipeline.resume import ResumeStore, fingerprint
+from hf_vq.pipeline.runner import model_config as _model_config, run_options, spill
 
 logger = logging.getLogger(__name__)
 
@@ -37,36 +46,81 @@ def run_adascale(model, config, targets, progress):
     return adascale_model(model, calibration_samples(model, config), targets, config, progress=progress)
 
 
+# compile the quantizer when the element-wise work it saves (~8 ns per weight and step on a CPU core) exceeds its
+# one-off compile (~20 s)
+COMPILE_MIN_WEIGHT_STEPS = 2e9
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """bfloat16 matmuls in hardware (on a CPU without AVX512-BF16/AMX they are emulated, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private oneDNN query: absent from some builds
+        return False
+
+
 def _init_quantizers(block, local, config, q_inputs, prefix):
-    hessians = (collect_hessians(block, local, q_inputs, first_token_weight=config.sink_weight())
-                if config.init == "gptq" else {})
+    """Starting quantizers. GPTQ start: as the GPTQ method does (true-sequential), each group of Linears reading one
+    input (q/k/v, o, gate/up, down) gets its Hessians with the groups before it already quantized, so 0 iterations
+    give GPTQ's result. The block is left holding those GPTQ weights (training replaces the Linears, folding
+    overwrites them)."""
     quantizers, init_err = {}, {}
+    if config.init_method() == "rtn":
+        for n, lin in local.items():
+            spec = config.spec_for(prefix + n)
+            check_layout(lin.weight.shape, spec.group_size, config.weight_granularity, prefix + n)
+            quantizers[n] = quantizer_from_rtn(lin.weight.data.float(), spec.bits, spec.group_size, spec.sym,
+                                               config.weight_granularity, config.decompressed_bw)
+        return quantizers, init_err
     for n, lin in local.items():
-        spec = config.spec_for(prefix + n)
-        check_layout(lin.weight.shape, spec.group_size, config.weight_granularity, prefix + n)
-        w = lin.weight.data.float()
-        if config.init == "gptq":
+        check_layout(lin.weight.shape, config.spec_for(prefix + n).group_size, config.weight_granularity, prefix + n)
+    hidden, kw = next(iter(q_inputs))
+    for group in probe_block(block, local, hidden, kw, contextlib.nullcontext).groups:
+        hessians = collect_hessians(block, {n: local[n] for n in group}, q_inputs,
+                                    first_token_weight=config.sink_weight())
+        for n in group:
+            spec = config.spec_for(prefix + n)
+            w = local[n].weight.data.float().clone()
             start = gptq_quantize(w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)
             quantizers[n] = quantizer_from_affine(w, start, config.weight_granularity)
             init_err[n] = output_error(w, start.dequantize(), hessians[n])
-        else:
-            quantizers[n] = quantizer_from_rtn(w, spec.bits, spec.group_size, spec.sym, config.weight_granularity,
-                                               config.decompressed_bw)
+            local[n].weight.data.copy_(start.dequantize().to(local[n].weight.dtype))
     return quantizers, init_err
 
 
 def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, kwargs, targets, *, num_iterations: int,
                 lr_scales: float, lr_clip: float, fp_input_prob: float, generator: torch.Generator,
-                desc: str = "", progress: bool = True) -> tuple[float, float]:
+                desc: str = "", progress: bool = True, **distill_kw) -> tuple[float, float]:
     """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
-    steps: clipping parameters at ``lr_clip``, scales at ``lr_scales``. Returns (first loss, mean loss of the last
-    10%)."""
+    steps: clipping parameters at ``lr_clip``, scales at ``lr_scales``; ``distill_kw`` (autocast_dtype, early_stop,
+    history) as for distill_block. Returns (first loss, mean loss of the last 10%)."""
     stand_ins = {n: AdaScaleLinear(block.get_submodule(n), qz) for n, qz in quantizers.items()}
     groups = [{"params": [p for qz in quantizers.values() for p in qz.clip_params()], "lr": lr_clip},
               {"params": [p for qz in quantizers.values() for p in qz.scale_params()], "lr": lr_scales}]
     return distill_block(block, stand_ins, groups, fp_inputs, q_inputs, kwargs, targets,
                          num_iterations=num_iterations, fp_input_prob=fp_input_prob, generator=generator,
-                         desc=desc, progress=progress)
+                         desc=desc, progress=progress, **distill_kw)
+
+
+@torch.no_grad()
+def _fold(quantizers: dict, local: dict) -> dict:
+    """AffineWeights of ``quantizers`` (or AffineWeights as they are), written into the block's Linears."""
+    folded = {n: q.fold() if isinstance(q, nn.Module) else q for n, q in quantizers.items()}
+    for name, aw in folded.items():
+        local[name].weight.data.copy_(aw.dequantize().to(local[name].weight.dtype))
+    return folded
+
+
+@torch.no_grad()
+def _output_mse(block, inputs, kws, targets, device) -> float:
+    """Mean MSE of the block's outputs on ``inputs`` against ``targets`` over all batches."""
+    total = 0.0
+    for j in range(len(targets)):
+        out = _run_block(block, inputs[j].to(device), kws[j])
+        total += float(nn.functional.mse_loss(out.float(), targets[j].to(out.device).float()))
+    return total / len(targets)
 
 
 class _OnDevice:
@@ -98,14 +152,23 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     stats = RunStats()
     stats.block_seconds = []  # training + folding wall time per block
     stats.block_losses = []  # (first, final) distillation loss per block
+    stats.block_iterations = []  # Adam steps run per block (fewer than num_iterations after an early stop)
+    stats.block_output_mse = []  # (start, trained) output MSE on the quantized input per trained block
+    device = resolve_device(config.quantization_device, blocks[0])
+    if distributed.current(device).active:
+        raise NotImplementedError("AdaScale trains each block in one process; run it without torch.distributed")
+    store = None
+    if config.resume_dir is not None:
+        key = fingerprint(run_options(config)["resume_key"], _model_config(model), targets, samples, 1)
+        store = ResumeStore(config.resume_dir, key)
     t0 = time.perf_counter()
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: onloading swaps them
     stack: list[ActivationStore] = []
     model.requires_grad_(False)
     try:
         # block 0's input is the embedding output: identical for the FP and the quantized model
         captured = capture_block_inputs(model, blocks[0], samples, config.batch_size, contextlib.nullcontext)
-        kws = [kw for _, kw in captured]
+        kws = [move(kw, device) for _, kw in captured]
         n = len(captured)
         for name in ("fp_in", "fp_out", "q_in"):  # one by one into `stack`: a failure closes those already open
             stack.append(ActivationStore(n, config.activation_cache_dir, name))
@@ -115,54 +178,102 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             q_in[j] = h
         del captured
         stats.forward_s += time.perf_counter() - t0
-        device = next(blocks[0].parameters()).device
+        train_dtype = config.train_dtype or ("bfloat16" if _fast_bf16(device) else "float32")
+        autocast_dtype = torch.bfloat16 if train_dtype == "bfloat16" else None
+        weight_steps = config.num_iterations * sum(p.numel() for n in covered for p in targets[n].parameters())
+        use_compile = config.compile if config.compile is not None else weight_steps >= COMPILE_MIN_WEIGHT_STEPS
         results = {}
-        bar = tqdm(range(len(blocks)), desc="AdaScale blocks", disable=not progress, unit="block")
+        start = 0
+        if store is not None and (done_before := store.last_finished()) >= 0:
+            stored, hidden = store.load(done_before)  # FP then quantized inputs of block done_before + 1
+            for j in range(n):
+                fp_in[j], q_in[j] = hidden[j], hidden[n + j]
+            for j in range(done_before + 1):
+                mine = [k for k in stored if k.startswith(block_prefix(prefix, j))]
+                results.update({k: to_device(stored.pop(k), execution_device(blocks[j])) for k in mine})
+                spill(blocks[j], f"block-{j:05d}", mine, results)
+            start = stats.resumed_blocks = done_before + 1
+        bar = tqdm(range(len(blocks)), desc="AdaScale blocks", disable=not progress, unit="block", initial=start)
         last_block = last_target_block(prefix, len(blocks), targets)
-        for i in bar:
+        for i in range(start, len(blocks)):
+            bar.update(1)
             if i > last_block:
                 break  # no layers left to quantize: later blocks need no activations
             block = blocks[i]
-            bp = block_prefix(prefix, i)
-            local = {n[len(bp):]: m for n, m in targets.items() if n.startswith(bp)}
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                for j in range(n):
-                    fp_out[j] = _run_block(block, fp_in[j].to(device), kws[j])
-            stats.forward_s += time.perf_counter() - t1
-            if local:
-                t2 = time.perf_counter()
-                gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
-                quantizers, init_err = _init_quantizers(block, local, config, _OnDevice(q_in, kws, device),
-                                                        bp)
-                first, last = train_block(
-                    block, quantizers, fp_in, q_in, kws, fp_out, num_iterations=config.num_iterations,
-                    lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
-                    generator=gen, desc=f"block {i}", progress=progress)
+            home = execution_device(block)
+            with onloaded(block, device):  # disk-offloaded or on another device: loaded for this block only
+                bp = block_prefix(prefix, i)
+                local = {n[len(bp):]: m for n, m in targets.items() if n.startswith(bp)}
+                t1 = time.perf_counter()
                 with torch.no_grad():
-                    for name, qz in quantizers.items():
-                        aw = qz.fold()
-                        local[name].weight.data.copy_(aw.dequantize().to(local[name].weight.dtype))
+                    for j in range(n):
+                        fp_out[j] = _run_block(block, fp_in[j].to(device), kws[j])
+                stats.forward_s += time.perf_counter() - t1
+                if local:
+                    t2 = time.perf_counter()
+                    gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
+                    quantizers, init_err = _init_quantizers(block, local, config, _OnDevice(q_in, kws, device),
+                                                            bp)
+                    if use_compile:
+                        for qz in quantizers.values():
+                            qz.kernels = compiled_kernels()
+                    # a window of whole passes over the batches (at least 16 steps): each window sees every batch
+                    window = n * -(-16 // n)
+                    early = (EarlyStop(window, config.early_stop_margin) if config.early_stop_margin is not None
+                             else None)
+                    history: list[float] = []
+                    start_grid = _fold(quantizers, local)
+                    start_mse = _output_mse(block, q_in, kws, fp_out, device) if config.num_iterations else None
+                    first, last = train_block(
+                        block, quantizers, fp_in, q_in, kws, fp_out, num_iterations=config.num_iterations,
+                        lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
+                        generator=gen, desc=f"block {i}", progress=progress, autocast_dtype=autocast_dtype,
+                        early_stop=early, history=history)
+                    stats.block_iterations.append(len(history))
+                    folded = _fold(quantizers, local)
+                    if history:
+                        # training minimises a noisy proxy (mixed inputs, few steps): keep the start (e.g. GPTQ's)
+                        # when the trained block is worse on what matters, the quantized input against the FP output
+                        trained_mse = _output_mse(block, q_in, kws, fp_out, device)
+                        stats.block_output_mse.append((start_mse, trained_mse))
+                        if trained_mse > start_mse:
+                            logger.info("AdaScale block %d: training raised the output MSE (%.4g -> %.4g): start "
+                                        "kept", i, start_mse, trained_mse)
+                            folded = _fold(start_grid, local)
+                    for name, aw in folded.items():
                         results[bp + name] = aw
                         if name in init_err:
                             stats.layers[bp + name] = init_err[name]  # GPTQ start's relative output error
-                dt = time.perf_counter() - t2
-                stats.quantize_s += dt
-                stats.block_seconds.append(dt)
-                stats.block_losses.append((first, last))
-                bar.set_postfix(loss=f"{first:.3g}->{last:.3g}")
-                logger.info("AdaScale block %d: loss %.4g -> %.4g in %.1fs", i, first, last, dt)
-            t3 = time.perf_counter()
-            with torch.no_grad():
-                for j in range(n):
-                    q_in[j] = _run_block(block, q_in[j].to(device), kws[j])
-            fp_in, fp_out = fp_out, fp_in  # this block's FP output is the next block's FP input
-            stats.forward_s += time.perf_counter() - t3
+                    dt = time.perf_counter() - t2
+                    stats.quantize_s += dt
+                    stats.block_seconds.append(dt)
+                    stats.block_losses.append((first, last))
+                    bar.set_postfix(loss=f"{first:.3g}->{last:.3g}")
+                    logger.info("AdaScale block %d: loss %.4g -> %.4g in %d steps, %.1fs", i, first, last,
+                                len(history), dt)
+                t3 = time.perf_counter()
+                with torch.no_grad():
+                    for j in range(n):
+                        q_in[j] = _run_block(block, q_in[j].to(device), kws[j])
+                fp_in, fp_out = fp_out, fp_in  # this block's FP output is the next block's FP input
+                stats.forward_s += time.perf_counter() - t3
+            names = [k for k in results if k.startswith(bp)]
+            for name in names:
+                results[name] = to_device(results[name], home)
+            if store is not None:
+                t4 = time.perf_counter()
+                store.save_block(i, {k: results[k] for k in names}, [*(fp_in[j] for j in range(n)),
+                                                                       *(q_in[j] for j in range(n))])
+                stats.resume_io_s += time.perf_counter() - t4
+            spill(block, f"block-{i:05d}", names, results)
+        bar.close()
+        if store is not None:
+            store.finish()
     finally:
-        for store in stack:
-            store.close()
-        for p in model.parameters():
-            p.requires_grad_(requires_grad[id(p)])
+        for activations in stack:
+            activations.close()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
     if outside:
         # Linears outside the decoder blocks (e.g. an untied lm_head) have no block to distil: plain RTN grid.
         for name in outside:

@@ -8,18 +8,50 @@ import math
 import torch
 from torch import nn
 
-from hf_vq.pipeline.runner import _run_block
+from hf_vq.pipeline.blocks import _run_block
 from hf_vq.utils.modules import set_module
+
+
+class EarlyStop:
+    """Says when a loss has stopped falling: the losses are averaged over consecutive windows of ``window`` steps, and
+    training stops at the end of the first window whose mean is not below the previous window's mean by more than
+    ``margin`` (relative). With ``window`` a multiple of the number of calibration batches (visited once each per
+    pass, in a shuffled order) every window sees the same batches, so batch-to-batch spread does not look like
+    progress or stagnation."""
+
+    def __init__(self, window: int, margin: float):
+        if window < 1 or not 0.0 <= margin < 1.0:
+            raise ValueError(f"early stop needs window >= 1 and 0 <= margin < 1, got {window}, {margin}")
+        self.window, self.margin = window, margin
+        self.previous: float | None = None
+        self.total, self.count = 0.0, 0
+
+    def update(self, loss: float) -> bool:
+        """Record one step's loss; True when training should stop after it."""
+        self.total += loss
+        self.count += 1
+        if self.count < self.window:
+            return False
+        mean, self.total, self.count = self.total / self.count, 0.0, 0
+        stop = self.previous is not None and mean > (1.0 - self.margin) * self.previous
+        self.previous = mean
+        return stop
 
 
 def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_groups: list[dict], fp_inputs, q_inputs,
                   kwargs, targets, *, num_iterations: int, fp_input_prob: float, generator: torch.Generator,
-                  desc: str = "", progress: bool = True) -> tuple[float, float]:
+                  desc: str = "", progress: bool = True, autocast_dtype: torch.dtype | None = None,
+                  early_stop: EarlyStop | None = None, history: list[float] | None = None) -> tuple[float, float]:
     """Swap ``stand_ins`` (name relative to ``block`` -> module) into ``block`` and run ``num_iterations`` Adam steps
     (``param_groups`` as for torch.optim.Adam, cosine decay to 0) on the MSE between ``targets[j]`` and the block run
     on a mixed input: each element from ``fp_inputs[j]`` with probability ``fp_input_prob``, else from
     ``q_inputs[j]``. Batches (indexable, with ``kwargs[j]``) are visited in a seeded random order. The original
-    modules are put back afterwards. Returns (first loss, mean loss of the last 10%)."""
+    modules are put back afterwards.
+
+    ``autocast_dtype`` (e.g. torch.bfloat16): run the block's forward and backward under autocast (the trained
+    parameters and the loss stay float32). ``early_stop``: stop before ``num_iterations`` once it says the loss has
+    stopped falling. ``history``: each step's loss is appended to it. Returns (first loss, mean loss of the last 10%
+    of the steps run)."""
     from tqdm.auto import tqdm
 
     if num_iterations == 0:
@@ -27,11 +59,14 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
     originals = {n: block.get_submodule(n) for n in stand_ins}
     for n, m in stand_ins.items():
         set_module(block, n, m)
-    opt = torch.optim.Adam(param_groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_iterations, eta_min=0.0)
     device = next(p for g in param_groups for p in g["params"]).device
+    # fused: one kernel per step instead of about ten passes over every parameter (s2 has one per weight)
+    opt = torch.optim.Adam(param_groups, fused=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_iterations, eta_min=0.0)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     order: list[int] = []
-    losses = []
+    losses = [] if history is None else history
+    start = len(losses)
     bar = tqdm(range(num_iterations), desc=desc, disable=not progress, leave=False, unit="it")
     try:
         with torch.enable_grad():
@@ -47,16 +82,20 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
                     fp_hidden, q_hidden = fp_inputs[j], q_inputs[j]
                     mask = torch.rand(fp_hidden.shape, generator=generator) < fp_input_prob
                     x = torch.where(mask, fp_hidden, q_hidden)
-                out = _run_block(block, x.to(device), kwargs[j])
-                loss = nn.functional.mse_loss(out, targets[j].to(out.device))
+                with autocast:
+                    out = _run_block(block, x.to(device), kwargs[j])
+                loss = nn.functional.mse_loss(out.float(), targets[j].to(out.device).float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3g}")
+                if early_stop is not None and early_stop.update(losses[-1]):
+                    break
     finally:
         for n, m in originals.items():
             set_module(block, n, m)
-    tail = losses[-max(1, math.ceil(len(losses) / 10)):]
-    return losses[0], sum(tail) / len(tail)
+    run = losses[start:]
+    tail = run[-max(1, math.ceil(len(run) / 10)):]
+    return run[0], sum(tail) / len(tail)

@@ -149,7 +149,8 @@ class CalibrationExperts(nn.Module):
             for e in [e for e, acc in table.items() if acc.count == 0]:
                 del table[e]
 
-    def finish_statistics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def finish_statistics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                          ) -> dict[str, torch.Tensor]:
         """Hessians of the members given to ``start_statistics`` (local names), with the fallbacks applied.
         ``reduce`` (sum over torch.distributed ranks) is applied to the statistics first."""
         st, self._stats = self._stats, None

@@ -53,4 +53,5 @@ def _run_gptq(model, config, targets, progress):
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
                           compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
-                          quantize_shared_fn=quantize_shared_fn, first_token_weight=config.sink_weight(), **run_options(config))
+                          quantize_shared_fn=quantize_shared_fn, first_token_weight=config.sink_weight(),
+                          **run_options(config))

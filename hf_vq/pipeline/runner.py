@@ -20,9 +20,8 @@ from torch import nn
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.formats.state import to_device
 from hf_vq.pipeline import distributed
-from hf_vq.pipeline.blocks import (RunStats, _collect_hessians, _FrozenChildren, _run_block, block_prefix,  # noqa: F401
-                                   capture_block_inputs, collect_hessians, find_decoder_blocks, last_target_block,
-                                   probe_block)
+from hf_vq.pipeline.blocks import (RunStats, _collect_hessians, _FrozenChildren, _run_block, block_prefix,
+                                   capture_block_inputs, find_decoder_blocks, last_target_block, probe_block)
 from hf_vq.pipeline.experts import regroup
 from hf_vq.pipeline.placement import SPILL_DIR, disk_offload_folder, execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, SpilledResult, fingerprint, save_results
@@ -74,11 +73,8 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                                   "run without torch.distributed or with finetune_iterations=0")
     store = None
     if resume_dir is not None:
-        model_config = getattr(getattr(model, "config", None), "to_dict", dict)()
-        for key in ("use_cache", "quantization_config"):  # set by the quantizer around the run, not the model's own
-            model_config.pop(key, None)
-        store = ResumeStore(resume_dir, fingerprint(resume_key or {}, model_config, targets, samples, ranks.world),
-                            ranks.rank)
+        store = ResumeStore(resume_dir, fingerprint(resume_key or {}, model_config(model), targets, samples,
+                                                    ranks.world), ranks.rank)
     samples = distributed.shard(samples, ranks)
     stats.processes, stats.windows = ranks.world, samples.shape[0]
 
@@ -145,6 +141,14 @@ def spill(module: nn.Module, stem: str, names: list[str], results: dict) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     save_results(path, {n: results[n] for n in names})
     results.update({n: SpilledResult(path, n) for n in names})
+
+
+def model_config(model: nn.Module) -> dict:
+    """The model's config as resume state must match it (without what the quantizer sets around a run)."""
+    out = getattr(getattr(model, "config", None), "to_dict", dict)()
+    for key in ("use_cache", "quantization_config"):
+        out.pop(key, None)
+    return out
 
 
 def run_options(config) -> dict:
