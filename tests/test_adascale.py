@@ -118,14 +118,7 @@ def _block_loss(block, inputs, targets):
 
 @pytest.mark.parametrize("gran,sym", [("group", False), ("lpbq", True)])
 def test_distillation_lowers_block_loss(gran, sym):
-    model = _tiny(1)
-    model.requires_grad_(False)
-    ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(1))
-    block = model.model.layers[0]
-    inputs = capture_block_inputs(model, block, ids, 2, contextlib.nullcontext)
-    with torch.no_grad():
-        targets = [_run_block(block, h, kw) for h, kw in inputs]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    block, inputs, targets, linears = _one_block(batch=2)
     quantizers = {n: quantizer_from_rtn(m.weight.data, 2, 32, sym, gran) for n, m in linears.items()}
     fp_weights = {n: m.weight.data.clone() for n, m in linears.items()}
 
@@ -341,12 +334,12 @@ def test_failing_compile_falls_back_to_eager():
     assert torch.equal(got.detach(), expected) and not kernels.compiled
 
 
-def _one_block(seed=0):
+def _one_block(seed=0, batch=1):
     model = _tiny(1, seed)
     model.requires_grad_(False)
     ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(1))
     block = model.model.layers[0]
-    inputs = capture_block_inputs(model, block, ids, 1, contextlib.nullcontext)
+    inputs = capture_block_inputs(model, block, ids, batch, contextlib.nullcontext)
     with torch.no_grad():
         targets = [_run_block(block, h, kw) for h, kw in inputs]
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
