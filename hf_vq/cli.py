@@ -153,7 +153,7 @@ def add_quantize_args(q: argparse.ArgumentParser) -> None:
     v.add_argument("--cols-per-block", type=int, default=256)
     v.add_argument("--kmeans-iterations", type=int, default=100)
     a = q.add_argument_group("adascale")
-    a.add_argument("--num-iterations", type=int, default=100, help="Adam steps per block, at most (early stop)")
+    a.add_argument("--num-iterations", type=int, default=300, help="Adam steps per block")
     a.add_argument("--init", choices=["rtn", "gptq"], default=None, help="default: gptq (rtn for lpbq)")
 
 

@@ -274,7 +274,8 @@ def test_config_round_trip():
     assert d["method"] == "adascale" and d["num_iterations"] == 200
     again = hf_vq.HfVQConfig.from_dict(d)
     assert again == cfg and type(again) is hf_vq.AdaScaleConfig
-    assert hf_vq.AdaScaleConfig().num_iterations == 100 and hf_vq.AdaScaleConfig().fp_input_prob == 0.5
+    default = hf_vq.AdaScaleConfig()
+    assert default.num_iterations == 300 and default.early_stop_margin is None and default.fp_input_prob == 0.5
 
 
 @pytest.mark.parametrize("gran,sym,gs", GRIDS)
