@@ -7,8 +7,8 @@ the training loss and the fp32 loss of the block with the folded weights over al
 is for). The baseline (an older checkout) takes no option beyond the defaults. Compare two versions of the code on the
 same machine by putting one on PYTHONPATH, e.g.
 
-    git worktree add /tmp/adascale_base <commit>
-    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/adascale_base .venv/bin/python benchmarks/adascale_step.py
+    git worktree add ../adascale_base <commit>
+    OMP_NUM_THREADS=1 PYTHONPATH=../adascale_base .venv/bin/python benchmarks/adascale_step.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adascale_step.py
 """
 
