@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from token_ids import load_ids
+
 # benchmarks/ holds kernels.py, which would shadow the `kernels` package transformers probes for.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
@@ -89,8 +91,7 @@ def load(args) -> dict:
         gen = model.generate(**enc, max_new_tokens=args.gen_tokens, do_sample=False)
         out["generated_text"] = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         if args.token_ids:
-            with open(args.token_ids, encoding="utf-8") as f:
-                ids = torch.tensor(json.load(f)[: args.max_tokens])
+            ids = torch.tensor(load_ids(args.token_ids)[: args.max_tokens])
             n_windows = ids.numel() // args.seq_len
             if args.max_windows is not None:
                 n_windows = min(n_windows, args.max_windows)

@@ -27,22 +27,12 @@ import os
 import sys
 import time
 
+from token_ids import load_ids  # before benchmarks/ leaves sys.path (below)
+
 # benchmarks/ holds kernels.py, which would shadow the `kernels` package transformers probes for.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 # vLLM logs to stdout by default; keep stdout for the JSON line.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-
-
-def load_ids(path: str) -> list[int]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, dict):
-        if "input_ids" not in data:
-            raise ValueError(f"{path}: JSON object has no 'input_ids' field")
-        data = data["input_ids"]
-    if not isinstance(data, list) or not all(isinstance(t, int) for t in data):
-        raise ValueError(f"{path}: expected a JSON list of integer token ids")
-    return data
 
 
 def window_nll(result, window: list[int]) -> float:

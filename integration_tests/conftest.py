@@ -11,6 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `hub_server`, ho
 
 
 @pytest.fixture(scope="session")
+def real():
+    """The real model's folder, its tokenizer, the calibration text (Emma) and the test text (Austen)."""
+    from transformers import AutoTokenizer
+
+    from hf_vq import assets
+
+    model_dir = assets.ensure_smollm2()
+    return model_dir, AutoTokenizer.from_pretrained(model_dir), assets.austen_calibration_text(), \
+        assets.austen_test_text()
+
+
+@pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """A Hub-compatible server on 127.0.0.1 (olah + write front) with huggingface_hub and transformers pointed at it.
 

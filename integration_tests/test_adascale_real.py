@@ -1,21 +1,12 @@
 """AdaScale at load on the real model (SmolLM2-135M-Instruct) with real text (Austen): every block distilled (few
 iterations to stay quick), save/reload identical logits, perplexity at RTN level or better, AIMET export."""
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_vq
-from hf_vq import assets
 
 EVAL = dict(seq_len=512, max_tokens=None, max_windows=4)  # 4 x 512 tokens of Pride and Prejudice
-
-
-@pytest.fixture(scope="module")
-def real():
-    model_dir = assets.ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return model_dir, tok, assets.austen_calibration_text(), assets.austen_test_text()
 
 
 def test_adascale4_all_blocks_save_reload_and_quality(real, tmp_path):

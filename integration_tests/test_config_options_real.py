@@ -5,20 +5,12 @@ too noisy to compare options; 8 x 256 is stable enough (fp32 22.19 vs bf16 22.27
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_vq
-from hf_vq import assets
 from hf_vq.nn.qat import QATLinear
 
 EVAL = dict(seq_len=512, max_tokens=65536, max_windows=3)  # 3 x 512 tokens of Pride and Prejudice
-
-
-@pytest.fixture(scope="module")
-def real():
-    model_dir = assets.ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return model_dir, tok, assets.austen_calibration_text(), assets.austen_test_text()
 
 
 def quantize(real, cls, **kw):

@@ -6,19 +6,11 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_vq
-from hf_vq import assets
 
 EVAL = dict(seq_len=512, max_tokens=65536, max_windows=6)  # 6 x 512 tokens of Pride and Prejudice
-
-
-@pytest.fixture(scope="module")
-def real():
-    model_dir = assets.ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return model_dir, tok, assets.austen_calibration_text(), assets.austen_test_text()
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,13 @@ the real model is exercised by benchmarks/quantsim.py; unit tests cover the Trai
 
 import json
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_vq
-from hf_vq import assets
 from hf_vq.nn.qat import QATLinear, QuantSimLinear
 
 EVAL = dict(seq_len=256, max_tokens=65536, max_windows=2)  # kept small: the quality numbers live in the benchmark
-
-
-@pytest.fixture(scope="module")
-def real():
-    model_dir = assets.ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return model_dir, tok, assets.austen_calibration_text(), assets.austen_test_text()
 
 
 def qsim(real, **kw):

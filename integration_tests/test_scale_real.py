@@ -4,19 +4,12 @@ saved checkpoint loads back with disk offload. On a GPU machine: the model in CP
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_vq
 from hf_vq import assets
 
 FIRST_FOUR = {r"layers\.([4-9]|[1-2][0-9])\.": {"skip": True}}  # blocks 0-3: the runner stops after block 3
-
-
-@pytest.fixture(scope="module")
-def real():
-    model_dir = assets.ensure_smollm2()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return model_dir, tok
 
 
 def _cfg(tok, **kw):
@@ -30,7 +23,7 @@ def _codes(model):
 
 @pytest.fixture(scope="module")
 def in_ram(real):
-    model_dir, tok = real
+    model_dir, tok = real[:2]
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_cfg(tok), dtype=torch.float32)
 
 
@@ -39,7 +32,7 @@ def _ids(tok):
 
 
 def test_disk_offload_with_small_max_memory_gives_the_in_ram_codes(real, in_ram, tmp_path):
-    model_dir, tok = real
+    model_dir, tok = real[:2]
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=_cfg(tok, quantization_device="cpu"), dtype=torch.float32,
         device_map="auto", max_memory={"cpu": "150MB"}, offload_folder=tmp_path / "offload")
@@ -64,7 +57,7 @@ def test_disk_offload_with_small_max_memory_gives_the_in_ram_codes(real, in_ram,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
 def test_cpu_model_quantized_block_by_block_on_cuda(real, in_ram):
-    model_dir, tok = real
+    model_dir, tok = real[:2]
     torch.cuda.reset_peak_memory_stats()
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_cfg(tok, quantization_device="cuda:0"),
                                                  dtype=torch.float32)

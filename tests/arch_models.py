@@ -75,3 +75,8 @@ def save_tiny(name: str, cls, cfg, path) -> None:
     torch.manual_seed(0)
     model = cls(cfg)
     model.save_pretrained(path)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import hf_vq
 from hf_vq.nn.registry import LAYER_TYPES
 
-from tests.arch_models import MOE, ROUTERS, configs, multimodal_gemma3, save_tiny
+from tests.arch_models import MOE, ROUTERS, configs, logits, multimodal_gemma3, save_tiny
 
 ARCHS = configs()
 CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -44,11 +44,6 @@ def float_weights_left(model, allowed_prefixes=()) -> list[str]:
             continue
         left.append(name)
     return left
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.model.experts import experts_layout, unfuse
 from hf_vq.nn.experts import QuantExperts, VQExperts
 
-from tests.arch_models import MOE, configs, save_tiny
+from tests.arch_models import MOE, configs, logits, save_tiny
 
 ARCHS = configs()
 
@@ -25,11 +25,6 @@ def _ids(n=8, length=32, seed=1):
 
 def gptq(**kw):
     return hf_vq.GPTQConfig(dataset=_ids(), num_samples=8, seq_len=32, group_size=32, **kw)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.fixture(scope="module")

@@ -187,13 +187,14 @@ def check_loaded(model: nn.Module, layers: dict, checksums: dict[str, str] | Non
             with placement.onloaded(module, placement.execution_device(module)):  # disk-offloaded: read it back
                 check(name)
     if checksums:
+        by_module: dict[str, list[str]] = {}
+        for k in checksums:
+            by_module.setdefault(k.rpartition(".")[0], []).append(k)
         bad = []
-        for k, h in checksums.items():
-            owner, _, tensor = k.rpartition(".")
+        for owner, keys in by_module.items():  # a disk-offloaded module is read back once for all its tensors
             module = model.get_submodule(owner)
             with placement.onloaded(module, placement.execution_device(module)):
-                if tensor_sha256(getattr(module, tensor)) != h:
-                    bad.append(k)
+                bad += [k for k in keys if tensor_sha256(getattr(module, k.rpartition(".")[2])) != checksums[k]]
         if bad:
             raise CheckpointError(f"checksum mismatch for {len(bad)} quantized tensors (first: {bad[0]}): the weights "
                                   "changed after they were saved (corrupted or edited file)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from hf_vq.pipeline.placement import SPILL_DIR, disk_offload_folder, execution_device
+from hf_vq.utils.io import atomic_output
 
 _CACHES = ("_kernel_cache", "_cache", "_kcache")
 
@@ -38,9 +39,8 @@ def offload_to_disk(module: nn.Module, name: str, folder: str | os.PathLike, exe
         return
     path = Path(folder) / SPILL_DIR / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}, str(tmp))
     loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(path), "weight_name": k} for k in tensors})
     hook = AlignDevicesHook(execution_device=execution_device, offload=True, io_same_device=False,
                             weights_map=loader, offload_buffers=True, place_submodules=False)

@@ -40,9 +40,8 @@ def build_report(model: nn.Module, config, quantized: list[str], floats: dict[st
                             f"{rep.get('threshold')} routed calibration tokens; calibrated with "
                             f"{sorted(set(rep['fallback'].values()))}")
     summary = {"method": config.method, "total_s": total_s, "forward_s": stats.forward_s,
-               "quantize_s": stats.quantize_s, "resume_io_s": getattr(stats, "resume_io_s", 0.0),
-               "resumed_blocks": getattr(stats, "resumed_blocks", 0), "processes": getattr(stats, "processes", 1),
-               "windows": getattr(stats, "windows", None),
+               "quantize_s": stats.quantize_s, "resume_io_s": stats.resume_io_s,
+               "resumed_blocks": stats.resumed_blocks, "processes": stats.processes, "windows": stats.windows,
                **{k: getattr(stats, k) for k in ("block_iterations", "block_output_mse") if hasattr(stats, k)},
                "layers": stats.layers, "num_layers": len(quantized),
                "quantized": report_q, "float": dict(sorted(floats.items())), "experts": experts,

@@ -30,13 +30,12 @@ from hf_vq.pipeline.distill import EarlyStop, distill_block
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.formats.state import to_device
 from hf_vq.pipeline import distributed
 from hf_vq.pipeline.blocks import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
                                    find_decoder_blocks, last_target_block, probe_block)
 from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, fingerprint
-from hf_vq.pipeline.runner import model_config as _model_config, run_options, spill
+from hf_vq.pipeline.runner import finish_block, model_config as _model_config, restore_finished, run_options
 
 logger = logging.getLogger(__name__)
 
@@ -185,14 +184,10 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         results = {}
         start = 0
         if store is not None and (done_before := store.last_finished()) >= 0:
-            stored, hidden = store.load(done_before)  # FP then quantized inputs of block done_before + 1
-            for j in range(n):
+            hidden = restore_finished(store, done_before, blocks, prefix, results, stats)
+            for j in range(n):  # FP, then quantized inputs of block done_before + 1
                 fp_in[j], q_in[j] = hidden[j], hidden[n + j]
-            for j in range(done_before + 1):
-                mine = [k for k in stored if k.startswith(block_prefix(prefix, j))]
-                results.update({k: to_device(stored.pop(k), execution_device(blocks[j])) for k in mine})
-                spill(blocks[j], f"block-{j:05d}", mine, results)
-            start = stats.resumed_blocks = done_before + 1
+            start = done_before + 1
         bar = tqdm(range(len(blocks)), desc="AdaScale blocks", disable=not progress, unit="block", initial=start)
         last_block = last_target_block(prefix, len(blocks), targets)
         for i in range(start, len(blocks)):
@@ -257,15 +252,8 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                         q_in[j] = _run_block(block, q_in[j].to(device), kws[j])
                 fp_in, fp_out = fp_out, fp_in  # this block's FP output is the next block's FP input
                 stats.forward_s += time.perf_counter() - t3
-            names = [k for k in results if k.startswith(bp)]
-            for name in names:
-                results[name] = to_device(results[name], home)
-            if store is not None:
-                t4 = time.perf_counter()
-                store.save_block(i, {k: results[k] for k in names}, [*(fp_in[j] for j in range(n)),
-                                                                       *(q_in[j] for j in range(n))])
-                stats.resume_io_s += time.perf_counter() - t4
-            spill(block, f"block-{i:05d}", names, results)
+            finish_block(i, block, home, [k for k in results if k.startswith(bp)], results, store,
+                         lambda: [*(fp_in[j] for j in range(n)), *(q_in[j] for j in range(n))], stats)
         bar.close()
         if store is not None:
             store.finish()

@@ -51,14 +51,14 @@ def shard(samples: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return samples[ranks.rank::ranks.world]
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
-    return t.device if dist.get_backend() != "gloo" else torch.device("cpu")
+def _comm_device() -> torch.device:
+    """Where collectives run: CPU for gloo, this process's GPU for NCCL."""
+    return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over ranks, in place (through CPU for gloo)."""
-    dev = _comm_device(t)
-    buf = t.to(dev)
+    buf = t.to(_comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     if buf is not t:
         t.copy_(buf)
@@ -88,7 +88,7 @@ def broadcast_result(result, src: int, ranks: Ranks):
         size = torch.tensor([blob.numel()], dtype=torch.int64)
     else:
         size = torch.zeros(1, dtype=torch.int64)
-    dev = torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    dev = _comm_device()
     size = size.to(dev)
     dist.broadcast(size, src)
     if ranks.rank != src:

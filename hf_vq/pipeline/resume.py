@@ -21,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_vq.formats.state import from_state, to_state
-from hf_vq.utils.io import atomic_write_text, read_json
+from hf_vq.utils.io import atomic_output, atomic_write_text, read_json
 
 PROGRESS = "progress.json"
-TMP = ".tmp"
+TMP = ".tmp"  # the suffix of atomic_output's temporary files: left by a killed run
 
 
 class ResumeError(ValueError):
@@ -38,9 +38,8 @@ def save_results(path: Path, results: dict[str, object]) -> None:
         header, ts = to_state(result)
         headers[name] = header
         tensors.update({f"{name}::{k}": v.detach().cpu().contiguous().clone() for k, v in ts.items()})
-    tmp = path.with_name(path.name + TMP)
-    save_file(tensors, str(tmp), metadata={"headers": json.dumps(headers)})
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"headers": json.dumps(headers)})
 
 
 def load_results(path: Path, names: list[str] | None = None) -> dict[str, object]:
@@ -98,10 +97,8 @@ class ResumeStore:
         return doc["finished"]
 
     def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        final = self.dir / name
-        tmp = final.with_name(final.name + TMP)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, final)
+        with atomic_output(self.dir / name) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
     def save_block(self, index: int, results: dict[str, object], hidden: list[torch.Tensor]) -> None:
         """Block ``index``'s results (rank 0 writes them) and this rank's activations, then the progress marker.

@@ -89,15 +89,9 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     results: dict[str, object] = {}
     start = 0
     if store is not None and (done_before := store.last_finished()) >= 0:
-        t0 = time.perf_counter()
-        stored, hidden = store.load(done_before)
-        for j in range(done_before + 1):
-            mine = [n for n in stored if n.startswith(block_prefix(prefix, j))]
-            results.update({n: to_device(stored.pop(n), execution_device(blocks[j])) for n in mine})
-            spill(blocks[j], f"block-{j:05d}", mine, results)
+        hidden = restore_finished(store, done_before, blocks, prefix, results, stats)
         cache = [(h, kw) for h, (_, kw) in zip(hidden, cache)]
-        start = stats.resumed_blocks = done_before + 1
-        stats.resume_io_s += time.perf_counter() - t0
+        start = done_before + 1
         logger.info("hf_vq: resuming after block %d from %s", done_before, resume_dir)
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress, unit="block", initial=start)
     last = last_target_block(prefix, len(blocks), targets)
@@ -111,13 +105,7 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
             linears = _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, ranks,
                                      true_sequential, reuse_frozen, quantize_fn, quantize_shared_fn, block_hook,
                                      first_token_weight)
-        for n in linears:
-            results[n] = to_device(results[n], home)
-        if store is not None:
-            t0 = time.perf_counter()
-            store.save_block(i, {n: results[n] for n in linears}, [hidden for hidden, _ in cache])
-            stats.resume_io_s += time.perf_counter() - t0
-        spill(block, f"block-{i:05d}", list(linears), results)
+        finish_block(i, block, home, list(linears), results, store, lambda: [hidden for hidden, _ in cache], stats)
         bar.update(1)
         postfix = {"err": f"{max(stats.layers[n] for n in linears) if linears else 0:.4f}"}
         if ranks.active:
@@ -129,6 +117,34 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     if store is not None:
         store.finish()
     return results, stats
+
+
+def restore_finished(store: ResumeStore, done_before: int, blocks, prefix: str, results: dict,
+                     stats: RunStats) -> list[torch.Tensor]:
+    """Put the stored results of blocks 0..``done_before`` into ``results`` (on each block's device, spilled where
+    the block is on disk); returns the stored activations, the inputs of block ``done_before`` + 1."""
+    t0 = time.perf_counter()
+    stored, hidden = store.load(done_before)
+    for j in range(done_before + 1):
+        mine = [k for k in stored if k.startswith(block_prefix(prefix, j))]
+        results.update({k: to_device(stored.pop(k), execution_device(blocks[j])) for k in mine})
+        spill(blocks[j], f"block-{j:05d}", mine, results)
+    stats.resumed_blocks = done_before + 1
+    stats.resume_io_s += time.perf_counter() - t0
+    return hidden
+
+
+def finish_block(i: int, block: nn.Module, home: torch.device, names: list[str], results: dict,
+                 store: ResumeStore | None, activations: Callable[[], list[torch.Tensor]], stats: RunStats) -> None:
+    """Block ``i`` is done: its results go to the block's home device, into the resume state (with
+    ``activations()``, the next block's inputs) and, for a block offloaded to disk, to disk."""
+    for n in names:
+        results[n] = to_device(results[n], home)
+    if store is not None:
+        t0 = time.perf_counter()
+        store.save_block(i, {n: results[n] for n in names}, activations())
+        stats.resume_io_s += time.perf_counter() - t0
+    spill(block, f"block-{i:05d}", names, results)
 
 
 def spill(module: nn.Module, stem: str, names: list[str], results: dict) -> None:
