@@ -11,6 +11,7 @@ from hf_vq.pipeline.data import CalibrationError, build_calibration, check_token
 from hf_vq.pipeline.registry import model_limits
 
 from .conftest import random_text
+from .runs import rtn_run_recording_hessians
 
 VOCAB, POSITIONS = 128, 256  # the tiny model's (tests/conftest.py)
 
@@ -90,21 +91,8 @@ def test_seq_len_above_max_position_embeddings_is_refused(tiny_llama_dir, tiny_t
 def test_bf16_calibration_reuses_frozen_outputs_like_a_full_pass(tiny_llama_dir, calib_ids):
     """calibration_dtype="bfloat16" used to crash where a finished child's output is rebuilt from its last Linear
     (``linear(x)`` ran outside the autocast on bf16 inputs). Rebuilt outputs must equal running the child again."""
-    from hf_vq.algorithms.rtn import rtn_weight
-    from hf_vq.pipeline.runner import run_sequential
-
     def run(reuse):
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-        targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
-        hessians = {}
-
-        def fn(name, lin, h):
-            hessians[name] = h.clone()
-            return rtn_weight(lin.weight.data, 4, 32, sym=False)
-
-        results, _ = run_sequential(model, calib_ids, targets, fn, batch_size=4, reuse_frozen=reuse, progress=False,
-                                    compute_dtype=torch.bfloat16)
-        return results, hessians
+        return rtn_run_recording_hessians(tiny_llama_dir, calib_ids, reuse, compute_dtype=torch.bfloat16)
 
     (a, ha), (b, hb) = run(True), run(False)
     assert a.keys() == b.keys() and len(a) == 14

@@ -11,6 +11,7 @@ import hf_vq
 from hf_vq.integrations.quantizer import HfVQQuantizer
 
 from tests.conftest import random_text
+from tests.runs import rtn_run_recording_hessians
 
 
 def logits(model, ids):
@@ -151,20 +152,8 @@ def test_reusing_frozen_block_outputs_changes_nothing(tiny_llama_dir, calib_ids)
     (BLAS kernels may take other paths) cannot cascade through rounding decisions into the next block. A wrong stub
     would change the Hessians by orders of magnitude more than the tolerance.
     """
-    from hf_vq.algorithms.rtn import rtn_weight
-    from hf_vq.pipeline.runner import run_sequential
-
     def run(reuse):
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-        targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
-        hessians = {}
-
-        def fn(name, lin, h):
-            hessians[name] = h.clone()
-            return rtn_weight(lin.weight.data, 4, 32, sym=False)
-
-        results, _ = run_sequential(model, calib_ids, targets, fn, batch_size=4, reuse_frozen=reuse, progress=False)
-        return results, hessians
+        return rtn_run_recording_hessians(tiny_llama_dir, calib_ids, reuse)
 
     (a, ha), (b, hb) = run(True), run(False)
     assert a.keys() == b.keys() and len(a) == 14
