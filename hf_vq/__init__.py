@@ -22,7 +22,7 @@ from hf_vq.integrations.quantizer import HfVQQuantizer
 from hf_vq.export.quantsim import export_encodings
 from hf_vq.model.quantsim import (set_activation_quantizers_to_float, set_blockwise_quantization_for_weights,
                                   set_grouped_blockwise_quantization_for_weights)
-from hf_vq.pipeline.quantsim import compute_encodings
+from hf_vq.pipeline.act_ranges import compute_encodings
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
     register_quantization_config(QUANT_METHOD)(HfVQConfig)

@@ -12,7 +12,7 @@ import hf_vq
 from hf_vq.nn.qat import ActQuantizer, FloatQuantizer, QATLinear, QuantSimLinear
 from hf_vq.formats import blockwise
 from hf_vq.export.quantsim import activation_quantizers
-from hf_vq.pipeline.quantsim import percentile_range, sqnr_range
+from hf_vq.pipeline.act_ranges import percentile_range, sqnr_range
 
 
 def cfg(calib_ids, **kw):

@@ -40,8 +40,15 @@ def gptq(**kw):
     return hf_vq.GPTQConfig(dataset=ids(), num_samples=8, seq_len=32, group_size=32, calibration_batch_size=2, **kw)
 
 
+def quantsim(**kw):
+    return hf_vq.QuantSimConfig(dataset=ids(), num_samples=8, seq_len=32, weight_bits=4, block_size=32,
+                                activation_bits=8, calibration_batch_size=2, **kw)
+
+
 def quantized_tensors(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("qweight", "scales", "qzeros"))}
+    """GPTQ's packed codes, scales and zeros; QuantSim's weight scales and activation ranges."""
+    suffixes = ("qweight", "scales", "qzeros", "log_scale", "quantizer.min", "quantizer.max")
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(suffixes)}
 
 
 def test_config_fields():
@@ -128,13 +135,59 @@ def test_adascale_with_disk_offload_and_resume(deep_dir, tmp_path):
         assert torch.equal(model(x).logits, want)
 
 
-def test_methods_that_cannot_onload_refuse_disk_offload(deep_dir, tmp_path):
+def test_quantsim_onloads_resumes_and_matches_whole_model_calibration(deep_dir, tmp_path):
+    """QuantSim calibrates block by block: the ranges are those of a whole-model pass; disk-offloaded blocks give the
+    in-RAM model; an interrupted run resumes without redoing finished blocks."""
+    cfg = dict(quant_scheme="tf_enhanced")  # two passes per block (range, then histogram)
+    ref = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=quantsim(**cfg))
+    blockwise = quantized_tensors(ref)
+    assert len([k for k in blockwise if k.endswith("quantizer.min")]) == 2 * 7 * LAYERS
+    from hf_vq.pipeline.act_ranges import compute_encodings
+    from hf_vq.pipeline.registry import calibration_samples
+
+    # the same windows in one whole-model pass
+    compute_encodings(ref, calibration_samples(ref, quantsim(**cfg)), "tf_enhanced", batch_size=2)
+    whole = quantized_tensors(ref)
+    assert all(torch.allclose(blockwise[k], whole[k], rtol=1e-5, atol=1e-7) for k in whole)
+
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "disk" for i in range(LAYERS)}}
-    cfg = hf_vq.QuantSimConfig(dataset=ids(), num_samples=8, seq_len=32, weight_bits=4, block_size=32)
-    with pytest.raises(NotImplementedError, match="'quantsim' does not load disk-offloaded blocks.*model.layers.0"):
-        AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=cfg, device_map=device_map,
-                                             offload_folder=tmp_path / "offload")
+                  **{f"model.layers.{i}": "cpu" if i == 0 else "disk" for i in range(LAYERS)}}
+    model = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=quantsim(quantization_device="cpu",
+                                                                                        **cfg),
+                                                 device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model.model.layers[2].mlp.down_proj.latent.is_meta  # the QuantSim module of a disk block is on disk
+    assert not model.model.layers[0].mlp.down_proj.latent.is_meta
+    x = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        want = ref(x).logits
+        assert torch.equal(model(x).logits, want)
+    ranges = {k: v for k, v in model.state_dict().items() if k.endswith(("quantizer.min", "quantizer.max"))}
+    assert ranges.keys() < blockwise.keys() and all(torch.equal(v, blockwise[k]) for k, v in ranges.items())
+
+    from hf_vq.model import convert
+
+    resume = tmp_path / "resume"
+    model = AutoModelForCausalLM.from_pretrained(deep_dir)
+    calls = [0] * LAYERS
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *a, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    handle = model.model.layers[2].register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        convert.quantize_model(model, quantsim(resume_dir=str(resume), **cfg), ["lm_head"], progress=False)
+    handle.remove()
+    assert json.loads((resume / "progress.json").read_text())["finished"] == 1
+    model = AutoModelForCausalLM.from_pretrained(deep_dir)
+    calls = [0] * LAYERS
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *a, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+    run = convert.quantize_model(model, quantsim(resume_dir=str(resume), **cfg), ["lm_head"], progress=False)
+    assert run["resumed_blocks"] == 2 and calls[:2] == [0, 0] and all(c > 0 for c in calls[2:])
+    assert not resume.exists()
+    got = quantized_tensors(model)
+    assert got.keys() == blockwise.keys() and all(torch.equal(got[k], blockwise[k]) for k in blockwise)
 
 
 def test_onloaded_restores_offloaded_weights(deep_dir, tmp_path):
@@ -210,9 +263,9 @@ DIST_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-    from tests.test_scale import gptq, quantized_tensors
+    from tests.test_scale import gptq, quantized_tensors, quantsim
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained({model!r}, quantization_config=gptq())
+    model = AutoModelForCausalLM.from_pretrained({model!r}, quantization_config={method}())
     run = model.hf_quantizer.last_run
     with torch.no_grad():
         logits = model(torch.arange(3, 67)[None]).logits.contiguous()
@@ -223,9 +276,9 @@ DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _launch(nproc: int, deep_dir, out: Path, port: int) -> None:
+def _launch(nproc: int, deep_dir, out: Path, port: int, method: str = "gptq") -> None:
     script = out / "run.py"
-    script.write_text(DIST_SCRIPT.format(root=str(ROOT), model=str(deep_dir), out=str(out)))
+    script.write_text(DIST_SCRIPT.format(root=str(ROOT), model=str(deep_dir), out=str(out), method=method))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(script)]
@@ -280,3 +333,21 @@ def test_two_gloo_processes_match_one(arch, deep_dir, moe_dir, tmp_path):
     print(f"{arch}: 2 gloo ranks vs 1 process: {differ}/{total} packed code bytes differ; relative logit error vs "
           f"float {err_two:.4f} vs {err_one:.4f}")
     assert 0 < err_one and err_two < 1.1 * err_one
+
+
+def test_two_gloo_processes_quantsim(deep_dir, tmp_path):
+    """QuantSim under torch.distributed: each rank observes half the windows; the min/max are reduced over ranks, so
+    both ranks end with the ranges of one process that saw every window."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _launch(2, deep_dir, tmp_path, port, method="quantsim")
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    one = quantized_tensors(AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=quantsim()))
+    ranges = [k for k in one if k.endswith(("quantizer.min", "quantizer.max"))]
+    assert len(ranges) == 2 * 2 * 7 * LAYERS
+    # the same maxima over the same activations (each window's rows computed in a batch of 2 either way)
+    assert all(torch.allclose(r0[k], one[k], rtol=1e-6, atol=0) for k in ranges)

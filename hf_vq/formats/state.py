@@ -22,6 +22,8 @@ def to_state(result) -> tuple[dict, dict[str, torch.Tensor]]:
     if isinstance(result, VQWeight):
         info = {k: float(v) for k, v in result.info.items()}
         return {"kind": "vq", "layout": dataclasses.asdict(result.layout), "info": info}, dict(result.tensors)
+    if isinstance(result, dict) and all(isinstance(v, torch.Tensor) for v in result.values()):
+        return {"kind": "tensors"}, dict(result)  # e.g. a QuantSim layer's activation ranges
     raise StateError(f"no serialized form for {type(result).__name__}")
 
 
@@ -33,6 +35,8 @@ def from_state(header: dict, tensors: dict[str, torch.Tensor]):
                                 int(header["bits"]), int(header["group_size"]), bool(header["sym"]))
         if kind == "vq":
             return VQWeight(VQLayout(**header["layout"]), dict(tensors), dict(header.get("info", {})))
+        if kind == "tensors":
+            return dict(tensors)
     except (KeyError, TypeError) as e:
         raise StateError(f"malformed {kind} state: {e}") from None
     raise StateError(f"unknown quantized-weight kind {kind!r}")

@@ -17,14 +17,12 @@ from hf_vq.model.checkpoint import check_checkpoint, expected_tensors, validate_
 from hf_vq.model import experts as experts_mod
 from hf_vq.model import report as report_mod
 from hf_vq.model import targets as targets_mod
-from hf_vq.model.offload import offload_to_disk
 from hf_vq.pipeline import placement, registry
 from hf_vq.pipeline.resume import SpilledResult
 from hf_vq.pipeline.experts import resolve_options as expert_options
 from hf_vq.utils.modules import set_module
 
 logger = logging.getLogger(__name__)
-ONLOADING_METHODS = ("rtn", "gptq", "gptvq", "adascale")  # the methods that load disk-offloaded blocks one at a time
 
 
 def select_linears(model: nn.Module, config: HfVQConfig, skip: list[str]) -> dict[str, nn.Module]:
@@ -67,15 +65,10 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
     on_disk = {n: placement.disk_offload_folder(m) for n, m in [*plan.linears.items(),
                *((e, model.get_submodule(e)) for e in plan.experts)]}
     on_disk = {n: f for n, f in on_disk.items() if f is not None}
-    if on_disk:
-        experts_on_disk = [n for n in on_disk if n in plan.experts]
-        if experts_on_disk:
-            raise NotImplementedError(f"{experts_on_disk[0]}: fused experts offloaded to disk are not supported yet; "
-                                      "keep the MoE blocks in memory (device_map / max_memory) or exclude the experts")
-        if config.method not in ONLOADING_METHODS:
-            raise NotImplementedError(f"{config.method!r} does not load disk-offloaded blocks one at a time "
-                                      f"({next(iter(on_disk))} is on disk); use one of {ONLOADING_METHODS}, or keep "
-                                      "the model in memory")
+    experts_on_disk = [n for n in on_disk if n in plan.experts]
+    if experts_on_disk:
+        raise NotImplementedError(f"{experts_on_disk[0]}: fused experts offloaded to disk are not supported yet; "
+                                  "keep the MoE blocks in memory (device_map / max_memory) or exclude the experts")
     t0 = time.perf_counter()
     for name, mod in plan.linears.items():
         if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D: the same layer as a Linear (weight transposed)
@@ -107,8 +100,8 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
             to_module = getattr(result, "to_module", None)
             new = to_module(old.bias) if to_module else module_from_format(result, old.bias)
         set_module(model, name, new)
-        if name in on_disk:
-            offload_to_disk(new, name, on_disk[name], home)
+        if name in on_disk and getattr(new, "_hf_hook", None) is None:  # not already put back on disk by the run
+            placement.offload_to_disk(new, name, on_disk[name], home)
         quantized.append(name)
     experts_report = {}
     for name, cal in unfused.items():

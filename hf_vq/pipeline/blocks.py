@@ -48,6 +48,16 @@ class RunStats:
     layers: dict[str, float] = field(default_factory=dict)  # relative output error per layer
 
 
+def bar_postfix(ranks, device: torch.device, **extra) -> dict:
+    """The progress bar's postfix for a block: ``extra``, the rank under torch.distributed, peak device memory."""
+    postfix = dict(extra)
+    if ranks.active:
+        postfix["rank"] = f"{ranks.rank}/{ranks.world}"
+    if device.type == "cuda":
+        postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
+    return postfix
+
+
 def capture_block_inputs(model: nn.Module, block: nn.Module, samples: torch.Tensor, batch_size: int, autocast):
     """Run the model on calibration windows up to ``block`` and keep its inputs: a list of (hidden, kwargs)."""
     captured = []

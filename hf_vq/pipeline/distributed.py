@@ -56,10 +56,10 @@ def _comm_device() -> torch.device:
     return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over ranks, in place (through CPU for gloo)."""
+def all_reduce_sum(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """``t`` summed (or ``op``: "MAX", "MIN") over ranks, in place (through CPU for gloo)."""
     buf = t.to(_comm_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
     if buf is not t:
         t.copy_(buf)
     return t

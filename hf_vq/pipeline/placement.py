@@ -6,15 +6,22 @@ on a decoder block, :func:`onloaded` puts that block's weights on the quantizati
 there and stops them from re-loading offloaded weights on every forward (the runner writes quantized weights into the
 block and replays it); on exit every weight goes back to its home (offloaded ones back to meta: the float originals
 stay in the offload folder, the quantized result is kept by the runner).
+
+:func:`offload_to_disk` puts a quantized module of a disk-offloaded block back on disk: its tensors are written next
+to accelerate's files (one safetensors file per module, in ``hf_vq_quantized/``) and an accelerate hook of the same
+kind reads them for each forward; the module's decoded-weight and kernel caches are dropped after each forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from hf_vq.utils.io import atomic_output
 
 
 SPILL_DIR = "hf_vq_quantized"  # inside accelerate's offload folder: results and modules of disk-offloaded blocks
@@ -127,3 +134,34 @@ def _set(m: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
         m._parameters[name].data = value
     else:
         m._buffers[name] = value
+
+
+_CACHES = ("_kernel_cache", "_cache", "_kcache")
+
+
+def _forget_caches(module: nn.Module, _args, _output) -> None:
+    for attr in _CACHES:
+        value = module.__dict__.get(attr)
+        if value is not None:
+            module.__dict__[attr] = {} if isinstance(value, dict) else None
+
+
+def offload_to_disk(module: nn.Module, name: str, folder: str | os.PathLike, execution_device) -> None:
+    """Write ``module``'s own tensors to ``folder``/hf_vq_quantized/``name``.safetensors and attach an accelerate
+    hook that loads them onto ``execution_device`` for each forward (child modules keep their tensors in memory)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import OffloadedWeightsLoader
+    from safetensors.torch import save_file
+
+    tensors = {k: t for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+    if not tensors:
+        return
+    path = Path(folder) / SPILL_DIR / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        save_file({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}, str(tmp))
+    loader = OffloadedWeightsLoader(index={k: {"safetensors_file": str(path), "weight_name": k} for k in tensors})
+    hook = AlignDevicesHook(execution_device=execution_device, offload=True, io_same_device=False,
+                            weights_map=loader, offload_buffers=True, place_submodules=False)
+    add_hook_to_module(module, hook)  # moves the module's tensors to meta
+    module.register_forward_hook(_forget_caches)

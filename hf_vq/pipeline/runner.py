@@ -20,8 +20,8 @@ from torch import nn
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.formats.state import to_device
 from hf_vq.pipeline import distributed
-from hf_vq.pipeline.blocks import (RunStats, _collect_hessians, _FrozenChildren, _run_block, block_prefix,
-                                   capture_block_inputs, find_decoder_blocks, last_target_block, probe_block)
+from hf_vq.pipeline.blocks import (RunStats, _collect_hessians, _FrozenChildren, _run_block, bar_postfix,
+                                   block_prefix, capture_block_inputs, find_decoder_blocks, last_target_block, probe_block)
 from hf_vq.pipeline.experts import regroup
 from hf_vq.pipeline.placement import SPILL_DIR, disk_offload_folder, execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, SpilledResult, fingerprint, save_results
@@ -107,12 +107,8 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                                      first_token_weight)
         finish_block(i, block, home, list(linears), results, store, lambda: [hidden for hidden, _ in cache], stats)
         bar.update(1)
-        postfix = {"err": f"{max(stats.layers[n] for n in linears) if linears else 0:.4f}"}
-        if ranks.active:
-            postfix["rank"] = f"{ranks.rank}/{ranks.world}"
-        if device.type == "cuda":
-            postfix["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
-        bar.set_postfix(postfix)
+        worst = max(stats.layers[n] for n in linears) if linears else 0.0
+        bar.set_postfix(bar_postfix(ranks, device, err=f"{worst:.4f}"))
     bar.close()
     if store is not None:
         store.finish()
