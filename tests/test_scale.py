@@ -46,8 +46,9 @@ def quantsim(**kw):
 
 
 def quantized_tensors(model) -> dict[str, torch.Tensor]:
-    """GPTQ's packed codes, scales and zeros; QuantSim's weight scales and activation ranges."""
-    suffixes = ("qweight", "scales", "qzeros", "log_scale", "quantizer.min", "quantizer.max")
+    """GPTQ's packed codes, scales and zeros; QuantSim's weight scales and activation ranges; GPTVQ's tensors."""
+    suffixes = ("qweight", "scales", "qzeros", "log_scale", "quantizer.min", "quantizer.max", "vq_indices",
+                "vq_codebook", "vq_codebook_scales")
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(suffixes)}
 
 
@@ -98,8 +99,21 @@ def test_rtn_with_disk_offload(deep_dir, tmp_path):
 
 
 def adascale(**kw):
-    return hf_vq.AdaScaleConfig(dataset=ids(), num_samples=8, seq_len=32, group_size=32, batch_size=2,
-                                num_iterations=4, early_stop_margin=None, **kw)
+    return hf_vq.AdaScaleConfig(**{"dataset": ids(), "num_samples": 8, "seq_len": 32, "group_size": 32,
+                                   "batch_size": 2, "num_iterations": 4, "early_stop_margin": None, **kw})
+
+
+def adascale_one_window_per_step(**kw):
+    """AdaScale stepping on one window per rank, on the FP inputs (no random input mixing): 2 ranks take the same
+    steps as one process with batch_size=2."""
+    return adascale(**{"batch_size": 1, "fp_input_prob": 1.0, **kw})
+
+
+def gptvq_finetuned(**kw):
+    """GPTVQ with block codebook fine-tuning on one window per batch (see adascale_one_window_per_step)."""
+    return hf_vq.GPTVQConfig(**{"dataset": ids(), "num_samples": 8, "seq_len": 32, "vector_dim": 2, "index_bits": 4,
+                                "rows_per_block": 16, "cols_per_block": 32, "kmeans_iterations": 4,
+                                "finetune_iterations": 4, "calibration_batch_size": 1, **kw})
 
 
 def test_adascale_with_disk_offload_and_resume(deep_dir, tmp_path):
@@ -263,7 +277,7 @@ DIST_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-    from tests.test_scale import gptq, quantized_tensors, quantsim
+    from tests.test_scale import adascale_one_window_per_step, gptq, gptvq_finetuned, quantized_tensors, quantsim
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained({model!r}, quantization_config={method}())
     run = model.hf_quantizer.last_run
@@ -351,3 +365,29 @@ def test_two_gloo_processes_quantsim(deep_dir, tmp_path):
     assert len(ranges) == 2 * 2 * 7 * LAYERS
     # the same maxima over the same activations (each window's rows computed in a batch of 2 either way)
     assert all(torch.allclose(r0[k], one[k], rtol=1e-6, atol=0) for k in ranges)
+
+
+@pytest.mark.parametrize("method", ["adascale_one_window_per_step", "gptvq_finetuned"])
+def test_two_gloo_processes_block_training(method, deep_dir, tmp_path):
+    """Block training under torch.distributed (AdaScale; GPTVQ codebook fine-tuning): Hessians summed over ranks,
+    each Adam step averages the ranks' gradients. 2 ranks stepping on one window each take the steps of one process
+    stepping on both windows."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _launch(2, deep_dir, tmp_path, port, method=method)
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)  # every rank: the same model
+    make = globals()[method]
+    single = AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=make(
+        **{"batch_size" if method.startswith("adascale") else "calibration_batch_size": 2}))
+    one = quantized_tensors(single)
+    assert len(one) >= 2 * 7 * LAYERS and one.keys() | {"logits"} == r0.keys()
+    differ = sum(int((one[k] != r0[k]).sum()) for k in one) / sum(one[k].numel() for k in one)
+    with torch.no_grad():
+        logits = single(torch.arange(3, 67)[None]).logits
+    rel = float((r0["logits"] - logits).norm() / logits.norm())
+    print(f"{method}: 2 gloo ranks vs 1 process: {differ:.4%} of stored values differ, relative logit diff {rel:.2e}")
+    assert differ < 0.01 and rel < 1e-3

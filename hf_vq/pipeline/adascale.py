@@ -26,13 +26,14 @@ from torch import nn
 from hf_vq.pipeline.activation_store import ActivationStore
 from hf_vq.algorithms.adascale import (AdaScaleLinear, check_layout, compiled_kernels, quantizer_from_affine,
                                       quantizer_from_rtn)
-from hf_vq.pipeline.distill import EarlyStop, distill_block
+from hf_vq.pipeline.distill import EarlyStop, block_mse, distill_block
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.hessian import output_error
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
 from hf_vq.pipeline import distributed
-from hf_vq.pipeline.blocks import (RunStats, _run_block, block_prefix, capture_block_inputs, collect_hessians,
-                                   find_decoder_blocks, last_target_block, probe_block)
+from hf_vq.pipeline.blocks import (RunStats, _run_block, bar_postfix, block_prefix, capture_block_inputs,
+                                   collect_hessians, find_decoder_blocks, last_target_block, probe_block)
+from hf_vq.formats.state import to_device
 from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, fingerprint
 from hf_vq.pipeline.runner import finish_block, model_config as _model_config, restore_finished, run_options
@@ -60,11 +61,12 @@ def _fast_bf16(device: torch.device) -> bool:
         return False
 
 
-def _init_quantizers(block, local, config, q_inputs, prefix):
+def _init_quantizers(block, local, config, q_inputs, prefix, ranks: distributed.Ranks = distributed.Ranks()):
     """Starting quantizers. GPTQ start: as the GPTQ method does (true-sequential), each group of Linears reading one
     input (q/k/v, o, gate/up, down) gets its Hessians with the groups before it already quantized, so 0 iterations
     give GPTQ's result. The block is left holding those GPTQ weights (training replaces the Linears, folding
-    overwrites them)."""
+    overwrites them). Under torch.distributed the Hessians are summed over ranks and each layer is solved by one
+    rank and broadcast."""
     quantizers, init_err = {}, {}
     if config.init_method() == "rtn":
         for n, lin in local.items():
@@ -76,13 +78,20 @@ def _init_quantizers(block, local, config, q_inputs, prefix):
     for n, lin in local.items():
         check_layout(lin.weight.shape, config.spec_for(prefix + n).group_size, config.weight_granularity, prefix + n)
     hidden, kw = next(iter(q_inputs))
+    solved = 0
     for group in probe_block(block, local, hidden, kw, contextlib.nullcontext).groups:
         hessians = collect_hessians(block, {n: local[n] for n in group}, q_inputs,
-                                    first_token_weight=config.sink_weight())
+                                    first_token_weight=config.sink_weight(), ranks=ranks)
         for n in group:
             spec = config.spec_for(prefix + n)
             w = local[n].weight.data.float().clone()
-            start = gptq_quantize(w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)
+            src = distributed.owner(solved, ranks)
+            solved += 1
+            start = None
+            if ranks.rank == src:
+                start = gptq_quantize(w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)
+            if ranks.active:
+                start = to_device(distributed.broadcast_result(start, src, ranks), w.device)
             quantizers[n] = quantizer_from_affine(w, start, config.weight_granularity)
             init_err[n] = output_error(w, start.dequantize(), hessians[n])
             local[n].weight.data.copy_(start.dequantize().to(local[n].weight.dtype))
@@ -94,7 +103,7 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, kwargs,
                 desc: str = "", progress: bool = True, **distill_kw) -> tuple[float, float]:
     """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
     steps: clipping parameters at ``lr_clip``, scales at ``lr_scales``; ``distill_kw`` (autocast_dtype, early_stop,
-    history) as for distill_block. Returns (first loss, mean loss of the last 10%)."""
+    history, ranks) as for distill_block. Returns (first loss, mean loss of the last 10%)."""
     stand_ins = {n: AdaScaleLinear(block.get_submodule(n), qz) for n, qz in quantizers.items()}
     groups = [{"params": [p for qz in quantizers.values() for p in qz.clip_params()], "lr": lr_clip},
               {"params": [p for qz in quantizers.values() for p in qz.scale_params()], "lr": lr_scales}]
@@ -112,14 +121,8 @@ def _fold(quantizers: dict, local: dict) -> dict:
     return folded
 
 
-@torch.no_grad()
-def _output_mse(block, inputs, kws, targets, device) -> float:
-    """Mean MSE of the block's outputs on ``inputs`` against ``targets`` over all batches."""
-    total = 0.0
-    for j in range(len(targets)):
-        out = _run_block(block, inputs[j].to(device), kws[j])
-        total += float(nn.functional.mse_loss(out.float(), targets[j].to(out.device).float()))
-    return total / len(targets)
+def _each(store):
+    return (store[j] for j in range(len(store)))
 
 
 class _OnDevice:
@@ -154,12 +157,13 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     stats.block_iterations = []  # Adam steps run per block (fewer than num_iterations after an early stop)
     stats.block_output_mse = []  # (start, trained) output MSE on the quantized input per trained block
     device = resolve_device(config.quantization_device, blocks[0])
-    if distributed.current(device).active:
-        raise NotImplementedError("AdaScale trains each block in one process; run it without torch.distributed")
+    ranks = distributed.current(device)
     store = None
     if config.resume_dir is not None:
-        key = fingerprint(run_options(config)["resume_key"], _model_config(model), targets, samples, 1)
-        store = ResumeStore(config.resume_dir, key)
+        key = fingerprint(run_options(config)["resume_key"], _model_config(model), targets, samples, ranks.world)
+        store = ResumeStore(config.resume_dir, key, ranks.rank)
+    samples = distributed.shard(samples, ranks)  # each rank: its windows; gradients are averaged over ranks
+    stats.processes, stats.windows = ranks.world, samples.shape[0]
     t0 = time.perf_counter()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}  # by name: onloading swaps them
     stack: list[ActivationStore] = []
@@ -208,7 +212,7 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                     t2 = time.perf_counter()
                     gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
                     quantizers, init_err = _init_quantizers(block, local, config, _OnDevice(q_in, kws, device),
-                                                            bp)
+                                                            bp, ranks)
                     if use_compile:
                         for qz in quantizers.values():
                             qz.kernels = compiled_kernels()
@@ -218,18 +222,20 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                              else None)
                     history: list[float] = []
                     start_grid = _fold(quantizers, local)
-                    start_mse = _output_mse(block, q_in, kws, fp_out, device) if config.num_iterations else None
+                    start_mse = None
+                    if config.num_iterations:
+                        start_mse = block_mse(block, _OnDevice(q_in, kws, device), _each(fp_out), ranks)
                     first, last = train_block(
                         block, quantizers, fp_in, q_in, kws, fp_out, num_iterations=config.num_iterations,
                         lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
                         generator=gen, desc=f"block {i}", progress=progress, autocast_dtype=autocast_dtype,
-                        early_stop=early, history=history)
+                        early_stop=early, history=history, ranks=ranks)
                     stats.block_iterations.append(len(history))
                     folded = _fold(quantizers, local)
                     if history:
                         # training minimises a noisy proxy (mixed inputs, few steps): keep the start (e.g. GPTQ's)
                         # when the trained block is worse on what matters, the quantized input against the FP output
-                        trained_mse = _output_mse(block, q_in, kws, fp_out, device)
+                        trained_mse = block_mse(block, _OnDevice(q_in, kws, device), _each(fp_out), ranks)
                         stats.block_output_mse.append((start_mse, trained_mse))
                         if trained_mse > start_mse:
                             logger.info("AdaScale block %d: training raised the output MSE (%.4g -> %.4g): start "
@@ -243,7 +249,7 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                     stats.quantize_s += dt
                     stats.block_seconds.append(dt)
                     stats.block_losses.append((first, last))
-                    bar.set_postfix(loss=f"{first:.3g}->{last:.3g}")
+                    bar.set_postfix(bar_postfix(ranks, device, loss=f"{first:.3g}->{last:.3g}"))
                     logger.info("AdaScale block %d: loss %.4g -> %.4g in %d steps, %.1fs", i, first, last,
                                 len(history), dt)
                 t3 = time.perf_counter()

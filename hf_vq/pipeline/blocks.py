@@ -220,12 +220,14 @@ class _FrozenChildren:
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext,
-                     first_token_weight: float = 1.0):
-    """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]."""
+                     first_token_weight: float = 1.0, ranks: distributed.Ranks = distributed.Ranks()):
+    """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]
+    (and over every rank's inputs under torch.distributed)."""
     out = {}
     for group in regroup(block, [list(linears)], [False])[0]:  # fused experts: gate_up, then down
         out.update(_collect_hessians(block, {n: linears[n] for n in group}, inputs, autocast, RunStats(),
-                                     _FrozenChildren(block, linears), first_token_weight=first_token_weight)[0])
+                                     _FrozenChildren(block, linears), first_token_weight=first_token_weight,
+                                     ranks=ranks)[0])
     return out
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from hf_vq.pipeline import distributed
 from hf_vq.pipeline.blocks import _run_block
 from hf_vq.utils.modules import set_module
 
@@ -41,7 +42,8 @@ class EarlyStop:
 def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_groups: list[dict], fp_inputs, q_inputs,
                   kwargs, targets, *, num_iterations: int, fp_input_prob: float, generator: torch.Generator,
                   desc: str = "", progress: bool = True, autocast_dtype: torch.dtype | None = None,
-                  early_stop: EarlyStop | None = None, history: list[float] | None = None) -> tuple[float, float]:
+                  early_stop: EarlyStop | None = None, history: list[float] | None = None,
+                  ranks: distributed.Ranks = distributed.Ranks()) -> tuple[float, float]:
     """Swap ``stand_ins`` (name relative to ``block`` -> module) into ``block`` and run ``num_iterations`` Adam steps
     (``param_groups`` as for torch.optim.Adam, cosine decay to 0) on the MSE between ``targets[j]`` and the block run
     on a mixed input: each element from ``fp_inputs[j]`` with probability ``fp_input_prob``, else from
@@ -50,7 +52,9 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
 
     ``autocast_dtype`` (e.g. torch.bfloat16): run the block's forward and backward under autocast (the trained
     parameters and the loss stay float32). ``early_stop``: stop before ``num_iterations`` once it says the loss has
-    stopped falling. ``history``: each step's loss is appended to it. Returns (first loss, mean loss of the last 10%
+    stopped falling. ``history``: each step's loss is appended to it. Under torch.distributed (``ranks``) each rank
+    steps on its own batch and the gradients and losses are averaged over ranks, so the parameters (and any early
+    stop) stay the same on every rank: a step sees ``world`` batches. Returns (first loss, mean loss of the last 10%
     of the steps run)."""
     from tqdm.auto import tqdm
 
@@ -59,7 +63,8 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
     originals = {n: block.get_submodule(n) for n in stand_ins}
     for n, m in stand_ins.items():
         set_module(block, n, m)
-    device = next(p for g in param_groups for p in g["params"]).device
+    params = [p for g in param_groups for p in g["params"]]
+    device = params[0].device
     # fused: one kernel per step instead of about ten passes over every parameter (s2 has one per weight)
     opt = torch.optim.Adam(param_groups, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_iterations, eta_min=0.0)
@@ -87,9 +92,13 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
                 loss = nn.functional.mse_loss(out.float(), targets[j].to(out.device).float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                loss = loss.detach()
+                if ranks.active:
+                    distributed.average_gradients(params, ranks)
+                    loss = distributed.all_reduce_sum(loss.clone()) / ranks.world
                 opt.step()
                 sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.3g}")
                 if early_stop is not None and early_stop.update(losses[-1]):
                     break
@@ -99,3 +108,17 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
     run = losses[start:]
     tail = run[-max(1, math.ceil(len(run) / 10)):]
     return run[0], sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def block_mse(block: nn.Module, batches, targets, ranks: distributed.Ranks = distributed.Ranks()) -> float:
+    """Mean MSE of the block's outputs on ``batches`` ((hidden, kwargs) pairs) against ``targets``, over the batches
+    of every rank: the number training is judged by."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for (hidden, kw), target in zip(batches, targets):
+        out = _run_block(block, hidden, kw)
+        total[0] += float(nn.functional.mse_loss(out.float(), target.to(out.device).float()))
+        total[1] += 1
+    if ranks.active:
+        distributed.all_reduce_sum(total)
+    return float(total[0] / total[1])

@@ -9,6 +9,7 @@ a single process computes exactly what it always did.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -65,6 +66,18 @@ def all_reduce_sum(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
     return t
 
 
+def average_gradients(params, ranks: Ranks) -> None:
+    """Each parameter's gradient averaged over ranks, in one collective (a parameter without a gradient on a rank,
+    e.g. an expert no token reached there, counts as zero)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_sum(flat).div_(ranks.world)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
 def reduce_accumulators(accs) -> None:
     """Sum HessianAccumulators' sums and counts over ranks (each accumulator once)."""
     for acc in {id(a): a for a in accs}.values():
@@ -98,8 +111,12 @@ def broadcast_result(result, src: int, ranks: Ranks):
     meta = json.loads(bytes(blob.cpu().tolist()).decode())
     out = {}
     for name, (shape, dtype) in meta["tensors"].items():
-        t = tensors[name].contiguous().to(dev) if ranks.rank == src else \
-            torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
-        dist.broadcast(t, src)
-        out[name] = t
+        dtype = getattr(torch, dtype)
+        # as raw bytes: gloo has no int16 (GPTVQ's codebooks and scales are int16 bit patterns)
+        if ranks.rank == src:
+            raw = tensors[name].detach().contiguous().reshape(-1).view(torch.uint8).to(dev)
+        else:
+            raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8, device=dev)
+        dist.broadcast(raw, src)
+        out[name] = raw.view(dtype).reshape(shape)
     return result if ranks.rank == src else from_state(meta["header"], out)

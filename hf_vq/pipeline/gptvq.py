@@ -8,7 +8,7 @@ import torch
 
 from hf_vq.algorithms.gptvq import gptvq_quantize
 from hf_vq.pipeline.registry import calibration_samples, register_algorithm
-from hf_vq.pipeline.blocks import _run_block
+from hf_vq.pipeline.distill import block_mse
 from hf_vq.pipeline.runner import run_options, run_sequential
 from hf_vq.pipeline.vq_finetune import finetune_vq_block
 
@@ -34,27 +34,22 @@ def run_gptvq(model, config, targets, progress):
                           first_token_weight=config.sink_weight(), **run_options(config))
 
 
-def _block_loss(block, cache, fp_outputs) -> float:
-    return sum(float(torch.nn.functional.mse_loss(_run_block(block, h, kw), t)) for (h, kw), t in
-               zip(cache, fp_outputs)) / len(cache)
-
-
 def _finetune_hook(config, progress):
     def load(local, results):
         for n, vq in results.items():
             local[n].weight.data.copy_(vq.dequantize().to(local[n].weight.dtype))
 
     @torch.no_grad()
-    def hook(i, block, local, results, cache, fp_outputs):
+    def hook(i, block, local, results, cache, fp_outputs, ranks):
         # the block's weights hold ``results`` (the runner wrote them): compare with the fine-tuned codebooks as stored
-        before = _block_loss(block, cache, fp_outputs)
+        before = block_mse(block, cache, fp_outputs, ranks)
         gen = torch.Generator().manual_seed(config.seed * 100_003 + i)
         new, _, _ = finetune_vq_block(
             block, local, results, [h for h, _ in cache], [kw for _, kw in cache], fp_outputs,
             iterations=config.finetune_iterations, lr=config.finetune_lr, codebook_scale=config.codebook_scale,
-            generator=gen, desc=f"block {i} codebooks", progress=progress)
+            generator=gen, desc=f"block {i} codebooks", progress=progress, ranks=ranks)
         load(local, new)
-        after = _block_loss(block, cache, fp_outputs)
+        after = block_mse(block, cache, fp_outputs, ranks)
         logger.info("GPTVQ block %d codebook fine-tuning: block MSE %.4g -> %.4g", i, before, after)
         if after < before:
             return new

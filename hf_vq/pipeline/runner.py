@@ -54,8 +54,9 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     ``quantize_shared_fn(names, linears, H)``, when given, quantizes layers that read the same input (one Hessian)
     in one call. ``reuse_frozen`` skips work whose result is already known: outputs of finished children, outputs
     nobody reads before a pass stops (same result, less work). ``block_hook(i, block, local, block_results, cache,
-    fp_outputs)``, when given, runs once a block's layers are quantized, before the replay; ``fp_outputs`` are the
-    block's outputs with its original weights on the same inputs, and it returns replacement results (or None).
+    fp_outputs, ranks)``, when given, runs once a block's layers are quantized, before the replay; ``fp_outputs`` are
+    the block's outputs with its original weights on the same inputs, and it returns replacement results (or None;
+    under torch.distributed every rank must return the same).
     ``first_token_weight``: see HessianAccumulator.
 
     ``quantization_device``: where each block is calibrated and quantized (hf_vq.pipeline.placement; None: where it
@@ -68,9 +69,6 @@ def run_sequential(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
     prefix, blocks = find_decoder_blocks(model)
     device = resolve_device(quantization_device, blocks[0])
     ranks = distributed.current(device)
-    if ranks.active and block_hook is not None:
-        raise NotImplementedError("block-level fine-tuning (GPTVQ finetune_iterations) runs in one process only; "
-                                  "run without torch.distributed or with finetune_iterations=0")
     store = None
     if resume_dir is not None:
         store = ResumeStore(resume_dir, fingerprint(resume_key or {}, model_config(model), targets, samples,
@@ -218,7 +216,7 @@ def _run_one_block(i, block, prefix, targets, cache, results, stats, autocast, r
         if block_hook is not None:
             t1 = time.perf_counter()
             mine = {n[len(bp):]: results[n] for n in linears}
-            new = block_hook(i, block, local, mine, cache, fp_outputs)
+            new = block_hook(i, block, local, mine, cache, fp_outputs, ranks)
             for n, result in (new or {}).items():
                 local[n].weight.data.copy_(result.dequantize().to(local[n].weight.dtype))
                 results[bp + n] = result

@@ -10,6 +10,7 @@ from torch import nn
 
 from hf_vq.formats.vq import (VQWeight, assemble_weight, codebook_rows, decode_codebooks, encode_codebooks,
                               store_codebooks, stored_norm)
+from hf_vq.pipeline import distributed
 from hf_vq.pipeline.distill import distill_block
 
 
@@ -42,12 +43,13 @@ class VQCodebookLinear(nn.Module):
 
 def finetune_vq_block(block: nn.Module, local: dict[str, nn.Linear], results: dict[str, VQWeight], inputs, kwargs,
                       targets, *, iterations: int, lr: float, codebook_scale: str, generator: torch.Generator,
-                      desc: str = "", progress: bool = True) -> tuple[dict[str, VQWeight], float, float]:
+                      desc: str = "", progress: bool = True,
+                      ranks: distributed.Ranks = distributed.Ranks()) -> tuple[dict[str, VQWeight], float, float]:
     """Fine-tune the codebooks of ``results`` (name relative to ``block`` -> VQWeight of ``local[name]``) so the block
-    maps ``inputs`` to ``targets``. Returns (new VQWeights, first loss, final training loss)."""
+    maps ``inputs`` to ``targets`` (gradients averaged over ``ranks`` under torch.distributed). Returns (new VQWeights, first loss, final training loss)."""
     stand_ins = {n: VQCodebookLinear(local[n], vq) for n, vq in results.items()}
     params = [m.codebook for m in stand_ins.values()]
     first, last = distill_block(block, stand_ins, [{"params": params, "lr": lr}], inputs, inputs, kwargs, targets,
                                 num_iterations=iterations, fp_input_prob=0.0, generator=generator, desc=desc,
-                                progress=progress)
+                                progress=progress, ranks=ranks)
     return {n: m.to_vq(codebook_scale) for n, m in stand_ins.items()}, first, last
