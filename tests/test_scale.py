@@ -391,3 +391,22 @@ def test_two_gloo_processes_block_training(method, deep_dir, tmp_path):
     rel = float((r0["logits"] - logits).norm() / logits.norm())
     print(f"{method}: 2 gloo ranks vs 1 process: {differ:.4%} of stored values differ, relative logit diff {rel:.2e}")
     assert differ < 0.01 and rel < 1e-3
+
+
+@pytest.mark.parametrize("method", ["gptq", "quantsim"])
+def test_fused_experts_with_disk_offload(method, moe_dir, tmp_path):
+    """Fused MoE experts on disk: unfused one module at a time onto disk, calibrated with their block, fused back
+    onto disk; the in-RAM model's logits."""
+    make = globals()[method]
+    ref = AutoModelForCausalLM.from_pretrained(moe_dir, quantization_config=make())
+    n = ref.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" if i == 0 else "disk" for i in range(n)}}
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, quantization_config=make(quantization_device="cpu"),
+                                                 device_map=device_map, offload_folder=tmp_path / "offload")
+    experts = model.model.layers[n - 1].mlp.experts
+    assert type(experts).__name__ == "QuantExperts" and all(b.is_meta for b in experts.buffers(recurse=False))
+    assert not any(b.is_meta for b in model.model.layers[0].mlp.experts.buffers(recurse=False))
+    x = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)

@@ -15,6 +15,7 @@ from hf_vq.config import HfVQConfig
 from hf_vq.nn.registry import LAYER_TYPES, build_module, layer_record, module_from_format
 from hf_vq.model.checkpoint import check_checkpoint, expected_tensors, validate_layer_records  # noqa: F401
 from hf_vq.model import experts as experts_mod
+from hf_vq.model import offload
 from hf_vq.model import report as report_mod
 from hf_vq.model import targets as targets_mod
 from hf_vq.pipeline import placement, registry
@@ -65,10 +66,6 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
     on_disk = {n: placement.disk_offload_folder(m) for n, m in [*plan.linears.items(),
                *((e, model.get_submodule(e)) for e in plan.experts)]}
     on_disk = {n: f for n, f in on_disk.items() if f is not None}
-    experts_on_disk = [n for n in on_disk if n in plan.experts]
-    if experts_on_disk:
-        raise NotImplementedError(f"{experts_on_disk[0]}: fused experts offloaded to disk are not supported yet; "
-                                  "keep the MoE blocks in memory (device_map / max_memory) or exclude the experts")
     t0 = time.perf_counter()
     for name, mod in plan.linears.items():
         if not isinstance(mod, nn.Linear):  # GPT-2 Conv1D: the same layer as a Linear (weight transposed)
@@ -76,8 +73,15 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
     mode, min_tokens = expert_options(config)
     unfused = {}
     for name, layout in plan.experts.items():
-        unfused[name] = experts_mod.unfuse(model.get_submodule(name), layout, mode, min_tokens)
+        mod = model.get_submodule(name)
+        if name in on_disk:
+            unfused[name] = offload.unfuse_to_disk(mod, layout, mode, min_tokens, name, on_disk[name])
+        else:
+            unfused[name] = experts_mod.unfuse(mod, layout, mode, min_tokens)
         set_module(model, name, unfused[name])
+
+    def refold(name, cal):
+        return offload.refold_from_disk(cal) if name in on_disk else experts_mod.refold(cal)
     targets = {name: model.get_submodule(name) for name in plan.linears}
     for name, cal in unfused.items():
         targets.update({f"{name}.{n}": m for n, m in cal.named_modules() if isinstance(m, nn.Linear)})
@@ -85,7 +89,7 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
         results, stats = registry.run(model, config, targets, progress=progress)
     except BaseException:
         for name, cal in unfused.items():
-            set_module(model, name, experts_mod.refold(cal))
+            set_module(model, name, refold(name, cal))
         raise
     member_of = {t: name for name in unfused for t in targets if t.startswith(name + ".")}
     quantized = []
@@ -108,10 +112,14 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
         if "routed_tokens" in cal.report:  # calibrated (RTN never routes a token)
             experts_report[name] = dict(cal.report)
         if all(t in results for t, owner in member_of.items() if owner == name):
-            set_module(model, name, experts_mod.fuse(cal, plan.experts[name], results, name))
+            if name in on_disk:
+                fused = offload.fuse_to_disk(cal, plan.experts[name], results, name, on_disk[name])
+            else:
+                fused = experts_mod.fuse(cal, plan.experts[name], results, name)
+            set_module(model, name, fused)
             quantized.append(name)
         else:
-            set_module(model, name, experts_mod.refold(cal))
+            set_module(model, name, refold(name, cal))
     config.layers = {name: layer_record(model.get_submodule(name)) for name in quantized}
     config.modules_to_not_convert = list(skip)
     floats = dict(plan.floats)

@@ -1,12 +1,20 @@
-"""A quantized checkpoint loaded with a ``device_map`` that puts blocks on disk: its quantized modules go to disk too
-(hf_vq.pipeline.placement.offload_to_disk, as after quantize-at-load), so host memory holds one module's tensors at a
-time, not the whole quantized model."""
+"""Disk offload at the model level.
+
+- A quantized checkpoint loaded with a ``device_map`` that puts blocks on disk: its quantized modules go to disk too
+  (hf_vq.pipeline.placement.offload_to_disk, as after quantize-at-load), so host memory holds one module's tensors at
+  a time, not the whole quantized model.
+- Fused MoE experts offloaded to disk: unfused one module at a time (loaded for the copy), each per-expert Linear
+  written beside accelerate's files so the runner onloads it with its block; fused back the same way, and the fused
+  quantized module goes to disk.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from hf_vq.pipeline.placement import disk_offload_folder, execution_device, offload_to_disk
+from hf_vq.model import experts as experts_mod
+from hf_vq.pipeline.placement import disk_offload_folder, execution_device, offload_to_disk, onloaded
+from hf_vq.pipeline.resume import SpilledResult
 
 
 def _placement(device_map: dict, name: str):
@@ -28,3 +36,32 @@ def offload_loaded(model: nn.Module, names) -> list[str]:
             offload_to_disk(module, name, folder, execution_device(module))
             moved.append(name)
     return moved
+
+
+def unfuse_to_disk(module: nn.Module, layout, mode: str, min_tokens: float, name: str, folder):
+    """experts.unfuse for a disk-offloaded experts module: its float weights are read for the copy, and the
+    per-expert Linears go to disk (host memory holds one experts module at a time)."""
+    home = execution_device(module)
+    with onloaded(module, home):
+        cal = experts_mod.unfuse(module, layout, mode, min_tokens)
+    for n, lin in cal.named_modules():
+        if isinstance(lin, nn.Linear):
+            offload_to_disk(lin, f"{name}.{n}", folder, home)
+    return cal
+
+
+def fuse_to_disk(cal, layout, results: dict, name: str, folder) -> nn.Module:
+    """experts.fuse for experts whose per-expert Linears (and results) are on disk; the fused module goes to disk."""
+    home = execution_device(cal)
+    mine = {k: r.load() if isinstance(r, SpilledResult) else r for k, r in results.items()
+            if k.startswith(name + ".")}
+    with onloaded(cal, home):  # biases are read from the per-expert Linears
+        fused = experts_mod.fuse(cal, layout, mine, name)
+    offload_to_disk(fused, name, folder, home)
+    return fused
+
+
+def refold_from_disk(cal) -> nn.Module:
+    """experts.refold for per-expert Linears on disk (read back for the copy)."""
+    with onloaded(cal, execution_device(cal)):
+        return experts_mod.refold(cal)

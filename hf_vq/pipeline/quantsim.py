@@ -21,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from hf_vq.formats.state import to_device
 from hf_vq.nn.qat import ActQuantizer, FloatQuantizer, QATLinear
 from hf_vq.pipeline import distributed
 from hf_vq.pipeline.act_ranges import compute_encodings, observe_ranges
@@ -105,6 +106,11 @@ class _Swapper:
         self.originals[name] = lin
         return mod
 
+    def result(self, name: str, mod: QATLinear, home: torch.device):
+        """What the run returns for a swapped layer (taken before the module may go to disk): fused experts store
+        the weight grid (as fuse() needs it, on the block's ``home`` device), Linears keep their QATLinear."""
+        return to_device(mod.affine_weight(), home) if name in self.experts else _Built(mod)
+
     def revert(self, name: str) -> None:
         set_module(self.model, name, self.originals[name])
 
@@ -120,11 +126,9 @@ def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = 
             home, folder = execution_device(lin), disk_offload_folder(lin)
             with onloaded(lin, home):
                 mod = swapper.swap(name, lin)
+            results[name] = swapper.result(name, mod, home)
             _place(mod, name, home, folder)
-            results[name] = _Built(mod)
         stats.quantize_s = time.perf_counter() - t0
-    for name in swapper.experts & set(results):
-        results[name] = results[name].module.affine_weight()  # what fuse() stores
     if swapper.experts:
         logger.info("QuantSim: %d fused-expert projections get QuantSim weight grids, without activation quantizers",
                     len(swapper.experts))
@@ -172,8 +176,8 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
                 for n, mod in mods.items():
                     for q, (lo, hi) in stored[n].items():
                         getattr(mod, q).set_range(float(lo), float(hi))
+                    results[n] = swapper.result(n, mod, home)
                     _place(mod, n, home, folder)
-                    results[n] = _Built(mod)
             cache = [(h, kw) for h, (_, kw) in zip(hidden, cache)]
             start = stats.resumed_blocks = done + 1
             stats.resume_io_s += time.perf_counter() - t1
@@ -206,8 +210,8 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
             for n, mod in mods.items():
                 if all(k in ranges for k in _act_quantizers(n, mod)):
                     kept[n] = _range_state(n, mod)
+                    results[n] = swapper.result(n, mod, home)
                     _place(mod, n, home, folder)
-                    results[n] = _Built(mod)
                 else:  # no activation range (the calibration never reached it): stays float, the report says so
                     swapper.revert(n)
             stats.forward_s += time.perf_counter() - t1
@@ -231,7 +235,7 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
                                    config.calibration_batch_size, skip_unreached=True, only=only, ranks=ranks)
         for n, mod in mods.items():
             if all(k in ranges for k in _act_quantizers(n, mod)):
-                results[n] = _Built(mod)
+                results[n] = swapper.result(n, mod, execution_device(mod))
             else:
                 swapper.revert(n)
         stats.forward_s += time.perf_counter() - t3
