@@ -55,6 +55,31 @@ def test_disk_offload_with_small_max_memory_gives_the_in_ram_codes(real, in_ram,
         assert torch.equal(again(ids).logits, ref)
 
 
+def test_quantsim_with_disk_offload_gives_the_in_ram_model(real, tmp_path):
+    """QuantSim (4-bit weights, 8-bit activations) calibrates block by block: disk-placed blocks are loaded one at a
+    time and their QuantSim modules go back to disk, with the in-RAM ranges and logits."""
+    model_dir, tok = real[:2]
+
+    def cfg(**kw):
+        return hf_vq.QuantSimConfig(weight_bits=4, weight_granularity="blockwise", block_size=64, activation_bits=8,
+                                    dataset=[assets.austen_calibration_text()], tokenizer=tok, num_samples=4,
+                                    seq_len=128, module_overrides=FIRST_FOUR, **kw)
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=cfg(quantization_device="cpu"), dtype=torch.float32, device_map="auto",
+        max_memory={"cpu": "150MB"}, offload_folder=tmp_path / "offload")
+    assert "disk" in set(model.hf_device_map.values()), model.hf_device_map
+    ranges = {k: v for k, v in ref.state_dict().items() if k.endswith(("quantizer.min", "quantizer.max"))}
+    got = {k: v for k, v in model.state_dict().items() if k in ranges}
+    assert len(ranges) == 2 * 2 * 7 * 4 and got.keys() == ranges.keys()
+    assert all(torch.equal(got[k], ranges[k]) for k in ranges)
+    assert any(m.latent.is_meta for m in model.modules() if type(m).__name__ == "QATLinear")
+    ids = _ids(tok)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
 def test_cpu_model_quantized_block_by_block_on_cuda(real, in_ram):
     model_dir, tok = real[:2]
