@@ -44,6 +44,8 @@ def main(argv=None):
                     help="gptq: GPTQ codes from the FP block's Hessians")
     ap.add_argument("--max-frac", type=float, default=None, help="GPTQ start: quantizer_from_affine's max_frac")
     ap.add_argument("--fp-input-prob", type=float, default=1.0)
+    ap.add_argument("--lr-scales", type=float, default=5e-4)
+    ap.add_argument("--lr-clip", type=float, default=1e-3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -81,7 +83,8 @@ def main(argv=None):
             from hf_vq.algorithms.adascale import compiled_kernels
             for qz in qs.values():
                 qz.kernels = compiled_kernels()
-        kw = dict(num_iterations=iters, lr_scales=5e-4, lr_clip=1e-3, fp_input_prob=args.fp_input_prob,
+        kw = dict(num_iterations=iters, lr_scales=args.lr_scales, lr_clip=args.lr_clip,
+                  fp_input_prob=args.fp_input_prob,
                   generator=torch.Generator().manual_seed(0), progress=False)
         if args.bf16:
             kw["autocast_dtype"] = torch.bfloat16
