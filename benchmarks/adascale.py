@@ -73,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="quantize only the first N decoder blocks")
     ap.add_argument("--early-stop-margin", default="default", help="a number, 'none', or 'default' (the config's)")
     ap.add_argument("--train-dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
+    ap.add_argument("--lr-scales", type=float, default=None, help="default: the config's")
+    ap.add_argument("--lr-clip", type=float, default=None, help="default: the config's")
     ap.add_argument("--plot", help="only draw ppl vs quantize CPU time from the --json file into this PNG")
     args = ap.parse_args(argv)
     if args.plot:
@@ -82,6 +84,9 @@ def main(argv=None):
         ada_kw["early_stop_margin"] = None if args.early_stop_margin == "none" else float(args.early_stop_margin)
     if args.train_dtype:
         ada_kw["train_dtype"] = args.train_dtype
+    for lr in ("lr_scales", "lr_clip"):
+        if getattr(args, lr) is not None:
+            ada_kw[lr] = getattr(args, lr)
     histories: list[list[float]] = []
     record_histories(histories)
     torch.set_num_threads(args.threads)
@@ -110,7 +115,9 @@ def main(argv=None):
             per_block = run.get("quantize_s", 0.0) / n_blocks
             rec.update(s_per_block=per_block, iterations=iters, block_steps=[len(h) for h in histories],
                        histories=[[round(x, 7) for x in h] for h in histories],
-                       early_stop_margin=cfg.early_stop_margin, train_dtype=cfg.train_dtype)
+                       early_stop_margin=cfg.early_stop_margin, train_dtype=cfg.train_dtype,
+                       lr_scales=cfg.learning_rates()[0], lr_clip=cfg.learning_rates()[1],
+                       num_samples=args.num_samples)
             # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
             # an upper bound (start grid, folding and block forwards included)
             base = next((r["s_per_block"] for r in rows if r["row"] == row.split("-")[0] + "-0"), 0.0)

@@ -4,7 +4,8 @@ Inputs: ``--batches`` x ``--seq-len`` tokens of Emma run through the FP model up
 outputs. Times ``--iters`` Adam steps of ``train_block`` (4-bit g128, RTN or ``--init gptq`` start, batch of one
 sequence, FP inputs only unless ``--fp-input-prob``, after a warm-up of ``--warmup`` steps) and prints ms/iteration,
 the training loss and the fp32 loss of the block with the folded weights over all batches (the quality that training
-is for). The baseline (an older checkout) takes no option beyond the defaults. Compare two versions of the code on the
+is for), and with ``--eval-batches`` over held-out sequences. The baseline (an older checkout) takes no option
+beyond the defaults. Compare two versions of the code on the
 same machine by putting one on PYTHONPATH, e.g.
 
     git worktree add ../adascale_base <commit>
@@ -44,6 +45,8 @@ def main(argv=None):
                     help="gptq: GPTQ codes from the FP block's Hessians")
     ap.add_argument("--max-frac", type=float, default=None, help="GPTQ start: quantizer_from_affine's max_frac")
     ap.add_argument("--fp-input-prob", type=float, default=1.0)
+    ap.add_argument("--eval-batches", type=int, default=0,
+                    help="also report the folded block's loss on this many held-out sequences")
     ap.add_argument("--lr-scales", type=float, default=5e-4)
     ap.add_argument("--lr-clip", type=float, default=1e-3)
     args = ap.parse_args(argv)
@@ -54,12 +57,15 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)
     model.requires_grad_(False)
     ids = tok(assets.austen_calibration_text()[:400_000], return_tensors="pt")["input_ids"][0]
-    ids = ids[:args.batches * args.seq_len].view(args.batches, args.seq_len).to(args.device)
+    total = args.batches + args.eval_batches
+    ids = ids[:total * args.seq_len].view(total, args.seq_len).to(args.device)
     block = model.model.layers[args.layer]
     captured = capture_block_inputs(model, block, ids, 1, contextlib.nullcontext)
-    hidden, kws = [h for h, _ in captured], [kw for _, kw in captured]
     with torch.no_grad():
-        targets = [_run_block(block, h, kw) for h, kw in captured]
+        all_targets = [_run_block(block, h, kw) for h, kw in captured]
+    held_out = (captured[args.batches:], all_targets[args.batches:])
+    captured, targets = captured[:args.batches], all_targets[:args.batches]
+    hidden, kws = [h for h, _ in captured], [kw for _, kw in captured]
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
 
     starts = {}
@@ -96,20 +102,24 @@ def main(argv=None):
             torch.cuda.synchronize()
         return time.perf_counter() - t, first, last, qs
 
-    def folded_loss(qs):
-        """fp32 MSE of the block with the folded weights, over all batches (what training is for)."""
+    def folded_loss(qs, batches=None):
+        """fp32 MSE of the block with the folded weights, over all training batches (what training is for), or over
+        ``batches`` ((inputs, targets))."""
+        inputs, outs = batches or (captured, targets)
         fp = {n: m.weight.data.clone() for n, m in linears.items()}
         for n, m in linears.items():
             m.weight.data.copy_(qs[n].fold().dequantize())
         with torch.no_grad():
             out = sum(float(torch.nn.functional.mse_loss(_run_block(block, h, kw), t))
-                      for h, kw, t in zip(hidden, kws, targets)) / len(hidden)
+                      for (h, kw), t in zip(inputs, outs)) / len(outs)
         for n, m in linears.items():
             m.weight.data.copy_(fp[n])
         return out
 
     run(args.warmup)
-    print(f"start grid: folded block fp32 loss {folded_loss(run(0)[3]):.5g}")
+    start = run(0)[3]
+    print(f"start grid: folded block fp32 loss {folded_loss(start):.5g}"
+          + (f", held out {folded_loss(start, held_out):.5g}" if args.eval_batches else ""))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -122,7 +132,8 @@ def main(argv=None):
     opts += f" (max_frac {args.max_frac})" if args.max_frac is not None else ""
     print(f"layer {args.layer}, {args.batches}x{args.seq_len}, {args.threads} thread(s), {args.device}{opts}: "
           f"{1000 * (dt - base) / args.iters:.1f} ms/iter over {args.iters} iterations "
-          f"(loss {first:.4g} -> {last:.4g}; folded block fp32 loss {folded_loss(qs):.5g})")
+          f"(loss {first:.4g} -> {last:.4g}; folded block fp32 loss {folded_loss(qs):.5g}"
+          + (f", held out {folded_loss(qs, held_out):.5g}" if args.eval_batches else "") + ")")
 
 
 if __name__ == "__main__":

@@ -448,3 +448,20 @@ def test_zero_iterations_with_default_init_are_gptq(gran, sym):
     for n in got:
         assert torch.equal(got[n].codes, want[n].codes), n
         assert torch.equal(got[n].scales, want[n].scales) and torch.equal(got[n].zeros, want[n].zeros), n
+
+
+def test_gptq_start_keeps_gptqs_grid_by_default():
+    """Defaults from a GPTQ start: the clipping is not trained (lr_clip 0), so every layer keeps GPTQ's scales and
+    zeros while the rounding moves; from RTN, AIMET's rates train the clipping too."""
+    assert hf_vq.AdaScaleConfig().learning_rates() == (2e-3, 0.0)
+    assert hf_vq.AdaScaleConfig(init="rtn").learning_rates() == (5e-4, 1e-3)
+    assert hf_vq.AdaScaleConfig(lr_clip=0.0, init="rtn").learning_rates() == (5e-4, 0.0)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    kw = dict(bits=3, group_size=32, batch_size=1, early_stop_margin=None)
+    start = _run(_tiny(), hf_vq.AdaScaleConfig(num_iterations=0, **kw), ids)[0]
+    trained, stats = _run(_tiny(), hf_vq.AdaScaleConfig(num_iterations=20, **kw), ids)
+    assert all(t < s for s, t in stats.block_output_mse)  # training helped (not the keep-start fallback)
+    for name in start:
+        assert torch.equal(start[name].scales, trained[name].scales) and torch.equal(start[name].zeros,
+                                                                                        trained[name].zeros), name
+    assert sum(int((start[n].codes != trained[n].codes).sum()) for n in start) > 0

@@ -40,8 +40,9 @@ class AdaScaleConfig(HfVQConfig):
     ).extend(
         num_iterations=Field(Int(0), 300, doc="Adam steps per block (at most: see early_stop_margin)"),
         batch_size=Field(Int(1), 1, doc="calibration sequences per Adam step"),
-        lr_scales=Field(LR, 5e-4),
-        lr_clip=Field(LR, 1e-3),
+        lr_scales=Field(Optional(LR), None, doc="None: 2e-3 from a GPTQ start, 5e-4 (AIMET's) from RTN"),
+        lr_clip=Field(Optional(Float(0.0, 1.0)), None,
+                      doc="None: 0 (GPTQ's grid kept) from a GPTQ start, 1e-3 (AIMET's) from RTN; 0: not trained"),
         init=Field(Optional(Str(valid_inits)), None, doc="None: gptq, or rtn for lpbq"),
         early_stop_margin=Field(Optional(Float(0.0, 1.0, hi_open=True)), None,
                                 doc="stop a block when a pass over the batches lowers the loss by less than this"),
@@ -53,6 +54,16 @@ class AdaScaleConfig(HfVQConfig):
         percdamp=PERCDAMP,
         activation_cache_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never"),
     )
+
+    def learning_rates(self) -> tuple[float, float]:
+        """(lr_scales, lr_clip). Measured defaults (benchmarks/adascale_step.py --eval-batches, SmolLM2 blocks 2, 10
+        and 25, 100 steps): from GPTQ's codes, moving the grid (clipping) undoes GPTQ's error compensation and
+        raised held-out block loss at AIMET's 1e-3, so the grid stays and the scales learn at 2e-3; from RTN,
+        AIMET's rates."""
+        gptq = self.init_method() == "gptq"
+        lr_scales = self.lr_scales if self.lr_scales is not None else (2e-3 if gptq else 5e-4)
+        lr_clip = self.lr_clip if self.lr_clip is not None else (0.0 if gptq else 1e-3)
+        return lr_scales, lr_clip
 
     def init_method(self) -> str:
         """The starting grid: ``init``, or by default GPTQ's (RTN for LPBQ, whose scales GPTQ does not keep)."""

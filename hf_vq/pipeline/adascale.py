@@ -4,8 +4,8 @@ Per decoder block, in order:
 1. FP target = the block with FP weights on the FP model's block input (cached on CPU, or on disk with
    ``activation_cache_dir``: see hf_vq/activation_store.py).
 2. Starting grid per Linear: GPTQ with Hessians of the quantized model's block input (default), or RTN.
-3. Up to ``num_iterations`` Adam steps (two groups: clipping gamma/beta at ``lr_clip``, scales s2/s3 at
-   ``lr_scales``, cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input:
+3. Up to ``num_iterations`` Adam steps (scales s2/s3 at ``lr_scales``, clipping gamma/beta at ``lr_clip``, which
+   by default is 0 from a GPTQ start: GPTQ's grid stays; cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input:
    each element from the FP input with probability ``fp_input_prob``, else from the quantized model's input (AIMET's
    sampling); fewer when the loss stops falling (``early_stop_margin``). The block runs under bfloat16 autocast where
    that is fast (``train_dtype``); the quantizer's element-wise math is compiled for long runs (``compile``).
@@ -102,11 +102,16 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, kwargs,
                 lr_scales: float, lr_clip: float, fp_input_prob: float, generator: torch.Generator,
                 desc: str = "", progress: bool = True, **distill_kw) -> tuple[float, float]:
     """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
-    steps: clipping parameters at ``lr_clip``, scales at ``lr_scales``; ``distill_kw`` (autocast_dtype, early_stop,
+    steps: clipping parameters at ``lr_clip`` (0: not trained), scales at ``lr_scales``; ``distill_kw`` (autocast_dtype, early_stop,
     history, ranks) as for distill_block. Returns (first loss, mean loss of the last 10%)."""
     stand_ins = {n: AdaScaleLinear(block.get_submodule(n), qz) for n, qz in quantizers.items()}
-    groups = [{"params": [p for qz in quantizers.values() for p in qz.clip_params()], "lr": lr_clip},
-              {"params": [p for qz in quantizers.values() for p in qz.scale_params()], "lr": lr_scales}]
+    clip = [p for qz in quantizers.values() for p in qz.clip_params()]
+    groups = [{"params": [p for qz in quantizers.values() for p in qz.scale_params()], "lr": lr_scales}]
+    if lr_clip > 0:
+        groups.append({"params": clip, "lr": lr_clip})
+    else:  # the grid stays as it starts (no gradient work for it)
+        for p in clip:
+            p.requires_grad_(False)
     return distill_block(block, stand_ins, groups, fp_inputs, q_inputs, kwargs, targets,
                          num_iterations=num_iterations, fp_input_prob=fp_input_prob, generator=generator,
                          desc=desc, progress=progress, **distill_kw)
@@ -183,6 +188,7 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
         stats.forward_s += time.perf_counter() - t0
         train_dtype = config.train_dtype or ("bfloat16" if _fast_bf16(device) else "float32")
         autocast_dtype = torch.bfloat16 if train_dtype == "bfloat16" else None
+        lr_scales, lr_clip = config.learning_rates()
         weight_steps = config.num_iterations * sum(p.numel() for n in covered for p in targets[n].parameters())
         use_compile = config.compile if config.compile is not None else weight_steps >= COMPILE_MIN_WEIGHT_STEPS
         results = {}
@@ -227,7 +233,7 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                         start_mse = block_mse(block, _OnDevice(q_in, kws, device), _each(fp_out), ranks)
                     first, last = train_block(
                         block, quantizers, fp_in, q_in, kws, fp_out, num_iterations=config.num_iterations,
-                        lr_scales=config.lr_scales, lr_clip=config.lr_clip, fp_input_prob=config.fp_input_prob,
+                        lr_scales=lr_scales, lr_clip=lr_clip, fp_input_prob=config.fp_input_prob,
                         generator=gen, desc=f"block {i}", progress=progress, autocast_dtype=autocast_dtype,
                         early_stop=early, history=history, ranks=ranks)
                     stats.block_iterations.append(len(history))
