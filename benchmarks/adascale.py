@@ -109,15 +109,15 @@ def main(argv=None):
         ppl = hf_vq.evaluate_perplexity(model, tok, test, seq_len=args.seq_len, max_tokens=None,
                                         max_windows=args.max_windows)
         run = getattr(getattr(model, "hf_quantizer", None), "last_run", None) or {}
-        rec = {"row": row, "bits": bits, "ppl": ppl, "quantize_s": qs if row != "fp" else 0.0, "quantize_cpu_s": qcpu}
+        rec = {"row": row, "bits": bits, "ppl": ppl, "quantize_s": qs if row != "fp" else 0.0, "quantize_cpu_s": qcpu,
+               "num_samples": args.num_samples}
         if row.startswith("ada"):
             n_blocks = args.blocks or len(model.model.layers)
             per_block = run.get("quantize_s", 0.0) / n_blocks
             rec.update(s_per_block=per_block, iterations=iters, block_steps=[len(h) for h in histories],
                        histories=[[round(x, 7) for x in h] for h in histories],
                        early_stop_margin=cfg.early_stop_margin, train_dtype=cfg.train_dtype,
-                       lr_scales=cfg.learning_rates()[0], lr_clip=cfg.learning_rates()[1],
-                       num_samples=args.num_samples)
+                       lr_scales=cfg.learning_rates()[0], lr_clip=cfg.learning_rates()[1])
             # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
             # an upper bound (start grid, folding and block forwards included)
             base = next((r["s_per_block"] for r in rows if r["row"] == row.split("-")[0] + "-0"), 0.0)
@@ -137,8 +137,15 @@ def main(argv=None):
           f"windows of austen_test_text(), fp32, {args.threads} thread(s)")
 
 
+def _series(r: dict) -> tuple:
+    """What a row was run with besides bits and iterations (rows from before these fields: 16 windows, AIMET's
+    learning rates)."""
+    return r.get("num_samples", 16), r.get("lr_scales", 5e-4), r.get("lr_clip", 1e-3)
+
+
 def plot(json_path: str, png: str) -> None:
-    """ppl vs quantize CPU time per bit width: GPTQ as a star, AdaScale rows (GPTQ start) as a line over iterations."""
+    """ppl vs quantize CPU time per bit width: GPTQ as stars, AdaScale rows (GPTQ start) as lines over iterations,
+    one line per calibration size and learning rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,28 +153,31 @@ def plot(json_path: str, png: str) -> None:
 
     with open(json_path) as f:
         rows = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = ["o-", "s--", "^-.", "d:"]
     for bits, color in ((4, "tab:blue"), (3, "tab:red")):
-        gptq = [r for r in rows if r["row"] == f"gptq{bits}"]
-        ada = sorted((r for r in rows if r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is None),
-                     key=lambda r: r["iterations"])
-        if ada:
-            ax.plot([r["quantize_cpu_s"] for r in ada], [r["ppl"] for r in ada], "o-", color=color,
-                    label=f"AdaScale {bits}-bit (GPTQ start)")
-            for r in ada:
+        ada = [r for r in rows if r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is None]
+        for k, key in enumerate(sorted({_series(r) for r in ada})):
+            line = sorted((r for r in ada if _series(r) == key), key=lambda r: r["iterations"])
+            n, ls, lc = key
+            ax.plot([r["quantize_cpu_s"] for r in line], [r["ppl"] for r in line], styles[k % len(styles)],
+                    color=color, label=f"AdaScale {bits}-bit, {n}x512, lr {ls:g}/{lc:g}")
+            for r in line:
                 ax.annotate(f"{r['iterations']} it", (r["quantize_cpu_s"], r["ppl"]), fontsize=8,
                             textcoords="offset points", xytext=(4, 4))
-        for r in gptq:
-            ax.plot(r["quantize_cpu_s"], r["ppl"], "*", ms=14, color=color, label=f"GPTQ {bits}-bit")
         for r in rows:
-            if r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is not None:
-                ax.plot(r["quantize_cpu_s"], r["ppl"], "s", color=color, mfc="none",
+            if r["row"] == f"gptq{bits}":
+                ax.plot(r["quantize_cpu_s"], r["ppl"], "*", ms=14, color=color, mfc="none" if
+                        r.get("num_samples", 16) == 16 else color,
+                        label=f"GPTQ {bits}-bit, {r.get('num_samples', 16)}x512")
+            elif r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is not None:
+                ax.plot(r["quantize_cpu_s"], r["ppl"], "x", color=color,
                         label=f"AdaScale {bits}-bit {r['iterations']} it, early stop {r['early_stop_margin']}")
-    ax.set_xlabel("quantize CPU time (s, 1 thread)")
-    ax.set_ylabel("perplexity")
+    ax.set_xlabel("quantize CPU time (s)")
+    ax.set_ylabel("perplexity (Austen, 2048 tokens x 8)")
     ax.set_title("SmolLM2-135M, g128: AdaScale (GPTQ start) vs GPTQ")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 

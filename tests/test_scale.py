@@ -75,6 +75,8 @@ def test_disk_offload_gives_the_in_ram_model(deep_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
     model.save_pretrained(tmp_path / "saved")  # offloaded tensors are read back for the save
+    enc = [json.loads(hf_vq.export_encodings(m, tmp_path / d).read_text()) for m, d in ((model, "e1"), (ref, "e2"))]
+    assert enc[0]["param_encodings"] == enc[1]["param_encodings"]  # so is an export
     got, want = load_file(str(tmp_path / "saved" / "model.safetensors")), quantized_tensors(ref)
     assert len(want) == 3 * 7 * LAYERS and all(torch.equal(got[k], want[k]) for k in want)
     # and the checkpoint loads back with the same placement: quantized tensors (buffers) stay on disk
@@ -177,6 +179,16 @@ def test_quantsim_onloads_resumes_and_matches_whole_model_calibration(deep_dir, 
         assert torch.equal(model(x).logits, want)
     ranges = {k: v for k, v in model.state_dict().items() if k.endswith(("quantizer.min", "quantizer.max"))}
     assert ranges.keys() < blockwise.keys() and all(torch.equal(v, blockwise[k]) for k, v in ranges.items())
+    # saving and exporting read the offloaded modules back from disk
+    model.save_pretrained(tmp_path / "saved")
+    ref.save_pretrained(tmp_path / "ref")
+    got, want = load_file(str(tmp_path / "saved" / "model.safetensors")), load_file(str(tmp_path / "ref" /
+                                                                                     "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    enc = [json.loads(hf_vq.export_encodings(m, tmp_path / d).read_text()) for m, d in ((model, "e1"), (ref, "e2"))]
+    assert enc[0]["param_encodings"] == enc[1]["param_encodings"] and len(enc[0]["param_encodings"]) == 7 * LAYERS
+    assert enc[0]["activation_encodings"] == enc[1]["activation_encodings"]
+    assert model.model.layers[2].mlp.down_proj.latent.is_meta  # back on disk after the export
 
     from hf_vq.model import convert
 

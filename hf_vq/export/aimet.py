@@ -48,6 +48,7 @@ from hf_vq.utils.io import atomic_write_text
 from hf_vq.utils.version import __version__
 from hf_vq.export.aimet_common import _ONNX_SUFFIX, ENC_TYPES, VERSIONS  # noqa: F401
 from hf_vq.formats.encodings import affine_encoding
+from hf_vq.export.common import reads_whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def _quant_method(model) -> str | None:
     return qc.get("method") if isinstance(qc, dict) else getattr(qc, "method", None)
 
 
+@reads_whole_model
 def export_encodings(model: nn.Module, out_dir: str | os.PathLike, version: str = "1.0.0",
                      filename_prefix: str = "model", *, lpbq: bool | str = "auto", decompressed_bw: int = 8,
                      split_uneven_groups: bool = True, quantizer_args: dict | None = None,

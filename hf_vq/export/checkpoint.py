@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from hf_vq.export import compressed_tensors, gguf, gptq
-from hf_vq.export.common import ExportError, ExportReport, affine_layers, write_folder
+from hf_vq.export.common import ExportError, ExportReport, affine_layers, reads_whole_model, write_folder
 
 logger = logging.getLogger(__name__)
 WRITERS = {"compressed-tensors": compressed_tensors.write, "gptq": gptq.write, "gguf": gguf.write}
 __all__ = ["ExportError", "ExportReport", "WRITERS", "export_checkpoint"]
 
 
+@reads_whole_model
 def export_checkpoint(model: nn.Module, out_dir: str | os.PathLike, format: str, *, tokenizer=None,
                       requantize: bool = False, dtype: torch.dtype | str | None = None,
                       overwrite: bool = False, gguf_pre_tokenizer: str = "default") -> ExportReport:

@@ -3,6 +3,8 @@ model card, and a folder written beside its destination and moved into place whe
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from hf_vq.formats.affine import AffineWeight, group_index
 from hf_vq.nn.qat import QATLinear
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.registry import LAYER_TYPES
+from hf_vq.pipeline import placement
 from hf_vq.utils.io import atomic_write_text
 from hf_vq.utils.version import __version__
 
@@ -143,6 +146,17 @@ def hf_vq_summary(model: nn.Module) -> dict[str, Any]:
     qc = getattr(model.config, "quantization_config", None)
     d = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
     return {k: v for k, v in d.items() if k not in ("layers", "loading")}
+
+
+def reads_whole_model(export: Callable) -> Callable:
+    """An export that reads every quantized tensor: where modules are offloaded to disk (their tensors on the meta
+    device), the whole model is loaded into CPU memory for the export and put back afterwards."""
+    @functools.wraps(export)
+    def run(model: nn.Module, *args, **kwargs):
+        offloaded = any(t.is_meta for t in model.state_dict().values())
+        with placement.onloaded(model, torch.device("cpu")) if offloaded else contextlib.nullcontext():
+            return export(model, *args, **kwargs)
+    return run
 
 
 def write_card(out: Path, model: nn.Module, fmt: str, how_to_load: str, report: ExportReport) -> None:

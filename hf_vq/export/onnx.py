@@ -26,6 +26,7 @@ from hf_vq.nn.experts import FusedExperts
 from hf_vq.nn.registry import LAYER_TYPES
 from hf_vq.utils.io import atomic_output
 from hf_vq.utils.modules import set_module
+from hf_vq.export.common import reads_whole_model
 
 logger = logging.getLogger(__name__)
 _PREFIX = "m."
@@ -95,6 +96,7 @@ def activation_tensor_names(graph, layer: str, consumers: dict[str, list] | None
     return x, y
 
 
+@reads_whole_model
 def export_onnx(model: nn.Module, out_dir: str | os.PathLike, filename_prefix: str = "model", seq_len: int = 16,
                 version: str = "1.0.0", opset_version: int = 17, dynamic: bool = True) -> Path:
     """Write ``<out_dir>/<prefix>.onnx`` and ``<out_dir>/<prefix>.encodings``; returns the ONNX path."""

@@ -15,6 +15,7 @@ from hf_vq.config import QUANT_METHOD, HfVQConfig
 from hf_vq.model import checkpoint, convert, offload, targets
 from hf_vq.model.quantsim import refresh_layer_records
 from hf_vq.nn.qat import folded_state_dict
+from hf_vq.pipeline import placement
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class HfVQQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """Fold QAT latents into integer codes (no ``*.latent`` keys); None = plain ``model.state_dict()``. With
         ``save_checksums`` the header metadata carries the sha256 of every quantized tensor."""
-        state_dict = folded_state_dict(model)
+        state_dict = folded_state_dict(model, loaded=lambda m: placement.onloaded(m, placement.execution_device(m)))
         if state_dict is not None:
             refresh_layer_records(model)
         if not self.save_checksums:

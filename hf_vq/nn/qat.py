@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -390,9 +391,10 @@ def qat_modules(model: nn.Module) -> dict[str, QATLinear]:
 
 
 @torch.no_grad()
-def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+def folded_state_dict(model: nn.Module, loaded=None) -> dict[str, torch.Tensor] | None:
     """``model.state_dict()`` with every QATLinear replaced by its folded QuantSimLinear tensors (no ``*.latent``,
-    ``*.log_scale``); None when the model has no QAT layer."""
+    ``*.log_scale``); None when the model has no QAT layer. ``loaded(module)``: a context in which the module's
+    tensors are readable (modules offloaded to disk keep them on the meta device)."""
     mods = qat_modules(model)
     if not mods:
         return None
@@ -403,7 +405,9 @@ def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
             del sd[k]
         for k in [k for k in sd if k.startswith(prefix + "input_quantizer.") or k.startswith(prefix + "output_quantizer.")]:
             del sd[k]
-        for k, v in mod.fold().state_dict().items():
+        with loaded(mod) if loaded is not None else contextlib.nullcontext():
+            folded = mod.fold().state_dict()
+        for k, v in folded.items():
             sd[prefix + k] = v
     return sd
 
