@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vq
 from hf_vq import assets
 from hf_vq.algorithms.adascale import quantizer_from_rtn
-from hf_vq.pipeline.adascale import train_block
+from hf_vq.pipeline.adascale import folded_block_mse, train_block
 from hf_vq.pipeline.blocks import _run_block, capture_block_inputs
 
 
@@ -105,16 +105,7 @@ def main(argv=None):
     def folded_loss(qs, batches=None):
         """fp32 MSE of the block with the folded weights, over all training batches (what training is for), or over
         ``batches`` ((inputs, targets))."""
-        inputs, outs = batches or (captured, targets)
-        fp = {n: m.weight.data.clone() for n, m in linears.items()}
-        for n, m in linears.items():
-            m.weight.data.copy_(qs[n].fold().dequantize())
-        with torch.no_grad():
-            out = sum(float(torch.nn.functional.mse_loss(_run_block(block, h, kw), t))
-                      for (h, kw), t in zip(inputs, outs)) / len(outs)
-        for n, m in linears.items():
-            m.weight.data.copy_(fp[n])
-        return out
+        return folded_block_mse(block, linears, qs, *(batches or (captured, targets)))
 
     run(args.warmup)
     start = run(0)[3]

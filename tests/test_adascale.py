@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_vq
 from hf_vq.algorithms.adascale import AdaScaleQuantizer, quantizer_from_affine, quantizer_from_rtn
-from hf_vq.pipeline.adascale import adascale_model, train_block
+from hf_vq.pipeline.adascale import adascale_model, folded_block_mse, train_block
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.model.convert import select_linears
@@ -110,31 +110,15 @@ def _tiny(layers=2, seed=0):
     return LlamaForCausalLM(cfg)
 
 
-def _block_loss(block, inputs, targets):
-    with torch.no_grad():
-        return sum(float(nn.functional.mse_loss(_run_block(block, h, kw), t))
-                   for (h, kw), t in zip(inputs, targets)) / len(inputs)
-
-
 @pytest.mark.parametrize("gran,sym", [("group", False), ("lpbq", True)])
 def test_distillation_lowers_block_loss(gran, sym):
     block, inputs, targets, linears = _one_block(batch=2)
     quantizers = {n: quantizer_from_rtn(m.weight.data, 2, 32, sym, gran) for n, m in linears.items()}
-    fp_weights = {n: m.weight.data.clone() for n, m in linears.items()}
-
-    def loss_with(qs):
-        for n, m in linears.items():
-            m.weight.data.copy_(qs[n].fold().dequantize())
-        out = _block_loss(block, inputs, targets)
-        for n, m in linears.items():
-            m.weight.data.copy_(fp_weights[n])
-        return out
-
-    before = loss_with(quantizers)
+    before = folded_block_mse(block, linears, quantizers, inputs, targets)
     hidden, kws = [h for h, _ in inputs], [kw for _, kw in inputs]
     train_block(block, quantizers, hidden, hidden, kws, targets, num_iterations=40, lr_scales=5e-3, lr_clip=1e-2,
                 fp_input_prob=1.0, generator=torch.Generator().manual_seed(0), progress=False)
-    after = loss_with(quantizers)
+    after = folded_block_mse(block, linears, quantizers, inputs, targets)
     assert all(type(block.get_submodule(n)) is nn.Linear for n in linears)  # stand-ins removed
     assert after < 0.8 * before, (before, after)
 
@@ -350,23 +334,13 @@ def _one_block(seed=0, batch=1):
 def test_bf16_autocast_training_lowers_the_fp32_loss():
     block, inputs, targets, linears = _one_block()
     quantizers = {n: quantizer_from_rtn(m.weight.data, 2, 32, False) for n, m in linears.items()}
-    fp_weights = {n: m.weight.data.clone() for n, m in linears.items()}
-
-    def folded_loss():
-        for n, m in linears.items():
-            m.weight.data.copy_(quantizers[n].fold().dequantize())
-        out = _block_loss(block, inputs, targets)
-        for n, m in linears.items():
-            m.weight.data.copy_(fp_weights[n])
-        return out
-
-    before = folded_loss()
+    before = folded_block_mse(block, linears, quantizers, inputs, targets)
     hidden, kws = [h for h, _ in inputs], [kw for _, kw in inputs]
     train_block(block, quantizers, hidden, hidden, kws, targets, num_iterations=40, lr_scales=5e-3, lr_clip=1e-2,
                 fp_input_prob=1.0, generator=torch.Generator().manual_seed(0), progress=False,
                 autocast_dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for q in quantizers.values() for p in q.parameters())
-    assert folded_loss() < 0.8 * before
+    assert folded_block_mse(block, linears, quantizers, inputs, targets) < 0.8 * before
 
 
 # ---------------------------------------------------------------------------------------------- early stop

@@ -73,15 +73,9 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
     mode, min_tokens = expert_options(config)
     unfused = {}
     for name, layout in plan.experts.items():
-        mod = model.get_submodule(name)
-        if name in on_disk:
-            unfused[name] = offload.unfuse_to_disk(mod, layout, mode, min_tokens, name, on_disk[name])
-        else:
-            unfused[name] = experts_mod.unfuse(mod, layout, mode, min_tokens)
+        unfused[name] = offload.unfuse_experts(model.get_submodule(name), layout, mode, min_tokens, name,
+                                               on_disk.get(name))
         set_module(model, name, unfused[name])
-
-    def refold(name, cal):
-        return offload.refold_from_disk(cal) if name in on_disk else experts_mod.refold(cal)
     targets = {name: model.get_submodule(name) for name in plan.linears}
     for name, cal in unfused.items():
         targets.update({f"{name}.{n}": m for n, m in cal.named_modules() if isinstance(m, nn.Linear)})
@@ -89,7 +83,7 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
         results, stats = registry.run(model, config, targets, progress=progress)
     except BaseException:
         for name, cal in unfused.items():
-            set_module(model, name, refold(name, cal))
+            set_module(model, name, offload.refold_experts(cal, on_disk.get(name)))
         raise
     member_of = {t: name for name in unfused for t in targets if t.startswith(name + ".")}
     quantized = []
@@ -112,14 +106,10 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
         if "routed_tokens" in cal.report:  # calibrated (RTN never routes a token)
             experts_report[name] = dict(cal.report)
         if all(t in results for t, owner in member_of.items() if owner == name):
-            if name in on_disk:
-                fused = offload.fuse_to_disk(cal, plan.experts[name], results, name, on_disk[name])
-            else:
-                fused = experts_mod.fuse(cal, plan.experts[name], results, name)
-            set_module(model, name, fused)
+            set_module(model, name, offload.fuse_experts(cal, plan.experts[name], results, name, on_disk.get(name)))
             quantized.append(name)
         else:
-            set_module(model, name, refold(name, cal))
+            set_module(model, name, offload.refold_experts(cal, on_disk.get(name)))
     config.layers = {name: layer_record(model.get_submodule(name)) for name in quantized}
     config.modules_to_not_convert = list(skip)
     floats = dict(plan.floats)

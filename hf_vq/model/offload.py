@@ -38,9 +38,11 @@ def offload_loaded(model: nn.Module, names) -> list[str]:
     return moved
 
 
-def unfuse_to_disk(module: nn.Module, layout, mode: str, min_tokens: float, name: str, folder):
-    """experts.unfuse for a disk-offloaded experts module: its float weights are read for the copy, and the
-    per-expert Linears go to disk (host memory holds one experts module at a time)."""
+def unfuse_experts(module: nn.Module, layout, mode: str, min_tokens: float, name: str, folder=None):
+    """experts.unfuse; for an experts module offloaded to disk (``folder``) its float weights are read for the copy
+    and the per-expert Linears go to disk (host memory holds one experts module at a time)."""
+    if folder is None:
+        return experts_mod.unfuse(module, layout, mode, min_tokens)
     home = execution_device(module)
     with onloaded(module, home):
         cal = experts_mod.unfuse(module, layout, mode, min_tokens)
@@ -50,8 +52,11 @@ def unfuse_to_disk(module: nn.Module, layout, mode: str, min_tokens: float, name
     return cal
 
 
-def fuse_to_disk(cal, layout, results: dict, name: str, folder) -> nn.Module:
-    """experts.fuse for experts whose per-expert Linears (and results) are on disk; the fused module goes to disk."""
+def fuse_experts(cal, layout, results: dict, name: str, folder=None) -> nn.Module:
+    """experts.fuse; with ``folder`` the per-expert Linears (and spilled results) are read from disk and the fused
+    module goes to disk."""
+    if folder is None:
+        return experts_mod.fuse(cal, layout, results, name)
     home = execution_device(cal)
     mine = {k: r.load() if isinstance(r, SpilledResult) else r for k, r in results.items()
             if k.startswith(name + ".")}
@@ -61,7 +66,9 @@ def fuse_to_disk(cal, layout, results: dict, name: str, folder) -> nn.Module:
     return fused
 
 
-def refold_from_disk(cal) -> nn.Module:
-    """experts.refold for per-expert Linears on disk (read back for the copy)."""
+def refold_experts(cal, folder=None) -> nn.Module:
+    """experts.refold; per-expert Linears on disk (``folder``) are read back for the copy."""
+    if folder is None:
+        return experts_mod.refold(cal)
     with onloaded(cal, execution_device(cal)):
         return experts_mod.refold(cal)

@@ -137,7 +137,7 @@ def observe_ranges(quantizers: dict[str, ActQuantizer], run: Callable[[], None],
         run()
         if ranks.active:  # the extremes over every rank's windows; a rank that saw nothing keeps (inf, -inf)
             ends = torch.tensor([[-o.lo, o.hi] for o in observers.values()], dtype=torch.float64)
-            distributed.all_reduce_sum(ends, op="MAX")
+            distributed.all_reduce(ends, op="MAX")
             for o, (neg_lo, hi) in zip(observers.values(), ends.tolist()):
                 o.lo, o.hi = -neg_lo, hi
         missing = [n for n, o in observers.items() if o.hi < o.lo]
@@ -155,7 +155,7 @@ def observe_ranges(quantizers: dict[str, ActQuantizer], run: Callable[[], None],
             run()
             if ranks.active and observers:
                 hists = torch.stack([o.hist for o in observers.values()])
-                distributed.all_reduce_sum(hists)
+                distributed.all_reduce(hists)
                 for o, h in zip(observers.values(), hists):
                     o.hist = h
     finally:

@@ -5,9 +5,9 @@ Per decoder block, in order:
    ``activation_cache_dir``: see hf_vq/activation_store.py).
 2. Starting grid per Linear: GPTQ with Hessians of the quantized model's block input (default), or RTN.
 3. Up to ``num_iterations`` Adam steps (scales s2/s3 at ``lr_scales``, clipping gamma/beta at ``lr_clip``, which
-   by default is 0 from a GPTQ start: GPTQ's grid stays; cosine decay to 0) on the MSE between the FP target and the quantized block run on a mixed input:
-   each element from the FP input with probability ``fp_input_prob``, else from the quantized model's input (AIMET's
-   sampling); fewer when the loss stops falling (``early_stop_margin``). The block runs under bfloat16 autocast where
+   by default is 0 from a GPTQ start: GPTQ's grid stays; cosine decay to 0) on the MSE between the FP target and the
+   quantized block run on a mixed input: each element from the FP input with probability ``fp_input_prob``, else
+   from the quantized model's input (AIMET's sampling); fewer when the loss stops falling (``early_stop_margin``). The block runs under bfloat16 autocast where
    that is fast (``train_dtype``); the quantizer's element-wise math is compiled for long runs (``compile``).
 4. Fold into AffineWeights and write the dequantized weights into the block; if the block's output MSE on the
    quantized input (against the FP target) is higher than the start's, keep the start. Run it on the quantized input
@@ -33,7 +33,6 @@ from hf_vq.pipeline.registry import calibration_samples, register_algorithm
 from hf_vq.pipeline import distributed
 from hf_vq.pipeline.blocks import (RunStats, _run_block, bar_postfix, block_prefix, capture_block_inputs,
                                    collect_hessians, find_decoder_blocks, last_target_block, probe_block)
-from hf_vq.formats.state import to_device
 from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, fingerprint
 from hf_vq.pipeline.runner import finish_block, model_config as _model_config, restore_finished, run_options
@@ -85,13 +84,9 @@ def _init_quantizers(block, local, config, q_inputs, prefix, ranks: distributed.
         for n in group:
             spec = config.spec_for(prefix + n)
             w = local[n].weight.data.float().clone()
-            src = distributed.owner(solved, ranks)
+            start, = distributed.solved_by_owner(solved, ranks, lambda: [gptq_quantize(
+                w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)], 1, w.device)
             solved += 1
-            start = None
-            if ranks.rank == src:
-                start = gptq_quantize(w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)
-            if ranks.active:
-                start = to_device(distributed.broadcast_result(start, src, ranks), w.device)
             quantizers[n] = quantizer_from_affine(w, start, config.weight_granularity)
             init_err[n] = output_error(w, start.dequantize(), hessians[n])
             local[n].weight.data.copy_(start.dequantize().to(local[n].weight.dtype))
@@ -102,8 +97,8 @@ def train_block(block: nn.Module, quantizers: dict, fp_inputs, q_inputs, kwargs,
                 lr_scales: float, lr_clip: float, fp_input_prob: float, generator: torch.Generator,
                 desc: str = "", progress: bool = True, **distill_kw) -> tuple[float, float]:
     """Distil ``block`` (Linears named as ``quantizers``' keys, relative to the block) for ``num_iterations`` Adam
-    steps: clipping parameters at ``lr_clip`` (0: not trained), scales at ``lr_scales``; ``distill_kw`` (autocast_dtype, early_stop,
-    history, ranks) as for distill_block. Returns (first loss, mean loss of the last 10%)."""
+    steps: clipping parameters at ``lr_clip`` (0: not trained), scales at ``lr_scales``; ``distill_kw``
+    (autocast_dtype, early_stop, history, ranks) as for distill_block. Returns (first loss, mean loss of the last 10%)."""
     stand_ins = {n: AdaScaleLinear(block.get_submodule(n), qz) for n, qz in quantizers.items()}
     clip = [p for qz in quantizers.values() for p in qz.clip_params()]
     groups = [{"params": [p for qz in quantizers.values() for p in qz.scale_params()], "lr": lr_scales}]
@@ -124,6 +119,19 @@ def _fold(quantizers: dict, local: dict) -> dict:
     for name, aw in folded.items():
         local[name].weight.data.copy_(aw.dequantize().to(local[name].weight.dtype))
     return folded
+
+
+@torch.no_grad()
+def folded_block_mse(block: nn.Module, local: dict, quantizers: dict, batches, targets) -> float:
+    """block_mse with the quantizers' folded weights in the block's Linears (``local``, name -> Linear); the weights
+    are put back afterwards (the quality a trained quantizer gives, for studies and tests)."""
+    weights = {n: m.weight.data.clone() for n, m in local.items()}
+    try:
+        _fold(quantizers, local)
+        return block_mse(block, batches, targets)
+    finally:
+        for n, m in local.items():
+            m.weight.data.copy_(weights[n])
 
 
 def _each(store):

@@ -281,7 +281,7 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             experts.begin_batch(hidden)
             with contextlib.suppress(_StopForward), autocast(), frozen.stubbed(j, record=True):
                 _run_block(block, hidden, kw)
-        out = experts.hessians(distributed.all_reduce_sum if ranks.active else None)
+        out = experts.hessians(distributed.all_reduce if ranks.active else None)
     finally:
         experts.close()
         for h in handles:

@@ -95,7 +95,7 @@ def distill_block(block: nn.Module, stand_ins: dict[str, nn.Module], param_group
                 loss = loss.detach()
                 if ranks.active:
                     distributed.average_gradients(params, ranks)
-                    loss = distributed.all_reduce_sum(loss.clone()) / ranks.world
+                    loss = distributed.all_reduce(loss.clone()) / ranks.world
                 opt.step()
                 sched.step()
                 losses.append(float(loss))
@@ -120,5 +120,5 @@ def block_mse(block: nn.Module, batches, targets, ranks: distributed.Ranks = dis
         total[0] += float(nn.functional.mse_loss(out.float(), target.to(out.device).float()))
         total[1] += 1
     if ranks.active:
-        distributed.all_reduce_sum(total)
+        distributed.all_reduce(total)
     return float(total[0] / total[1])

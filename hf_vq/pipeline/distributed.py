@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hf_vq.formats.state import from_state, to_state
+from hf_vq.formats.state import from_state, to_device, to_state
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def _comm_device() -> torch.device:
     return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device("cuda", torch.cuda.current_device())
 
 
-def all_reduce_sum(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
-    """``t`` summed (or ``op``: "MAX", "MIN") over ranks, in place (through CPU for gloo)."""
+def all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    """``t`` reduced over ranks (``op``: "SUM", "MAX", "MIN"), in place (through CPU for gloo)."""
     buf = t.to(_comm_device())
     dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
     if buf is not t:
@@ -71,7 +71,7 @@ def average_gradients(params, ranks: Ranks) -> None:
     e.g. an expert no token reached there, counts as zero)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce_sum(flat).div_(ranks.world)
+    all_reduce(flat).div_(ranks.world)
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g)
@@ -81,13 +81,23 @@ def average_gradients(params, ranks: Ranks) -> None:
 def reduce_accumulators(accs) -> None:
     """Sum HessianAccumulators' sums and counts over ranks (each accumulator once)."""
     for acc in {id(a): a for a in accs}.values():
-        all_reduce_sum(acc.sum)
+        all_reduce(acc.sum)
         count = torch.tensor([acc.count], dtype=torch.float64)
-        acc.count = int(all_reduce_sum(count).item())
+        acc.count = int(all_reduce(count).item())
 
 
 def owner(index: int, ranks: Ranks) -> int:
     return index % ranks.world
+
+
+def solved_by_owner(index: int, ranks: Ranks, solve, count: int, device: torch.device) -> list:
+    """``solve()`` (a list of ``count`` quantized-weight results) run only by the rank that owns set ``index``
+    (round-robin), then broadcast: every rank returns the same results, on ``device``."""
+    src = owner(index, ranks)
+    outs = solve() if ranks.rank == src else [None] * count
+    if ranks.active:
+        outs = [to_device(broadcast_result(o, src, ranks), device) for o in outs]
+    return outs
 
 
 def broadcast_result(result, src: int, ranks: Ranks):

@@ -90,8 +90,7 @@ def _place(mod: nn.Module, name: str, home: torch.device, folder) -> None:
 
 
 class _Swapper:
-    """Swaps target Linears for QATLinears and remembers the originals (a layer whose activations the calibration
-    never reaches goes back to float)."""
+    """Swaps target Linears for QATLinears, and settles them once calibrated."""
 
     def __init__(self, model: nn.Module, config, targets: dict[str, nn.Linear]):
         self.model, self.config = model, config
@@ -106,13 +105,19 @@ class _Swapper:
         self.originals[name] = lin
         return mod
 
-    def result(self, name: str, mod: QATLinear, home: torch.device):
-        """What the run returns for a swapped layer (taken before the module may go to disk): fused experts store
-        the weight grid (as fuse() needs it, on the block's ``home`` device), Linears keep their QATLinear."""
-        return to_device(mod.affine_weight(), home) if name in self.experts else _Built(mod)
-
-    def revert(self, name: str) -> None:
-        set_module(self.model, name, self.originals[name])
+    def settle(self, mods: dict[str, QATLinear], ranges, home: torch.device, folder, results: dict) -> dict:
+        """Swapped layers whose activation quantizers all got a range (``ranges``; None: no calibration): their
+        result goes to ``results`` and the module to its block's home (or disk); the others go back to float (the
+        calibration never reached them; the report says so). Returns the kept layers' range state (resume)."""
+        kept = {}
+        for n, mod in mods.items():
+            if ranges is not None and any(k not in ranges for k in _act_quantizers(n, mod)):
+                set_module(self.model, n, self.originals[n])
+                continue
+            kept[n] = _range_state(n, mod)
+            results[n] = to_device(mod.affine_weight(), home) if n in self.experts else _Built(mod)
+            _place(mod, n, home, folder)
+        return kept
 
 
 @register_algorithm("quantsim")
@@ -126,8 +131,7 @@ def run_quantsim(model, config, targets: dict[str, nn.Linear], progress: bool = 
             home, folder = execution_device(lin), disk_offload_folder(lin)
             with onloaded(lin, home):
                 mod = swapper.swap(name, lin)
-            results[name] = swapper.result(name, mod, home)
-            _place(mod, name, home, folder)
+            swapper.settle({name: mod}, None, home, folder, results)
         stats.quantize_s = time.perf_counter() - t0
     if swapper.experts:
         logger.info("QuantSim: %d fused-expert projections get QuantSim weight grids, without activation quantizers",
@@ -176,8 +180,7 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
                 for n, mod in mods.items():
                     for q, (lo, hi) in stored[n].items():
                         getattr(mod, q).set_range(float(lo), float(hi))
-                    results[n] = swapper.result(n, mod, home)
-                    _place(mod, n, home, folder)
+                swapper.settle(mods, None, home, folder, results)
             cache = [(h, kw) for h, (_, kw) in zip(hidden, cache)]
             start = stats.resumed_blocks = done + 1
             stats.resume_io_s += time.perf_counter() - t1
@@ -206,14 +209,7 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
                     ranges = {}
                     run()
                 cache = [(out, kw) for out, (_, kw) in zip(outputs, cache)]
-            kept = {}
-            for n, mod in mods.items():
-                if all(k in ranges for k in _act_quantizers(n, mod)):
-                    kept[n] = _range_state(n, mod)
-                    results[n] = swapper.result(n, mod, home)
-                    _place(mod, n, home, folder)
-                else:  # no activation range (the calibration never reached it): stays float, the report says so
-                    swapper.revert(n)
+            kept = swapper.settle(mods, ranges, home, folder, results)
             stats.forward_s += time.perf_counter() - t1
             if store is not None:
                 t2 = time.perf_counter()
@@ -223,7 +219,8 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
             bar.set_postfix(bar_postfix(ranks, device))
         bar.close()
         del cache
-    outside = {n: lin for n, lin in targets.items() if not any(n in local for local in per_block)}
+    inside = set().union(*per_block)
+    outside = {n: lin for n, lin in targets.items() if n not in inside}
     if outside:
         t3 = time.perf_counter()
         mods = {}
@@ -233,11 +230,8 @@ def _calibrate(model, config, targets, swapper: _Swapper, progress: bool) -> tup
         only = {k for n, m in mods.items() for k in _act_quantizers(n, m)}
         ranges = compute_encodings(model, samples, config.quant_scheme, config.percentile,
                                    config.calibration_batch_size, skip_unreached=True, only=only, ranks=ranks)
-        for n, mod in mods.items():
-            if all(k in ranges for k in _act_quantizers(n, mod)):
-                results[n] = swapper.result(n, mod, execution_device(mod))
-            else:
-                swapper.revert(n)
+        for n, mod in mods.items():  # they stay where they are
+            swapper.settle({n: mod}, ranges, execution_device(mod), None, results)
         stats.forward_s += time.perf_counter() - t3
     if store is not None:
         store.finish()

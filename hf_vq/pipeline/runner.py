@@ -21,7 +21,8 @@ from hf_vq.algorithms.hessian import output_error
 from hf_vq.formats.state import to_device
 from hf_vq.pipeline import distributed
 from hf_vq.pipeline.blocks import (RunStats, _collect_hessians, _FrozenChildren, _run_block, bar_postfix,
-                                   block_prefix, capture_block_inputs, find_decoder_blocks, last_target_block, probe_block)
+                                   block_prefix, capture_block_inputs, find_decoder_blocks, last_target_block,
+                                   probe_block)
 from hf_vq.pipeline.experts import regroup
 from hf_vq.pipeline.placement import SPILL_DIR, disk_offload_folder, execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.resume import ResumeStore, SpilledResult, fingerprint, save_results
@@ -244,15 +245,12 @@ def _quantize_group(group, local, hessians, prefix, quantize_fn, quantize_shared
         h = hessians[names[0]]
         originals = [local[n].weight.data.clone() for n in names]
         fulls = [prefix + n for n in names]
-        src = distributed.owner(index, ranks)
-        if ranks.rank != src:
-            outs = [None] * len(names)
-        elif quantize_shared_fn is not None and len(names) > 1:
-            outs = quantize_shared_fn(fulls, [local[n] for n in names], h)
-        else:
-            outs = [quantize_fn(f, local[n], h) for f, n in zip(fulls, names)]
-        if ranks.active:
-            outs = [to_device(distributed.broadcast_result(o, src, ranks), h.device) for o in outs]
+
+        def solve():
+            if quantize_shared_fn is not None and len(names) > 1:
+                return quantize_shared_fn(fulls, [local[n] for n in names], h)
+            return [quantize_fn(f, local[n], h) for f, n in zip(fulls, names)]
+        outs = distributed.solved_by_owner(index, ranks, solve, len(names), h.device)
         for n, full, original, result in zip(names, fulls, originals, outs):
             lin = local[n]
             lin.weight.data.copy_(result.dequantize().to(lin.weight.dtype))

@@ -46,7 +46,8 @@ def finetune_vq_block(block: nn.Module, local: dict[str, nn.Linear], results: di
                       desc: str = "", progress: bool = True,
                       ranks: distributed.Ranks = distributed.Ranks()) -> tuple[dict[str, VQWeight], float, float]:
     """Fine-tune the codebooks of ``results`` (name relative to ``block`` -> VQWeight of ``local[name]``) so the block
-    maps ``inputs`` to ``targets`` (gradients averaged over ``ranks`` under torch.distributed). Returns (new VQWeights, first loss, final training loss)."""
+    maps ``inputs`` to ``targets`` (gradients averaged over ``ranks`` under torch.distributed). Returns (new
+    VQWeights, first loss, final training loss)."""
     stand_ins = {n: VQCodebookLinear(local[n], vq) for n, vq in results.items()}
     params = [m.codebook for m in stand_ins.values()]
     first, last = distill_block(block, stand_ins, [{"params": params, "lr": lr}], inputs, inputs, kwargs, targets,
