@@ -23,9 +23,6 @@ import time
 
 from token_ids import load_ids
 
-# benchmarks/ holds kernels.py, which would shadow the `kernels` package transformers probes for.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 # GPTQModel 7.6.0 sizes its CPU pool as (cores+1)//2 but asks 2 workers for its model loader: on 2 cores that
 # raises "Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1".
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")

@@ -27,10 +27,8 @@ import os
 import sys
 import time
 
-from token_ids import load_ids  # before benchmarks/ leaves sys.path (below)
+from token_ids import load_ids
 
-# benchmarks/ holds kernels.py, which would shadow the `kernels` package transformers probes for.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import numpy as np
 

@@ -25,15 +25,42 @@ def _problem(n=64, k=96, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ EM and assignment
-def test_weighted_argmin_matches_brute_force():
+def _brute_force_distances(x, c, w):
+    return ((x[:, :, None] - c[:, None]) ** 2 * w[:, :, None]).sum(-1)      # [B, m, k]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_weighted_argmin_matches_brute_force(use_kernel):
     g = torch.Generator().manual_seed(1)
     x, c = torch.randn(3, 200, 2, generator=g), torch.randn(3, 16, 2, generator=g)
     w = torch.rand(3, 200, 2, generator=g) + 0.05
-    idx = weighted_argmin(x, c, w)
-    dist = ((x[:, :, None] - c[:, None]) ** 2 * w[:, :, None]).sum(-1)      # [B, m, k]
+    idx = weighted_argmin(x, c, w, use_kernel=use_kernel)
+    dist = _brute_force_distances(x, c, w)
     chosen = dist.gather(2, idx[..., None])[..., 0]
     assert torch.allclose(chosen, dist.min(-1).values, rtol=1e-5, atol=1e-6)
     assert (idx == dist.argmin(-1)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("d,k", [(1, 7), (2, 64), (4, 256), (3, 300), (8, 600)])
+def test_assignment_kernel_is_nearest_and_first_on_ties(d, k):
+    """The C kernel (centroids in tiles of 256): every vector gets a nearest centroid, the first of equal ones;
+    zero-weight vectors (padding) get centroid 0."""
+    from hf_vq.algorithms.gptvq import LIBRARY
+
+    assert LIBRARY.load() is not None  # built with the machine's C compiler, as the GPTQ kernel is
+    g = torch.Generator().manual_seed(d * 1000 + k)
+    x, c = torch.randn(2, 500, d, generator=g), torch.randn(2, k, d, generator=g)
+    c[:, k - 1] = c[:, k // 2]  # a duplicate centroid, later in the list (a later tile when k > 256)
+    x[:, :10] = c[:, k // 2, None]  # vectors exactly on it: distance 0 to both
+    w = torch.rand(2, 500, d, generator=g) + 0.05
+    w[:, -5:] = 0.0
+    idx = weighted_argmin(x, c, w)
+    dist = _brute_force_distances(x, c, w)
+    chosen = dist.gather(2, idx[..., None])[..., 0]
+    assert torch.allclose(chosen, dist.min(-1).values, rtol=1e-5, atol=1e-6)
+    assert (idx[:, :10] == k // 2).all()
+    assert (idx[:, -5:] == 0).all()
+    assert (idx == weighted_argmin(x, c, w, use_kernel=False)).float().mean() > 0.99
 
 
 def test_weights_change_assignment():

@@ -10,22 +10,35 @@ Returns :class:`hf_vq.formats.vq.VQWeight` (the storage format lives in ``hf_vq.
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 
 from hf_vq.algorithms.hessian import inverse_cholesky_upper, prepare_hessian
 from hf_vq.formats.packing import pack
 from hf_vq.formats.vq import (NORM_BITS, NORM_BLOCK, VQLayout, VQWeight, codebook_values, encode_codebooks,
                               element_codebook, norm_scales, quantize_codebooks, store_codebooks)
+from hf_vq.utils.cbuild import CLibrary
 
 _CHUNK = 1 << 23      # distance-matrix elements evaluated at once
 
 
 # ---------------------------------------------------------------------------------------------- weighted k-means
-def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """argmin_j sum_d w (x - c_j)^2 for x [B, m, d], centroids c [B, k, d], weights broadcastable to x -> [B, m]."""
+def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None,
+                    use_kernel: bool = True) -> torch.Tensor:
+    """argmin_j sum_d w (x - c_j)^2 for x [B, m, d], centroids c [B, k, d], weights broadcastable to x -> [B, m].
+    On CPU in float32 a C kernel does it (csrc/vq_assign.c); elsewhere, or without a compiler, batched matmuls."""
     b, m, d = x.shape
     k = c.shape[1]
     w = torch.ones_like(x) if w is None else w.expand(b, m, d)
+    lib = LIBRARY.load() if use_kernel and x.device.type == "cpu" and x.dtype == c.dtype == torch.float32 else None
+    if lib is not None:
+        xs, ws, ct = x.contiguous(), w.to(torch.float32).contiguous(), c.transpose(1, 2).contiguous()
+        out = torch.empty(b, m, dtype=torch.long)
+        lib.vq_assign(xs.data_ptr(), ws.data_ptr(), ct.data_ptr(), b, m, k, d, out.data_ptr(),
+                      torch.get_num_threads())
+        return out
     rhs = torch.cat((-2 * c, c * c), -1).transpose(1, 2)             # sum w x^2 is constant per vector
     step = max(1, _CHUNK // max(1, b * k))
     out = torch.empty(b, m, dtype=torch.long, device=x.device)
@@ -33,6 +46,18 @@ def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = N
         ws = w[:, s:s + step]
         out[:, s:s + step] = torch.bmm(torch.cat((ws * x[:, s:s + step], ws), -1), rhs).min(-1).indices
     return out
+
+
+def _bind(lib):
+    lib.vq_assign.restype = None
+    lib.vq_assign.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+# EM's assignment step is most of GPTVQ's time: as torch ops it is a [B, m, d+1] x [B, d+1, k] matmul (an inner
+# dimension too short to be fast) and a min over k, ~10x slower than one pass in C.
+LIBRARY = CLibrary(Path(__file__).with_name("csrc") / "vq_assign.c", _bind, "GPTVQ assignment kernel")
 
 
 def weighted_error(x, c, idx, w=None) -> torch.Tensor:

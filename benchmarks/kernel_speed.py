@@ -1,6 +1,6 @@
 """Decode / prefill speed of QuantLinear against dense layers on this CPU.
 
-    python benchmarks/kernels.py [--threads 1] [--shapes 576x576,1536x576,4096x4096]
+    python benchmarks/kernel_speed.py [--threads 1] [--shapes 576x576,1536x576,4096x4096]
 Cold-cache decode: each call uses another copy of the layer (> 256 MB of weights in rotation), like real decoding.
 """
 
