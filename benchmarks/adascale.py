@@ -8,8 +8,9 @@ and Prejudice + Persuasion, in fp32. Rows are ``fp``, ``rtn<b>``, ``gptq<b>``, `
     python benchmarks/adascale.py --rows fp,rtn4,gptq4,ada4-0,ada4-100 --max-windows 16
 
 prints: row, bits, ppl, quantize wall and CPU time, AdaScale wall time per block and per iteration. ``--json``
-also keeps each block's per-step losses and step count (early-stop studies); ``--plot out.png`` draws ppl vs
-quantize CPU time from such a file instead of running anything.
+also keeps each block's per-step losses and step count; ``--plot out.png`` draws ppl vs quantize CPU time from
+such a file, and ``--early-stop-study 0,0.01`` replays its losses through the early stop, instead of running
+anything.
 """
 
 from __future__ import annotations
@@ -76,9 +77,14 @@ def main(argv=None):
     ap.add_argument("--lr-scales", type=float, default=None, help="default: the config's")
     ap.add_argument("--lr-clip", type=float, default=None, help="default: the config's")
     ap.add_argument("--plot", help="only draw ppl vs quantize CPU time from the --json file into this PNG")
+    ap.add_argument("--early-stop-study", metavar="MARGINS",
+                    help="only replay the --json file's recorded block losses through EarlyStop at these margins "
+                         "(comma-separated) and print where each would stop")
     args = ap.parse_args(argv)
     if args.plot:
         return plot(args.json, args.plot)
+    if args.early_stop_study:
+        return early_stop_study(args.json, [float(m) for m in args.early_stop_study.split(",")], args.num_samples)
     ada_kw = {}
     if args.early_stop_margin != "default":
         ada_kw["early_stop_margin"] = None if args.early_stop_margin == "none" else float(args.early_stop_margin)
@@ -135,6 +141,36 @@ def main(argv=None):
     print(f"# blocks quantized: {args.blocks or 'all'}; calibration {args.num_samples}x{args.calib_len} Emma; "
           f"eval ppl@{args.seq_len} over {args.max_windows} "
           f"windows of austen_test_text(), fp32, {args.threads} thread(s)")
+
+
+def early_stop_study(json_path: str, margins: list[float], num_batches: int) -> None:
+    """For each AdaScale row run without early stop, replay every block's per-step losses through the pipeline's
+    EarlyStop (window as the pipeline sets it for ``num_batches`` batches) and print the mean steps it would run and
+    how the loss of its last window compares with the loss of the run's last window (1.00: stopping lost nothing
+    in training loss; a cosine schedule still decays after an early stop, so this is indicative only)."""
+    from hf_vq.pipeline.distill import EarlyStop
+
+    window = num_batches * -(-16 // num_batches)  # as hf_vq/pipeline/adascale.py sets it
+    with open(json_path) as f:
+        rows = [json.loads(line) for line in f]
+    print(f"window {window} steps\n| row | lr scales/clip | threads | margin | mean steps | "
+          f"last-window loss / final (mean, max) |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if not r["row"].startswith("ada") or r.get("early_stop_margin") is not None or not r.get("iterations"):
+            continue
+        if r.get("num_samples", 16) != num_batches:
+            continue
+        for margin in margins:
+            steps, ratios = [], []
+            for h in r["histories"]:
+                stop = EarlyStop(window, margin)
+                n = next((i + 1 for i, loss in enumerate(h) if stop.update(loss)), len(h))
+                steps.append(n)
+                tail = min(window, len(h))
+                ratios.append((sum(h[max(0, n - tail):n]) / len(h[max(0, n - tail):n])) / (sum(h[-tail:]) / tail))
+            print(f"| {r['row']} | {r.get('lr_scales', 5e-4):g}/{r.get('lr_clip', 1e-3):g} | {r.get('threads', 1)} | "
+                  f"{margin:g} | {sum(steps) / len(steps):.0f} | {sum(ratios) / len(ratios):.3f}, "
+                  f"{max(ratios):.3f} |")
 
 
 def _series(r: dict) -> tuple:
