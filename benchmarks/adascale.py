@@ -116,7 +116,7 @@ def main(argv=None):
                                         max_windows=args.max_windows)
         run = getattr(getattr(model, "hf_quantizer", None), "last_run", None) or {}
         rec = {"row": row, "bits": bits, "ppl": ppl, "quantize_s": qs if row != "fp" else 0.0, "quantize_cpu_s": qcpu,
-               "num_samples": args.num_samples}
+               "num_samples": args.num_samples, "threads": args.threads}
         if row.startswith("ada"):
             n_blocks = args.blocks or len(model.model.layers)
             per_block = run.get("quantize_s", 0.0) / n_blocks
@@ -175,8 +175,8 @@ def early_stop_study(json_path: str, margins: list[float], num_batches: int) -> 
 
 def _series(r: dict) -> tuple:
     """What a row was run with besides bits and iterations (rows from before these fields: 16 windows, AIMET's
-    learning rates)."""
-    return r.get("num_samples", 16), r.get("lr_scales", 5e-4), r.get("lr_clip", 1e-3)
+    learning rates, 1 thread)."""
+    return r.get("num_samples", 16), r.get("lr_scales", 5e-4), r.get("lr_clip", 1e-3), r.get("threads", 1)
 
 
 def plot(json_path: str, png: str) -> None:
@@ -195,9 +195,9 @@ def plot(json_path: str, png: str) -> None:
         ada = [r for r in rows if r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is None]
         for k, key in enumerate(sorted({_series(r) for r in ada})):
             line = sorted((r for r in ada if _series(r) == key), key=lambda r: r["iterations"])
-            n, ls, lc = key
+            n, ls, lc, threads = key
             ax.plot([r["quantize_cpu_s"] for r in line], [r["ppl"] for r in line], styles[k % len(styles)],
-                    color=color, label=f"AdaScale {bits}-bit, {n}x512, lr {ls:g}/{lc:g}")
+                    color=color, label=f"AdaScale {bits}-bit, {n}x512, lr {ls:g}/{lc:g}, {threads} thread(s)")
             for r in line:
                 ax.annotate(f"{r['iterations']} it", (r["quantize_cpu_s"], r["ppl"]), fontsize=8,
                             textcoords="offset points", xytext=(4, 4))
@@ -205,7 +205,7 @@ def plot(json_path: str, png: str) -> None:
             if r["row"] == f"gptq{bits}":
                 ax.plot(r["quantize_cpu_s"], r["ppl"], "*", ms=14, color=color, mfc="none" if
                         r.get("num_samples", 16) == 16 else color,
-                        label=f"GPTQ {bits}-bit, {r.get('num_samples', 16)}x512")
+                        label=f"GPTQ {bits}-bit, {r.get('num_samples', 16)}x512, {r.get('threads', 1)} thread(s)")
             elif r["row"].startswith(f"adag{bits}-") and r.get("early_stop_margin") is not None:
                 ax.plot(r["quantize_cpu_s"], r["ppl"], "x", color=color,
                         label=f"AdaScale {bits}-bit {r['iterations']} it, early stop {r['early_stop_margin']}")

@@ -8,7 +8,7 @@ is for), and with ``--eval-batches`` over held-out sequences. The baseline (an o
 beyond the defaults. Compare two versions of the code on the
 same machine by putting one on PYTHONPATH, e.g.
 
-    git worktree add ../adascale_base <commit>
+    git worktree add ../adascale_base 1912ffa   # the commit issue 16 was measured against
     OMP_NUM_THREADS=1 PYTHONPATH=../adascale_base .venv/bin/python benchmarks/adascale_step.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adascale_step.py
 """
@@ -25,8 +25,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_vq
 from hf_vq import assets
 from hf_vq.algorithms.adascale import quantizer_from_rtn
-from hf_vq.pipeline.adascale import folded_block_mse, train_block
-from hf_vq.pipeline.blocks import _run_block, capture_block_inputs
+from hf_vq.pipeline.adascale import train_block
+
+try:
+    from hf_vq.pipeline.adascale import folded_block_mse
+    from hf_vq.pipeline.blocks import _run_block, capture_block_inputs
+except ImportError:  # the issue's baseline commit (1912ffa): no folded-loss helper, block helpers in the runner
+    folded_block_mse = None
+    from hf_vq.pipeline.runner import _run_block, capture_block_inputs
 
 
 def main(argv=None):
@@ -105,6 +111,8 @@ def main(argv=None):
     def folded_loss(qs, batches=None):
         """fp32 MSE of the block with the folded weights, over all training batches (what training is for), or over
         ``batches`` ((inputs, targets))."""
+        if folded_block_mse is None:
+            return float("nan")
         return folded_block_mse(block, linears, qs, *(batches or (captured, targets)))
 
     run(args.warmup)
