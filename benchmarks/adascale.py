@@ -76,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--train-dtype", choices=("float32", "bfloat16"), default=None, help="default: the config's")
     ap.add_argument("--lr-scales", type=float, default=None, help="default: the config's")
     ap.add_argument("--lr-clip", type=float, default=None, help="default: the config's")
+    ap.add_argument("--granularity", choices=("group", "blockwise", "lpbq"), default=None,
+                    help="AdaScale rows' weight_granularity (blockwise and lpbq: symmetric); default: the config's")
     ap.add_argument("--plot", help="only draw ppl vs quantize CPU time from the --json file into this PNG")
     ap.add_argument("--early-stop-study", metavar="MARGINS",
                     help="only replay the --json file's recorded block losses through EarlyStop at these margins "
@@ -90,6 +92,8 @@ def main(argv=None):
         ada_kw["early_stop_margin"] = None if args.early_stop_margin == "none" else float(args.early_stop_margin)
     if args.train_dtype:
         ada_kw["train_dtype"] = args.train_dtype
+    if args.granularity:
+        ada_kw.update(weight_granularity=args.granularity, sym=args.granularity != "group")
     for lr in ("lr_scales", "lr_clip"):
         if getattr(args, lr) is not None:
             ada_kw[lr] = getattr(args, lr)
@@ -123,6 +127,7 @@ def main(argv=None):
             rec.update(s_per_block=per_block, iterations=iters, block_steps=[len(h) for h in histories],
                        histories=[[round(x, 7) for x in h] for h in histories],
                        early_stop_margin=cfg.early_stop_margin, train_dtype=cfg.train_dtype,
+                       granularity=cfg.weight_granularity, sym=cfg.sym,
                        lr_scales=cfg.learning_rates()[0], lr_clip=cfg.learning_rates()[1])
             # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
             # an upper bound (start grid, folding and block forwards included)

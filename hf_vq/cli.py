@@ -154,7 +154,7 @@ def add_quantize_args(q: argparse.ArgumentParser) -> None:
     v.add_argument("--kmeans-iterations", type=int, default=100)
     a = q.add_argument_group("adascale")
     a.add_argument("--num-iterations", type=int, default=300, help="Adam steps per block")
-    a.add_argument("--init", choices=["rtn", "gptq"], default=None, help="default: gptq (rtn for lpbq)")
+    a.add_argument("--init", choices=["rtn", "gptq"], default=None, help="default: gptq (for lpbq: GPTQ onto the LPBQ grid)")
 
 
 def add_eval_args(e: argparse.ArgumentParser) -> None:

@@ -121,12 +121,11 @@ def test_gptvq_options(real, fp_ppl, tmp_path):
     _reload_exact(real, model, tmp_path)
 
 
-@pytest.mark.parametrize("granularity", ["lpbq", "blockwise"])
-def test_adascale_options(real, fp_ppl, tmp_path, granularity):
-    """AIMET grids (LPBQ with its RTN start, blockwise with a GPTQ start), FP-only block inputs, two sequences per
-    step, custom learning rates and the on-disk activation cache (removed afterwards)."""
+@pytest.mark.parametrize("granularity,init", [("lpbq", "rtn"), ("lpbq", "gptq"), ("blockwise", "gptq")])
+def test_adascale_options(real, fp_ppl, tmp_path, granularity, init):
+    """AIMET grids (LPBQ from RTN or from GPTQ on the LPBQ grid, blockwise from GPTQ), FP-only block inputs, two
+    sequences per step, custom learning rates and the on-disk activation cache (removed afterwards)."""
     cache = tmp_path / "acts"
-    init = "rtn" if granularity == "lpbq" else "gptq"
     model = quantize(real, hf_vq.AdaScaleConfig, bits=4, group_size=64, sym=True, weight_granularity=granularity,
                      decompressed_bw=8, init=init, fp_input_prob=1.0, batch_size=2, num_iterations=3,
                      lr_scales=1e-3, lr_clip=2e-3, activation_cache_dir=str(cache), module_overrides=FIRST_TWO_BLOCKS)
@@ -134,6 +133,6 @@ def test_adascale_options(real, fp_ppl, tmp_path, granularity):
     assert len(q) == 14 and all(m.bits == 4 and m.sym for m in q)
     assert cache.is_dir() and list(cache.iterdir()) == []
     got = ppl(real, model)
-    print(f"ppl@512 x3: FP {fp_ppl:.3f}, AdaScale {granularity} 4-bit b64 (blocks 0-1) {got:.3f}")
+    print(f"ppl@512 x3: FP {fp_ppl:.3f}, AdaScale {granularity} ({init} start) 4-bit b64 (blocks 0-1) {got:.3f}")
     assert fp_ppl < got < 1.1 * fp_ppl
     _reload_exact(real, model, tmp_path / "saved")

@@ -186,8 +186,8 @@ def test_start_kept_when_training_makes_the_block_worse():
         assert torch.equal(start[n].codes, trained[n].codes) and torch.equal(start[n].scales, trained[n].scales), n
 
 
-@pytest.mark.parametrize("gran,sym,gs,init", [("lpbq", True, 32, "rtn"), ("blockwise", True, 32, "gptq"),
-                                               ("group", False, 64, "gptq")])
+@pytest.mark.parametrize("gran,sym,gs,init", [("lpbq", True, 32, "rtn"), ("lpbq", True, 32, "gptq"),
+                                               ("blockwise", True, 32, "gptq"), ("group", False, 64, "gptq")])
 def test_from_pretrained_save_reload(tmp_path, gran, sym, gs, init):
     _tiny().save_pretrained(tmp_path / "fp")
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -238,7 +238,6 @@ def test_clear_error_without_decoder_blocks():
     (dict(fp_input_prob=1.5), "fp_input_prob"),
     (dict(weight_granularity="vector"), "weight_granularity"),
     (dict(weight_granularity="lpbq", sym=False), "sym=True"),
-    (dict(weight_granularity="lpbq", sym=True, init="gptq"), "init='gptq'"),
     (dict(weight_granularity="lpbq", sym=True, decompressed_bw=4), "decompressed_bw"),
     (dict(weight_granularity="lpbq", sym=True, group_size=-1), "block size"),
     (dict(bits=5), "bits"),
@@ -394,12 +393,38 @@ def test_adascale_model_reports_steps_per_block():
 
 
 # ---------------------------------------------------------------------------------------------- defaults
-def test_default_init_is_gptq_except_lpbq():
+def test_default_init_is_gptq():
     assert hf_vq.AdaScaleConfig().init_method() == "gptq"
     assert hf_vq.AdaScaleConfig(weight_granularity="blockwise", sym=True).init_method() == "gptq"
-    lpbq = hf_vq.AdaScaleConfig(weight_granularity="lpbq", sym=True)  # valid: the default resolves to RTN there
-    assert lpbq.init is None and lpbq.init_method() == "rtn"
+    lpbq = hf_vq.AdaScaleConfig(weight_granularity="lpbq", sym=True)
+    assert lpbq.init is None and lpbq.init_method() == "gptq" and lpbq.learning_rates() == (2e-3, 0.0)
     assert hf_vq.AdaScaleConfig(init="rtn").init_method() == "rtn"
+
+
+def test_gptq_start_on_an_lpbq_grid_stays_lpbq_and_beats_rtn():
+    """GPTQ rounds onto the RTN LPBQ grid: the scales are that grid's (int x per-channel, exports as LPBQ), the
+    quantizer starts exactly there, and the Hessian-weighted output error is below RTN's on the same grid."""
+    from hf_vq.algorithms.adascale import initial_grid
+    from hf_vq.algorithms.hessian import output_error
+
+    w = _weight()
+    x = torch.randn(256, 96, generator=torch.Generator().manual_seed(3))
+    x[:, :8] *= 6.0  # a few dominant input channels, where error feedback matters
+    h = 2 * x.T @ x / 256
+    grid = initial_grid(w, 4, 16, True, "lpbq", 8)
+    start = gptq_quantize(w, h, 4, 16, True, grid=grid)
+    rtn = blockwise.lpbq_affine_weight(w, 4, 16, 8)
+    assert torch.equal(start.scales.float(), rtn.scales.float()) and torch.equal(start.zeros, rtn.zeros)
+    assert blockwise.factor_lpbq(start.scales.float(), 4, 8) is not None
+    assert not torch.equal(start.codes, rtn.codes)
+    assert output_error(w, start.dequantize(), h) < 0.9 * output_error(w, rtn.dequantize(), h)
+    qz = quantizer_from_affine(w, start, "lpbq")
+    with torch.no_grad():
+        assert torch.equal(qz(), start.dequantize())
+    aw = qz.fold()
+    assert torch.equal(aw.codes, start.codes) and torch.equal(aw.scales, start.scales.float())
+    with pytest.raises(ValueError, match="grid shapes"):
+        gptq_quantize(w, h, 4, 32, True, grid=grid)
 
 
 @pytest.mark.parametrize("gran,sym", [("group", False), ("blockwise", True)])

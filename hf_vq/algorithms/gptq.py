@@ -20,7 +20,10 @@ from hf_vq.formats.affine import AffineWeight, grid_params, group_index, num_gro
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False,
                   percdamp: float = 0.01, act_order: bool = True, block_size: int = 128,
-                  clip_search: bool = False, use_kernel: bool = True) -> AffineWeight:
+                  clip_search: bool = False, use_kernel: bool = True,
+                  grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> AffineWeight:
+    """``grid``: fixed (scales, zeros) [N, G] to round onto (e.g. an LPBQ grid, whose scales are int x per-channel
+    and cannot come from GPTQ's per-group min-max); None: each group's min-max grid, as GPTQ sets it."""
     w, h = prepare_hessian(weight.detach().to(torch.float32), hessian.to(torch.float32))
     w = w.clone()
     n, k = w.shape
@@ -28,8 +31,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     n_groups = num_groups(k, group_size)
     scales = torch.zeros(n, n_groups, device=w.device)
     zeros = torch.zeros(n, n_groups, device=w.device)
+    if grid is not None:
+        if tuple(grid[0].shape) != (n, n_groups) or tuple(grid[1].shape) != (n, n_groups):
+            raise ValueError(f"grid shapes {tuple(grid[0].shape)}, {tuple(grid[1].shape)} do not match a {n}x{k} "
+                             f"weight in groups of {gs} ({n}x{n_groups})")
+        scales.copy_(grid[0])
+        zeros.copy_(grid[1])
 
     def set_group(g: int, cols: torch.Tensor) -> None:
+        if grid is not None:
+            return
         clip = search_clip(cols, bits, sym) if clip_search else 1.0
         scales[:, g], zeros[:, g] = grid_params(cols, bits, sym, clip)
 

@@ -18,8 +18,8 @@ class AdaScaleConfig(HfVQConfig):
 
     ``weight_granularity``: "group" (hf_vq groups, sym or asym), "blockwise" (AIMET min-max blocks of ``group_size``,
     which must divide in_features) or "lpbq" (symmetric blocks with int * per-channel scales, ``decompressed_bw``).
-    ``init``: "rtn" or "gptq" (GPTQ's rounding as the starting point; not with lpbq); None (default): "gptq", or
-    "rtn" for lpbq. ``fp_input_prob``: chance that an element of a block input comes from the FP model instead of the
+    ``init``: "rtn" or "gptq" (GPTQ's rounding as the starting point; for lpbq, onto the RTN LPBQ grid); None
+    (default): "gptq". ``fp_input_prob``: chance that an element of a block input comes from the FP model instead of the
     quantized one. One Adam step uses one batch of ``batch_size`` calibration sequences (cycled in a seeded order);
     ``percdamp`` is GPTQ's damping for init="gptq". ``early_stop_margin``: a block stops training once the mean loss
     of a pass over the calibration batches is not below the previous pass's by more than this fraction (None: always
@@ -43,7 +43,7 @@ class AdaScaleConfig(HfVQConfig):
         lr_scales=Field(Optional(LR), None, doc="None: 2e-3 from a GPTQ start, 5e-4 (AIMET's) from RTN"),
         lr_clip=Field(Optional(Float(0.0, 1.0)), None,
                       doc="None: 0 (GPTQ's grid kept) from a GPTQ start, 1e-3 (AIMET's) from RTN; 0: not trained"),
-        init=Field(Optional(Str(valid_inits)), None, doc="None: gptq, or rtn for lpbq"),
+        init=Field(Optional(Str(valid_inits)), None, doc="None: gptq"),
         early_stop_margin=Field(Optional(Float(0.0, 1.0, hi_open=True)), None,
                                 doc="stop a block when a pass over the batches lowers the loss by less than this"),
         train_dtype=Field(Optional(Str(("float32", "bfloat16"))), None, doc="None: bfloat16 where fast"),
@@ -66,8 +66,8 @@ class AdaScaleConfig(HfVQConfig):
         return lr_scales, lr_clip
 
     def init_method(self) -> str:
-        """The starting grid: ``init``, or by default GPTQ's (RTN for LPBQ, whose scales GPTQ does not keep)."""
-        return self.init or ("rtn" if self.weight_granularity == "lpbq" else "gptq")
+        """The starting grid: ``init``, or by default GPTQ's."""
+        return self.init or "gptq"
 
     def validate(self) -> None:
         super().validate()
@@ -75,9 +75,6 @@ class AdaScaleConfig(HfVQConfig):
             return
         if not all([self.sym] + [o.get("sym", self.sym) for o in self.module_overrides.values()]):
             raise ConfigError("weight_granularity='lpbq' needs sym=True (LPBQ grids are symmetric)", field="sym")
-        if self.init == "gptq":
-            raise ConfigError("init='gptq' is not supported with weight_granularity='lpbq' (GPTQ's scales are not "
-                              "int x per-channel); use init='rtn'", field="init")
         bits = [self.bits] + [o.get("bits", self.bits) for o in self.module_overrides.values()]
         if any(self.decompressed_bw <= b for b in bits) or self.decompressed_bw - min(bits) > 10:
             raise ConfigError(f"decompressed_bw must be an integer > bits and <= bits + 10, got "

@@ -3,7 +3,8 @@
 Per decoder block, in order:
 1. FP target = the block with FP weights on the FP model's block input (cached on CPU, or on disk with
    ``activation_cache_dir``: see hf_vq/activation_store.py).
-2. Starting grid per Linear: GPTQ with Hessians of the quantized model's block input (default), or RTN.
+2. Starting grid per Linear: GPTQ with Hessians of the quantized model's block input (default; for LPBQ, GPTQ's
+   rounding onto the RTN LPBQ grid), or RTN.
 3. Up to ``num_iterations`` Adam steps (scales s2/s3 at ``lr_scales``, clipping gamma/beta at ``lr_clip``, which
    by default is 0 from a GPTQ start: GPTQ's grid stays; cosine decay to 0) on the MSE between the FP target and the
    quantized block run on a mixed input: each element from the FP input with probability ``fp_input_prob``, else
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from hf_vq.pipeline.activation_store import ActivationStore
-from hf_vq.algorithms.adascale import (AdaScaleLinear, check_layout, compiled_kernels, quantizer_from_affine,
-                                      quantizer_from_rtn)
+from hf_vq.algorithms.adascale import (AdaScaleLinear, check_layout, compiled_kernels, initial_grid,
+                                      quantizer_from_affine, quantizer_from_rtn)
 from hf_vq.pipeline.distill import EarlyStop, block_mse, distill_block
 from hf_vq.algorithms.gptq import gptq_quantize
 from hf_vq.algorithms.hessian import output_error
@@ -84,8 +85,11 @@ def _init_quantizers(block, local, config, q_inputs, prefix, ranks: distributed.
         for n in group:
             spec = config.spec_for(prefix + n)
             w = local[n].weight.data.float().clone()
+            # LPBQ: GPTQ rounds onto the RTN LPBQ grid (int x per-channel scales), which training then keeps
+            grid = (initial_grid(w, spec.bits, spec.group_size, True, "lpbq", config.decompressed_bw)
+                    if config.weight_granularity == "lpbq" else None)
             start, = distributed.solved_by_owner(solved, ranks, lambda: [gptq_quantize(
-                w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp)], 1, w.device)
+                w, hessians[n], spec.bits, spec.group_size, spec.sym, config.percdamp, grid=grid)], 1, w.device)
             solved += 1
             quantizers[n] = quantizer_from_affine(w, start, config.weight_granularity)
             init_err[n] = output_error(w, start.dequantize(), hessians[n])
