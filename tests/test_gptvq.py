@@ -63,6 +63,18 @@ def test_assignment_kernel_is_nearest_and_first_on_ties(d, k):
     assert (idx == weighted_argmin(x, c, w, use_kernel=False)).float().mean() > 0.99
 
 
+def test_negative_weights_take_the_torch_path():
+    """The kernel's integer minimum holds for distances >= 0 only: weights with a negative entry still give the
+    weighted argmin."""
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(2, 50, 2, generator=g), torch.randn(2, 9, 2, generator=g)
+    w = torch.rand(2, 50, 2, generator=g)
+    w[0, 3, 1] = -2.0
+    dist = _brute_force_distances(x, c, w)
+    chosen = weighted_argmin(x, c, w)
+    assert torch.allclose(dist.gather(2, chosen[..., None])[..., 0], dist.min(-1).values, rtol=1e-5, atol=1e-6)
+
+
 def test_weights_change_assignment():
     # (0.9, 0.4) is nearer (1, 1) under plain L2, nearer (0, 0) when dim 1 weighs 100x
     x, c = torch.tensor([[[0.9, 0.4]]]), torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])

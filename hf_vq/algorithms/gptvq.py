@@ -32,9 +32,10 @@ def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = N
     b, m, d = x.shape
     k = c.shape[1]
     w = torch.ones_like(x) if w is None else w.expand(b, m, d)
-    lib = LIBRARY.load() if use_kernel and x.device.type == "cpu" and x.dtype == c.dtype == torch.float32 else None
+    fits = use_kernel and x.device.type == "cpu" and x.dtype == c.dtype == w.dtype == torch.float32
+    lib = LIBRARY.load() if fits and not bool((w < 0).any()) else None  # the kernel's min needs weights >= 0
     if lib is not None:
-        xs, ws, ct = x.contiguous(), w.to(torch.float32).contiguous(), c.transpose(1, 2).contiguous()
+        xs, ws, ct = x.contiguous(), w.contiguous(), c.transpose(1, 2).contiguous()
         out = torch.empty(b, m, dtype=torch.long)
         lib.vq_assign(xs.data_ptr(), ws.data_ptr(), ct.data_ptr(), b, m, k, d, out.data_ptr(),
                       torch.get_num_threads())
@@ -56,7 +57,8 @@ def _bind(lib):
 
 
 # EM's assignment step is most of GPTVQ's time: as torch ops it is a [B, m, d+1] x [B, d+1, k] matmul (an inner
-# dimension too short to be fast) and a min over k, ~10x slower than one pass in C.
+# dimension too short to be fast) and a min over k, about 3x slower than one pass in C (48 x 4096 2-d vectors
+# against 64 centroids each, 1 thread: 36 ms vs 13 ms).
 LIBRARY = CLibrary(Path(__file__).with_name("csrc") / "vq_assign.c", _bind, "GPTVQ assignment kernel")
 
 
