@@ -127,7 +127,7 @@ def main(argv=None):
             rec.update(s_per_block=per_block, iterations=iters, block_steps=[len(h) for h in histories],
                        histories=[[round(x, 7) for x in h] for h in histories],
                        early_stop_margin=cfg.early_stop_margin, train_dtype=cfg.train_dtype,
-                       granularity=cfg.weight_granularity, sym=cfg.sym,
+                       granularity=cfg.weight_granularity, sym=cfg.sym, group_size=cfg.group_size,
                        lr_scales=cfg.learning_rates()[0], lr_clip=cfg.learning_rates()[1])
             # per-iteration cost: block time minus the same row's 0-iteration block time when that row ran, else
             # an upper bound (start grid, folding and block forwards included)
@@ -185,15 +185,16 @@ def _series(r: dict) -> tuple:
 
 
 def plot(json_path: str, png: str) -> None:
-    """ppl vs quantize CPU time per bit width: GPTQ as stars, AdaScale rows (GPTQ start) as lines over iterations,
-    one line per calibration size and learning rates."""
+    """ppl vs quantize CPU time per bit width, g128 groups (rows on other grids are left out): GPTQ as stars,
+    AdaScale rows (GPTQ start) as lines over iterations, one line per calibration size, learning rates and thread
+    count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with open(json_path) as f:
-        rows = [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f if json.loads(line).get("granularity", "group") == "group"]
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["o-", "s--", "^-.", "d:"]
     for bits, color in ((4, "tab:blue"), (3, "tab:red")):
