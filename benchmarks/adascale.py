@@ -194,7 +194,7 @@ def plot(json_path: str, png: str) -> None:
     import matplotlib.pyplot as plt
 
     with open(json_path) as f:
-        rows = [json.loads(line) for line in f if json.loads(line).get("granularity", "group") == "group"]
+        rows = [r for r in map(json.loads, f) if r.get("granularity", "group") == "group"]
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["o-", "s--", "^-.", "d:"]
     for bits, color in ((4, "tab:blue"), (3, "tab:red")):
