@@ -155,7 +155,7 @@ def early_stop_study(json_path: str, margins: list[float], num_batches: int) -> 
     in training loss; a cosine schedule still decays after an early stop, so this is indicative only)."""
     from hf_vq.pipeline.distill import EarlyStop
 
-    window = num_batches * -(-16 // num_batches)  # as hf_vq/pipeline/adascale.py sets it
+    window = EarlyStop.over_passes(num_batches, 0.0).window  # as the pipeline sets it
     with open(json_path) as f:
         rows = [json.loads(line) for line in f]
     print(f"window {window} steps\n| row | lr scales/clip | threads | margin | mean steps | "
@@ -168,11 +168,12 @@ def early_stop_study(json_path: str, margins: list[float], num_batches: int) -> 
         for margin in margins:
             steps, ratios = [], []
             for h in r["histories"]:
-                stop = EarlyStop(window, margin)
+                stop = EarlyStop.over_passes(num_batches, margin)
                 n = next((i + 1 for i, loss in enumerate(h) if stop.update(loss)), len(h))
                 steps.append(n)
                 tail = min(window, len(h))
-                ratios.append((sum(h[max(0, n - tail):n]) / len(h[max(0, n - tail):n])) / (sum(h[-tail:]) / tail))
+                at_stop = h[max(0, n - tail):n]
+                ratios.append((sum(at_stop) / len(at_stop)) / (sum(h[-tail:]) / tail))
             print(f"| {r['row']} | {r.get('lr_scales', 5e-4):g}/{r.get('lr_clip', 1e-3):g} | {r.get('threads', 1)} | "
                   f"{margin:g} | {sum(steps) / len(steps):.0f} | {sum(ratios) / len(ratios):.3f}, "
                   f"{max(ratios):.3f} |")

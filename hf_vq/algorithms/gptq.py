@@ -32,6 +32,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     scales = torch.zeros(n, n_groups, device=w.device)
     zeros = torch.zeros(n, n_groups, device=w.device)
     if grid is not None:
+        if clip_search:
+            raise ValueError("clip_search picks each group's grid; it cannot apply with a fixed grid")
         if tuple(grid[0].shape) != (n, n_groups) or tuple(grid[1].shape) != (n, n_groups):
             raise ValueError(f"grid shapes {tuple(grid[0].shape)}, {tuple(grid[1].shape)} do not match a {n}x{k} "
                              f"weight in groups of {gs} ({n}x{n_groups})")

@@ -234,10 +234,8 @@ def adascale_model(model: nn.Module, samples: torch.Tensor, targets: dict[str, n
                     if use_compile:
                         for qz in quantizers.values():
                             qz.kernels = compiled_kernels()
-                    # a window of whole passes over the batches (at least 16 steps): each window sees every batch
-                    window = n * -(-16 // n)
-                    early = (EarlyStop(window, config.early_stop_margin) if config.early_stop_margin is not None
-                             else None)
+                    early = (EarlyStop.over_passes(n, config.early_stop_margin)
+                             if config.early_stop_margin is not None else None)
                     history: list[float] = []
                     start_grid = _fold(quantizers, local)
                     start_mse = None

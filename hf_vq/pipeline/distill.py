@@ -27,6 +27,12 @@ class EarlyStop:
         self.previous: float | None = None
         self.total, self.count = 0.0, 0
 
+    @classmethod
+    def over_passes(cls, num_batches: int, margin: float, min_steps: int = 16) -> "EarlyStop":
+        """Windows of whole passes over ``num_batches`` batches, at least ``min_steps`` steps long: each window sees
+        every batch."""
+        return cls(num_batches * -(-min_steps // num_batches), margin)
+
     def update(self, loss: float) -> bool:
         """Record one step's loss; True when training should stop after it."""
         self.total += loss
