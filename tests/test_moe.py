@@ -101,7 +101,8 @@ def _quant_experts(name, bits=4, group=32):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
-def test_quant_experts_equals_its_dequantized_fused_module(name):
+def test_quant_experts_equals_its_dequantized_fused_module(name, monkeypatch):
+    monkeypatch.setenv("HF_VQ_KERNELS", "exact")  # the kernels' own error is bounded in tests/test_cpu_kernels.py
     q, layout = _quant_experts(name)
     h = torch.randn(16, layout.hidden_size, generator=torch.Generator().manual_seed(3))
     idx, w = _routing(16, layout.num_experts)

@@ -134,13 +134,16 @@ def test_cache_follows_buffer_changes():
         first = mod.kernel_weights()
         assert mod.kernel_weights() is first                  # reused while the buffers are unchanged
         other = _random_vq(24, 64, 2, 6, 8, rpb=8, cpb=32, normalize=True, seed=4)
-        for name, t in other.stored_tensors().items():
-            getattr(mod, name).copy_(t)                         # in-place: bumps _version
+        mod.load_state_dict(other.state_dict())                 # a weight change: the prepared layout is dropped
         y = mod(x)
         assert mod.kernel_weights() is not first
-        _check(y, x, other.dequantize_weight(), mod.bias.detach())
-        mod.float()                                             # _apply drops the cache
-        assert mod._kcache is None
+        _check(y, x, other.dequantize_weight(), other.bias.detach())
+        second = mod.kernel_weights()
+        mod.float()                                             # _apply drops it too
+        third = mod.kernel_weights()
+        assert third is not second and mod.kernel_weights() is third
+        mod._buffers["vq_indices"] = mod.vq_indices.clone()     # a swapped buffer (offload hooks, placement)
+        assert mod.kernel_weights() is not third
 
 
 def test_portable_build_without_simd(tmp_path, monkeypatch):

@@ -28,3 +28,12 @@ class QuantizedLinearMixin:
         """Stored bits per weight: the bytes of the saved quantized tensors (bias excluded)."""
         nbytes = sum(b.numel() * b.element_size() for b in self.stored_tensors().values())
         return 8.0 * nbytes / (self.in_features * self.out_features)
+
+
+def with_bias(kernel, state, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A registry kernel's output plus ``bias``; a bias that needs a gradient is added by autograd, outside the
+    kernel."""
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        y = kernel.run(state, x, None)
+        return y + bias.to(y.dtype)
+    return kernel.run(state, x, bias)

@@ -3,7 +3,8 @@ codes: RTN, GPTQ, AdaScale) and VQExperts (GPTVQ codebooks).
 
 Both keep the experts forward contract ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) ->
 [T, H]`` and compute only the experts the router chose, decoding one expert's weight at a time (QuantExperts runs
-decode-sized batches of 2/3/4-bit experts through torch's packed int4 kernel, repacked per expert on first use).
+each expert's rows through the kernels of hf_vq.nn.kernel_registry when one serves them, prepared per expert on
+first use and dropped when the stored tensors change).
 
 Layout: every expert has a first projection ``gate_up`` ([2I, H]; ``up`` [I, H] for ungated experts) and ``down``
 [H, I], each stored like its Linear counterpart (QuantLinear / VQLinear) with a leading expert dimension:
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import hf_vq.nn.kernels as kernels
+from hf_vq.nn import kernel_registry
 from hf_vq.formats.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
 from hf_vq.formats.packing import pack, packed_length, unpack
 from hf_vq.formats.vq import VQLayout, VQWeight, decode_weight
@@ -143,8 +144,32 @@ class FusedExperts(nn.Module):
     to_linear = dequantize  # what hf_vq's model-level dequantize calls on every quantized module
 
     # ------------------------------------------------------------------ forward
+    storage = ""              # the kernel registry's storage format of one expert's projection
+    exact_decode = False      # True: every call takes the exact dequantized path
+    _source_buffer = ""       # the per-projection buffer whose replacement invalidates prepared kernels
+
+    def expert_weight(self, proj: str, expert: int):
+        """One expert's projection as an hf_vq.formats object (what kernels prepare from)."""
+        raise NotImplementedError
+
     def _fast_project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self.exact_decode:
+            return None
+        states = self.__dict__.setdefault("_kernel_states", kernel_registry.KernelStates())
+        for kernel in kernel_registry.candidates(self.storage, x.device.type, x.shape[0]):
+            state = states.get(kernel, (proj, expert), self._buffers[f"{proj}_{self._source_buffer}"],
+                               lambda: kernel.prepare(self.expert_weight(proj, expert)))
+            if state is not None:
+                return kernel.run(state, x, None)
         return None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.pop("_kernel_states", None)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel_states", None)
+        return super()._apply(fn, recurse)
 
     def _project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, f"{proj}_bias")[expert].to(x.dtype) if self.has_bias else None
@@ -186,8 +211,7 @@ class QuantExperts(FusedExperts):
     tensor_names = tuple(f"{p}_{s}" for p in _PROJECTIONS for s in ("qweight", "scales", "qzeros", "g_idx"))
     spec_schema = {"bits": Field("int", minimum=2, maximum=8), "group_size": Field("int", minimum=1, also=(-1,)),
                    "sym": Field("bool")}
-    decode_max_rows = 4  # as QuantLinear: at most this many tokens per expert use the packed int4 kernel
-    exact_decode = False
+    storage, _source_buffer = "affine", "qweight"
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, gate_up: dict, down: dict,
                  gated: bool = True, transposed: bool = False, bias: bool = False, device=None, dtype=None):
@@ -200,7 +224,6 @@ class QuantExperts(FusedExperts):
             self.register_buffer(f"{p}_scales", torch.zeros(num_experts, n, g, dtype=SCALE_DTYPE, device=device))
             self.register_buffer(f"{p}_qzeros", torch.zeros(num_experts, n, g, dtype=torch.uint8, device=device))
             self.register_buffer(f"{p}_g_idx", torch.zeros(num_experts, k, dtype=torch.int32, device=device))
-        self._kernel_cache: dict = {}
 
     def spec(self, proj: str) -> dict:
         return dict(self.specs[proj])
@@ -248,19 +271,7 @@ class QuantExperts(FusedExperts):
             check_int_range(getattr(self, f"{p}_qzeros"), 0, 2**bits - 1, f"{where}.{p}_qzeros")
             check_int_range(getattr(self, f"{p}_g_idx"), 0, num_groups(k, gs) - 1, f"{where}.{p}_g_idx")
 
-    def _fast_project(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
-        if x.shape[0] > self.decode_max_rows or x.device.type != "cpu" or self.exact_decode:
-            return None
-        kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
-        key = (proj, expert, kdtype)
-        if key not in self._kernel_cache:
-            packed = None
-            if self.specs[proj]["bits"] <= 4:
-                aw = self.affine_weight(proj, expert)
-                packed = kernels.int4pack_prepare(aw.codes, aw.scales, aw.zeros, aw.g_idx, aw.group_size, kdtype)
-            self._kernel_cache[key] = packed
-        packed = self._kernel_cache[key]
-        return None if packed is None else kernels.int4pack_linear(x.to(kdtype), *packed).to(x.dtype)
+    expert_weight = affine_weight
 
     def _apply(self, fn, recurse=True):
         # scales stay in their storage dtype (model.to(bfloat16) must not re-round the grid), as in QuantLinear
@@ -271,7 +282,6 @@ class QuantExperts(FusedExperts):
             for n, s in scales.items():
                 probe = fn(torch.empty(0, dtype=s.dtype, device=s.device))
                 self._buffers[n] = s.to(probe.device)
-        self._kernel_cache = {}
         return self
 
 
@@ -327,8 +337,13 @@ class VQExperts(FusedExperts):
         mod._set_biases(biases)
         return mod
 
+    storage, _source_buffer = "vq", "vq_indices"
+
     def _tensors(self, proj: str, expert: int) -> dict[str, torch.Tensor]:
         return {name: getattr(self, f"{proj}_{name}")[expert] for name in self.layouts[proj].tensor_shapes()}
+
+    def expert_weight(self, proj: str, expert: int) -> VQWeight:
+        return VQWeight(self.layouts[proj], self._tensors(proj, expert))
 
     def dequantize_expert(self, proj: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return decode_weight(self.layouts[proj], self._tensors(proj, expert)).to(dtype)

@@ -1,9 +1,12 @@
 """QuantLinear: a Linear whose weight is stored as packed integer codes on an affine grid.
 
 State (all persistent buffers, so save/reload is exact): ``qweight`` uint8 [N, ceil(K*bits/8)], ``scales`` fp16 [N, G],
-``qzeros`` uint8 [N, G], ``g_idx`` int32 [K], optional ``bias``. The forward equals ``F.linear(x, W_dq)`` with
-``W_dq = scales * (codes - zeros)`` (exactly, in the activation dtype); on CPU, decode-sized batches (<= 4 rows) of
-2/3/4-bit layers go through torch's packed int4 kernel with bf16/fp16 activations (set ``exact_decode`` to opt out).
+``qzeros`` uint8 [N, G], ``g_idx`` int32 [K], optional ``bias``.
+
+Forward: the reference is ``F.linear(x, W_dq)`` with ``W_dq = scales * (codes - zeros)`` in the activation dtype (the
+exact path, taken for batches no kernel serves, when autograd needs a backward, with ``HF_VQ_KERNELS=exact`` or
+``exact_decode``). Other calls go through the kernels of hf_vq.nn.kernel_registry (storage "affine"), prepared once
+per module and dropped whenever the stored tensors change (``.to()``, ``load_state_dict``, a swapped buffer).
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vq.nn.base import QuantizedLinearMixin
+from hf_vq.nn.base import QuantizedLinearMixin, with_bias as _with_bias
 from hf_vq.nn.records import (AFFINE_SCHEMA, check_finite_positive, check_int_range, check_tensor_layout,
                               validate_record)
 from hf_vq.nn.registry import register_format, register_layer_type
-import hf_vq.nn.kernels as kernels
+from hf_vq.nn import kernel_registry
 from hf_vq.formats.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
 from hf_vq.formats.packing import pack, packed_length, unpack
 
@@ -24,10 +27,9 @@ from hf_vq.formats.packing import pack, packed_length, unpack
 @register_layer_type("affine")
 class QuantLinear(QuantizedLinearMixin, nn.Module):
     tensor_names = ("qweight", "scales", "qzeros", "g_idx")
-    # Rows of input at or below which the packed decode kernel is used (prefill goes through a dequantized GEMM).
-    decode_max_rows = 4
-    # True: decode also goes through the exact dequantized GEMM (no bf16 rounding of activations, much slower).
+    # True: every call takes the exact dequantized GEMM (QuantSim's folded layers: a simulation stays exact)
     exact_decode = False
+    storage = "affine"
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
                  sym: bool = False, device=None, dtype=None):
@@ -44,7 +46,7 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
         else:
             self.register_parameter("bias", None)
-        self._kernel_cache: tuple | None = None
+        self._kernel_states = kernel_registry.KernelStates()
 
     @classmethod
     def from_affine(cls, aw: AffineWeight, bias: torch.Tensor | None, **kwargs) -> "QuantLinear":
@@ -105,6 +107,7 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
                                 prefix.rstrip(".") or "state_dict")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._kernel_states.clear()
 
     # ------------------------------------------------------------------ weights
     def codes(self) -> torch.Tensor:
@@ -118,26 +121,19 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows <= self.decode_max_rows and x.device.type == "cpu" and not self.exact_decode:
-            # the kernel is 10-20x slower with fp32 activations: run it in bf16 (fp16 stays fp16)
-            kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
-            packed = self._packed_for(kdtype)
-            if packed is not None:
-                y = kernels.int4pack_linear(x.to(kdtype), *packed).to(x.dtype)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
+        # kernels have no backward: they serve calls whose input needs no gradient (a trainable bias is added after)
+        if not self.exact_decode and not (x.requires_grad and torch.is_grad_enabled()):
+            rows = x.numel() // self.in_features if self.in_features else 0
+            for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
+                state = self.kernel_state(kernel)
+                if state is not None:
+                    return _with_bias(kernel, state, x, self.bias)
         return F.linear(x, self.dequantize_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def _packed_for(self, dtype: torch.dtype):
-        key = (dtype, self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.scales._version,
-               self.qzeros._version)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            packed = None
-            if self.bits <= 4:
-                packed = kernels.int4pack_prepare(self.codes(), self.scales, self.qzeros, self.g_idx, self.group_size,
-                                                  dtype)
-            self._kernel_cache = (key, packed)
-        return self._kernel_cache[1]
+    def kernel_state(self, kernel: kernel_registry.Kernel):
+        """The kernel's prepared form of this layer (built on first use), or None when it cannot serve it."""
+        return self._kernel_states.get(kernel, None, self._buffers["qweight"],
+                                       lambda: kernel.prepare(self.affine_weight()))
 
     def _apply(self, fn, recurse=True):
         # Keep scales in their storage dtype: model.to(bfloat16) must not re-round the quantization grid.
@@ -147,7 +143,7 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
         finally:
             probe = fn(torch.empty(0, dtype=scales.dtype, device=scales.device))
             self._buffers["scales"] = scales.to(probe.device)
-        self._kernel_cache = None
+        self._kernel_states.clear()
         return self
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""Small-batch CPU kernel for VQLinear: builds and loads csrc/vq_gemv.c, transcodes the stored layout to its input.
+"""The "native" small-batch CPU kernel of VQ layers: builds and loads csrc/vq_gemv.c, transcodes the stored layout to
+its input, and registers itself for storage "vq".
 
 The C source is compiled on first use (hf_vq/cbuild.py: system compiler, ``-O3 -march=native`` and OpenMP when they
 work, cached per source/flags/CPU, loaded with ctypes). Anything that goes wrong leaves ``available()`` False (logged
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQLayout, decode_codebooks
+from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQLayout, VQWeight, decode_codebooks
+from hf_vq.nn.kernel_registry import Kernel, register
 from hf_vq.utils.cbuild import CLibrary
 from hf_vq.formats.packing import unpack
 
@@ -139,3 +141,22 @@ def gemv(kw: KernelWeights, x: torch.Tensor, bias: torch.Tensor | None = None,
     if rc != 0:
         raise ValueError(f"VQ kernel rejected the layout {lay}")
     return y
+
+
+def _prepare(vq: VQWeight, **_facts) -> KernelWeights | None:
+    t = vq.tensors["vq_indices"]
+    if t.device.type != "cpu" or not supports(vq.layout) or not available():
+        return None
+    return prepare(vq.layout, vq.tensors)
+
+
+def _run(kw: KernelWeights, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 compute for fp32/bf16/fp16 x of any leading shape, cast back to x's dtype."""
+    lay = kw.layout
+    rows = x.numel() // lay.in_features
+    y = gemv(kw, x.reshape(rows, lay.in_features).to(torch.float32), bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+
+
+KERNEL = register(Kernel(name="native-vq", family="native", storage="vq", devices=("cpu",), priority=20,
+                         max_rows=MAX_ROWS, prepare=_prepare, run=_run))

@@ -3,12 +3,11 @@
 All state is integer persistent buffers (see hf_vq.algorithms.gptvq for the layout), so save/reload is exact and
 dtype casts cannot touch the codebooks. ``forward(x) == F.linear(x, W_dq.to(x.dtype), bias)``.
 
-Fast path: on CPU, decode-sized inputs (<= ``fast_decode_max_rows`` = 4 rows; fp32, or bf16/fp16 computed in fp32
-and cast back) run a small C kernel (hf_vq/nn/vq_kernel.py, built on first use with the system C compiler) that
-works directly from one uint8 index per vector and fp32 codebooks. Its transcoded layout is cached on the module
-(~9 MiB for 4096x4096 at 2D/6-bit, against 64 MiB dense fp32) and it is about as fast as, or faster than, a dense
-fp32 GEMV (see benchmarks/vq_kernel.py). Set ``VQLinear.fast_decode = False`` to switch it off; without a compiler, for
-unsupported layouts (vector_dim not 1/2/4) or other devices it is skipped silently.
+Fast path: small batches go through the kernels of hf_vq.nn.kernel_registry (storage "vq"; on CPU the C kernel of
+hf_vq/nn/vq_kernel.py, built on first use with the system C compiler, which works directly from one uint8 index per
+vector and fp32 codebooks: ~9 MiB for 4096x4096 at 2D/6-bit, against 64 MiB dense fp32). A kernel's prepared layout
+is built once and dropped whenever the stored tensors change (``.to()``, ``load_state_dict``, a swapped buffer).
+Set ``VQLinear.fast_decode = False`` (or ``HF_VQ_KERNELS=exact``) to switch kernels off.
 Every other call decodes the weight once per (dtype, device) and caches it (``cache_decoded``), then runs the plain
 dense GEMM: fast prefill at the cost of a dense copy in RAM (the saved checkpoint stays at ``bits_per_value()``).
 Set ``VQLinear.cache_decoded = False`` to decode on every such call instead (then only the kernel layout stays).
@@ -22,7 +21,8 @@ from torch import nn
 
 from hf_vq.formats.vq import VQLayout, VQWeight, decode_weight
 import hf_vq.nn.vq_kernel as vq_kernel
-from hf_vq.nn.base import QuantizedLinearMixin
+from hf_vq.nn import kernel_registry
+from hf_vq.nn.base import QuantizedLinearMixin, with_bias as _with_bias
 from hf_vq.nn.records import (VQ_SCHEMA, check_finite_positive, check_fp16_bits, check_tensor_layout, validate_record,
                               vq_rules)
 from hf_vq.nn.registry import register_format, register_layer_type
@@ -33,7 +33,7 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
     tensor_names = ("vq_indices", "vq_codebook", "vq_codebook_scales", "vq_norm_codes", "vq_norm_base")
     cache_decoded = True
     fast_decode = True
-    fast_decode_max_rows = vq_kernel.MAX_ROWS
+    storage = "vq"
 
     def __init__(self, layout: VQLayout, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -46,7 +46,7 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cache: tuple | None = None
-        self._kcache: tuple | None = None
+        self._kernel_states = kernel_registry.KernelStates()
 
     @classmethod
     def from_vq(cls, vq, bias: torch.Tensor | None) -> "VQLinear":
@@ -102,6 +102,8 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
                                 prefix.rstrip(".") or "state_dict")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._cache = None
+        self._kernel_states.clear()
 
     # ------------------------------------------------------------------ weights
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -121,35 +123,22 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
         return (self.vq_indices.device,) + tuple((b.data_ptr(), b._version) for b in self.stored_tensors().values())
 
     def kernel_weights(self) -> vq_kernel.KernelWeights | None:
-        """The fast path's transcoded weights (built once, rebuilt when a stored buffer changes); None if
-        the kernel cannot serve this layer."""
-        key = self._storage_key()
-        if self._kcache is None or self._kcache[0] != key:
-            kw = None
-            if self.vq_indices.device.type == "cpu" and vq_kernel.supports(self.layout) and vq_kernel.available():
-                kw = vq_kernel.prepare(self.layout, self.stored_tensors())
-            self._kcache = (key, kw)
-        return self._kcache[1]
+        """The CPU kernel's transcoded weights (built once, rebuilt when the stored tensors change); None if the
+        kernel cannot serve this layer."""
+        return self.kernel_state(vq_kernel.KERNEL)
 
-    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return None
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if not 1 <= rows <= self.fast_decode_max_rows:
-            return None
-        kw = self.kernel_weights()
-        if kw is None:
-            return None
-        y = vq_kernel.gemv(kw, x.reshape(rows, self.in_features).to(torch.float32), self.bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    def kernel_state(self, kernel: kernel_registry.Kernel):
+        return self._kernel_states.get(kernel, None, self._buffers["vq_indices"],
+                                       lambda: kernel.prepare(VQWeight(self.layout, self.stored_tensors())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the kernel has no backward: only when autograd would not need one
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
-        if self.fast_decode and not needs_grad:
-            y = self._fast(x)
-            if y is not None:
-                return y
+        # kernels have no backward: they serve calls whose input needs no gradient (a trainable bias is added after)
+        if self.fast_decode and not (x.requires_grad and torch.is_grad_enabled()):
+            rows = x.numel() // self.in_features if self.in_features else 0
+            for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
+                state = self.kernel_state(kernel)
+                if state is not None:
+                    return _with_bias(kernel, state, x, self.bias)
         return F.linear(x, self._weight_for(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     # ------------------------------------------------------------------ AIMET encodings
@@ -199,7 +188,8 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
         self.check_aimet_param_encoding(local_name, enc)
 
     def _apply(self, fn, recurse=True):
-        self._cache = self._kcache = None
+        self._cache = None
+        self._kernel_states.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

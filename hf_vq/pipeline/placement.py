@@ -136,13 +136,15 @@ def _set(m: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
         m._buffers[name] = value
 
 
-_CACHES = ("_kernel_cache", "_cache", "_kcache")
+_CACHES = ("_kernel_states", "_cache")
 
 
 def _forget_caches(module: nn.Module, _args, _output) -> None:
     for attr in _CACHES:
         value = module.__dict__.get(attr)
-        if value is not None:
+        if hasattr(value, "clear") and not isinstance(value, dict):
+            value.clear()   # kernel_registry.KernelStates
+        elif value is not None:
             module.__dict__[attr] = {} if isinstance(value, dict) else None
 
 

@@ -1,9 +1,14 @@
-"""CPU kernels for QuantLinear. torch's tinygemm int4 kernel (aten._weight_int4pack_mm_for_cpu) serves 2/3/4-bit
-codes exactly for small batches with bf16/fp16 activations (see shared cpu-kernels notes: 3.5-4x fp32 at M=1)."""
+"""The "torch" CPU kernel of affine layers: torch's tinygemm int4 kernel (aten._weight_int4pack_mm_for_cpu) for
+2/3/4-bit codes and small batches. It computes in bf16 (fp16 stays fp16): fp32 activations are rounded to bf16,
+and its fp32-activation path is 10-100x slower. The packed layout depends on the CPU, so it is built at load,
+never saved."""
 
 from __future__ import annotations
 
 import torch
+
+from hf_vq.formats.affine import AffineWeight
+from hf_vq.nn.kernel_registry import Kernel, register
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 
@@ -52,3 +57,26 @@ def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, kernel_group: int, sz
     shape = x.shape
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), packed, kernel_group, sz)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+MAX_ROWS = 4  # the kernel scales about linearly in rows; oneDNN's dense GEMM overtakes it by 4-16 rows
+
+
+def prepare(aw: AffineWeight, **_facts):
+    if aw.bits > 4 or aw.codes.device.type != "cpu":
+        return None
+    packed = int4pack_prepare(aw.codes, aw.scales, aw.zeros, aw.g_idx, aw.group_size, torch.bfloat16)
+    return None if packed is None else {"packed": packed[0], "group": packed[1], torch.bfloat16: packed[2]}
+
+
+def run(state: dict, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
+    sz = state.get(kdtype)
+    if sz is None:
+        sz = state[kdtype] = state[torch.bfloat16].to(kdtype)
+    y = int4pack_linear(x.to(kdtype), state["packed"], state["group"], sz).to(x.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+KERNEL = register(Kernel(name="torch-int4", family="torch", storage="affine", devices=("cpu",), priority=10,
+                         max_rows=MAX_ROWS, prepare=prepare, run=run))

@@ -1,0 +1,205 @@
+"""The "native" CPU kernel of affine layers: integer codes x int8 activations (csrc/affine_gemm.c).
+
+Activations are quantized to int8 in blocks of 32 columns with one fp32 scale each (llama.cpp's Q8_0, IPEX's
+``lowp_mode=INT8``); the codes stay integers, and the dot products run on AVX2 ``maddubs``, AVX-VNNI or AVX512-VNNI
+``dpbusd``, picked at run time from what the CPU reports. Covers 2/3/4/8-bit codes, sym and asym, groups of any
+multiple of 32 columns (and the partial last group), and act-order groups (columns are permuted once at pack time
+and the activations on the fly). The only difference from the exact forward is the activations' int8 rounding:
+each output moves by at most ``sum_b max|x_b| / 254 * sum_{j in b} |w_j|`` (tests/test_cpu_kernels.py checks it).
+
+``HF_VQ_NATIVE_ISA`` (``avx512vnni``, ``avxvnni``, ``avx2``, ``scalar``) forces a path for testing; a path the CPU
+lacks falls back to the best one it has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_vq.formats.affine import AffineWeight
+from hf_vq.nn.kernel_registry import Kernel, register
+from hf_vq.utils.cbuild import CLibrary
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "affine_gemm.c"
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4}
+ISA_NAMES = {v: k for k, v in ISAS.items()}
+BLOCK = 32
+# decode and small batches; prefill goes to the exact path (oneDNN's dense GEMM on one dequantized weight)
+MAX_ROWS = 16
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.affine_gemm.restype = i
+    lib.affine_gemm.argtypes = [p, i, i, i, p, p, i, i, p, i, i, p, p, p, i, p, i, i]
+    lib.affine_isa_supported.restype = i
+    lib.affine_isa_supported.argtypes = [i]
+    lib.affine_best_isa.restype = i
+    return lib
+
+
+LIBRARY = CLibrary(SOURCE, _bind, "native affine kernel")
+
+
+def available() -> bool:
+    return LIBRARY.load() is not None
+
+
+def isa_supported(name: str) -> bool:
+    lib = LIBRARY.load()
+    return lib is not None and bool(lib.affine_isa_supported(ISAS[name]))
+
+
+def best_isa() -> str:
+    lib = LIBRARY.load()
+    return "none" if lib is None else ISA_NAMES[lib.affine_best_isa()]
+
+
+def requested_isa() -> int:
+    """HF_VQ_NATIVE_ISA as the C code's number; a path this CPU lacks becomes auto (the best it has)."""
+    name = os.environ.get("HF_VQ_NATIVE_ISA", "auto")
+    if name not in ISAS:
+        raise ValueError(f"HF_VQ_NATIVE_ISA={name!r}: expected one of {sorted(ISAS)}")
+    return ISAS[name] if ISAS[name] and isa_supported(name) else 0
+
+
+def storage_bits(bits: int) -> int:
+    """Bits per code in the kernel layout: 3-bit codes travel as 4-bit."""
+    return 2 if bits == 2 else (4 if bits <= 4 else 8)
+
+
+def pack_blocks(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, nblk * 32] (nblk a multiple of 8 / bits) -> the kernel layout [N, nblk * bits * 4]: chunks of
+    32 bytes, byte i holding code i of each of the chunk's 8 / bits blocks, block q at bit bits * q."""
+    n, k = codes.shape
+    per = 8 // bits
+    c = codes.view(n, k // (BLOCK * per), per, BLOCK)
+    out = c[:, :, 0]
+    for q in range(1, per):
+        out = out | (c[:, :, q] << (bits * q))
+    return out.reshape(n, -1).contiguous()
+
+
+@dataclass
+class NativeAffine:
+    """A layer in the kernel layout. The raw pointers stay valid because the state holds the tensors."""
+
+    n: int
+    k: int
+    bits: int
+    nblk: int
+    groups: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    gstart: torch.Tensor
+    perm: torch.Tensor | None
+    ptrs: tuple
+
+    def nbytes(self) -> int:
+        ts = [self.codes, self.scales, self.zeros, self.gstart] + ([self.perm] if self.perm is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def layout_groups(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
+    """(column permutation or None, group of each sorted column, group start columns [G + 1]); None when some block
+    of 32 sorted columns would hold two groups (a group size that is not a multiple of 32)."""
+    g = g_idx.long()
+    k = g.numel()
+    perm = None
+    if k > 1 and bool((g[1:] < g[:-1]).any()):
+        perm = torch.argsort(g, stable=True)
+        g = g[perm]
+    groups = int(g.max()) + 1 if k else 1
+    counts = torch.bincount(g, minlength=groups)
+    starts = torch.zeros(groups + 1, dtype=torch.long)
+    starts[1:] = torch.cumsum(counts, 0)
+    if bool((starts[1:-1] % BLOCK != 0).any()):
+        return None
+    return perm, g, starts
+
+
+def prepare(aw: AffineWeight, **_facts) -> NativeAffine | None:
+    """Pack ``aw`` once for the kernel; None when the kernel cannot serve it (no compiler, a group that is not a
+    multiple of 32 columns)."""
+    lib = LIBRARY.load()
+    if lib is None or aw.codes.device.type != "cpu":
+        return None
+    n, k = aw.shape
+    lay = layout_groups(aw.g_idx.cpu())
+    if lay is None:
+        return None
+    perm, _, starts = lay
+    bits = storage_bits(aw.bits)
+    per = 8 // bits
+    nblk = -(-k // (BLOCK * per)) * per
+    codes = aw.codes if perm is None else aw.codes[:, perm]
+    codes = torch.nn.functional.pad(codes, (0, nblk * BLOCK - k)).contiguous()
+    packed = pack_blocks(codes, bits)
+    gstart = (starts // BLOCK).to(torch.int32)
+    gstart[-1] = nblk
+    scales = aw.scales.contiguous().view(torch.int16)
+    zeros = aw.zeros.contiguous()
+    perm32 = None if perm is None else perm.to(torch.int32).contiguous()
+    groups = gstart.numel() - 1
+    ptrs = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), gstart.data_ptr(),
+            0 if perm32 is None else perm32.data_ptr())
+    return NativeAffine(n, k, bits, nblk, groups, packed, scales, zeros, gstart, perm32, ptrs)
+
+
+def _call(st: NativeAffine, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
+    y = torch.empty(x2.shape[0], st.n, dtype=x2.dtype)
+    codes, scales, zeros, gstart, perm = st.ptrs
+    rc = LIBRARY.load().affine_gemm(x2.data_ptr(), x2.dtype == torch.bfloat16, x2.shape[0], st.k, perm, y.data_ptr(),
+                                    y.dtype == torch.bfloat16, st.n, codes, st.bits, st.nblk, scales, zeros, gstart,
+                                    st.groups, 0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa)
+    if rc < 0:
+        raise RuntimeError(f"native affine kernel refused a [{x2.shape[0]}, {st.k}] x [{st.n}, {st.k}] call")
+    return y
+
+
+def run(st: NativeAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T + bias for CPU x of any leading shape (fp32/bf16 in place; other dtypes via fp32)."""
+    shape = x.shape
+    dtype = x.dtype
+    x2 = x.reshape(-1, shape[-1])
+    if dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    if torch.compiler.is_compiling():
+        y = torch.ops.hf_vq.affine_gemm(x2, st.codes, st.scales, st.zeros, st.gstart, st.perm, bias, st.k, st.bits,
+                                        requested_isa())
+    else:
+        y = _call(st, x2, bias, requested_isa())
+    return y.to(dtype).reshape(*shape[:-1], st.n)
+
+
+# torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel
+# on small layers)
+@torch.library.custom_op("hf_vq::affine_gemm", mutates_args=())
+def _affine_gemm_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    gstart: torch.Tensor, perm: torch.Tensor | None, bias: torch.Tensor | None, k: int, bits: int,
+                    isa: int) -> torch.Tensor:
+    st = NativeAffine(codes.shape[0], k, bits, int(gstart[-1]), gstart.numel() - 1,
+                      codes, scales, zeros, gstart, perm,
+                      (codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), gstart.data_ptr(),
+                       0 if perm is None else perm.data_ptr()))
+    return _call(st, x, bias, isa)
+
+
+@_affine_gemm_op.register_fake
+def _(x, codes, scales, zeros, gstart, perm, bias, k, bits, isa):
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+KERNEL = register(Kernel(name="native-affine", family="native", storage="affine", devices=("cpu",), priority=20,
+                         max_rows=MAX_ROWS, prepare=prepare, run=run))

@@ -1,0 +1,113 @@
+"""One registry of the fast forward paths of quantized modules, keyed by storage format, device and kernel family.
+
+A kernel is one file that calls :func:`register` at import; the modules ask :func:`candidates` which kernels may
+serve a call and never name one. ``HF_VQ_KERNELS`` chooses among them:
+
+- ``auto`` (default): every family the device supports, in priority order;
+- ``exact``: none, so every module runs its dequantized reference forward;
+- a family name (``native``, ``torch``, ...), or several separated by commas: only those, in that order.
+
+A kernel that cannot serve a layer (shape, bit width, missing compiler) says so once, at prepare time, by returning
+None: the module then tries the next candidate and, last, the exact path. Prepared states are per module and are
+rebuilt only when the module's tensors change (see :class:`KernelStates`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+ENV = "HF_VQ_KERNELS"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str                     # unique, e.g. "native-affine"
+    family: str                   # what HF_VQ_KERNELS names: "native", "torch", "triton", ...
+    storage: str                  # the layer's storage format: "affine", "vq"
+    devices: tuple[str, ...]      # torch device types it runs on
+    priority: int                 # higher first under "auto"
+    max_rows: int | None          # rows of input it serves at most (None: any)
+    prepare: Callable[..., Any]   # (format object, **layer facts) -> state, or None when it cannot serve the layer
+    run: Callable[..., torch.Tensor]   # (state, x, bias) -> y
+    min_rows: int = 1
+
+
+_KERNELS: dict[str, list[Kernel]] = {}
+_selection: tuple[str, tuple[str, ...] | None] = ("", None)
+
+
+def register(kernel: Kernel) -> Kernel:
+    kernels = [k for k in _KERNELS.get(kernel.storage, []) if k.name != kernel.name] + [kernel]
+    _KERNELS[kernel.storage] = sorted(kernels, key=lambda k: -k.priority)
+    return kernel
+
+
+def families() -> list[str]:
+    return sorted({k.family for ks in _KERNELS.values() for k in ks})
+
+
+def _parse(value: str) -> tuple[str, ...] | None:
+    """None for auto; () for exact; else the families named, in order."""
+    names = [v.strip() for v in value.split(",") if v.strip()] or ["auto"]
+    if names == ["auto"]:
+        return None
+    if names == ["exact"]:
+        return ()
+    unknown = [n for n in names if n not in families()]
+    if unknown or "auto" in names or "exact" in names:
+        raise ValueError(f"{ENV}={value!r}: expected 'auto', 'exact' or kernel families from {families()} "
+                         f"(comma-separated), got {unknown or names}")
+    return tuple(names)
+
+
+def selection() -> tuple[str, ...] | None:
+    """The families HF_VQ_KERNELS allows (None: all, by priority), read again whenever the variable changes."""
+    global _selection
+    value = os.environ.get(ENV, "auto")
+    if value != _selection[0]:
+        _selection = (value, _parse(value))
+    return _selection[1]
+
+
+def candidates(storage: str, device_type: str, rows: int) -> list[Kernel]:
+    """The kernels that may serve ``rows`` rows of input on ``device_type``, best first."""
+    chosen = selection()
+    if chosen == ():
+        return []
+    ks = [k for k in _KERNELS.get(storage, ()) if device_type in k.devices and k.min_rows <= rows
+          and (k.max_rows is None or rows <= k.max_rows)]
+    if chosen is None:
+        return ks
+    return sorted((k for k in ks if k.family in chosen), key=lambda k: chosen.index(k.family))
+
+
+def kernels_for(storage: str) -> list[Kernel]:
+    return list(_KERNELS.get(storage, ()))
+
+
+class KernelStates:
+    """A module's prepared kernel states, one per (kernel, slot). Prepared on first use and kept until
+    :meth:`clear` (called when the module's tensors change: ``.to()``, ``load_state_dict``) or until the stored
+    tensor ``source()`` returns is another object (accelerate's offload hooks and device placement swap buffers).
+    No per-call hashing of pointers or versions."""
+
+    __slots__ = ("states",)
+
+    def __init__(self):
+        self.states: dict = {}
+
+    def clear(self) -> None:
+        self.states = {}
+
+    def get(self, kernel: Kernel, slot, source: torch.Tensor, build: Callable[[], Any]):
+        key = (kernel.name, slot)
+        hit = self.states.get(key)
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        state = build()
+        self.states[key] = (source, state)
+        return state
