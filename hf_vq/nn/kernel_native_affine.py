@@ -30,8 +30,10 @@ SOURCE = Path(__file__).with_name("csrc") / "affine_gemm.c"
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
 BLOCK = 32
-# decode and small batches; prefill goes to the exact path (oneDNN's dense GEMM on one dequantized weight)
-MAX_ROWS = 16
+TILE = 16  # output rows per vector of lanes in the kernel layout
+# every batch size: at 512 rows it runs about as fast as a dense bf16 GEMM and several times faster than fp32
+# (benchmarks/decode.py prefill column), and it never builds a dequantized weight
+MAX_ROWS = None
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -45,6 +47,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 LIBRARY = CLibrary(SOURCE, _bind, "native affine kernel")
+_GEMM = None  # the bound C function, set by the first prepare()
+last_isa = "none"  # the instruction set of the last call (tests check the run-time dispatch with it)
 
 
 def available() -> bool:
@@ -61,12 +65,18 @@ def best_isa() -> str:
     return "none" if lib is None else ISA_NAMES[lib.affine_best_isa()]
 
 
+_isa_cache: dict[str, int] = {}
+
+
 def requested_isa() -> int:
     """HF_VQ_NATIVE_ISA as the C code's number; a path this CPU lacks becomes auto (the best it has)."""
     name = os.environ.get("HF_VQ_NATIVE_ISA", "auto")
-    if name not in ISAS:
-        raise ValueError(f"HF_VQ_NATIVE_ISA={name!r}: expected one of {sorted(ISAS)}")
-    return ISAS[name] if ISAS[name] and isa_supported(name) else 0
+    isa = _isa_cache.get(name)
+    if isa is None:
+        if name not in ISAS:
+            raise ValueError(f"HF_VQ_NATIVE_ISA={name!r}: expected one of {sorted(ISAS)}")
+        isa = _isa_cache[name] = ISAS[name] if ISAS[name] and isa_supported(name) else 0
+    return isa
 
 
 def storage_bits(bits: int) -> int:
@@ -74,16 +84,23 @@ def storage_bits(bits: int) -> int:
     return 2 if bits == 2 else (4 if bits <= 4 else 8)
 
 
-def pack_blocks(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, nblk * 32] (nblk a multiple of 8 / bits) -> the kernel layout [N, nblk * bits * 4]: chunks of
-    32 bytes, byte i holding code i of each of the chunk's 8 / bits blocks, block q at bit bits * q."""
+def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [16 * tiles, 32 * nblk] -> the kernel layout (see csrc/affine_gemm.c): per tile of 16 rows and
+    block of 32 columns, ``bits`` chunks of 64 bytes; byte 4i + u of chunk c holds, at bit ``bits * f``, the code of
+    row i, column 32b + (32 / bits) c + 4f + u."""
     n, k = codes.shape
-    per = 8 // bits
-    c = codes.view(n, k // (BLOCK * per), per, BLOCK)
-    out = c[:, :, 0]
-    for q in range(1, per):
-        out = out | (c[:, :, q] << (bits * q))
-    return out.reshape(n, -1).contiguous()
+    fields = 8 // bits
+    c = codes.view(n // TILE, TILE, k // BLOCK, bits, fields, 4).permute(0, 2, 3, 1, 5, 4)
+    out = c[..., 0]
+    for f in range(1, fields):
+        out = out | (c[..., f] << (bits * f))
+    return out.contiguous().view(-1)
+
+
+def tile_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[n, G] per-row values -> [tiles, G, 16] (rows padded with zeros)."""
+    t = torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]))
+    return t.view(rows // TILE, TILE, -1).transpose(1, 2).contiguous()
 
 
 @dataclass
@@ -128,24 +145,26 @@ def layout_groups(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tenso
 def prepare(aw: AffineWeight, **_facts) -> NativeAffine | None:
     """Pack ``aw`` once for the kernel; None when the kernel cannot serve it (no compiler, a group that is not a
     multiple of 32 columns)."""
+    global _GEMM
     lib = LIBRARY.load()
     if lib is None or aw.codes.device.type != "cpu":
         return None
+    _GEMM = lib.affine_gemm
     n, k = aw.shape
     lay = layout_groups(aw.g_idx.cpu())
     if lay is None:
         return None
     perm, _, starts = lay
     bits = storage_bits(aw.bits)
-    per = 8 // bits
-    nblk = -(-k // (BLOCK * per)) * per
+    nblk = -(-k // BLOCK)
+    rows = -(-n // TILE) * TILE
     codes = aw.codes if perm is None else aw.codes[:, perm]
-    codes = torch.nn.functional.pad(codes, (0, nblk * BLOCK - k)).contiguous()
-    packed = pack_blocks(codes, bits)
+    codes = torch.nn.functional.pad(codes, (0, nblk * BLOCK - k, 0, rows - n)).contiguous()
+    packed = pack_tiles(codes, bits)
     gstart = (starts // BLOCK).to(torch.int32)
     gstart[-1] = nblk
-    scales = aw.scales.contiguous().view(torch.int16)
-    zeros = aw.zeros.contiguous()
+    scales = tile_rows(aw.scales.view(torch.int16), rows)
+    zeros = tile_rows(aw.zeros, rows)
     perm32 = None if perm is None else perm.to(torch.int32).contiguous()
     groups = gstart.numel() - 1
     ptrs = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), gstart.data_ptr(),
@@ -156,31 +175,34 @@ def prepare(aw: AffineWeight, **_facts) -> NativeAffine | None:
 def _call(st: NativeAffine, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
     y = torch.empty(x2.shape[0], st.n, dtype=x2.dtype)
     codes, scales, zeros, gstart, perm = st.ptrs
-    rc = LIBRARY.load().affine_gemm(x2.data_ptr(), x2.dtype == torch.bfloat16, x2.shape[0], st.k, perm, y.data_ptr(),
-                                    y.dtype == torch.bfloat16, st.n, codes, st.bits, st.nblk, scales, zeros, gstart,
-                                    st.groups, 0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa)
+    half = x2.dtype == torch.bfloat16
+    rc = _GEMM(x2.data_ptr(), half, x2.shape[0], st.k, perm, y.data_ptr(), half, st.n, codes, st.bits, st.nblk,
+               scales, zeros, gstart, st.groups, 0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa)
     if rc < 0:
         raise RuntimeError(f"native affine kernel refused a [{x2.shape[0]}, {st.k}] x [{st.n}, {st.k}] call")
+    global last_isa
+    last_isa = ISA_NAMES[rc]
     return y
 
 
 def run(st: NativeAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T + bias for CPU x of any leading shape (fp32/bf16 in place; other dtypes via fp32)."""
-    shape = x.shape
     dtype = x.dtype
-    x2 = x.reshape(-1, shape[-1])
-    if dtype not in (torch.float32, torch.bfloat16):
+    x2 = x.reshape(-1, x.shape[-1])
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
         x2 = x2.float()
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().float().contiguous()
     if torch.compiler.is_compiling():
         y = torch.ops.hf_vq.affine_gemm(x2, st.codes, st.scales, st.zeros, st.gstart, st.perm, bias, st.k, st.bits,
                                         requested_isa())
     else:
         y = _call(st, x2, bias, requested_isa())
-    return y.to(dtype).reshape(*shape[:-1], st.n)
+    if y.dtype is not dtype:
+        y = y.to(dtype)
+    return y.view(*x.shape[:-1], st.n)
 
 
 # torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel

@@ -38,11 +38,13 @@ class Kernel:
 
 _KERNELS: dict[str, list[Kernel]] = {}
 _selection: tuple[str, tuple[str, ...] | None] = ("", None)
+_memo: dict[tuple, list[Kernel]] = {}   # candidates() per (storage, device, rows), for the current selection
 
 
 def register(kernel: Kernel) -> Kernel:
     kernels = [k for k in _KERNELS.get(kernel.storage, []) if k.name != kernel.name] + [kernel]
     _KERNELS[kernel.storage] = sorted(kernels, key=lambda k: -k.priority)
+    _memo.clear()
     return kernel
 
 
@@ -70,19 +72,25 @@ def selection() -> tuple[str, ...] | None:
     value = os.environ.get(ENV, "auto")
     if value != _selection[0]:
         _selection = (value, _parse(value))
+        _memo.clear()
     return _selection[1]
 
 
 def candidates(storage: str, device_type: str, rows: int) -> list[Kernel]:
     """The kernels that may serve ``rows`` rows of input on ``device_type``, best first."""
     chosen = selection()
-    if chosen == ():
-        return []
+    key = (storage, device_type, rows)
+    hit = _memo.get(key)
+    if hit is not None:
+        return hit
     ks = [k for k in _KERNELS.get(storage, ()) if device_type in k.devices and k.min_rows <= rows
           and (k.max_rows is None or rows <= k.max_rows)]
-    if chosen is None:
-        return ks
-    return sorted((k for k in ks if k.family in chosen), key=lambda k: chosen.index(k.family))
+    if chosen is not None:
+        ks = sorted((k for k in ks if k.family in chosen), key=lambda k: chosen.index(k.family))
+    if len(_memo) > 4096:
+        _memo.clear()
+    _memo[key] = ks
+    return ks
 
 
 def kernels_for(storage: str) -> list[Kernel]:

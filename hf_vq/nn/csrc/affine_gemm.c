@@ -1,20 +1,21 @@
-/* Integer-code GEMM with int8 activations for QuantLinear / QuantExperts (hf_vq/nn/affine_kernel.py owns the build
-   and the weight layout).
+/* Integer-code GEMM with int8 activations for affine layers (hf_vq/nn/kernel_native_affine.py owns the build and the
+   weight layout).
 
    The weight is w[r, j] = s[r, g] * (q[r, j] - z[r, g]) with unsigned codes q. The activations (columns permuted by
    perm when given, for act-order) are quantized to int8 in blocks of 32 columns with one fp32 scale d each, as in
    llama.cpp's Q8_0: x[m, j] ~ d[m, b] * a[m, j]. Then
        y[m, r] = bias[r] + sum_g s[r, g] * (sum_{b in g} d[m, b] * <q[r, b], a[m, b]>  -  z[r, g] * X[m, g]),
        X[m, g] = sum_{b in g} d[m, b] * sum_j a[m, 32b + j],
-   so the inner loop is an unsigned x signed int8 dot product of 32 columns (AVX2 maddubs, AVX-VNNI / AVX512-VNNI
-   dpbusd), one float FMA per block, and the zero-points cost one FMA per group (X is shared by all rows).
+   where <q, a> is an unsigned x signed int8 dot product (AVX2 maddubs, AVX-VNNI / AVX512-VNNI dpbusd) summed in
+   int32 over a block, then one float FMA per block, and per group one FMA for the scale and one for the zero-point.
 
-   Layout: groups are runs of whole blocks, gstart[g] .. gstart[g + 1] (columns sorted by group, padded with zero
-   activations to whole blocks). codes: uint8 [n, nblk * bits * 4], in chunks of 32 bytes: 8-bit: one block;
-   4-bit (3-bit codes too): two blocks, byte i holds code i of the first (low nibble) and of the second (high);
-   2-bit: four blocks, byte i holds code i of block q at bits 2q. nblk is a multiple of 8 / bits, so one load of
-   32 bytes and a shift give any block, and a broadcast load and one variable shift give two (AVX-512), with no
-   cross-lane shuffles. scales: fp16 [n, G]. zeros: uint8 [n, G].
+   Layout: one vector lane per output row. Rows are taken 16 at a time (a tile; the last one padded with zero codes
+   and scales). For each tile and each block of 32 columns, `bits` chunks of 64 bytes: in a chunk, bytes 4i..4i+3
+   belong to row i of the tile, and byte t holds, in field f (bits `bits * f` up), the code of column
+   c0 + 4f + t, where c0 = 32b + (32 / bits) * chunk. So a field of one chunk times four activation bytes broadcast
+   to every lane is one dpbusd: 16 rows x 4 columns, with the row sums ending in their own lanes (no horizontal
+   reductions). Groups are runs of whole blocks, gstart[g] .. gstart[g + 1] (columns sorted by group, padded with
+   zero activations to whole blocks). scales: fp16 [tiles, G, 16]. zeros: uint8 [tiles, G, 16].
 
    Each instruction-set path is compiled with its own target attribute and chosen at run time from what the CPU
    reports (isa 0), or forced (isa > 0) to test a fallback. */
@@ -32,13 +33,16 @@
 #define AFF_X86 0
 #endif
 
+#define TILE 16
+#define INLINE static inline __attribute__((always_inline))
+
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4 };
 
 typedef struct {
-    const uint8_t *codes; int bits; int bpb; int nblk;
+    const uint8_t *codes; int bits; int nblk;
     const uint16_t *scales; const uint8_t *zeros; const int32_t *gstart; int G;
     const int8_t *xq;        /* [m, nblk * 32] */
-    const float *dexp;       /* [m, nblk * 8]: each block's d repeated 8 times (VNNI paths: over 2^(bits * q)) */
+    const float *d;          /* [m, nblk] */
     const float *X;          /* [m, G] */
     int n; int m;
     const float *bias;
@@ -81,55 +85,56 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as tor
     return (uint16_t)(bits >> 16);
 }
 
-static inline void store_y(const aff_args *a, int mm, int r, float v) {
-    if (a->bias) v += a->bias[r];
-    const size_t at = (size_t)mm * a->n + r;
-    if (a->y_bf16) ((uint16_t *)a->y)[at] = f32_to_bf16(v);
-    else ((float *)a->y)[at] = v;
+/* rows [r0, r0 + 16) of activation row mm, from 16 lane sums */
+static inline void store_tile(const aff_args *a, int mm, int r0, const float *v) {
+    const int cnt = a->n - r0 < TILE ? a->n - r0 : TILE;
+    const size_t at = (size_t)mm * a->n + r0;
+    for (int i = 0; i < cnt; i++) {
+        const float t = v[i] + (a->bias ? a->bias[r0 + i] : 0.f);
+        if (a->y_bf16) ((uint16_t *)a->y)[at + i] = f32_to_bf16(t);
+        else ((float *)a->y)[at + i] = t;
+    }
 }
 
-/* zshift: the path computes <q - zshift, a> instead of <q, a> (AVX2 8-bit), so the zero-point term uses z - zshift */
-static inline float zero_term_scalar(const aff_args *a, int r, int mm, int g0, float zshift) {
-    const uint16_t *s = a->scales + (size_t)r * a->G;
-    const uint8_t *z = a->zeros + (size_t)r * a->G;
-    const float *X = a->X + (size_t)mm * a->G;
-    float t = 0.f;
-    for (int g = g0; g < a->G; g++) t += fp16_to_f32(s[g]) * ((float)z[g] - zshift) * X[g];
-    return t;
+INLINE const uint8_t *block_codes(const aff_args *a, int tile, int b) {
+    return a->codes + ((size_t)tile * a->nblk + b) * (size_t)(64 * a->bits);
 }
 
 /* ------------------------------------------------------------------------------------------ scalar path */
-/* code j of block b in a row */
-static inline int code_at(const uint8_t *row, int bits, int b, int j) {
-    const int per = 8 / bits;   /* blocks per 32-byte chunk */
-    return (row[(size_t)(b / per) * 32 + j] >> (bits * (b % per))) & ((1 << bits) - 1);
-}
-
-static void rows_scalar(const aff_args *a, int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = a->codes + (size_t)r * a->nblk * a->bpb;
+static void tiles_scalar(const aff_args *a, int t0, int t1) {
+    const int bits = a->bits, fields = 8 / bits, cols = 32 / bits, mask = (1 << bits) - 1;
+    for (int t = t0; t < t1; t++) {
         for (int mm = 0; mm < a->m; mm++) {
             const int8_t *xq = a->xq + (size_t)mm * a->nblk * 32;
-            const float *dexp = a->dexp + (size_t)mm * a->nblk * 8;
-            float acc = 0.f;
+            float acc[TILE] = {0.f};
             for (int g = 0; g < a->G; g++) {
-                float gacc = 0.f;
+                float gacc[TILE] = {0.f};
                 for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
-                    int32_t dot = 0;
-                    for (int j = 0; j < 32; j++) dot += code_at(row, a->bits, b, j) * xq[b * 32 + j];
-                    gacc += (float)dot * dexp[b * 8];
+                    const uint8_t *blk = block_codes(a, t, b);
+                    int32_t dot[TILE] = {0};
+                    for (int c = 0; c < bits; c++)
+                        for (int i = 0; i < TILE; i++)
+                            for (int f = 0; f < fields; f++)
+                                for (int u = 0; u < 4; u++)
+                                    dot[i] += ((blk[c * 64 + 4 * i + u] >> (bits * f)) & mask) *
+                                              xq[b * 32 + c * cols + 4 * f + u];
+                    const float d = a->d[(size_t)mm * a->nblk + b];
+                    for (int i = 0; i < TILE; i++) gacc[i] += (float)dot[i] * d;
                 }
-                acc += gacc * fp16_to_f32(a->scales[(size_t)r * a->G + g]);
+                const float X = a->X[(size_t)mm * a->G + g];
+                for (int i = 0; i < TILE; i++) {
+                    const size_t at = ((size_t)t * a->G + g) * TILE + i;
+                    const float s = fp16_to_f32(a->scales[at]);
+                    acc[i] += s * gacc[i] - s * (float)a->zeros[at] * X;
+                }
             }
-            store_y(a, mm, r, acc - zero_term_scalar(a, r, mm, 0, 0.f));
+            store_tile(a, mm, t * TILE, acc);
         }
     }
 }
 
 #if AFF_X86
 /* ------------------------------------------------------------------------------------------ 256-bit paths */
-#define INLINE static inline __attribute__((always_inline))
-
 #define AFF_BODY_256
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -149,9 +154,7 @@ static void rows_scalar(const aff_args *a, int r0, int r1) {
 #undef VNNI
 #pragma GCC pop_options
 #undef AFF_BODY_256
-#endif
 
-#if AFF_X86
 /* ------------------------------------------------------------------------------------------ 512-bit path */
 #define AFF_BODY_512
 #pragma GCC push_options
@@ -185,20 +188,17 @@ int affine_best_isa(void) {
     return ISA_SCALAR;
 }
 
-/* Activations -> int8 blocks of 32 (scale d = max|x| / 127), their scales repeated 8 times, and X[m, g]. */
-/* prescale_bits: the VNNI paths take the codes of block q of a chunk masked in place, as c * 2^(bits * q) (one AND,
-   no shift; dpbusd sums in 32 bits, so the larger products cannot saturate), and d carries 2^-(bits * q) */
+int affine_tile_rows(void) { return TILE; }
+
+/* Activations -> int8 blocks of 32 (scale d = max|x| / 127, so |a| <= 127) and X[m, g]. */
 static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t *perm, int nblk,
-                          const int32_t *gstart, int G, int prescale_bits, int8_t *xq, float *dexp, float *X) {
-    const int per = prescale_bits ? 8 / prescale_bits : 1;
+                          const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int32_t *asum) {
     for (int mm = 0; mm < m; mm++) {
-        float v[32];
-        int32_t *asum = (int32_t *)malloc(sizeof(int32_t) * (size_t)nblk);
-        float *dplain = (float *)malloc(sizeof(float) * (size_t)nblk);
         const float *xf = (const float *)x + (size_t)mm * k;
         const uint16_t *xh = (const uint16_t *)x + (size_t)mm * k;
+        float *dm = d + (size_t)mm * nblk;
         for (int b = 0; b < nblk; b++) {
-            float amax = 0.f;
+            float v[32], amax = 0.f;
             for (int j = 0; j < 32; j++) {
                 const int col = b * 32 + j;
                 float t = 0.f;
@@ -207,33 +207,29 @@ static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t
                     t = x_bf16 ? bf16_to_f32(xh[src]) : xf[src];
                 }
                 v[j] = t;
-                const float at = fabsf(t);
-                amax = at > amax ? at : amax;
+                amax = fabsf(t) > amax ? fabsf(t) : amax;
             }
-            const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-            int32_t s = 0;
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
             int8_t *q = xq + (size_t)mm * nblk * 32 + (size_t)b * 32;
+            int32_t s = 0;
             for (int j = 0; j < 32; j++) {
-                const int qi = (int)nearbyintf(v[j] * id);
+                const float r = v[j] * id;   /* round half away from zero, without a libm call */
+                const int qi = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
                 q[j] = (int8_t)(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
                 s += q[j];
             }
             asum[b] = s;
-            dplain[b] = d;
-            const float dq = ldexpf(d, -prescale_bits * (b % per));
-            for (int t = 0; t < 8; t++) dexp[(size_t)mm * nblk * 8 + (size_t)b * 8 + t] = dq;
+            dm[b] = amax / 127.f;
         }
         for (int g = 0; g < G; g++) {
             float t = 0.f;
-            for (int b = gstart[g]; b < gstart[g + 1]; b++) t += dplain[b] * (float)asum[b];
+            for (int b = gstart[g]; b < gstart[g + 1]; b++) t += dm[b] * (float)asum[b];
             X[(size_t)mm * G + g] = t;
         }
-        free(dplain);
-        free(asum);
     }
 }
 
-typedef void (*rows_fn)(const aff_args *, int, int);
+typedef void (*tiles_fn)(const aff_args *, int, int);
 
 /* y [m, n] (fp32, or bf16 when y_bf16) = x [m, k] (fp32, or bf16 when x_bf16) @ W^T + bias. Returns the
    instruction set used (1 scalar, 2 AVX2, 3 AVX-VNNI, 4 AVX512-VNNI), or -1 for arguments it cannot take. */
@@ -241,253 +237,204 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
                 const uint8_t *codes, int bits, int nblk, const uint16_t *scales, const uint8_t *zeros,
                 const int32_t *gstart, int G, const float *bias, int nthreads, int isa) {
     if (m < 1 || n < 1 || k < 1 || nblk * 32 < k || G < 1 || gstart[0] != 0 || gstart[G] != nblk) return -1;
-    if (!(bits == 2 || bits == 4 || bits == 8) || nblk % (8 / bits)) return -1;
+    if (!(bits == 2 || bits == 4 || bits == 8)) return -1;
     if (isa == ISA_AUTO) isa = affine_best_isa();
     if (!cpu_has(isa)) return -1;
     if (nthreads < 1) nthreads = 1;
     int8_t *xq = (int8_t *)aligned_alloc(64, ((size_t)m * nblk * 32 + 63) / 64 * 64);
-    float *dexp = (float *)aligned_alloc(64, ((size_t)m * nblk * 32 + 63) / 64 * 64);
+    float *d = (float *)malloc(sizeof(float) * (size_t)m * nblk);
     float *X = (float *)malloc(sizeof(float) * (size_t)m * G);
-    if (!xq || !dexp || !X) { free(xq); free(dexp); free(X); return -1; }
-    const int vnni = isa == ISA_AVXVNNI || isa == ISA_AVX512VNNI;
-    quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, vnni && bits < 8 ? bits : 0, xq, dexp, X);
-    aff_args a = {codes, bits, bits == 2 ? 8 : (bits == 4 ? 16 : 32), nblk, scales, zeros, gstart, G, xq, dexp, X,
-                  n, m, bias, y, y_bf16};
-    rows_fn fn = rows_scalar;
+    int32_t *asum = (int32_t *)malloc(sizeof(int32_t) * (size_t)nblk);
+    if (!xq || !d || !X || !asum) { free(xq); free(d); free(X); free(asum); return -1; }
+    quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, xq, d, X, asum);
+    aff_args a = {codes, bits, nblk, scales, zeros, gstart, G, xq, d, X, n, m, bias, y, y_bf16};
+    tiles_fn fn = tiles_scalar;
 #if AFF_X86
-    if (isa == ISA_AVX2) fn = rows_avx2;
-    else if (isa == ISA_AVXVNNI) fn = rows_avxvnni;
-    else if (isa == ISA_AVX512VNNI) fn = rows_avx512;
+    if (isa == ISA_AVX2) fn = tiles_avx2;
+    else if (isa == ISA_AVXVNNI) fn = tiles_avxvnni;
+    else if (isa == ISA_AVX512VNNI) fn = tiles_avx512;
 #endif
-    /* chunks of 16 rows: whole register tiles, and enough chunks to share among threads */
-    const int chunk = 16, nchunks = (n + chunk - 1) / chunk;
-    if (nthreads == 1 || nchunks == 1) {
-        fn(&a, 0, n);
+    const int ntiles = (n + TILE - 1) / TILE;
+    if (nthreads == 1 || ntiles == 1) {
+        fn(&a, 0, ntiles);
     } else {
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int c = 0; c < nchunks; c++) fn(&a, c * chunk, c * chunk + chunk < n ? c * chunk + chunk : n);
+        /* a few tiles per task: even shares without a scheduling cost per tile */
+        const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
+        const int ntasks = (ntiles + per - 1) / per;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int t = 0; t < ntasks; t++) fn(&a, t * per, (t + 1) * per < ntiles ? (t + 1) * per : ntiles);
     }
-    free(xq); free(dexp); free(X);
+    free(xq); free(d); free(X); free(asum);
     return isa;
 }
 
 #elif defined(AFF_BODY_256)
 /* ========================================================================================== 256-bit body
-   (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd) */
+   (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd). A ymm holds 8 rows: half h of a 16-row tile. */
 
-INLINE __m256i NAME(unpack)(const uint8_t *row, int b, int bits) {
-    const int per = 8 / bits;
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(row + (size_t)(b / per) * 32));
-    if (bits == 8)   /* AVX2 maddubs saturates pairs of u8 x s8 products above 32767: run 8-bit codes as q - 128 */
-        return VNNI ? v : _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
-#if VNNI
-    return _mm256_and_si256(v, _mm256_set1_epi8((char)(((1 << bits) - 1) << (bits * (b % per)))));
-#else
-    return _mm256_and_si256(_mm256_srli_epi16(v, bits * (b % per)), _mm256_set1_epi8((char)((1 << bits) - 1)));
-#endif
-}
-
-/* 8 int32 partial sums of <u, s> over 32 bytes; signed8: u holds q - 128 as int8 (AVX2, 8-bit codes) */
-INLINE __m256 NAME(dot)(__m256i u, __m256i s, int signed8) {
+/* int32 lane sums of <u, s> over groups of 4 bytes; u unsigned (u < 128 for AVX2, or q ^ 0x80 with signed8) */
+INLINE __m256i NAME(dot)(__m256i acc, __m256i u, __m256i s, int signed8) {
 #if VNNI
     (void)signed8;
-    return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
-    if (signed8) {
+    if (signed8) {   /* maddubs saturates pairs of u8 x s8 products above 32767: run 8-bit codes as q - 128 */
         s = _mm256_sign_epi8(s, u);
         u = _mm256_sign_epi8(u, u);
     }
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
-INLINE float NAME(hsum)(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-INLINE float NAME(zero_term)(const aff_args *a, int r, int mm, float zshift) {
-    const uint16_t *s = a->scales + (size_t)r * a->G;
-    const uint8_t *z = a->zeros + (size_t)r * a->G;
-    const float *X = a->X + (size_t)mm * a->G;
-    __m256 acc = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + 8 <= a->G; g += 8) {
-        const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g)));
-        const __m256 zv = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(z + g)))),
-                                        _mm256_set1_ps(zshift));
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, zv), _mm256_loadu_ps(X + g), acc);
-    }
-    return NAME(hsum)(acc) + zero_term_scalar(a, r, mm, g, zshift);
-}
-
-/* R output rows x M activation rows, starting at rows r0 and m0 */
-INLINE void NAME(tile)(const aff_args *a, int r0, int m0, const int R, const int M, const int BITS) {
+/* one tile half, M activation rows from m0 */
+INLINE void NAME(tile)(const aff_args *a, int t, int h, int m0, const int M, const int BITS) {
+    const int F = 8 / BITS, COLS = 32 / BITS;
     const int signed8 = !VNNI && BITS == 8;
-    const size_t rowbytes = (size_t)a->nblk * a->bpb;
-    __m256 acc[4][4], gacc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int mm = 0; mm < M; mm++) acc[r][mm] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    __m256 acc[4];
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_setzero_ps();
     for (int g = 0; g < a->G; g++) {
-        for (int r = 0; r < R; r++)
-            for (int mm = 0; mm < M; mm++) gacc[r][mm] = _mm256_setzero_ps();
+        __m256 gacc[4];
+        for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
         for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
-            __m256i u[4];
-            for (int r = 0; r < R; r++) u[r] = NAME(unpack)(a->codes + (size_t)(r0 + r) * rowbytes, b, BITS);
+            const uint8_t *blk = block_codes(a, t, b) + 32 * h;
+            __m256i iacc[4][4];
+            for (int mm = 0; mm < M; mm++)
+                for (int f = 0; f < F; f++) iacc[mm][f] = _mm256_setzero_si256();
+            for (int c = 0; c < BITS; c++) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 64 * c));
+                for (int f = 0; f < F; f++) {
+                    __m256i u;
+                    if (BITS == 8) u = VNNI ? w : _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+                    else if (VNNI) u = _mm256_and_si256(w, _mm256_slli_epi16(mask, BITS * f));   /* c << (BITS f) */
+                    else u = _mm256_and_si256(_mm256_srli_epi16(w, BITS * f), mask);
+                    for (int mm = 0; mm < M; mm++) {
+                        int32_t q4;
+                        memcpy(&q4, a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32 + c * COLS + 4 * f, 4);
+                        iacc[mm][f] = NAME(dot)(iacc[mm][f], u, _mm256_set1_epi32(q4), signed8);
+                    }
+                }
+            }
             for (int mm = 0; mm < M; mm++) {
-                const __m256i s = _mm256_loadu_si256((const __m256i *)(a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32));
-                const __m256 d = _mm256_loadu_ps(a->dexp + (size_t)(m0 + mm) * a->nblk * 8 + (size_t)b * 8);
-                for (int r = 0; r < R; r++) gacc[r][mm] = _mm256_fmadd_ps(NAME(dot)(u[r], s, signed8), d, gacc[r][mm]);
+                __m256i isum = iacc[mm][0];
+                for (int f = 1; f < F; f++)   /* VNNI fields were taken in place, as c << (BITS f): exact shifts */
+                    isum = _mm256_add_epi32(isum, VNNI ? _mm256_srai_epi32(iacc[mm][f], BITS * f) : iacc[mm][f]);
+                const __m256 d = _mm256_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, gacc[mm]);
             }
         }
-        for (int r = 0; r < R; r++) {
-            const __m256 sv = _mm256_set1_ps(_cvtsh_ss(a->scales[(size_t)(r0 + r) * a->G + g]));
-            for (int mm = 0; mm < M; mm++) acc[r][mm] = _mm256_fmadd_ps(gacc[r][mm], sv, acc[r][mm]);
+        const size_t at = ((size_t)t * a->G + g) * TILE + 8 * h;
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a->scales + at)));
+        const __m256 sz = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(a->zeros + at)))));
+        for (int mm = 0; mm < M; mm++) {
+            acc[mm] = _mm256_fmadd_ps(gacc[mm], s, acc[mm]);
+            acc[mm] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a->X[(size_t)(m0 + mm) * a->G + g]), acc[mm]);
         }
     }
-    const float zshift = signed8 ? 128.f : 0.f;
-    for (int r = 0; r < R; r++)
-        for (int mm = 0; mm < M; mm++)
-            store_y(a, m0 + mm, r0 + r, NAME(hsum)(acc[r][mm]) - NAME(zero_term)(a, r0 + r, m0 + mm, zshift));
+    if (signed8) {   /* <q - 128, a> was computed: add back 128 * s * X over the groups */
+        for (int g = 0; g < a->G; g++) {
+            const size_t at = ((size_t)t * a->G + g) * TILE + 8 * h;
+            const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a->scales + at))),
+                                           _mm256_set1_ps(128.f));
+            for (int mm = 0; mm < M; mm++)
+                acc[mm] = _mm256_fmadd_ps(s, _mm256_set1_ps(a->X[(size_t)(m0 + mm) * a->G + g]), acc[mm]);
+        }
+    }
+    /* the two halves of a tile store separately: store_tile takes 16 lanes, so pad */
+    for (int mm = 0; mm < M; mm++) {
+        float v[TILE] = {0.f};
+        _mm256_storeu_ps(v, acc[mm]);
+        const int r0 = t * TILE + 8 * h;
+        const int cnt = a->n - r0 < 8 ? a->n - r0 : 8;
+        const size_t o = (size_t)(m0 + mm) * a->n + r0;
+        for (int i = 0; i < cnt; i++) {
+            const float y = v[i] + (a->bias ? a->bias[r0 + i] : 0.f);
+            if (a->y_bf16) ((uint16_t *)a->y)[o + i] = f32_to_bf16(y);
+            else ((float *)a->y)[o + i] = y;
+        }
+    }
 }
 
-INLINE void NAME(rows_bits)(const aff_args *a, int r0, int r1, const int BITS) {
-    int r = r0;
-    if (a->m == 1) {
-        for (; r + 4 <= r1; r += 4) NAME(tile)(a, r, 0, 4, 1, BITS);
-        for (; r < r1; r++) NAME(tile)(a, r, 0, 1, 1, BITS);
-        return;
-    }
-    for (; r + 2 <= r1; r += 2) {
-        int m0 = 0;
-        for (; m0 + 2 <= a->m; m0 += 2) NAME(tile)(a, r, m0, 2, 2, BITS);
-        for (; m0 < a->m; m0++) NAME(tile)(a, r, m0, 2, 1, BITS);
-    }
-    for (; r < r1; r++) {
-        int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, r, m0, 1, 4, BITS);
-        for (; m0 < a->m; m0++) NAME(tile)(a, r, m0, 1, 1, BITS);
-    }
+INLINE void NAME(tiles_bits)(const aff_args *a, int t0, int t1, const int BITS) {
+    for (int t = t0; t < t1; t++)
+        for (int h = 0; h < 2; h++) {
+            if (t * TILE + 8 * h >= a->n) break;
+            int m0 = 0;
+            for (; m0 + 2 <= a->m; m0 += 2) NAME(tile)(a, t, h, m0, 2, BITS);
+            for (; m0 < a->m; m0++) NAME(tile)(a, t, h, m0, 1, BITS);
+        }
 }
 
-/* the bit width as a constant: the block arithmetic becomes shifts */
-static void NAME(rows)(const aff_args *a, int r0, int r1) {
-    if (a->bits == 2) NAME(rows_bits)(a, r0, r1, 2);
-    else if (a->bits == 4) NAME(rows_bits)(a, r0, r1, 4);
-    else NAME(rows_bits)(a, r0, r1, 8);
+/* the bit width as a constant, so the field loops unroll */
+static void NAME(tiles)(const aff_args *a, int t0, int t1) {
+    if (a->bits == 2) NAME(tiles_bits)(a, t0, t1, 2);
+    else if (a->bits == 4) NAME(tiles_bits)(a, t0, t1, 4);
+    else NAME(tiles_bits)(a, t0, t1, 8);
 }
 
 #else
-/* ========================================================================================== 512-bit body (AVX512-VNNI):
-   two blocks per register; a group's odd last block goes through the 256-bit form of the same instructions */
+/* ========================================================================================== 512-bit body:
+   a zmm holds the 16 rows of a tile */
 
-/* blocks b and b + 1 of a row (b even; for 2-bit, b % 4 is 0 or 2) */
-static inline __attribute__((always_inline)) __m512i unpack2_512(const uint8_t *row, int b, const int bits) {
-    if (bits == 8) return _mm512_loadu_si512((const void *)(row + (size_t)b * 32));
-    const int per = 8 / bits, q = b % per;
-    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + (size_t)(b / per) * 32)));
-    const char lo = (char)(((1 << bits) - 1) << (bits * q)), hi = (char)(((1 << bits) - 1) << (bits * (q + 1)));
-    return _mm512_and_si512(v, _mm512_inserti64x4(_mm512_set1_epi8(lo), _mm256_set1_epi8(hi), 1));
-}
-
-static inline __attribute__((always_inline)) __m256i unpack1_256(const uint8_t *row, int b, const int bits) {
-    const int per = 8 / bits;
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(row + (size_t)(b / per) * 32));
-    if (bits == 8) return v;
-    return _mm256_and_si256(v, _mm256_set1_epi8((char)(((1 << bits) - 1) << (bits * (b % per)))));
-}
-
-static inline float zero_term_512(const aff_args *a, int r, int mm) {
-    const uint16_t *s = a->scales + (size_t)r * a->G;
-    const uint8_t *z = a->zeros + (size_t)r * a->G;
-    const float *X = a->X + (size_t)mm * a->G;
-    __m512 acc = _mm512_setzero_ps();
-    int g = 0;
-    for (; g + 16 <= a->G; g += 16) {
-        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g)));
-        const __m512 zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(z + g))));
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_loadu_ps(X + g), acc);
-    }
-    return _mm512_reduce_add_ps(acc) + zero_term_scalar(a, r, mm, g, 0.f);
-}
-
-/* one block through the 256-bit forms, added to the low half of the group accumulators */
-static inline __attribute__((always_inline)) void single_512(const aff_args *a, int r0, int m0, const int R,
-                                                             const int M, int b, __m512 gacc[4][4], const int BITS) {
-    const size_t rowbytes = (size_t)a->nblk * a->bpb;
-    __m256i u[4];
-    for (int r = 0; r < R; r++) u[r] = unpack1_256(a->codes + (size_t)(r0 + r) * rowbytes, b, BITS);
-    for (int mm = 0; mm < M; mm++) {
-        const __m256i s = _mm256_loadu_si256((const __m256i *)(a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32));
-        const __m256 d = _mm256_loadu_ps(a->dexp + (size_t)(m0 + mm) * a->nblk * 8 + (size_t)b * 8);
-        for (int r = 0; r < R; r++) {
-            const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u[r], s)), d);
-            gacc[r][mm] = _mm512_add_ps(gacc[r][mm], _mm512_zextps256_ps512(t));
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void tile_512(const aff_args *a, int r0, int m0, const int R, const int M, const int BITS) {
-    const size_t rowbytes = (size_t)a->nblk * a->bpb;
-    const size_t xrow = (size_t)a->nblk * 32, drow = (size_t)a->nblk * 8;
-    __m512 acc[4][4], gacc[4][4];
-    for (int r = 0; r < R; r++)
-        for (int mm = 0; mm < M; mm++) acc[r][mm] = _mm512_setzero_ps();
+INLINE void tile_512(const aff_args *a, int t, int m0, const int M, const int BITS) {
+    const int F = 8 / BITS, COLS = 32 / BITS;
+    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    __m512 acc[4];
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
     for (int g = 0; g < a->G; g++) {
-        for (int r = 0; r < R; r++)
-            for (int mm = 0; mm < M; mm++) gacc[r][mm] = _mm512_setzero_ps();
-        int b = a->gstart[g];
-        const int b1 = a->gstart[g + 1];
-        if (b & 1) {   /* a group that starts mid-pair: its first block alone */
-            single_512(a, r0, m0, R, M, b, gacc, BITS);
-            b++;
-        }
-        for (; b + 2 <= b1; b += 2) {
-            __m512i u[4];
-            for (int r = 0; r < R; r++) u[r] = unpack2_512(a->codes + (size_t)(r0 + r) * rowbytes, b, BITS);
+        __m512 gacc[4];
+        for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
+        for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
+            const uint8_t *blk = block_codes(a, t, b);
+            __m512i iacc[4][4];
+            for (int mm = 0; mm < M; mm++)
+                for (int f = 0; f < F; f++) iacc[mm][f] = _mm512_setzero_si512();
+            for (int c = 0; c < BITS; c++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * c));
+                for (int f = 0; f < F; f++) {
+                    /* field f in place, as code << (BITS f): one AND, and an exact shift per block below */
+                    const __m512i u = BITS == 8 ? w : _mm512_and_si512(w, _mm512_slli_epi16(mask, BITS * f));
+                    for (int mm = 0; mm < M; mm++) {
+                        int32_t q4;
+                        memcpy(&q4, a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32 + c * COLS + 4 * f, 4);
+                        iacc[mm][f] = _mm512_dpbusd_epi32(iacc[mm][f], u, _mm512_set1_epi32(q4));
+                    }
+                }
+            }
             for (int mm = 0; mm < M; mm++) {
-                const __m512i s = _mm512_loadu_si512((const void *)(a->xq + (size_t)(m0 + mm) * xrow + (size_t)b * 32));
-                const __m512 d = _mm512_loadu_ps(a->dexp + (size_t)(m0 + mm) * drow + (size_t)b * 8);
-                for (int r = 0; r < R; r++)
-                    gacc[r][mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u[r], s)),
-                                                  d, gacc[r][mm]);
+                __m512i isum = iacc[mm][0];
+                for (int f = 1; f < F; f++) isum = _mm512_add_epi32(isum, _mm512_srai_epi32(iacc[mm][f], BITS * f));
+                const __m512 d = _mm512_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, gacc[mm]);
             }
         }
-        if (b < b1) single_512(a, r0, m0, R, M, b, gacc, BITS);
-        for (int r = 0; r < R; r++) {
-            const __m512 sv = _mm512_set1_ps(_cvtsh_ss(a->scales[(size_t)(r0 + r) * a->G + g]));
-            for (int mm = 0; mm < M; mm++) acc[r][mm] = _mm512_fmadd_ps(gacc[r][mm], sv, acc[r][mm]);
+        const size_t at = ((size_t)t * a->G + g) * TILE;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->scales + at)));
+        const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->zeros + at)))));
+        for (int mm = 0; mm < M; mm++) {
+            acc[mm] = _mm512_fmadd_ps(gacc[mm], s, acc[mm]);
+            acc[mm] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a->X[(size_t)(m0 + mm) * a->G + g]), acc[mm]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int mm = 0; mm < M; mm++)
-            store_y(a, m0 + mm, r0 + r, _mm512_reduce_add_ps(acc[r][mm]) - zero_term_512(a, r0 + r, m0 + mm));
-}
-
-static inline __attribute__((always_inline)) void rows_512_bits(const aff_args *a, int r0, int r1, const int BITS) {
-    int r = r0;
-    if (a->m == 1) {
-        for (; r + 4 <= r1; r += 4) tile_512(a, r, 0, 4, 1, BITS);
-        for (; r < r1; r++) tile_512(a, r, 0, 1, 1, BITS);
-        return;
-    }
-    for (; r + 4 <= r1; r += 4) {
-        int m0 = 0;
-        for (; m0 + 2 <= a->m; m0 += 2) tile_512(a, r, m0, 4, 2, BITS);
-        for (; m0 < a->m; m0++) tile_512(a, r, m0, 4, 1, BITS);
-    }
-    for (; r < r1; r++) {
-        int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) tile_512(a, r, m0, 1, 4, BITS);
-        for (; m0 < a->m; m0++) tile_512(a, r, m0, 1, 1, BITS);
+    for (int mm = 0; mm < M; mm++) {
+        float v[TILE];
+        _mm512_storeu_ps(v, acc[mm]);
+        store_tile(a, m0 + mm, t * TILE, v);
     }
 }
 
-static void rows_avx512(const aff_args *a, int r0, int r1) {
-    if (a->bits == 2) rows_512_bits(a, r0, r1, 2);
-    else if (a->bits == 4) rows_512_bits(a, r0, r1, 4);
-    else rows_512_bits(a, r0, r1, 8);
+INLINE void tiles_512_bits(const aff_args *a, int t0, int t1, const int BITS) {
+    for (int t = t0; t < t1; t++) {
+        int m0 = 0;
+        for (; m0 + 4 <= a->m; m0 += 4) tile_512(a, t, m0, 4, BITS);
+        if (a->m - m0 >= 2) { tile_512(a, t, m0, 2, BITS); m0 += 2; }
+        if (m0 < a->m) tile_512(a, t, m0, 1, BITS);
+    }
+}
+
+static void tiles_avx512(const aff_args *a, int t0, int t1) {
+    if (a->bits == 2) tiles_512_bits(a, t0, t1, 2);
+    else if (a->bits == 4) tiles_512_bits(a, t0, t1, 4);
+    else tiles_512_bits(a, t0, t1, 8);
 }
 #endif
