@@ -9,6 +9,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from hf_vq.config import (QUANT_METHOD, AdaScaleConfig, ConfigError, GPTQConfig, GPTVQConfig, HfVQConfig,
                           QuantSimConfig, RTNConfig)
 from hf_vq.model.eval import evaluate_perplexity
+from hf_vq.model.optimize import optimize
 from hf_vq.model.safe_save import save_pretrained_safely
 from hf_vq.export.aimet import load_encodings
 from hf_vq.export.checkpoint import ExportError, export_checkpoint
@@ -31,6 +32,7 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
 
 from hf_vq.utils.version import __version__  # noqa: E402
 __all__ = [
+    "optimize",
     "HfVQConfig", "RTNConfig", "GPTQConfig", "GPTVQConfig", "AdaScaleConfig", "QuantSimConfig", "ConfigError",
     "QuantLinear", "VQLinear", "HfVQQuantizer", "evaluate_perplexity",
     "export_encodings", "load_encodings", "export_onnx", "export_checkpoint", "ExportError", "compute_encodings",

@@ -102,6 +102,10 @@ class HfVQQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        return True  # hf_vq's kernels are torch custom ops: torch.compile keeps them whole (hf_vq.optimize)
+
+    @property
     def is_qat_trainable(self) -> bool:
         return True  # full fine-tuning without PEFT (QATLinear latents; other layers train as usual)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_vq.nn import kernel_registry
+
 
 class QuantizedLinearMixin:
     """For modules with ``in_features``, ``out_features``, ``bias``, ``dequantize_weight(dtype)`` and a
@@ -23,6 +25,17 @@ class QuantizedLinearMixin:
         if self.bias is not None:
             lin.bias.data.copy_(self.bias.detach())
         return lin
+
+    def fix_kernel(self, rows: int = 1):
+        """Choose, once, the kernel that serves ``rows`` rows on this module's device and prepare it; the forward
+        then goes straight to it (``hf_vq.optimize``). Returns the kernel, or None when none serves this module."""
+        device = next(iter(self.stored_tensors().values())).device.type
+        for kernel in kernel_registry.candidates(self.storage, device, rows):
+            state = self.kernel_state(kernel)
+            if state is not None:
+                self._kernel_states.fixed = (kernel, state)
+                return kernel
+        return None
 
     def bits_per_value(self) -> float:
         """Stored bits per weight: the bytes of the saved quantized tensors (bias excluded)."""

@@ -172,17 +172,22 @@ def prepare(aw: AffineWeight, **_facts) -> NativeAffine | None:
     return NativeAffine(n, k, bits, nblk, groups, packed, scales, zeros, gstart, perm32, ptrs)
 
 
-def _call(st: NativeAffine, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
-    y = torch.empty(x2.shape[0], st.n, dtype=x2.dtype)
-    codes, scales, zeros, gstart, perm = st.ptrs
+def _gemm(x2: torch.Tensor, n: int, k: int, bits: int, nblk: int, groups: int, codes: int, scales: int, zeros: int,
+          gstart: int, perm: int, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
+    """The C call on raw pointers: x2 [m, k] contiguous fp32/bf16 -> y [m, n] of the same dtype."""
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
     half = x2.dtype == torch.bfloat16
-    rc = _GEMM(x2.data_ptr(), half, x2.shape[0], st.k, perm, y.data_ptr(), half, st.n, codes, st.bits, st.nblk,
-               scales, zeros, gstart, st.groups, 0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa)
+    rc = _GEMM(x2.data_ptr(), half, x2.shape[0], k, perm, y.data_ptr(), half, n, codes, bits, nblk, scales, zeros,
+               gstart, groups, 0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa)
     if rc < 0:
-        raise RuntimeError(f"native affine kernel refused a [{x2.shape[0]}, {st.k}] x [{st.n}, {st.k}] call")
+        raise RuntimeError(f"native affine kernel refused a [{x2.shape[0]}, {k}] x [{n}, {k}] call")
     global last_isa
     last_isa = ISA_NAMES[rc]
     return y
+
+
+def _call(st: NativeAffine, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
+    return _gemm(x2, st.n, st.k, st.bits, st.nblk, st.groups, *st.ptrs, bias, isa)
 
 
 def run(st: NativeAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -196,8 +201,8 @@ def run(st: NativeAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.T
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().float().contiguous()
     if torch.compiler.is_compiling():
-        y = torch.ops.hf_vq.affine_gemm(x2, st.codes, st.scales, st.zeros, st.gstart, st.perm, bias, st.k, st.bits,
-                                        requested_isa())
+        y = torch.ops.hf_vq.affine_gemm(x2, st.codes, st.scales, st.zeros, st.gstart, st.perm, bias, st.n, st.k,
+                                        st.bits, st.nblk, requested_isa())
     else:
         y = _call(st, x2, bias, requested_isa())
     if y.dtype is not dtype:
@@ -207,20 +212,17 @@ def run(st: NativeAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.T
 
 # torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel
 # on small layers)
-@torch.library.custom_op("hf_vq::affine_gemm", mutates_args=())
+@torch.library.custom_op("hf_vq::affine_gemm", mutates_args=(), device_types="cpu")
 def _affine_gemm_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    gstart: torch.Tensor, perm: torch.Tensor | None, bias: torch.Tensor | None, k: int, bits: int,
-                    isa: int) -> torch.Tensor:
-    st = NativeAffine(codes.shape[0], k, bits, int(gstart[-1]), gstart.numel() - 1,
-                      codes, scales, zeros, gstart, perm,
-                      (codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), gstart.data_ptr(),
-                       0 if perm is None else perm.data_ptr()))
-    return _call(st, x, bias, isa)
+                    gstart: torch.Tensor, perm: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int,
+                    bits: int, nblk: int, isa: int) -> torch.Tensor:
+    return _gemm(x, n, k, bits, nblk, gstart.numel() - 1, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                 gstart.data_ptr(), 0 if perm is None else perm.data_ptr(), bias, isa)
 
 
 @_affine_gemm_op.register_fake
-def _(x, codes, scales, zeros, gstart, perm, bias, k, bits, isa):
-    return x.new_empty(x.shape[0], codes.shape[0])
+def _(x, codes, scales, zeros, gstart, perm, bias, n, k, bits, nblk, isa):
+    return x.new_empty(x.shape[0], n)
 
 
 KERNEL = register(Kernel(name="native-affine", family="native", storage="affine", devices=("cpu",), priority=20,

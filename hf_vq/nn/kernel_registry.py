@@ -103,13 +103,17 @@ class KernelStates:
     tensor ``source()`` returns is another object (accelerate's offload hooks and device placement swap buffers).
     No per-call hashing of pointers or versions."""
 
-    __slots__ = ("states",)
+    __slots__ = ("states", "fixed")
 
     def __init__(self):
         self.states: dict = {}
+        # (kernel, state) chosen once by hf_vq.optimize: the forward then skips the lookup (fewer guards under
+        # torch.compile); dropped with the states
+        self.fixed: tuple | None = None
 
     def clear(self) -> None:
         self.states = {}
+        self.fixed = None
 
     def get(self, kernel: Kernel, slot, source: torch.Tensor, build: Callable[[], Any]):
         key = (kernel.name, slot)

@@ -124,6 +124,9 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
         # kernels have no backward: they serve calls whose input needs no gradient (a trainable bias is added after)
         if not self.exact_decode and not (x.requires_grad and torch.is_grad_enabled()):
             rows = x.numel() // self.in_features if self.in_features else 0
+            fixed = self._kernel_states.fixed
+            if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):
+                return _with_bias(fixed[0], fixed[1], x, self.bias)
             for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
                 state = self.kernel_state(kernel)
                 if state is not None:

@@ -154,8 +154,40 @@ def _run(kw: KernelWeights, x: torch.Tensor, bias: torch.Tensor | None) -> torch
     """fp32 compute for fp32/bf16/fp16 x of any leading shape, cast back to x's dtype."""
     lay = kw.layout
     rows = x.numel() // lay.in_features
-    y = gemv(kw, x.reshape(rows, lay.in_features).to(torch.float32), bias)
+    x2 = x.reshape(rows, lay.in_features).to(torch.float32)
+    if torch.compiler.is_compiling():
+        b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        y = torch.ops.hf_vq.vq_gemv(x2, kw.idx, kw.codebooks, kw.norm, kw.segments, b, lay.out_features,
+                                    lay.in_features, lay.padded_in, lay.nvec, lay.vector_dim, lay.rows_per_block,
+                                    lay.col_blocks)
+    else:
+        y = gemv(kw, x2, bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+
+
+# torch.compile sees the kernel as one opaque op
+@torch.library.custom_op("hf_vq::vq_gemv", mutates_args=(), device_types="cpu")
+def _vq_gemv_op(x: torch.Tensor, idx: torch.Tensor, codebooks: torch.Tensor, norm: torch.Tensor | None,
+                segments: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, padded_in: int, nvec: int, d: int,
+                rpb: int, col_blocks: int) -> torch.Tensor:
+    m = x.shape[0]
+    if padded_in != k:
+        x = torch.nn.functional.pad(x, (0, padded_in - k))
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = LIBRARY.load().vq_gemv(x.data_ptr(), m, padded_in, y.data_ptr(), n, idx.data_ptr(), nvec,
+                                codebooks.data_ptr(), d, codebooks.shape[1], rpb, col_blocks, segments[0].data_ptr(),
+                                segments[1].data_ptr(), segments[2].data_ptr(), segments.shape[1] - 1,
+                                0 if norm is None else norm.data_ptr(), 0 if norm is None else norm.shape[1],
+                                0 if bias is None else bias.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError("VQ kernel rejected its layout")
+    return y
+
+
+@_vq_gemv_op.register_fake
+def _(x, idx, codebooks, norm, segments, bias, n, k, padded_in, nvec, d, rpb, col_blocks):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
 
 
 KERNEL = register(Kernel(name="native-vq", family="native", storage="vq", devices=("cpu",), priority=20,

@@ -1,0 +1,91 @@
+"""hf_vq.optimize(model): the fastest decode this machine allows, prepared once, ready for ``generate()``.
+
+- Every quantized Linear chooses its kernel now (``HF_VQ_KERNELS`` decides among them) and packs it, so no call
+  looks anything up or packs anything later.
+- The KV cache becomes transformers' static cache (preallocated, no per-token ``cat``).
+- ``compile=True`` also compiles the decode step with ``torch.compile`` (hf_vq's kernels are torch custom ops, so
+  the graph holds them whole). The warm-up (first generate, which compiles) is timed and reported; a compile that
+  fails falls back to the eager step with one warning.
+
+What was done is in ``model.hf_vq_optimize`` (a dict) and in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from hf_vq.nn.base import QuantizedLinearMixin
+
+log = logging.getLogger(__name__)
+
+
+def _offloaded(module: nn.Module) -> bool:
+    hook = getattr(module, "_hf_hook", None)
+    return bool(getattr(hook, "offload", False)) or any(t.device.type == "meta" for t in module.buffers(recurse=False))
+
+
+def fix_kernels(model: nn.Module) -> dict[str, int]:
+    """Prepare and pin each quantized Linear's kernel; returns how many layers each kernel (or "exact") serves.
+    Modules offloaded by accelerate keep choosing per call (their tensors come and go)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinearMixin) and not _offloaded(module):
+            kernel = module.fix_kernel()
+            name = kernel.name if kernel is not None else "exact"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _warm_up(model, tokens: int) -> float:
+    ids = torch.zeros(1, 8, dtype=torch.long, device=model.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def optimize(model, *, compile: bool = False, static_cache: bool = True, warmup_tokens: int = 4):
+    """Prepare ``model`` (a transformers model, quantized by hf_vq or not) for fast ``generate()``; returns it.
+
+    compile: also ``torch.compile`` the decode step (transformers' generate compiles it on the first call; here that
+        call is the warm-up, so its cost shows up front and in the report). Off by default: see the README's decode
+        table for what it gains on CPU.
+    static_cache: preallocated KV cache (``generation_config.cache_implementation = "static"``).
+    warmup_tokens: tokens the warm-up generates (0: no warm-up; with ``compile`` the first real call then compiles).
+    """
+    from transformers.generation.configuration_utils import CompileConfig
+
+    report = {"kernels": fix_kernels(model), "static_cache": static_cache, "compiled": False, "warmup_s": 0.0}
+    gen = model.generation_config
+    if static_cache:
+        gen.cache_implementation = "static"
+    if compile:
+        cfg = CompileConfig(fullgraph=False, dynamic=False, mode="default" if model.device.type == "cpu" else
+                            "reduce-overhead")
+        cfg._compile_all_devices = True   # transformers compiles on accelerators only unless told
+        gen.compile_config = cfg
+        gen.disable_compile = False
+    if warmup_tokens:
+        try:
+            report["warmup_s"] = _warm_up(model, warmup_tokens)
+            report["compiled"] = compile
+        except Exception as e:  # noqa: BLE001  (any compile failure: fall back to the eager step)
+            if not compile:
+                raise
+            warnings.warn(f"hf_vq.optimize: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); the decode "
+                          "step stays eager", RuntimeWarning, stacklevel=2)
+            gen.compile_config, gen.disable_compile = None, True
+            torch._dynamo.reset()
+            report["warmup_s"] = _warm_up(model, warmup_tokens)
+    else:
+        report["compiled"] = compile
+    model.hf_vq_optimize = report
+    log.info("hf_vq.optimize: kernels %s, static cache %s, compiled %s, warm-up %.1f s", report["kernels"],
+             static_cache, report["compiled"], report["warmup_s"])
+    return model
