@@ -29,6 +29,9 @@ ROWS = {
     "rtn3": ("rtn", dict(bits=3, group_size=128), None),
     "gptq4-small": ("gptq", dict(bits=4, group_size=128), (32, 512)),
     "gptq4-small-sym": ("gptq", dict(bits=4, group_size=128, sym=True), (32, 512)),
+    "gptq4-small-head8": ("gptq", dict(bits=4, group_size=128, lm_head_bits=8), (32, 512)),
+    "gptq4-small-head4": ("gptq", dict(bits=4, group_size=128, lm_head_bits=4, lm_head_group_size=128), (32, 512)),
+    "rtn4-head8": ("rtn", dict(bits=4, group_size=128, lm_head_bits=8), None),
     "gptq4": ("gptq", dict(bits=4, group_size=128), (128, 2048)),
     "gptq3-small": ("gptq", dict(bits=3, group_size=128), (32, 512)),
     "gptq3": ("gptq", dict(bits=3, group_size=128), (128, 2048)),
@@ -40,6 +43,11 @@ CONFIGS = {"rtn": hf_vq.RTNConfig, "gptq": hf_vq.GPTQConfig}
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _head(params: dict) -> str:
+    bits = params.get("lm_head_bits")
+    return "float" if bits is None else f"{bits}-bit g{params.get('lm_head_group_size', -1)}"
 
 
 def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, eval_dtype):
@@ -62,7 +70,8 @@ def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, e
     model.to(getattr(torch, eval_dtype))
     ppl = hf_vq.evaluate_perplexity(model, tok, test_text, seq_len=seq_len, max_tokens=65536, max_windows=max_windows)
     row = {"row": name, "method": method, "bits": params.get("bits", 32), "group": params.get("group_size", "-"),
-           "sym": params.get("sym", False), "calibration": f"{calib[0]}x{calib[1]}" if spec and calib else "-",
+           "sym": params.get("sym", False), "lm_head": _head(params) if spec else "-",
+           "calibration": f"{calib[0]}x{calib[1]}" if spec and calib else "-",
            "ppl": ppl, "quantize_s": qtime if spec else 0.0, "forward_s": split.get("forward_s", 0.0),
            "math_s": split.get("quantize_s", 0.0), "peak_rss_mb": peak_rss_mb()}
     del model
@@ -84,15 +93,16 @@ def main(argv=None):
     calib_text, test_text = assets.austen_calibration_text(), assets.austen_test_text()
     rows = []
     fp = None
-    print(f"| row | method | bits | group | sym | calibration | ppl@{args.seq_len} | ppl/FP | quantize s "
+    print(f"| row | method | bits | group | sym | lm_head | calibration | ppl@{args.seq_len} | ppl/FP | quantize s "
           "(forward / math) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.rows.split(","):
         r = run_row(name, model_dir, tok, calib_text, test_text, args.seq_len, args.max_windows, args.eval_dtype)
         fp = r["ppl"] if r["method"] == "fp" else fp
-        ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
-        print(f"| {r['row']} | {r['method']} | {r['bits']} | {r['group']} | {r['sym']} | {r['calibration']} | "
-              f"{r['ppl']:.2f} | {ratio} | {r['quantize_s']:.1f} ({r['forward_s']:.1f} / {r['math_s']:.1f}) | "
+        ratio = f"{r['ppl'] / fp:.4f}" if fp else "-"
+        print(f"| {r['row']} | {r['method']} | {r['bits']} | {r['group']} | {r['sym']} | {r['lm_head']} | "
+              f"{r['calibration']} | {r['ppl']:.3f} | {ratio} | {r['quantize_s']:.1f} ({r['forward_s']:.1f} / "
+              f"{r['math_s']:.1f}) | "
               f"{r['peak_rss_mb']:.0f} |", flush=True)
         rows.append(r)
     if args.json:

@@ -25,6 +25,7 @@ from hf_vq.config.schema import (Bool, ConfigError, Field, Float, GroupSize, Ins
 QUANT_METHOD = "hf_vq"
 FORMAT_VERSION = 1
 VALID_BITS = (2, 3, 4, 8)
+LM_HEAD_BITS = (4, 8)
 
 # Written into config.json: transformers without the plug-in skips this config and loads random weights, silently.
 LOADING_NOTE = "pip install hf_vq, then `import hf_vq` before from_pretrained (or use hf_vq.AutoQuantizedModelForCausalLM)"
@@ -112,6 +113,12 @@ BASE_SCHEMA = Schema(dict(
                                   "'cpu', 'auto'); default: where the block is"),
     resume_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never",
                      doc="store finished blocks there; a rerun with the same config continues after them"),
+    lm_head_bits=Field(Optional(Int(choices=LM_HEAD_BITS), what=f"None (float) or one of {LM_HEAD_BITS}"), None,
+                       doc="the output head (lm_head) on a symmetric grid of this many bits; None: kept in float. A "
+                           "tied head is untied: the input embedding stays float, the saved config has "
+                           "tie_word_embeddings=False. RTN rounds it; the calibrating methods run GPTQ on a Hessian "
+                           "from one whole-model pass over the calibration windows"),
+    lm_head_group_size=Field(GroupSize(), -1, doc="input columns per lm_head scale; -1 = per output channel"),
     quantize_vision=Field(Bool(), False, doc="multimodal models: also quantize the vision tower (default: the "
                                              "language model only)"),
     layers=Field(Optional(Records()), None, doc="filled after quantization: the per-layer skeleton a reload rebuilds"),
@@ -144,6 +151,7 @@ class HfVQConfig(QuantizationConfigMixin):
     inert: ClassVar[tuple] = (
         ("min_expert_tokens", "the few-token fallback applies to expert_calibration='routed' only",
          lambda c: c.expert_calibration != "routed"),
+        ("lm_head_group_size", "lm_head_bits is None (the head stays in float)", lambda c: c.lm_head_bits is None),
     )
 
     def __init_subclass__(cls, **kwargs):
@@ -229,6 +237,11 @@ class HfVQConfig(QuantizationConfigMixin):
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
         """Cross-field rules (each field's own type and range are checked by the schema). Raises ConfigError."""
+        head_bits = self.__dict__.get("lm_head_bits")
+        skipped = self.__dict__.get("modules_to_not_convert") or []
+        if head_bits is not None and "lm_head" in skipped:
+            raise ConfigError(f"lm_head_bits={head_bits} quantizes lm_head, which modules_to_not_convert keeps in "
+                              "float: drop one of them", field="lm_head_bits")
 
     def sink_weight(self) -> float:
         """Hessian weight of each calibration window's first token. Every later token attends to it (attention sink)

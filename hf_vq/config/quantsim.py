@@ -6,6 +6,10 @@ from hf_vq.config.base import VALID_BITS, HfVQConfig
 from hf_vq.config.schema import Bool, ConfigError, Field, Float, Int, Optional, Str
 
 
+_HEAD = ("QuantSim quantizes an output head as one of its layers (weight_bits, activation quantizers): on a model "
+         "with an untied lm_head, pass modules_to_not_convert without 'lm_head'")
+
+
 class QuantSimConfig(HfVQConfig):
     """AIMET QuantSim-style simulation: symmetric min-max weights (per channel, blockwise or LPBQ) plus activation
     quantizers on the inputs/outputs of every quantized Linear, encodings computed on calibration data. The loaded
@@ -28,6 +32,7 @@ class QuantSimConfig(HfVQConfig):
         clip_search="clip_search is an RTN/GPTQ grid option",
         calibration_dtype="QuantSim runs its calibration passes in the model's dtype",
         first_token_weight="QuantSim computes activation ranges, not Hessians",
+        lm_head_bits=_HEAD, lm_head_group_size=_HEAD,
     ).extend(
         weight_bits=Field(Int(choices=VALID_BITS), 8),
         weight_granularity=Field(Str(valid_granularities), "per_channel"),

@@ -47,7 +47,19 @@ def _check(layer: Layer) -> None:
                           "zero - 1); export this model with format='compressed-tensors'")
 
 
+def _refuse_head(model, layers: dict[str, Layer]) -> None:
+    """transformers reads GPTQ checkpoints through optimum, which replaces only the Linears inside the decoder blocks:
+    a quantized output head would be left a float Linear without weights (random). Refused by name."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    name = next((n for n, m in model.named_modules() if head is not None and m is head and n), None)
+    if name in layers:
+        raise ExportError(f"{name}: a quantized output head is not read by transformers' GPTQ path (optimum replaces "
+                          "only the Linears inside the decoder blocks; the head would load with random weights); "
+                          "export with format='compressed-tensors' or 'gguf', or quantize with lm_head_bits=None")
+
+
 def write(model, layers: dict[str, Layer], out: Path, report: ExportReport, *, tokenizer, dtype, requantize) -> None:
+    _refuse_head(model, layers)
     settings = {(lay.weight.bits, lay.weight.group_size, lay.weight.sym) for lay in layers.values()}
     if len(settings) > 1:
         raise ExportError(f"the GPTQ config holds one bits/group_size/sym for all layers; this model mixes "

@@ -18,6 +18,7 @@ from hf_vq.model import experts as experts_mod
 from hf_vq.model import offload
 from hf_vq.model import report as report_mod
 from hf_vq.model import targets as targets_mod
+from hf_vq.pipeline import head as head_mod
 from hf_vq.pipeline import placement, registry
 from hf_vq.pipeline.resume import SpilledResult
 from hf_vq.pipeline.experts import resolve_options as expert_options
@@ -55,8 +56,11 @@ def build_skeleton(model: nn.Module, layers: dict[str, dict[str, Any]], dtype: t
 def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progress: bool = True) -> dict:
     """Quantize the model's Linear layers and fused experts in place according to ``config``; returns the run report
     (hf_vq.model.report): what was quantized, what stayed float and why, per-layer error, run times."""
-    plan = targets_mod.plan_targets(model, config, skip)
-    if not plan.linears and not plan.experts:
+    head = _head_to_quantize(model, config)
+    plan = targets_mod.plan_targets(model, config, skip + [head] if head else skip)
+    if head:
+        plan.floats.pop(head, None)
+    if not plan.linears and not plan.experts and not head:
         kept = ", ".join(f"{n}: {r}" for n, r in list(plan.floats.items())[:6])
         raise ValueError(f"no layer to quantize in {type(model).__name__} (weight-bearing modules kept in float: "
                          f"{kept or 'none found'})")
@@ -110,12 +114,54 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
             quantized.append(name)
         else:
             set_module(model, name, offload.refold_experts(cal, on_disk.get(name)))
+    if head:
+        t1 = time.perf_counter()
+        err = _quantize_head(model, config, head)
+        stats.quantize_s += time.perf_counter() - t1  # its whole-model Hessian pass included
+        if err is not None:
+            stats.layers[head] = err
+        quantized.append(head)
+        skip = [s for s in skip if not targets_mod.matches(head, [s])]
     config.layers = {name: layer_record(model.get_submodule(name)) for name in quantized}
     config.modules_to_not_convert = list(skip)
     floats = dict(plan.floats)
     floats.update({n: targets_mod.UNREACHED for n in list(plan.linears) + list(plan.experts) if n not in quantized})
     return report_mod.build_report(model, config, quantized, floats, stats, experts_report, member_of,
                                    time.perf_counter() - t0)
+
+
+def _head_to_quantize(model: nn.Module, config: HfVQConfig) -> str | None:
+    """The output head's name when the config quantizes it (``lm_head_bits``), else None."""
+    if getattr(config, "lm_head_bits", None) is None:
+        return None
+    head = targets_mod.output_head(model)
+    mod = model.get_submodule(head) if head else None
+    if mod is None or targets_mod.linear_shape(mod) is None:
+        raise ValueError(f"lm_head_bits={config.lm_head_bits}: {type(model).__name__} has no Linear output head "
+                         f"(get_output_embeddings() gives {type(mod).__name__ if mod is not None else None})")
+    return head
+
+
+def _quantize_head(model: nn.Module, config: HfVQConfig, name: str) -> float | None:
+    """Quantize the output head (hf_vq.pipeline.head) after the method's run and swap it in; a head tied to the
+    input embedding is untied first (the embedding keeps the float weight). Returns its relative output error."""
+    old = model.get_submodule(name)
+    if not isinstance(old, nn.Linear):  # GPT-2 style Conv1D head
+        old = targets_mod.conv1d_to_linear(old)
+        set_module(model, name, old)
+    untied = targets_mod.untie_head(model, name)
+    if untied:
+        logger.info("hf_vq: %s untied from the input embedding (tie_word_embeddings=False in %s)", name,
+                    ", ".join(untied))
+    folder = placement.disk_offload_folder(old)
+    home = placement.execution_device(old)
+    result, err = head_mod.quantize_head(model, config, old)
+    with placement.onloaded(old, home):
+        new = module_from_format(result, old.bias)
+    set_module(model, name, new)
+    if folder is not None and getattr(new, "_hf_hook", None) is None:
+        placement.offload_to_disk(new, name, folder, home)
+    return err
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

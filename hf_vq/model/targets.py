@@ -112,6 +112,42 @@ def _language_model(model: nn.Module) -> tuple[str | None, str | None]:
     return name, head_name
 
 
+def output_head(model: nn.Module) -> str | None:
+    """Name of the model's output head (``get_output_embeddings()``), None if it has none."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head and n), None)
+
+
+def untie_head(model: nn.Module, head: str) -> list[str]:
+    """Stop tying ``head``'s weight to the input embedding: tie flags off in the model's configs (so a reload builds a
+    separate head) and the head dropped from every tied-weights map. Returns the configs' names that were changed."""
+    changed = []
+    configs = {}
+    for prefix, mod in model.named_modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None:
+            configs.setdefault(id(cfg), (prefix, cfg))
+            text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
+            if text is not None and text is not cfg:
+                configs.setdefault(id(text), (f"{prefix}.text_config".lstrip("."), text))
+        tied = getattr(mod, "all_tied_weights_keys", None)
+        local = head if not prefix else head[len(prefix) + 1:] if head.startswith(prefix + ".") else None
+        if isinstance(tied, dict) and local is not None:
+            for key in [k for k, v in tied.items() if _under(k, local) or _under(v, local)]:
+                del tied[key]
+    for name, cfg in configs.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+            changed.append(name or "config")
+    return changed
+
+
+def _under(key: str, module: str) -> bool:
+    return key == module or key.startswith(module + ".")
+
+
 def _vision_asked(config: HfVQConfig, name: str) -> bool:
     if config.quantize_vision:
         return True
