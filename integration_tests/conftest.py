@@ -9,6 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `hub_server`, however pytest was started
 
+from tests.conftest import exact_kernels  # noqa: E402,F401  (a shared fixture)
+
 
 @pytest.fixture(scope="session")
 def real():

@@ -22,7 +22,9 @@ def gptq4(tmp_path_factory):
                            tokenizer=tok, num_samples=8, seq_len=256)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
     ids = tok(assets.austen_test_text()[:3000], return_tensors="pt")["input_ids"][:, :64]
-    with torch.no_grad():
+    # the exported weights are checked against hf_vq's dequantized reference forward (no int8 activations)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setenv("HF_VQ_KERNELS", "exact")
         logits = model(ids).logits
     return model, ids, logits, tmp_path_factory.mktemp("exports")
 

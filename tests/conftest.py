@@ -16,6 +16,14 @@ WORDS = ("the a of and to in is was it he she that his her you for on with as at
          "do could my than then them can only other new some time these two may first any like now very also over").split()
 
 
+@pytest.fixture
+def exact_kernels(monkeypatch):
+    """Every quantized layer runs the dequantized reference forward (HF_VQ_KERNELS=exact): for tests that compare a
+    model's logits with another reader of the same weights, or with its dequantized copy. The kernels' own error
+    against that reference is bounded in tests/test_cpu_kernels.py and tests/test_vq_int8_kernel.py."""
+    monkeypatch.setenv("HF_VQ_KERNELS", "exact")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     vocab = {"[UNK]": 0, "[EOS]": 1}

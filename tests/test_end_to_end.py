@@ -87,6 +87,7 @@ def test_missing_tensor_raises(gptq_model, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.usefixtures("exact_kernels")
 def test_dequantize_gives_plain_linears(tiny_llama_dir, calib_ids):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=gptq_cfg(calib_ids))
     before = logits(model, calib_ids[:2])

@@ -49,6 +49,7 @@ def ids():
     return torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.usefixtures("exact_kernels")
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 64, True), (8, -1, True), (4, 32, False), (3, 64, False)])
 def test_compressed_tensors_read_by_transformers(tiny_llama_dir, ids, tmp_path, bits, group_size, sym):
     model = quantize(tiny_llama_dir, hf_vq.RTNConfig(bits=bits, group_size=group_size, sym=sym))
@@ -155,6 +156,7 @@ def bpe_llama_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.usefixtures("exact_kernels")
 @pytest.mark.parametrize("bits,group_size,sym,kind", [(4, 32, True, "Q4_0"), (4, 64, False, "Q4_1"),
                                                       (8, 32, True, "Q8_0")])
 def test_gguf_read_by_gguf_py_and_transformers(bpe_llama_dir, tmp_path, bits, group_size, sym, kind):

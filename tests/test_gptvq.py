@@ -155,6 +155,7 @@ def test_vq_values_come_from_codebook():
 
 
 # ------------------------------------------------------------------------------------------ module / storage
+@pytest.mark.usefixtures("exact_kernels")
 def test_forward_exact_and_bits_honest(tmp_path):
     w, h = _problem(64, 96)
     vq = gptvq_quantize(w, h, rows_per_block=32, cols_per_block=64, kmeans_iterations=5)

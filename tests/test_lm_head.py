@@ -202,6 +202,7 @@ def test_save_reload_exact(tiny_llama_dir, ids, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- exports
+@pytest.mark.usefixtures("exact_kernels")
 def test_compressed_tensors_export_with_quantized_head(tiny_llama_dir, ids, tmp_path):
     model = load(tiny_llama_dir, hf_vq.RTNConfig(bits=4, group_size=32, sym=True, lm_head_bits=8))
     with torch.no_grad():
@@ -220,6 +221,7 @@ def test_compressed_tensors_export_with_quantized_head(tiny_llama_dir, ids, tmp_
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.usefixtures("exact_kernels")
 def test_gguf_export_with_q8_0_head(bpe_llama_dir, tmp_path):  # noqa: F811
     import gguf
 
@@ -256,6 +258,7 @@ def test_aimet_encodings_include_the_head(tiny_llama_dir, tmp_path):
     assert "lm_head" not in doc["excluded_layers"]
 
 
+@pytest.mark.usefixtures("exact_kernels")
 def test_onnx_export_with_quantized_head(tiny_llama_dir, ids, tmp_path):
     import numpy as np
     import onnx

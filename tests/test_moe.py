@@ -212,6 +212,7 @@ def test_threshold_as_a_count_and_the_all_mode(rare_dir):
         hf_vq.RTNConfig(expert_calibration="all")
 
 
+@pytest.mark.usefixtures("exact_kernels")
 def test_report_and_reload_of_a_gptq_moe(moe_dirs, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(moe_dirs["qwen2_moe"], quantization_config=gptq())
     run = model.hf_quantizer.last_run
@@ -273,6 +274,7 @@ def test_quantsim_stores_fused_experts_on_its_weight_grid(moe_dirs, tmp_path, gr
     assert torch.equal(logits(again, ids), logits(model, ids))
 
 
+@pytest.mark.usefixtures("exact_kernels")
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
 def test_gptvq_experts_reload_exactly_and_dequantize(name, moe_dirs, tmp_path):
     cfg = hf_vq.GPTVQConfig(vector_dim=2, index_bits=6, rows_per_block=32, cols_per_block=32, kmeans_iterations=5,

@@ -107,6 +107,7 @@ def test_frozen_backward_matches_dequantized_autograd(gptq_dir, rows):
     assert torch.equal(x.grad, x2.grad)
 
 
+@pytest.mark.usefixtures("exact_kernels")
 def test_merge_refused_and_merge_and_dequantize(gptq_dir, calib_ids):
     peft_model = hf_vq.prepare_lora(AutoModelForCausalLM.from_pretrained(gptq_dir), lora_config())
     train_steps(peft_model, calib_ids[:4], steps=3)

@@ -52,8 +52,11 @@ def _check(y, x, w, bias=None):
 
 @torch.no_grad()
 def _kernel_forward(mod, x):
-    assert mod.kernel_weights() is not None, "the fast path must serve this layer"
-    y = mod(x)
+    """This fp32 kernel's forward (the int8-activation VQ kernel, which the registry prefers where it serves, has its
+    own tests in tests/test_vq_int8_kernel.py)."""
+    kw = mod.kernel_weights()
+    assert kw is not None, "the fast path must serve this layer"
+    y = vq_kernel.KERNEL.run(kw, x, mod.bias)
     assert mod._cache is None, "the fast path must not build the dense weight"
     return y
 
@@ -106,9 +109,14 @@ def test_fallback_paths_agree():
             VQLinear.fast_decode = True
         _check(y_fast, x, mod.dequantize_weight(), mod.bias.detach())
         torch.testing.assert_close(y_fast, y_dense, rtol=1e-5, atol=1e-5)
-        # more than 4 rows: the dense path
-        x5 = torch.randn(5, 128)
-        _check(mod(x5), x5, mod.dequantize_weight(), mod.bias.detach())
+        # more than 4 rows: this kernel declines, the dense path serves them
+        assert vq_kernel.KERNEL.max_rows == 4
+        VQLinear.fast_decode = False
+        try:
+            x5 = torch.randn(5, 128)
+            _check(mod(x5), x5, mod.dequantize_weight(), mod.bias.detach())
+        finally:
+            VQLinear.fast_decode = True
         assert mod._cache is not None
     # autograd needs a backward: with grad enabled and a trainable bias the dense path serves it
     y = mod(torch.randn(1, 128))
@@ -135,7 +143,7 @@ def test_cache_follows_buffer_changes():
         assert mod.kernel_weights() is first                  # reused while the buffers are unchanged
         other = _random_vq(24, 64, 2, 6, 8, rpb=8, cpb=32, normalize=True, seed=4)
         mod.load_state_dict(other.state_dict())                 # a weight change: the prepared layout is dropped
-        y = mod(x)
+        y = _kernel_forward(mod, x)
         assert mod.kernel_weights() is not first
         _check(y, x, other.dequantize_weight(), other.bias.detach())
         second = mod.kernel_weights()

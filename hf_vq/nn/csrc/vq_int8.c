@@ -1,0 +1,609 @@
+/* VQ (GPTVQ) GEMM with int8 activations (hf_vq/nn/kernel_native_vq.py owns the build and the weight layout).
+
+   The weight is w[r, v*D + e] = s[r, seg] * c[r, v, e], where c is the integer code of component e of the codebook
+   entry idx[r, v] (codebook of the row block of r and the column block of v; 4- or 8-bit codebooks, so
+   c in [-128, 127]) and s = codebook scale * normalization scale, constant over a segment: a run of 32-column blocks
+   with one codebook and one normalization block. The activations are quantized to int8 in blocks of 32 columns with
+   one fp32 scale d each (llama.cpp's Q8_0): x[m, j] ~ d[m, b] * a[m, j]. Then
+       y[m, r] = bias[r] + sum_seg s[r, seg] * sum_{b in seg} d[m, b] * (<c + 128, a[m, b]>  -  128 * A[m, b]),
+       A[m, b] = sum_j a[m, 32b + j],
+   where <u, a> is an unsigned x signed int8 dot product (AVX512-VNNI / AVX-VNNI dpbusd, AVX2 maddubs) summed in
+   int32 over a block (exact; the offset 128 is removed in integers by starting the block's sum at -128 A).
+
+   Layout: one vector lane per output row, 16 rows per tile (as csrc/affine_gemm.c). A tile never straddles two row
+   blocks (row blocks are padded to whole tiles with zero rows), so its 16 rows share one codebook per column
+   block. Per tile and block of 32 columns (32 / D vectors), 8 / D chunks of 64 index bytes (one byte per vector):
+   byte 4i + u of chunk c is the index of row i, vector 32b / D + 4c + u. Per codebook, D tables of kp bytes
+   (component e of every entry, as c + 128). A lookup turns an index chunk into the 64 code bytes of component e:
+   AVX512-VBMI vpermb (64 entries; vpermi2b 128, two of them and a blend 256), else pshufb on 16-entry subtables and
+   blends on the index bits. The activations of a block are de-interleaved by component (stream e holds columns
+   32b + D t + e), so the 4 bytes of one stream that lane i needs for chunk c are the same for all rows: one
+   broadcast, and one dpbusd per (chunk, component) computes 16 rows x 4 vectors, with row sums in their own lanes
+   (no horizontal reductions).
+
+   Each instruction-set path is compiled with its own target attribute and chosen at run time from what the CPU
+   reports (isa 0), or forced (isa > 0) to test a fallback. */
+#if !defined(VQ8_BODY_256) && !defined(VQ8_BODY_512)
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define VQ8_X86 1
+#include <immintrin.h>
+#else
+#define VQ8_X86 0
+#endif
+
+#define TILE 16
+#define INLINE static inline __attribute__((always_inline))
+
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4, ISA_AVX512VBMI = 5 };
+
+typedef struct {
+    const uint8_t *idx;        /* [ntiles, nblk, 8 / D, 16, 4] */
+    const uint8_t *tables;     /* [row_blocks, ncb, D, kp], code + 128 */
+    int D; int k; int kp; int nblk; int ncb;
+    const float *scales;       /* [ntiles, nseg, 16] */
+    const int32_t *seg_start;  /* [nseg + 1], in blocks of 32 columns */
+    const int32_t *seg_cb;     /* [nseg], column block of the codebook */
+    int nseg;
+    const int32_t *tile_rb, *tile_r0, *tile_cnt;   /* [ntiles]: row block, first row, rows (<= 16) */
+    const int8_t *xq;          /* [m, nblk, D, 32 / D] */
+    const float *d;            /* [m, nblk] */
+    const int32_t *asum;       /* [m, nblk], times -128 */
+    int n; int m;
+    const float *bias;
+    void *y; int y_bf16;
+} vq8_args;
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);   /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+/* lanes [first, first + count) of tile t (count <= rows left in the tile), activation row mm */
+static inline void store_rows(const vq8_args *a, int mm, int t, int first, int count, const float *v) {
+    const int left = a->tile_cnt[t] - first;
+    const int cnt = left < count ? left : count;
+    const int r0 = a->tile_r0[t] + first;
+    const size_t at = (size_t)mm * a->n + r0;
+    for (int i = 0; i < cnt; i++) {
+        const float yv = v[i] + (a->bias ? a->bias[r0 + i] : 0.f);
+        if (a->y_bf16) ((uint16_t *)a->y)[at + i] = f32_to_bf16(yv);
+        else ((float *)a->y)[at + i] = yv;
+    }
+}
+
+INLINE const uint8_t *tile_block_idx(const vq8_args *a, int t, int b) {
+    return a->idx + ((size_t)t * a->nblk + b) * (size_t)(512 / a->D);
+}
+
+INLINE const uint8_t *seg_tables(const vq8_args *a, int t, int s) {
+    return a->tables + ((size_t)a->tile_rb[t] * a->ncb + a->seg_cb[s]) * (size_t)(a->D * a->kp);
+}
+
+/* ------------------------------------------------------------------------------------------ scalar path */
+static void tiles_scalar(const vq8_args *a, int t0, int t1) {
+    const int D = a->D, CH = 8 / D, SL = 32 / D;
+    for (int t = t0; t < t1; t++) {
+        for (int mm = 0; mm < a->m; mm++) {
+            float acc[TILE] = {0.f};
+            for (int s = 0; s < a->nseg; s++) {
+                const uint8_t *tab = seg_tables(a, t, s);
+                float gacc[TILE] = {0.f};
+                for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+                    const uint8_t *ib = tile_block_idx(a, t, b);
+                    const int8_t *xb = a->xq + ((size_t)mm * a->nblk + b) * 32;
+                    const int32_t base = a->asum[(size_t)mm * a->nblk + b];
+                    const float d = a->d[(size_t)mm * a->nblk + b];
+                    for (int i = 0; i < TILE; i++) {
+                        int32_t dot = base;
+                        for (int c = 0; c < CH; c++)
+                            for (int u = 0; u < 4; u++) {
+                                const int id = ib[64 * c + 4 * i + u];
+                                for (int e = 0; e < D; e++) dot += tab[e * a->kp + id] * xb[e * SL + 4 * c + u];
+                            }
+                        gacc[i] += (float)dot * d;
+                    }
+                }
+                const float *sc = a->scales + ((size_t)t * a->nseg + s) * TILE;
+                for (int i = 0; i < TILE; i++) acc[i] += sc[i] * gacc[i];
+            }
+            store_rows(a, mm, t, 0, TILE, acc);
+        }
+    }
+}
+
+#if VQ8_X86
+/* ------------------------------------------------------------------------------------------ 256-bit paths */
+#define VQ8_BODY_256
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define NAME(x) x##_avx2
+#define VNNI 0
+#include __FILE__
+#undef NAME
+#undef VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+#define NAME(x) x##_avxvnni
+#define VNNI 1
+#include __FILE__
+#undef NAME
+#undef VNNI
+#pragma GCC pop_options
+#undef VQ8_BODY_256
+
+/* ------------------------------------------------------------------------------------------ 512-bit paths */
+#define VQ8_BODY_512
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#define NAME(x) x##_avx512vnni
+#define VBMI 0
+#include __FILE__
+#undef NAME
+#undef VBMI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")
+#define NAME(x) x##_avx512vbmi
+#define VBMI 1
+#include __FILE__
+#undef NAME
+#undef VBMI
+#pragma GCC pop_options
+#undef VQ8_BODY_512
+
+static int cpu_has(int isa) {
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                       __builtin_cpu_supports("avx512vnni");
+    switch (isa) {
+        case ISA_SCALAR: return 1;
+        case ISA_AVX2: return avx2;
+        case ISA_AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+        case ISA_AVX512VNNI: return avx2 && avx512;
+        case ISA_AVX512VBMI: return avx2 && avx512 && __builtin_cpu_supports("avx512vbmi");
+        default: return 0;
+    }
+}
+#else
+static int cpu_has(int isa) { return isa == ISA_SCALAR; }
+#endif
+
+int vq8_isa_supported(int isa) { return cpu_has(isa); }
+
+int vq8_best_isa(void) {
+    for (int isa = ISA_AVX512VBMI; isa > ISA_SCALAR; isa--)
+        if (cpu_has(isa)) return isa;
+    return ISA_SCALAR;
+}
+
+int vq8_tile_rows(void) { return TILE; }
+
+/* Activations -> int8 blocks of 32 columns (scale d = max|x| / 127, so |a| <= 127), de-interleaved by component
+   within each block, and -128 * (sum of the block's int8 values). Columns from k on are zeros. */
+static void quantize_acts(const void *x, int x_bf16, int m, int k, int nblk, int D, int8_t *xq, float *d,
+                          int32_t *asum) {
+    const int SL = 32 / D;
+    for (int mm = 0; mm < m; mm++) {
+        const float *xf = (const float *)x + (size_t)mm * k;
+        const uint16_t *xh = (const uint16_t *)x + (size_t)mm * k;
+        for (int b = 0; b < nblk; b++) {
+            float v[32], amax = 0.f;
+            const int c0 = b * 32, cnt = k - c0 < 32 ? k - c0 : 32;
+            if (x_bf16)
+                for (int j = 0; j < cnt; j++) v[j] = bf16_to_f32(xh[c0 + j]);
+            else
+                memcpy(v, xf + c0, sizeof(float) * (size_t)cnt);
+            for (int j = cnt; j < 32; j++) v[j] = 0.f;
+            for (int j = 0; j < 32; j++) amax = fabsf(v[j]) > amax ? fabsf(v[j]) : amax;
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            int8_t q[32];
+            int32_t s = 0;
+            for (int j = 0; j < 32; j++) {
+                const float r = v[j] * id;   /* round half away from zero, without a libm call */
+                const int qi = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
+                q[j] = (int8_t)(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
+                s += q[j];
+            }
+            int8_t *out = xq + ((size_t)mm * nblk + b) * 32;
+            if (D == 1) memcpy(out, q, 32);
+            else
+                for (int e = 0; e < D; e++)
+                    for (int t = 0; t < SL; t++) out[e * SL + t] = q[D * t + e];
+            asum[(size_t)mm * nblk + b] = -128 * s;
+            d[(size_t)mm * nblk + b] = amax / 127.f;
+        }
+    }
+}
+
+typedef void (*tiles_fn)(const vq8_args *, int, int);
+typedef void (*quant_fn)(const void *, int, int, int, int, int, int8_t *, float *, int32_t *);
+
+/* A prepared layer (kernel_native_vq.py keeps one per layer, so that a call passes one pointer, not 16 values). */
+typedef struct {
+    const uint8_t *idx; const uint8_t *tables; const float *scales;
+    const int32_t *seg_start, *seg_cb, *tile_rb, *tile_r0, *tile_cnt;
+    int32_t n, k, D, kbook, kp, nblk, ncb, nseg, ntiles;
+} vq8_layer;
+
+/* y [m, n] = x [m, k] @ W^T + bias, x and y fp32 (or both bf16 when bf16). Returns the instruction set used
+   (1 scalar, 2 AVX2, 3 AVX-VNNI, 4 AVX512-VNNI, 5 AVX512-VBMI), or -1 for arguments it cannot take. */
+int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, const float *bias, int nthreads,
+                   int isa) {
+    const int n = L->n, k = L->k, D = L->D, nblk = L->nblk, ntiles = L->ntiles, nseg = L->nseg;
+    if (m < 1 || n < 1 || k < 1 || nblk * 32 < k || nseg < 1 || ntiles < 1) return -1;
+    if (!(D == 1 || D == 2 || D == 4) || L->kbook < 1 || L->kbook > 256 || L->kp < L->kbook || L->kp % 64 != 0)
+        return -1;
+    if (L->kbook > 64 && L->kp < 256) return -1;   /* the 16-entry-subtable lookups read 256 bytes */
+    if (L->seg_start[0] != 0 || L->seg_start[nseg] != nblk) return -1;
+    if (isa == ISA_AUTO) isa = vq8_best_isa();
+    if (!cpu_has(isa)) return -1;
+    if (nthreads < 1) nthreads = 1;
+    /* small calls (decode) keep the quantized activations on the stack */
+    enum { STACK_BLOCKS = 256 };
+    int8_t xq_s[STACK_BLOCKS * 32] __attribute__((aligned(64)));
+    float d_s[STACK_BLOCKS];
+    int32_t asum_s[STACK_BLOCKS];
+    const size_t nb = (size_t)m * nblk;
+    const int heap = nb > STACK_BLOCKS;
+    int8_t *xq = heap ? (int8_t *)aligned_alloc(64, (nb * 32 + 63) / 64 * 64) : xq_s;
+    float *d = heap ? (float *)malloc(sizeof(float) * nb) : d_s;
+    int32_t *asum = heap ? (int32_t *)malloc(sizeof(int32_t) * nb) : asum_s;
+    if (!xq || !d || !asum) {
+        if (heap) { free(xq); free(d); free(asum); }
+        return -1;
+    }
+    quant_fn qf = quantize_acts;
+#if VQ8_X86
+    if (isa >= ISA_AVX2) qf = quantize_avx2;   /* every path above scalar has AVX2 and FMA */
+#endif
+    qf(x, bf16, m, k, nblk, D, xq, d, asum);
+    vq8_args a = {L->idx, L->tables, D, L->kbook, L->kp, nblk, L->ncb, L->scales, L->seg_start, L->seg_cb, nseg,
+                  L->tile_rb, L->tile_r0, L->tile_cnt, xq, d, asum, n, m, bias, y, bf16};
+    tiles_fn fn = tiles_scalar;
+#if VQ8_X86
+    if (isa == ISA_AVX2) fn = tiles_avx2;
+    else if (isa == ISA_AVXVNNI) fn = tiles_avxvnni;
+    else if (isa == ISA_AVX512VNNI) fn = tiles_avx512vnni;
+    else if (isa == ISA_AVX512VBMI) fn = tiles_avx512vbmi;
+#endif
+    if (nthreads == 1 || ntiles == 1) {
+        fn(&a, 0, ntiles);
+    } else {
+        /* a few tiles per task: even shares without a scheduling cost per tile */
+        const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
+        const int ntasks = (ntiles + per - 1) / per;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int t = 0; t < ntasks; t++) fn(&a, t * per, (t + 1) * per < ntiles ? (t + 1) * per : ntiles);
+    }
+    if (heap) { free(xq); free(d); free(asum); }
+    return isa;
+}
+
+/* the same with every field of the layer as an argument (the torch.compile custom op, which holds tensors) */
+int vq8_gemm(const void *x, int bf16, int m, void *y, const float *bias, int nthreads, int isa, int n, int k,
+             int D, int kbook, int kp, int nblk, int ncb, int nseg, int ntiles, const uint8_t *idx,
+             const uint8_t *tables, const float *scales, const int32_t *seg_start, const int32_t *seg_cb,
+             const int32_t *tile_rb, const int32_t *tile_r0, const int32_t *tile_cnt) {
+    const vq8_layer L = {idx, tables, scales, seg_start, seg_cb, tile_rb, tile_r0, tile_cnt,
+                         n, k, D, kbook, kp, nblk, ncb, nseg, ntiles};
+    return vq8_gemm_layer(&L, x, bf16, m, y, bias, nthreads, isa);
+}
+
+#elif defined(VQ8_BODY_256)
+/* ========================================================================================== 256-bit body
+   (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd). A ymm holds 8 rows: half h of a 16-row tile.
+   Lookups: KC = 16 (one pshufb), 64 (4 pshufb, 3 blends) or 256 (16 pshufb, 15 blends) table entries. */
+
+/* 32 int8 codes in column order -> de-interleaved by component (stream e: columns D t + e) */
+INLINE __m256i NAME(deinterleave)(__m256i q, const int D) {
+    if (D == 2) {
+        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    }
+    if (D == 4) {
+        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
+    return q;
+}
+
+/* quantize_acts (same rounding: x * (127 / amax), plus +-0.5, truncated), 8 floats at a time */
+INLINE void NAME(quant_block)(const __m256 *v, const int D, int8_t *out, float *dout, int32_t *aout) {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absm), _mm256_and_ps(v[1], absm)),
+                                    _mm256_max_ps(_mm256_and_ps(v[2], absm), _mm256_and_ps(v[3], absm)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 idv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i q[4];
+    for (int i = 0; i < 4; i++) {
+        const __m256 r = _mm256_mul_ps(v[i], idv);
+        const __m256 h = _mm256_or_ps(_mm256_and_ps(r, _mm256_set1_ps(-0.f)), _mm256_set1_ps(0.5f));
+        /* -0.0 takes -0.5 here and +0.5 in the scalar path: both truncate to 0 */
+        q[i] = _mm256_cvttps_epi32(_mm256_add_ps(r, h));
+        q[i] = _mm256_min_epi32(_mm256_max_epi32(q[i], _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+    }
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* column order */
+    _mm256_storeu_si256((__m256i *)out, NAME(deinterleave)(p, D));
+    *aout = -128 * _mm_cvtsi128_si32(s4);
+    *dout = amax / 127.f;
+}
+
+INLINE void NAME(quantize_d)(const void *x, int x_bf16, int m, int k, int nblk, const int D, int8_t *xq,
+                             float *d, int32_t *asum) {
+    for (int mm = 0; mm < m; mm++)
+        for (int b = 0; b < nblk; b++) {
+            const int c0 = b * 32;
+            __m256 v[4];
+            if (c0 + 32 <= k) {
+                for (int i = 0; i < 4; i++) {
+                    if (x_bf16) {
+                        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + (size_t)mm * k + c0 + 8 * i));
+                        v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                    } else {
+                        v[i] = _mm256_loadu_ps((const float *)x + (size_t)mm * k + c0 + 8 * i);
+                    }
+                }
+            } else {   /* the partial last block: zeros beyond k */
+                float tmp[32];
+                for (int j = 0; j < 32; j++)
+                    tmp[j] = c0 + j >= k ? 0.f : x_bf16 ? bf16_to_f32(((const uint16_t *)x)[(size_t)mm * k + c0 + j])
+                                                        : ((const float *)x)[(size_t)mm * k + c0 + j];
+                for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(tmp + 8 * i);
+            }
+            const size_t at = (size_t)mm * nblk + b;
+            NAME(quant_block)(v, D, xq + at * 32, d + at, asum + at);
+        }
+}
+
+static void NAME(quantize)(const void *x, int x_bf16, int m, int k, int nblk, int D, int8_t *xq, float *d,
+                           int32_t *asum) {
+    if (D == 1) NAME(quantize_d)(x, x_bf16, m, k, nblk, 1, xq, d, asum);
+    else if (D == 2) NAME(quantize_d)(x, x_bf16, m, k, nblk, 2, xq, d, asum);
+    else NAME(quantize_d)(x, x_bf16, m, k, nblk, 4, xq, d, asum);
+}
+
+/* the KC-entry table lookup of 32 index bytes; T holds KC / 16 subtables, each in both 128-bit lanes */
+INLINE __m256i NAME(lookup)(const __m256i *T, __m256i idx, const int KC) {
+    if (KC == 16) return _mm256_shuffle_epi8(T[0], idx);
+    /* blendv takes bit 7 of each mask byte: index bit 4 + L is moved there by a 16-bit shift (3 - L): bits that
+       cross into the next byte land in its low bits, never in its bit 7 */
+    const __m256i lo = KC == 256 ? _mm256_and_si256(idx, _mm256_set1_epi8(0x0f)) : idx;
+    const __m256i m4 = _mm256_slli_epi16(idx, 3), m5 = _mm256_slli_epi16(idx, 2);
+    __m256i r[16];
+    for (int j = 0; j < KC / 16; j++) r[j] = _mm256_shuffle_epi8(T[j], lo);
+    for (int j = 0; j < KC / 32; j++) r[j] = _mm256_blendv_epi8(r[2 * j], r[2 * j + 1], m4);
+    for (int j = 0; j < KC / 64; j++) r[j] = _mm256_blendv_epi8(r[2 * j], r[2 * j + 1], m5);
+    if (KC == 256) {
+        const __m256i m6 = _mm256_slli_epi16(idx, 1);
+        r[0] = _mm256_blendv_epi8(r[0], r[1], m6);
+        r[1] = _mm256_blendv_epi8(r[2], r[3], m6);
+        r[0] = _mm256_blendv_epi8(r[0], r[1], idx);
+    }
+    return r[0];
+}
+
+/* one tile half, M activation rows from m0 */
+INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, const int D, const int KC) {
+    const int CH = 8 / D, SL = 32 / D, NS = KC / 16;
+    const int NA = M == 1 ? 4 : 2;   /* independent integer accumulator chains per activation row */
+    __m256 acc[4];
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_setzero_ps();
+    for (int s = 0; s < a->nseg; s++) {
+        const uint8_t *tab = seg_tables(a, t, s);
+        __m256i T[4][16];
+        for (int e = 0; e < D; e++)
+            for (int j = 0; j < NS; j++) {
+                T[e][j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+                /* AVX2 multiplies signed codes (maddubs would saturate on c + 128) */
+                if (!VNNI) T[e][j] = _mm256_xor_si256(T[e][j], _mm256_set1_epi8((char)0x80));
+            }
+        __m256 gacc[4];
+        for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const uint8_t *ib = tile_block_idx(a, t, b) + 32 * h;
+            __m256i iacc[4][4];
+            for (int mm = 0; mm < M; mm++) {
+                /* VNNI multiplies c + 128: its block sum starts at -128 * sum(a) */
+                iacc[mm][0] = VNNI ? _mm256_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]) : _mm256_setzero_si256();
+                for (int j = 1; j < NA; j++) iacc[mm][j] = _mm256_setzero_si256();
+            }
+            for (int c = 0; c < CH; c++) {
+                const __m256i idx = _mm256_loadu_si256((const __m256i *)(ib + 64 * c));
+                for (int e = 0; e < D; e++) {
+                    const __m256i w = NAME(lookup)(T[e], idx, KC);
+#if !VNNI
+                    const __m256i aw = _mm256_sign_epi8(w, w);   /* |c| (-128 -> 128 as unsigned) */
+#endif
+                    const int j = (c * D + e) % NA;
+                    for (int mm = 0; mm < M; mm++) {
+                        int32_t q4;
+                        memcpy(&q4, a->xq + ((size_t)(m0 + mm) * a->nblk + b) * 32 + e * SL + 4 * c, 4);
+                        const __m256i xv = _mm256_set1_epi32(q4);
+#if VNNI
+                        iacc[mm][j] = _mm256_dpbusd_avx_epi32(iacc[mm][j], w, xv);
+#else
+                        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
+                        iacc[mm][j] = _mm256_add_epi32(iacc[mm][j], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+                    }
+                }
+            }
+            for (int mm = 0; mm < M; mm++) {
+                __m256i isum = iacc[mm][0];
+                for (int j = 1; j < NA; j++) isum = _mm256_add_epi32(isum, iacc[mm][j]);
+                const __m256 dv = _mm256_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dv, gacc[mm]);
+            }
+        }
+        const __m256 sc = _mm256_loadu_ps(a->scales + ((size_t)t * a->nseg + s) * TILE + 8 * h);
+        for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_fmadd_ps(gacc[mm], sc, acc[mm]);
+    }
+    for (int mm = 0; mm < M; mm++) {
+        float v[8];
+        _mm256_storeu_ps(v, acc[mm]);
+        store_rows(a, m0 + mm, t, 8 * h, 8, v);
+    }
+}
+
+INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
+    for (int t = t0; t < t1; t++)
+        for (int h = 0; h < 2; h++) {
+            if (8 * h >= a->tile_cnt[t]) break;
+            int m0 = 0;
+            for (; m0 + 2 <= a->m; m0 += 2) NAME(tile)(a, t, h, m0, 2, D, KC);
+            for (; m0 < a->m; m0++) NAME(tile)(a, t, h, m0, 1, D, KC);
+        }
+}
+
+INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
+    if (a->k <= 16) NAME(tiles_dk)(a, t0, t1, D, 16);
+    else if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64);
+    else NAME(tiles_dk)(a, t0, t1, D, 256);
+}
+
+/* vector dimension and table size as constants, so the chunk and component loops unroll */
+static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
+    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
+    else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
+    else NAME(tiles_d)(a, t0, t1, 4);
+}
+
+#else
+/* ========================================================================================== 512-bit body
+   (included twice: AVX512-VNNI with pshufb lookups, AVX512-VBMI with vpermb / vpermi2b): a zmm holds the 16 rows
+   of a tile. Lookups: VBMI KC = 64, 128 or 256 entries in KC / 64 registers; else as the 256-bit body, 16 / 64 /
+   256 entries in KC / 16 registers (16-entry subtables in every 128-bit lane). */
+
+INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
+#if VBMI
+    if (KC == 64) return _mm512_permutexvar_epi8(idx, T[0]);
+    if (KC == 128) return _mm512_permutex2var_epi8(T[0], idx, T[1]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), _mm512_permutex2var_epi8(T[0], idx, T[1]),
+                                  _mm512_permutex2var_epi8(T[2], idx, T[3]));
+#else
+    if (KC == 16) return _mm512_shuffle_epi8(T[0], idx);
+    const __m512i lo = KC == 256 ? _mm512_and_si512(idx, _mm512_set1_epi8(0x0f)) : idx;
+    const __mmask64 m4 = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x10));
+    const __mmask64 m5 = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x20));
+    __m512i r[16];
+    for (int j = 0; j < KC / 16; j++) r[j] = _mm512_shuffle_epi8(T[j], lo);
+    for (int j = 0; j < KC / 32; j++) r[j] = _mm512_mask_blend_epi8(m4, r[2 * j], r[2 * j + 1]);
+    for (int j = 0; j < KC / 64; j++) r[j] = _mm512_mask_blend_epi8(m5, r[2 * j], r[2 * j + 1]);
+    if (KC == 256) {
+        const __mmask64 m6 = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x40));
+        r[0] = _mm512_mask_blend_epi8(m6, r[0], r[1]);
+        r[1] = _mm512_mask_blend_epi8(m6, r[2], r[3]);
+        r[0] = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), r[0], r[1]);
+    }
+    return r[0];
+#endif
+}
+
+INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC) {
+    const int CH = 8 / D, SL = 32 / D, NT = VBMI ? KC / 64 : KC / 16;
+    const int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
+    __m512 acc[4];
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
+    for (int s = 0; s < a->nseg; s++) {
+        const uint8_t *tab = seg_tables(a, t, s);
+        __m512i T[4][16];
+        for (int e = 0; e < D; e++)
+            for (int j = 0; j < NT; j++)
+                T[e][j] = VBMI ? _mm512_loadu_si512((const void *)(tab + e * a->kp + 64 * j))
+                               : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+        __m512 gacc[4];
+        for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const uint8_t *ib = tile_block_idx(a, t, b);
+            __m512i iacc[4][4];
+            for (int mm = 0; mm < M; mm++) {
+                iacc[mm][0] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
+                for (int j = 1; j < NA; j++) iacc[mm][j] = _mm512_setzero_si512();
+            }
+            for (int c = 0; c < CH; c++) {
+                const __m512i idx = _mm512_loadu_si512((const void *)(ib + 64 * c));
+                for (int e = 0; e < D; e++) {
+                    const __m512i w = NAME(lookup)(T[e], idx, KC);
+                    const int j = (c * D + e) % NA;
+                    for (int mm = 0; mm < M; mm++) {
+                        int32_t q4;
+                        memcpy(&q4, a->xq + ((size_t)(m0 + mm) * a->nblk + b) * 32 + e * SL + 4 * c, 4);
+                        iacc[mm][j] = _mm512_dpbusd_epi32(iacc[mm][j], w, _mm512_set1_epi32(q4));
+                    }
+                }
+            }
+            for (int mm = 0; mm < M; mm++) {
+                __m512i isum = iacc[mm][0];
+                for (int j = 1; j < NA; j++) isum = _mm512_add_epi32(isum, iacc[mm][j]);
+                const __m512 dv = _mm512_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv, gacc[mm]);
+            }
+        }
+        const __m512 sc = _mm512_loadu_ps(a->scales + ((size_t)t * a->nseg + s) * TILE);
+        for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_fmadd_ps(gacc[mm], sc, acc[mm]);
+    }
+    for (int mm = 0; mm < M; mm++) {
+        float v[TILE];
+        _mm512_storeu_ps(v, acc[mm]);
+        store_rows(a, m0 + mm, t, 0, TILE, v);
+    }
+}
+
+INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
+    for (int t = t0; t < t1; t++) {
+        int m0 = 0;
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC);
+        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC); m0 += 2; }
+        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC);
+    }
+}
+
+INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
+#if VBMI
+    if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64);
+    else if (a->k <= 128) NAME(tiles_dk)(a, t0, t1, D, 128);
+    else NAME(tiles_dk)(a, t0, t1, D, 256);
+#else
+    if (a->k <= 16) NAME(tiles_dk)(a, t0, t1, D, 16);
+    else if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64);
+    else NAME(tiles_dk)(a, t0, t1, D, 256);
+#endif
+}
+
+static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
+    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
+    else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
+    else NAME(tiles_d)(a, t0, t1, 4);
+}
+#endif

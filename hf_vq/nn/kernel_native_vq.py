@@ -1,0 +1,271 @@
+"""The "native" int8 CPU kernel of VQ layers (GPTVQ): integer codebooks x int8 activations (csrc/vq_int8.c).
+
+Activations are quantized to int8 in blocks of 32 columns with one fp32 scale each (llama.cpp's Q8_0, as
+kernel_native_affine); the codebooks of 4- and 8-bit layers are integers (codes times an fp16 scale per codebook,
+see hf_vq.formats.vq.decode_codebooks) and stay int8 in the kernel, offset to unsigned (c + 128) so that
+``dpbusd`` (unsigned x signed) multiplies them; the offset is removed in integers through each activation block's
+sum. A lookup turns 64 stored indices (one byte per vector, 16 rows x 4 vectors) into 64 code bytes of one vector
+component: AVX512-VBMI ``vpermb`` for <= 64 entries (``vpermi2b`` 128, two and a blend 256), else ``pshufb`` on
+16-entry subtables. Codebook scales and data-normalization scales are folded into one fp32 scale per row and
+segment (a run of 32-column blocks with one codebook and one normalization block), applied with one FMA per
+segment; the activation scale is one FMA per block.
+
+Serves vector_dim 1/2/4, index_bits 1..8, codebook_bits 4/8, with or without data normalization, any row block
+size (row blocks are padded to whole 16-row tiles), and cols_per_block a multiple of 32. Everything else (fp16
+codebooks, other column blocks or vector dims) gets None from :func:`prepare`, and the older kernel
+(hf_vq.nn.vq_kernel) or the dense path serves it. The only difference from the exact forward is the activations'
+int8 rounding: each output moves by at most ``sum_b max|x_b| / 254 * sum_{j in b} |w_j|`` over blocks b of 32
+columns (tests/test_vq_int8_kernel.py checks it).
+
+``HF_VQ_NATIVE_ISA`` (``avx512vbmi``, ``avx512vnni``, ``avxvnni``, ``avx2``, ``scalar``) forces a path for
+testing; a path the CPU lacks falls back to the best one it has. (kernel_native_affine has no ``avx512vbmi``: there
+the name falls back to that kernel's best path.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_vq.formats.packing import unpack
+from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQWeight
+from hf_vq.nn.kernel_registry import Kernel, register
+from hf_vq.utils.cbuild import CLibrary
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "vq_int8.c"
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avxvnni": 3, "avx512vnni": 4, "avx512vbmi": 5}
+ISA_NAMES = {v: k for k, v in ISAS.items()}
+BLOCK = 32
+TILE = 16  # output rows per vector of lanes in the kernel layout
+SUPPORTED_DIMS = (1, 2, 4)
+# every batch size: one thread, 2D/6-bit/8-bit layers at 8..128 rows run 3.5-14x faster than F.linear on the cached
+# dense fp32 weight (the path VQLinear takes above max_rows), and it never builds that weight
+# (benchmarks/vq_int8_speed.py --rows 8 32 128 --dense)
+MAX_ROWS = None
+
+
+class _Layer(ctypes.Structure):
+    """csrc/vq_int8.c's vq8_layer: the prepared tensors' pointers and sizes, passed as one pointer per call."""
+
+    _fields_ = [(f, ctypes.c_void_p) for f in ("idx", "tables", "scales", "seg_start", "seg_cb", "tile_rb", "tile_r0",
+                                                "tile_cnt")] + \
+               [(f, ctypes.c_int32) for f in ("n", "k", "d", "kbook", "kp", "nblk", "ncb", "nseg", "ntiles")]
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.vq8_gemm_layer.restype = i
+    lib.vq8_gemm_layer.argtypes = [p, p, i, i, p, p, i, i]
+    lib.vq8_gemm.restype = i
+    lib.vq8_gemm.argtypes = [p, i, i, p, p, i, i] + [i] * 9 + [p] * 8
+    lib.vq8_isa_supported.restype = i
+    lib.vq8_isa_supported.argtypes = [i]
+    lib.vq8_best_isa.restype = i
+    return lib
+
+
+LIBRARY = CLibrary(SOURCE, _bind, "native VQ int8 kernel")
+_GEMM = None  # the bound C functions (one layer struct, every field), set by the first prepare()
+_GEMM_ARGS = None
+last_isa = "none"  # the instruction set of the last call (tests check the run-time dispatch with it)
+
+
+def available() -> bool:
+    return LIBRARY.load() is not None
+
+
+def isa_supported(name: str) -> bool:
+    lib = LIBRARY.load()
+    return lib is not None and bool(lib.vq8_isa_supported(ISAS[name]))
+
+
+def best_isa() -> str:
+    lib = LIBRARY.load()
+    return "none" if lib is None else ISA_NAMES[lib.vq8_best_isa()]
+
+
+_isa_cache: dict[str, int] = {}
+
+
+def requested_isa() -> int:
+    """HF_VQ_NATIVE_ISA as the C code's number; a path this CPU lacks becomes auto (the best it has)."""
+    name = os.environ.get("HF_VQ_NATIVE_ISA", "auto")
+    isa = _isa_cache.get(name)
+    if isa is None:
+        if name not in ISAS:
+            raise ValueError(f"HF_VQ_NATIVE_ISA={name!r}: expected one of {sorted(ISAS)}")
+        isa = _isa_cache[name] = ISAS[name] if ISAS[name] and isa_supported(name) else 0
+    return isa
+
+
+def supports(layout) -> bool:
+    return (layout.codebook_bits in (4, 8) and layout.vector_dim in SUPPORTED_DIMS and 1 <= layout.index_bits <= 8
+            and layout.cols_per_block % BLOCK == 0)
+
+
+@dataclass
+class NativeVQ:
+    """A layer in the kernel layout (see csrc/vq_int8.c). The raw pointers stay valid because the state holds the
+    tensors."""
+
+    n: int
+    k: int
+    d: int
+    kbook: int
+    kp: int
+    nblk: int
+    ncb: int
+    idx: torch.Tensor        # uint8 [ntiles, nblk, 8 / d, 16, 4]
+    tables: torch.Tensor     # uint8 [row_blocks, ncb, d, kp], code + 128
+    scales: torch.Tensor     # fp32 [ntiles, nseg, 16]
+    segments: torch.Tensor   # int32 [2, nseg + 1]: start block, codebook column block
+    tiles: torch.Tensor      # int32 [3, ntiles]: row block, first row, rows
+    layer: _Layer            # the pointers and sizes above, for the C call
+    layer_ptr: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.idx, self.tables, self.scales, self.segments,
+                                                          self.tiles))
+
+
+def _segments(nblk: int, cpb: int, normalize: bool) -> torch.Tensor:
+    """Runs of 32-column blocks with one codebook column block and one normalization block."""
+    b = torch.arange(nblk)
+    cb = b * BLOCK // cpb
+    nb = b * BLOCK // NORM_BLOCK if normalize else torch.zeros_like(b)
+    change = torch.ones(nblk, dtype=torch.bool)
+    change[1:] = (cb[1:] != cb[:-1]) | (nb[1:] != nb[:-1])
+    starts = b[change]
+    seg = torch.zeros(2, starts.numel() + 1, dtype=torch.int32)
+    seg[0, :-1], seg[0, -1] = starts, nblk
+    seg[1, :-1] = cb[starts]
+    return seg
+
+
+@torch.no_grad()
+def prepare(vq: VQWeight, **_facts) -> NativeVQ | None:
+    """Transcode ``vq`` once for the kernel; None when the kernel cannot serve it (no compiler, fp16 codebooks, a
+    vector dimension other than 1/2/4, cols_per_block not a multiple of 32)."""
+    global _GEMM, _GEMM_ARGS
+    lay = vq.layout
+    if not supports(lay) or vq.tensors["vq_indices"].device.type != "cpu":
+        return None
+    lib = LIBRARY.load()
+    if lib is None:
+        return None
+    _GEMM, _GEMM_ARGS = lib.vq8_gemm_layer, lib.vq8_gemm
+    t = vq.tensors
+    n, d, rpb = lay.out_features, lay.vector_dim, lay.rows_per_block
+    nblk = -(-lay.padded_in // BLOCK)
+    nvec_p = nblk * BLOCK // d
+    kbook = lay.k
+    kp = 64 if kbook <= 64 else 256
+
+    # tiles of 16 rows that never straddle two row blocks (each row block padded to whole tiles)
+    rb_of, r0s, cnts = [], [], []
+    for rb in range(lay.row_blocks):
+        lo, hi = rb * rpb, min(rb * rpb + rpb, n)
+        for r0 in range(lo, hi, TILE):
+            rb_of.append(rb)
+            r0s.append(r0)
+            cnts.append(min(TILE, hi - r0))
+    tiles = torch.tensor([rb_of, r0s, cnts], dtype=torch.int32)
+    ntiles = tiles.shape[1]
+    rows = (tiles[1].long()[:, None] + torch.arange(TILE)[None]).view(-1)           # padded row -> layer row
+    valid = (torch.arange(TILE)[None] < tiles[2].long()[:, None]).view(-1)
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+
+    idx = unpack(t["vq_indices"].cpu(), lay.index_bits, lay.nvec)                       # uint8 [n, nvec]
+    idx = torch.nn.functional.pad(idx, (0, nvec_p - lay.nvec))
+    idx = torch.where(valid[:, None], idx[rows], torch.zeros((), dtype=torch.uint8))
+    idx = idx.view(ntiles, TILE, nblk, 8 // d, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+    # integer codes c in [-2^(b-1), 2^(b-1) - 1] as c + 128: [row_blocks, col_blocks, d, kp]
+    g = lay.num_codebooks
+    codes = unpack(t["vq_codebook"].cpu(), lay.codebook_bits, kbook * d).to(torch.int32)
+    codes = codes - 2 ** (lay.codebook_bits - 1) + 128
+    tables = torch.full((g, d, kp), 128, dtype=torch.int32)
+    tables[:, :, :kbook] = codes.view(g, kbook, d).transpose(1, 2)
+    tables = tables.to(torch.uint8).contiguous()
+
+    seg = _segments(nblk, lay.cols_per_block, lay.normalize)
+    cs = t["vq_codebook_scales"].cpu().view(torch.float16).float().view(lay.row_blocks, lay.col_blocks)
+    s = cs[tiles[0].long()][:, seg[1, :-1].long()]                                      # [ntiles, nseg]
+    s = s[:, :, None].expand(-1, -1, TILE).clone()
+    if lay.normalize:
+        nb = -(-lay.padded_in // NORM_BLOCK)
+        ncodes = unpack(t["vq_norm_codes"].cpu(), NORM_BITS, nb).float()
+        ns = t["vq_norm_base"].cpu().view(torch.float32) * torch.exp2(-ncodes)         # [n, nb]
+        seg_nb = seg[0, :-1].long() * BLOCK // NORM_BLOCK
+        s = s * ns[rows][:, seg_nb].view(ntiles, TILE, -1).transpose(1, 2)
+    s = (s * valid.view(ntiles, 1, TILE)).contiguous()                                  # padding rows: 0
+
+    layer = _Layer(idx.data_ptr(), tables.data_ptr(), s.data_ptr(), seg[0].data_ptr(), seg[1].data_ptr(),
+                   tiles[0].data_ptr(), tiles[1].data_ptr(), tiles[2].data_ptr(), n, lay.in_features, d, kbook, kp,
+                   nblk, lay.col_blocks, seg.shape[1] - 1, ntiles)
+    return NativeVQ(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, idx, tables, s, seg, tiles, layer,
+                    ctypes.addressof(layer))
+
+
+def _done(rc: int, x2: torch.Tensor, n: int) -> None:
+    if rc < 0:
+        raise RuntimeError(f"native VQ int8 kernel refused a [{x2.shape[0]}, {x2.shape[-1]}] x [{n}, ...] call")
+    global last_isa
+    last_isa = ISA_NAMES[rc]
+
+
+def run(st: NativeVQ, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T + bias for CPU x of any leading shape (fp32/bf16 in place; other dtypes via fp32)."""
+    dtype = x.dtype
+    if x.shape[-1] != st.k:
+        raise ValueError(f"native VQ int8 kernel: x has {x.shape[-1]} features, the layer {st.k}")
+    if (dtype is not torch.float32 and dtype is not torch.bfloat16) or not x.is_contiguous():
+        x = x.to(torch.float32 if dtype is not torch.bfloat16 else dtype).contiguous()
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    if torch.compiler.is_compiling():
+        y = torch.ops.hf_vq.vq_int8_gemm(x.reshape(-1, st.k), st.idx, st.tables, st.scales, st.segments, st.tiles,
+                                         bias, st.n, st.k, st.d, st.kbook, st.kp, st.nblk, st.ncb, requested_isa())
+        y = y.view(*x.shape[:-1], st.n)
+    else:
+        # the C code needs only the pointer: no reshape of x, and y is allocated in its final shape
+        y = torch.empty(x.shape[:-1] + (st.n,), dtype=x.dtype)
+        rows = x.numel() // st.k
+        if rows:
+            _done(_GEMM(st.layer_ptr, x.data_ptr(), x.dtype is torch.bfloat16, rows, y.data_ptr(),
+                        0 if bias is None else bias.data_ptr(), torch.get_num_threads(), requested_isa()), x, st.n)
+    return y if y.dtype is dtype else y.to(dtype)
+
+
+# torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel
+# on small layers)
+@torch.library.custom_op("hf_vq::vq_int8_gemm", mutates_args=(), device_types="cpu")
+def _vq_int8_gemm_op(x: torch.Tensor, idx: torch.Tensor, tables: torch.Tensor, scales: torch.Tensor,
+                     segments: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, d: int,
+                     kbook: int, kp: int, nblk: int, ncb: int, isa: int) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if x.shape[0]:
+        segments, tiles = segments.contiguous(), tiles.contiguous()
+        rc = _GEMM_ARGS(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], y.data_ptr(),
+                        0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa, n, k, d, kbook, kp,
+                        nblk, ncb, segments.shape[1] - 1, tiles.shape[1], idx.data_ptr(), tables.data_ptr(),
+                        scales.data_ptr(), segments[0].data_ptr(), segments[1].data_ptr(), tiles[0].data_ptr(),
+                        tiles[1].data_ptr(), tiles[2].data_ptr())
+        _done(rc, x, n)
+    return y
+
+
+@_vq_int8_gemm_op.register_fake
+def _(x, idx, tables, scales, segments, tiles, bias, n, k, d, kbook, kp, nblk, ncb, isa):
+    return x.new_empty(x.shape[0], n)
+
+
+KERNEL = register(Kernel(name="native-vq-int8", family="native", storage="vq", devices=("cpu",), priority=30,
+                         max_rows=MAX_ROWS, prepare=prepare, run=run))
