@@ -1,60 +1,112 @@
-"""Decode / prefill speed of QuantLinear against dense layers on this CPU.
+"""Per-layer speed of the affine CPU kernels against dense layers, and the share of memory bandwidth they reach.
 
-    python benchmarks/kernel_speed.py [--threads 1] [--shapes 576x576,1536x576,4096x4096]
-Cold-cache decode: each call uses another copy of the layer (> 256 MB of weights in rotation), like real decoding.
+    python benchmarks/kernel_speed.py [--threads 1,2] [--shapes 576x576,1536x576,576x1536,4096x4096] [--groups 32,128]
+
+Decode (M=1) is cold-cache, like real decoding: each call uses another copy of the layer (more than --pool MB of
+weights in rotation, so every call streams from DRAM). GB/s counts the bytes the kernel reads: its packed weight
+layout (codes, scales, zero-points); "% BW" divides that by the read bandwidth measured at the same thread count
+(torch.sum over a 1 GiB fp32 tensor, best of 3). Prefill (M=512) is cache-hot and compute bound: tokens/s.
+Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from hf_vq.algorithms.rtn import rtn_weight
-from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.nn import kernel_native_affine as native
+from hf_vq.nn import kernel_torch_int4
 
 
-def bench(fn, n_iter):
+def bench(fn, n_iter, repeats=3):
     fn(0)
-    t = time.perf_counter()
-    for i in range(n_iter):
-        fn(i)
-    return (time.perf_counter() - t) / n_iter * 1e3
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(n_iter):
+            fn(i)
+        best = min(best, (time.perf_counter() - t) / n_iter)
+    return best
+
+
+def read_bandwidth() -> float:
+    a = torch.ones(256 * 1024 * 1024)
+    t = min(bench(lambda _i: a.sum(), 1, 1) for _ in range(3))
+    return a.numel() * 4 / t / 1e9
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--shapes", default="576x576,1536x576,4096x4096")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--shapes", default="576x576,1536x576,576x1536,4096x4096")
+    ap.add_argument("--groups", default="32,128")
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--pool", type=int, default=400, help="MB of weight copies in rotation for cold decode")
+    ap.add_argument("--prefill", type=int, default=512)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s); "
-          f"QuantLinear {args.bits}-bit g{args.group_size}; times in ms (speedup vs fp32)")
-    print("| shape (out x in) | M | fp32 F.linear | bf16 F.linear | QuantLinear bf16 x | QuantLinear fp32 x |")
-    print("|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
-        n, k = map(int, shape.split("x"))
-        copies = max(1, (256 << 20) // (n * k * 4))
-        ws = [torch.randn(n, k) * 0.02 for _ in range(min(copies, 8))]
-        reps = copies // len(ws) + 1
-        ws = (ws * reps)[:copies]
-        wb = [w.bfloat16() for w in ws]
-        qs = [QuantLinear.from_affine(rtn_weight(w, args.bits, args.group_size, False), None) for w in ws[:8]]
-        qs = (qs * reps)[:copies]
-        for m in (1, 512):
-            x = torch.randn(m, k)
-            xb = x.bfloat16()
-            iters = 30 if m == 1 else 3
-            t_fp = bench(lambda i: F.linear(x, ws[i % copies]), iters)
-            t_bf = bench(lambda i: F.linear(xb, wb[i % copies]), iters)
-            t_qb = bench(lambda i: qs[i % copies](xb), iters)
-            t_qf = bench(lambda i: qs[i % copies](x), iters)
-            print(f"| {n}x{k} | {m} | {t_fp:.3f} | {t_bf:.3f} ({t_fp / t_bf:.2f}x) | {t_qb:.3f} ({t_fp / t_qb:.2f}x) | "
-                  f"{t_qf:.3f} ({t_fp / t_qf:.2f}x) |", flush=True)
+    isas = [i for i in ("avx512vnni", "avxvnni", "avx2") if native.isa_supported(i)]
+    print(f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; native kernel paths here: {isas}")
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        bw = read_bandwidth()
+        print(f"\n{threads} thread(s), read bandwidth {bw:.1f} GB/s; {args.bits}-bit symmetric codes\n")
+        print("| shape (out x in) | group | kernel | decode us | GB/s | % BW | prefill tok/s |")
+        print("|---|---|---|---|---|---|---|")
+        for shape in args.shapes.split(","):
+            n, k = map(int, shape.split("x"))
+            for group in map(int, args.groups.split(",")):
+                aw = rtn_weight(torch.randn(n, k) * 0.02, args.bits, group, sym=True)
+                copies = max(2, int(args.pool * 1e6 / (n * k * args.bits / 8)))
+                x1 = torch.randn(1, k).bfloat16()
+                xp = torch.randn(args.prefill, k).bfloat16()
+                rows = []
+                states = [native.prepare(aw) for _ in range(copies)]
+                for isa in isas:
+                    os.environ["HF_VQ_NATIVE_ISA"] = isa
+                    t = bench(lambda i: native.run(states[i % copies], x1, None), copies)
+                    tp = bench(lambda i: native.run(states[0], xp, None), 1)
+                    rows.append((f"native {isa}", t, nbytes(states[0].codes, states[0].scales, states[0].zeros), tp))
+                os.environ.pop("HF_VQ_NATIVE_ISA", None)
+                del states
+                if args.bits <= 4:
+                    tstates = [kernel_torch_int4.prepare(aw) for _ in range(copies)]
+                    if tstates[0] is not None:
+                        t = bench(lambda i: kernel_torch_int4.run(tstates[i % copies], x1, None), copies)
+                        rows.append(("torch int4 (bf16)", t, nbytes(tstates[0]["packed"], tstates[0][torch.bfloat16]),
+                                     None))
+                    del tstates
+                w = aw.dequantize()
+                for dtype in (torch.bfloat16, torch.float32):
+                    dcopies = max(2, int(args.pool * 1e6 / (n * k * (2 if dtype == torch.bfloat16 else 4))))
+                    ws = [w.to(dtype) for _ in range(dcopies)]
+                    xd, xpd = x1.to(dtype), xp.to(dtype)
+                    t = bench(lambda i: F.linear(xd, ws[i % dcopies]), dcopies)
+                    tp = bench(lambda i: F.linear(xpd, ws[0]), 1)
+                    rows.append((f"dense {str(dtype)[6:]}", t, nbytes(ws[0]), tp))
+                    del ws
+                for name, t, b, tp in rows:
+                    gbs = b / t / 1e9
+                    pre = f"{args.prefill / tp:,.0f}" if tp else "-"
+                    print(f"| {n}x{k} | {group} | {name} | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | {pre} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

