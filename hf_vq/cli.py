@@ -12,7 +12,8 @@ import time
 def _config_from_args(args):
     import hf_vq
 
-    common = dict(modules_to_not_convert=args.skip or None)
+    common = dict(modules_to_not_convert=args.skip or None, lm_head_bits=args.lm_head_bits,
+                  lm_head_group_size=args.lm_head_group_size)
     if args.method == "rtn":
         return hf_vq.RTNConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, clip_search=args.clip_search,
                                **common)
@@ -143,6 +144,10 @@ def add_quantize_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--skip", action="append", help="module name/pattern to keep in float (repeatable)")
+    q.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the output head to 8 or 4 bits (default: keep it in float)")
+    q.add_argument("--lm-head-group-size", type=int, default=-1,
+                   help="group size of the quantized output head (default: -1, one scale per output channel)")
     q.add_argument("--max-shard-size", default="5GB")
     q.add_argument("--push-to-hub", metavar="REPO_ID", help="also push weights, config, tokenizer and model card")
     v = q.add_argument_group("gptvq")

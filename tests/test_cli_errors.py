@@ -5,6 +5,7 @@ and stderr as a user sees them; the other cases call ``hf_vq.cli.main`` in-proce
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -84,3 +85,16 @@ def test_unknown_option_is_a_usage_error(tiny_llama_dir, tmp_path, capsys):
         cli.main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--bitz", "4"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "unrecognized arguments: --bitz 4" in err and "Traceback" not in err
+
+
+def test_quantize_with_a_quantized_head(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "o"
+    rc = cli.main(["quantize", str(model_dir), "--out", str(out), "--method", "rtn", "--bits", "4",
+                   "--group-size", "32", "--lm-head-bits", "8"])
+    assert rc == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["lm_head_bits"] == 8 and qc["lm_head_group_size"] == -1
+    assert qc["layers"]["lm_head"]["bits"] == 8
