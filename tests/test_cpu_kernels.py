@@ -117,19 +117,24 @@ def test_groups_that_split_a_block_are_left_to_other_kernels():
     assert (y - F.linear(x, aw.dequantize())).abs().max() < 0.05 * F.linear(x, aw.dequantize()).abs().max()
 
 
+def assert_thread_split_invariant(call):
+    """``call()`` gives the same bits at 1 and 2 threads: rows are independent, the split must not change any."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = call()
+        torch.set_num_threads(2)
+        two = call()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
 def test_threads_split_rows_without_changing_results():
     aw = rtn_weight(torch.randn(300, 256), 4, 32, sym=False)
     st = native.prepare(aw)
     x = torch.randn(2, 256)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = native.run(st, x, None)
-        torch.set_num_threads(2)
-        two = native.run(st, x, None)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two), "rows are independent: the split must not change any output"
+    assert_thread_split_invariant(lambda: native.run(st, x, None))
 
 
 def test_kernel_switch(monkeypatch):

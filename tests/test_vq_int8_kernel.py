@@ -26,6 +26,8 @@ from hf_vq.formats.vq import VQLayout, VQWeight
 from hf_vq.nn import kernel_registry, vq_kernel
 from hf_vq.nn.registry import module_from_format
 from hf_vq.nn.vqlinear import VQLinear
+from tests.test_cpu_kernels import assert_thread_split_invariant
+from tests.test_vq_kernel import _random_vq as random_vq
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the native kernel cannot build")
 ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni", "avx512vbmi"]
@@ -37,25 +39,10 @@ def auto_kernels(monkeypatch):
     monkeypatch.delenv("HF_VQ_NATIVE_ISA", raising=False)
 
 
-def _random_vq(out_f, in_f, d, ib, cb_bits, rpb, cpb, normalize, bias=True, seed=0) -> VQLinear:
-    """A VQLinear with random valid codes (every bit pattern of the packed index/code buffers is a valid code;
-    8-bit codebooks then include the extreme code -128)."""
-    g = torch.Generator().manual_seed(seed)
-    lay = VQLayout(out_f, in_f, d, ib, cb_bits, rpb, cpb, normalize)
-    mod = VQLinear(lay, bias=bias)
-    mod.vq_indices.copy_(torch.randint(0, 256, mod.vq_indices.shape, generator=g, dtype=torch.uint8))
-    if cb_bits == 16:
-        mod.vq_codebook.copy_((torch.randn(mod.vq_codebook.shape, generator=g) * 0.1).half().view(torch.int16))
-    else:
-        mod.vq_codebook.copy_(torch.randint(0, 256, mod.vq_codebook.shape, generator=g, dtype=torch.uint8))
-        sc = (torch.rand(lay.num_codebooks, generator=g) + 0.5) * 0.02
-        mod.vq_codebook_scales.copy_(sc.half().view(torch.int16))
-    if normalize:
-        mod.vq_norm_codes.copy_(torch.randint(0, 256, mod.vq_norm_codes.shape, generator=g, dtype=torch.uint8))
-        mod.vq_norm_base.copy_(torch.tensor([0.75]).view(torch.int32))
-    if bias:
-        mod.bias.data.copy_(torch.randn(out_f, generator=g))
-    return mod
+def _random_vq(*args, **kwargs) -> VQLinear:
+    """tests/test_vq_kernel.py's random VQ layer (every bit pattern of the packed buffers is a valid code; 8-bit
+    codebooks then include the extreme code -128)."""
+    return random_vq(*args, **kwargs)
 
 
 def block_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -191,15 +178,7 @@ def test_threads_split_rows_without_changing_results():
     mod = _random_vq(300, 256, 2, 6, 8, rpb=32, cpb=256, normalize=True, bias=False)
     st = native_vq.prepare(VQWeight(mod.layout, mod.stored_tensors()))
     x = torch.randn(3, 256)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = native_vq.run(st, x, None)
-        torch.set_num_threads(2)
-        two = native_vq.run(st, x, None)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two), "rows are independent: the split must not change any output"
+    assert_thread_split_invariant(lambda: native_vq.run(st, x, None))
 
 
 def test_torch_compile_sees_one_op():

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from hf_vq.formats.packing import unpack
 from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQWeight
 from hf_vq.nn.kernel_registry import Kernel, register
+from hf_vq.nn.native_isa import IsaChoice
 from hf_vq.utils.cbuild import CLibrary
 
 log = logging.getLogger(__name__)
@@ -80,28 +80,8 @@ def available() -> bool:
     return LIBRARY.load() is not None
 
 
-def isa_supported(name: str) -> bool:
-    lib = LIBRARY.load()
-    return lib is not None and bool(lib.vq8_isa_supported(ISAS[name]))
-
-
-def best_isa() -> str:
-    lib = LIBRARY.load()
-    return "none" if lib is None else ISA_NAMES[lib.vq8_best_isa()]
-
-
-_isa_cache: dict[str, int] = {}
-
-
-def requested_isa() -> int:
-    """HF_VQ_NATIVE_ISA as the C code's number; a path this CPU lacks becomes auto (the best it has)."""
-    name = os.environ.get("HF_VQ_NATIVE_ISA", "auto")
-    isa = _isa_cache.get(name)
-    if isa is None:
-        if name not in ISAS:
-            raise ValueError(f"HF_VQ_NATIVE_ISA={name!r}: expected one of {sorted(ISAS)}")
-        isa = _isa_cache[name] = ISAS[name] if ISAS[name] and isa_supported(name) else 0
-    return isa
+_ISA = IsaChoice(LIBRARY, ISAS, "vq8_isa_supported", "vq8_best_isa")
+isa_supported, best_isa, requested_isa = _ISA.supported, _ISA.best, _ISA.requested
 
 
 def supports(layout) -> bool:
