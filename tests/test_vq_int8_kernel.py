@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import hf_vq.nn.kernel_native_vq as native_vq
 from hf_vq.algorithms.gptvq import gptvq_quantize
-from hf_vq.formats.vq import VQLayout, VQWeight
+from hf_vq.formats.vq import VQWeight
 from hf_vq.nn import kernel_registry, vq_kernel
 from hf_vq.nn.registry import module_from_format
 from hf_vq.nn.vqlinear import VQLinear
