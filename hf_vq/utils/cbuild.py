@@ -155,7 +155,8 @@ class CLibrary:
         fd, tmp = tempfile.mkstemp(prefix=f".{pointer.stem}.", suffix=".so.tmp", dir=out_dir)
         os.close(fd)
         try:
-            subprocess.run([cc, *BASE_FLAGS, *flags, str(self.source), "-o", tmp, *self.libs], check=True,
+            # absolute: the kernels include their own file (__FILE__) to stamp one body per instruction set
+            subprocess.run([cc, *BASE_FLAGS, *flags, str(self.source.resolve()), "-o", tmp, *self.libs], check=True,
                            capture_output=True, timeout=120)
             os.chmod(tmp, 0o700)
             sha = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()

@@ -34,6 +34,7 @@
 #endif
 
 #define TILE 16
+#define PARALLEL_MIN_MACS 4194304.0   /* 4M multiply-adds: below, one thread (SmolLM2's decode layers) */
 #define INLINE static inline __attribute__((always_inline))
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4 };
@@ -255,7 +256,8 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     else if (isa == ISA_AVX512VNNI) fn = tiles_avx512;
 #endif
     const int ntiles = (n + TILE - 1) / TILE;
-    if (nthreads == 1 || ntiles == 1) {
+    /* a small call costs less than waking the OpenMP pool (a second runtime beside torch's): one thread */
+    if (nthreads == 1 || ntiles == 1 || (double)n * k * m < PARALLEL_MIN_MACS) {
         fn(&a, 0, ntiles);
     } else {
         /* a few tiles per task: even shares without a scheduling cost per tile */
@@ -376,34 +378,40 @@ static void NAME(tiles)(const aff_args *a, int t0, int t1) {
 /* ========================================================================================== 512-bit body:
    a zmm holds the 16 rows of a tile */
 
+/* M activation rows from m0 against the tile's 16 rows. One row (decode): fields are taken in place, as
+   code << (BITS f), one AND each, with an exact shift per block. Several rows: fields are shifted down once (shared by
+   all rows) and summed in one int32 accumulator per row, so a tile of 8 rows fits the 32 registers. */
 INLINE void tile_512(const aff_args *a, int t, int m0, const int M, const int BITS) {
-    const int F = 8 / BITS, COLS = 32 / BITS;
+    const int F = 8 / BITS, COLS = 32 / BITS, SHIFTED = M > 1, NACC = SHIFTED ? 1 : F;
     const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
-    __m512 acc[4];
+    __m512 acc[8];
     for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
     for (int g = 0; g < a->G; g++) {
-        __m512 gacc[4];
+        __m512 gacc[8];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
             const uint8_t *blk = block_codes(a, t, b);
-            __m512i iacc[4][4];
+            __m512i iacc[8][4];
             for (int mm = 0; mm < M; mm++)
-                for (int f = 0; f < F; f++) iacc[mm][f] = _mm512_setzero_si512();
+                for (int f = 0; f < NACC; f++) iacc[mm][f] = _mm512_setzero_si512();
             for (int c = 0; c < BITS; c++) {
                 const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * c));
                 for (int f = 0; f < F; f++) {
-                    /* field f in place, as code << (BITS f): one AND, and an exact shift per block below */
-                    const __m512i u = BITS == 8 ? w : _mm512_and_si512(w, _mm512_slli_epi16(mask, BITS * f));
+                    __m512i u = w;
+                    if (BITS < 8)
+                        u = SHIFTED ? _mm512_and_si512(f ? _mm512_srli_epi16(w, BITS * f) : w, mask)
+                                    : _mm512_and_si512(w, _mm512_slli_epi16(mask, BITS * f));
                     for (int mm = 0; mm < M; mm++) {
                         int32_t q4;
                         memcpy(&q4, a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32 + c * COLS + 4 * f, 4);
-                        iacc[mm][f] = _mm512_dpbusd_epi32(iacc[mm][f], u, _mm512_set1_epi32(q4));
+                        __m512i *dst = &iacc[mm][SHIFTED ? 0 : f];
+                        *dst = _mm512_dpbusd_epi32(*dst, u, _mm512_set1_epi32(q4));
                     }
                 }
             }
             for (int mm = 0; mm < M; mm++) {
                 __m512i isum = iacc[mm][0];
-                for (int f = 1; f < F; f++) isum = _mm512_add_epi32(isum, _mm512_srai_epi32(iacc[mm][f], BITS * f));
+                for (int f = 1; f < NACC; f++) isum = _mm512_add_epi32(isum, _mm512_srai_epi32(iacc[mm][f], BITS * f));
                 const __m512 d = _mm512_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
                 gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, gacc[mm]);
             }
@@ -426,7 +434,8 @@ INLINE void tile_512(const aff_args *a, int t, int m0, const int M, const int BI
 INLINE void tiles_512_bits(const aff_args *a, int t0, int t1, const int BITS) {
     for (int t = t0; t < t1; t++) {
         int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) tile_512(a, t, m0, 4, BITS);
+        for (; m0 + 8 <= a->m; m0 += 8) tile_512(a, t, m0, 8, BITS);
+        if (a->m - m0 >= 4) { tile_512(a, t, m0, 4, BITS); m0 += 4; }
         if (a->m - m0 >= 2) { tile_512(a, t, m0, 2, BITS); m0 += 2; }
         if (m0 < a->m) tile_512(a, t, m0, 1, BITS);
     }
