@@ -96,7 +96,7 @@ def main(argv=None):
                 w = aw.dequantize()
                 for dtype in (torch.bfloat16, torch.float32):
                     dcopies = max(2, int(args.pool * 1e6 / (n * k * (2 if dtype == torch.bfloat16 else 4))))
-                    ws = [w.to(dtype) for _ in range(dcopies)]
+                    ws = [w.to(dtype).clone() for _ in range(dcopies)]  # .to() of an fp32 w returns w itself
                     xd, xpd = x1.to(dtype), xp.to(dtype)
                     t = bench(lambda i: F.linear(xd, ws[i % dcopies]), dcopies)
                     tp = bench(lambda i: F.linear(xpd, ws[0]), 1)
