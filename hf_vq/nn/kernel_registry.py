@@ -34,6 +34,8 @@ class Kernel:
     prepare: Callable[..., Any]   # (format object, **layer facts) -> state, or None when it cannot serve the layer
     run: Callable[..., torch.Tensor]   # (state, x, bias) -> y
     min_rows: int = 1
+    # device types it runs on only when HF_VQ_KERNELS names its family (e.g. Triton's CPU interpreter, for tests)
+    forced_devices: tuple[str, ...] = ()
 
 
 _KERNELS: dict[str, list[Kernel]] = {}
@@ -83,8 +85,8 @@ def candidates(storage: str, device_type: str, rows: int) -> list[Kernel]:
     hit = _memo.get(key)
     if hit is not None:
         return hit
-    ks = [k for k in _KERNELS.get(storage, ()) if device_type in k.devices and k.min_rows <= rows
-          and (k.max_rows is None or rows <= k.max_rows)]
+    ks = [k for k in _KERNELS.get(storage, ()) if k.min_rows <= rows and (k.max_rows is None or rows <= k.max_rows)
+          and (device_type in k.devices or (chosen and k.family in chosen and device_type in k.forced_devices))]
     if chosen is not None:
         ks = sorted((k for k in ks if k.family in chosen), key=lambda k: chosen.index(k.family))
     if len(_memo) > 4096:

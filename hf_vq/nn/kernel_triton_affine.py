@@ -351,5 +351,5 @@ def run(st: TritonAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.T
     return y.view(*x.shape[:-1], st.n)
 
 
-KERNEL = register(Kernel(name="triton-affine", family=FAMILY, storage="affine", devices=("cuda", "cpu"),
-                         priority=PRIORITY, max_rows=None, prepare=prepare, run=run))
+KERNEL = register(Kernel(name="triton-affine", family=FAMILY, storage="affine", devices=("cuda",),
+                         forced_devices=("cpu",), priority=PRIORITY, max_rows=None, prepare=prepare, run=run))
