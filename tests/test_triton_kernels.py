@@ -40,6 +40,7 @@ from hf_vq.formats.packing import pack, unpack  # noqa: E402
 from hf_vq.nn import kernel_registry  # noqa: E402
 from hf_vq.nn import kernel_triton_affine as kta  # noqa: E402
 from hf_vq.nn.qlinear import QuantLinear  # noqa: E402
+from tests.test_cpu_kernels import act_order_weight  # noqa: E402
 
 
 
@@ -87,18 +88,6 @@ def assert_close(y, ref, b, half):
         tol = tol + 2.0**-11 * b + 2.0**-11 * ref.abs() + 2.0**-24
     err = (y.float() - ref).abs()
     assert bool((err <= tol).all()), f"max err/tol {(err / tol).max():.3f}"
-
-
-def act_order_weight(n, k, bits, group, sym, seed=0) -> AffineWeight:
-    """Columns quantized in a random order, groups of ``group`` consecutive columns *in that order*: g_idx is
-    non-monotone (GPTQ's act_order without static groups)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    order = torch.randperm(k, generator=g)
-    aw = rtn_weight(w[:, order], bits, group, sym)
-    inv = torch.argsort(order)
-    g_idx = (torch.arange(k) // group).to(torch.int32)[inv]
-    return AffineWeight(aw.codes[:, inv], aw.scales, aw.zeros, g_idx, bits, group, sym)
 
 
 def check_layer(q: QuantLinear, rows_list, seed, launches):

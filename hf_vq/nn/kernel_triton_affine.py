@@ -74,17 +74,39 @@ def _warn_once(message: str) -> None:
 
 
 # bound by _build: Triton (and its interpreter) resolve a kernel's names in its module's globals
-triton = tl = SUM = None
+triton = tl = SUM = dequant_tile = None
 
 
 def _build(triton_module, tl_module) -> SimpleNamespace:
-    """Define the kernels (``@triton.jit`` reads TRITON_INTERPRET now). The dequantization is written out in both
-    kernels: a nested helper would not be visible to Triton's name lookup."""
-    global triton, tl, SUM
+    """Define the kernels (``@triton.jit`` reads TRITON_INTERPRET now). Their shared dequantization is bound as a
+    module global too: Triton looks names up there, not in this function's scope."""
+    global triton, tl, SUM, dequant_tile
     triton, tl = triton_module, tl_module
     # tl.sum's own combine function: the interpreter recognises it (numpy sum) even when triton was imported before
     # TRITON_INTERPRET was set, when tl.sum / tl.zeros themselves are compiled-mode functions it cannot call
     SUM = tl.standard._sum_combine
+
+    @triton.jit
+    def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, N, k0, offs_k, offs_n, mask_k, mask_n, BITS: tl.constexpr,
+                      CPW: tl.constexpr, SCALAR_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr):
+        """The fp32 weights [BLOCK_K, BLOCK_N] of columns offs_k and outputs offs_n: (q - zero) * scale."""
+        mask_w = mask_k[:, None] & mask_n[None, :]
+        words = tl.load(qw_ptr + (offs_k // CPW)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        q = ((words >> ((offs_k % CPW) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
+        if SCALAR_GROUP:
+            g = k0 // GROUP_SIZE
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            w = (q - z[None, :]) * s[None, :]
+        else:
+            g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
+            sz = g[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + sz, mask=mask_w, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz, mask=mask_w, other=0).to(tl.float32)
+            w = (q - z) * s
+        return w
+
+    dequant_tile = _dequant_tile
 
     @triton.jit
     def gemv(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
@@ -102,20 +124,8 @@ def _build(triton_module, tl_module) -> SimpleNamespace:
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            mask_w = mask_k[:, None] & mask_n[None, :]
-            words = tl.load(qw_ptr + (offs_k // CPW)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-            q = ((words >> ((offs_k % CPW) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
-            if SCALAR_GROUP:
-                g = k0 // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-                w = (q - z[None, :]) * s[None, :]
-            else:
-                g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
-                sz = g[:, None] * N + offs_n[None, :]
-                s = tl.load(s_ptr + sz, mask=mask_w, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + sz, mask=mask_w, other=0).to(tl.float32)
-                w = (q - z) * s
+            w = dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, N, k0, offs_k, offs_n, mask_k, mask_n, BITS, CPW, SCALAR_GROUP,
+                             GROUP_SIZE)
             acc += tl.reduce(x[:, :, None] * w[None, :, :], 1, SUM)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -139,20 +149,8 @@ def _build(triton_module, tl_module) -> SimpleNamespace:
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            mask_w = mask_k[:, None] & mask_n[None, :]
-            words = tl.load(qw_ptr + (offs_k // CPW)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-            q = ((words >> ((offs_k % CPW) * BITS)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
-            if SCALAR_GROUP:
-                g = k0 // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-                w = (q - z[None, :]) * s[None, :]
-            else:
-                g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
-                sz = g[:, None] * N + offs_n[None, :]
-                s = tl.load(s_ptr + sz, mask=mask_w, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + sz, mask=mask_w, other=0).to(tl.float32)
-                w = (q - z) * s
+            w = dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, N, k0, offs_k, offs_n, mask_k, mask_n, BITS, CPW, SCALAR_GROUP,
+                             GROUP_SIZE)
             w = w.to(x_ptr.dtype.element_ty)
             if FP32_DOT:
                 acc = tl.dot(x, w, acc, input_precision="ieee")
