@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.formats.affine import AffineWeight
 from hf_vq.nn import kernel_native_affine as native
-from hf_vq.nn import kernel_registry, kernel_torch_int4
+from hf_vq.nn import kernel_registry, kernel_torch_int4, kernel_torch_int8
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.utils.cbuild import CLibrary
 
@@ -146,13 +146,13 @@ def test_kernel_switch(monkeypatch):
         assert torch.equal(q(x), exact)
         assert kernel_registry.candidates("affine", "cpu", 1) == []
         monkeypatch.setenv("HF_VQ_KERNELS", "torch")
-        assert [k.name for k in kernel_registry.candidates("affine", "cpu", 1)] == ["torch-int4"]
+        assert [k.name for k in kernel_registry.candidates("affine", "cpu", 1)] == ["torch-int4", "torch-int8"]
         ref_torch = kernel_torch_int4.run(q.kernel_state(kernel_torch_int4.KERNEL), x, None)
         assert torch.equal(q(x), ref_torch)
         monkeypatch.setenv("HF_VQ_KERNELS", "native")
         assert torch.equal(q(x), native.run(q.kernel_state(native.KERNEL), x, None))
         monkeypatch.setenv("HF_VQ_KERNELS", "torch,native")   # an order of preference
-        assert [k.family for k in kernel_registry.candidates("affine", "cpu", 1)] == ["torch", "native"]
+        assert [k.family for k in kernel_registry.candidates("affine", "cpu", 1)] == ["torch", "torch", "native"]
         assert [k.family for k in kernel_registry.candidates("affine", "cpu", 64)] == ["native"]  # torch: <= 4 rows
         monkeypatch.setenv("HF_VQ_KERNELS", "auto")
         assert kernel_registry.candidates("affine", "cpu", 1)[0].family == "native"
@@ -241,3 +241,28 @@ def test_routed_experts_use_the_kernels_with_skewed_routing():
     states = q.__dict__["_kernel_states"].states
     assert {key[1][1] for key in states} <= {0, *range(1, layout.num_experts)} and (("native-affine", ("gate_up", 0))
                                                                                   in states)
+
+
+@pytest.mark.parametrize("sym,one_sided", [(True, False), (False, False), (False, True)])
+def test_torch_int8_kernel_serves_8bit_per_channel_layers(sym, one_sided, monkeypatch):
+    monkeypatch.setenv("HF_VQ_KERNELS", "torch")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 96, generator=g)
+    if one_sided:   # asymmetric grid with zero-point 0: codes up to 255 do not fit int8
+        w = w.abs() + 0.1
+    aw = rtn_weight(w, 8, -1, sym)
+    q = QuantLinear.from_affine(aw, torch.randn(48, generator=g))
+    fits = bool(((aw.codes.int() - aw.zeros.int()).abs() <= 127).all())
+    state = q.kernel_state(kernel_torch_int8.KERNEL)
+    assert (state is not None) == fits
+    x = torch.randn(3, 96, generator=g)
+    ref = F.linear(x, aw.dequantize(), q.bias)
+    with torch.no_grad():
+        y = q(x)
+    if fits:
+        # bf16 compute: x and the scales rounded to bf16 (2^-8 each), the output too
+        bound = 3 * 2 ** -8 * (F.linear(x.abs(), aw.dequantize().abs()) + q.bias.abs())
+        assert bool(((y - ref).abs() <= bound + 1e-6).all()) and not torch.equal(y, ref)
+    else:
+        assert torch.equal(y, ref), "not servable: the exact path"
+    assert kernel_torch_int8.prepare(rtn_weight(w, 8, 32, sym)) is None, "grouped 8-bit: not this kernel"
