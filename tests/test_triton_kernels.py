@@ -195,7 +195,8 @@ def test_quant_experts_with_skewed_routing(monkeypatch, launches):
         fast = q(h, idx, wts)
         monkeypatch.setenv("HF_VQ_KERNELS", "exact")
         exact = q(h, idx, wts)
-    assert True in launches and False in launches, "both kernels served experts"
+    # launches records each call's path (True: tiled GEMM): expert 0's 20 tokens take the GEMM, the others the GEMV
+    assert set(launches) == {True, False}, "both kernels served experts"
     assert len(launches) == 2 * len(torch.unique(idx)), "every routed expert's two projections went to Triton"
     assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 

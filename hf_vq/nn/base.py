@@ -26,6 +26,32 @@ class QuantizedLinearMixin:
             lin.bias.data.copy_(self.bias.detach())
         return lin
 
+    # set by each module: the registry's storage format, the buffer whose replacement drops prepared kernels, and
+    # format_weight() -> the hf_vq.formats object kernels prepare from
+    storage: str = ""
+    source_buffer: str = ""
+
+    def kernel_state(self, kernel: kernel_registry.Kernel):
+        """The kernel's prepared form of this layer (built on first use), or None when it cannot serve it."""
+        return self._kernel_states.get(kernel, None, self._buffers[self.source_buffer],
+                                       lambda: kernel.prepare(self.format_weight()))
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """y through the kernel pinned by ``fix_kernel`` or the registry's first that serves this call; None when
+        none does (the module then runs its exact path). Kernels have no backward: an input that needs a gradient
+        gets None; a trainable bias is added after the kernel."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return None
+        rows = x.numel() // self.in_features if self.in_features else 0
+        fixed = self._kernel_states.fixed
+        if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):
+            return with_bias(fixed[0], fixed[1], x, self.bias)
+        for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
+            state = self.kernel_state(kernel)
+            if state is not None:
+                return with_bias(kernel, state, x, self.bias)
+        return None
+
     def fix_kernel(self, rows: int = 1):
         """Choose, once, the kernel that serves ``rows`` rows on this module's device and prepare it; the forward
         then goes straight to it (``hf_vq.optimize``). Returns the kernel, or None when none serves this module."""

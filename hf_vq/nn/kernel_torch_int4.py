@@ -62,18 +62,27 @@ def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, kernel_group: int, sz
 MAX_ROWS = 4  # the kernel scales about linearly in rows; oneDNN's dense GEMM overtakes it by 4-16 rows
 
 
+def in_compute_dtype(state: dict, x: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
+    """torch's weight-only kernels compute in bf16 (fp16 stays fp16): that dtype, and the state's fp32 "meta"
+    (scales, zero terms) rounded to it once and kept."""
+    kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
+    meta = state.get(kdtype)
+    if meta is None:
+        meta = state[kdtype] = state["meta"].to(kdtype)
+    return kdtype, meta
+
+
 def prepare(aw: AffineWeight, **_facts):
     if aw.bits > 4 or aw.codes.device.type != "cpu":
         return None
-    packed = int4pack_prepare(aw.codes, aw.scales, aw.zeros, aw.g_idx, aw.group_size, torch.bfloat16)
-    return None if packed is None else {"packed": packed[0], "group": packed[1], torch.bfloat16: packed[2]}
+    packed = int4pack_prepare(aw.codes, aw.scales, aw.zeros, aw.g_idx, aw.group_size, torch.float32)
+    if packed is None:
+        return None
+    return {"packed": packed[0], "group": packed[1], "meta": packed[2], torch.bfloat16: packed[2].bfloat16()}
 
 
 def run(state: dict, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
-    sz = state.get(kdtype)
-    if sz is None:
-        sz = state[kdtype] = state[torch.bfloat16].to(kdtype)
+    kdtype, sz = in_compute_dtype(state, x)
     y = int4pack_linear(x.to(kdtype), state["packed"], state["group"], sz).to(x.dtype)
     return y if bias is None else y + bias.to(y.dtype)
 

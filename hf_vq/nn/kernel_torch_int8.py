@@ -10,6 +10,7 @@ import torch
 
 from hf_vq.formats.affine import AffineWeight
 from hf_vq.nn.kernel_registry import Kernel, register
+from hf_vq.nn.kernel_torch_int4 import in_compute_dtype
 
 MAX_ROWS = 4  # like the int4 kernel: a dense GEMM wins above a few rows
 
@@ -24,14 +25,11 @@ def prepare(aw: AffineWeight, **_facts):
     w = aw.codes.to(torch.int16) - aw.zeros.to(torch.int16)   # [N, K] - [N, 1]
     if int(w.min()) < -128 or int(w.max()) > 127:
         return None
-    return {"w": w.to(torch.int8).contiguous(), torch.float16: aw.scales[:, 0].contiguous()}
+    return {"w": w.to(torch.int8).contiguous(), "meta": aw.scales[:, 0].float()}
 
 
 def run(state: dict, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    kdtype = torch.float16 if x.dtype == torch.float16 else torch.bfloat16
-    scales = state.get(kdtype)
-    if scales is None:
-        scales = state[kdtype] = state[torch.float16].to(kdtype)
+    kdtype, scales = in_compute_dtype(state, x)
     shape = x.shape
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(kdtype).contiguous(), state["w"], scales)
     y = y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])

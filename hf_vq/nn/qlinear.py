@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vq.nn.base import QuantizedLinearMixin, with_bias as _with_bias
+from hf_vq.nn.base import QuantizedLinearMixin
 from hf_vq.nn.records import (AFFINE_SCHEMA, check_finite_positive, check_int_range, check_tensor_layout,
                               validate_record)
 from hf_vq.nn.registry import register_format, register_layer_type
@@ -29,7 +29,7 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
     tensor_names = ("qweight", "scales", "qzeros", "g_idx")
     # True: every call takes the exact dequantized GEMM (QuantSim's folded layers: a simulation stays exact)
     exact_decode = False
-    storage = "affine"
+    storage, source_buffer = "affine", "qweight"
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
                  sym: bool = False, device=None, dtype=None):
@@ -116,27 +116,17 @@ class QuantLinear(QuantizedLinearMixin, nn.Module):
     def affine_weight(self) -> AffineWeight:
         return AffineWeight(self.codes(), self.scales, self.qzeros, self.g_idx, self.bits, self.group_size, self.sym)
 
+    format_weight = affine_weight
+
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_groups(self.codes(), self.scales, self.qzeros, self.g_idx, dtype, self.group_size)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # kernels have no backward: they serve calls whose input needs no gradient (a trainable bias is added after)
-        if not self.exact_decode and not (x.requires_grad and torch.is_grad_enabled()):
-            rows = x.numel() // self.in_features if self.in_features else 0
-            fixed = self._kernel_states.fixed
-            if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):
-                return _with_bias(fixed[0], fixed[1], x, self.bias)
-            for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
-                state = self.kernel_state(kernel)
-                if state is not None:
-                    return _with_bias(kernel, state, x, self.bias)
+        y = None if self.exact_decode else self.kernel_forward(x)
+        if y is not None:
+            return y
         return F.linear(x, self.dequantize_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def kernel_state(self, kernel: kernel_registry.Kernel):
-        """The kernel's prepared form of this layer (built on first use), or None when it cannot serve it."""
-        return self._kernel_states.get(kernel, None, self._buffers["qweight"],
-                                       lambda: kernel.prepare(self.affine_weight()))
 
     def _apply(self, fn, recurse=True):
         # Keep scales in their storage dtype: model.to(bfloat16) must not re-round the quantization grid.

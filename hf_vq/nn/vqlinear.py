@@ -22,7 +22,7 @@ from torch import nn
 from hf_vq.formats.vq import VQLayout, VQWeight, decode_weight
 import hf_vq.nn.vq_kernel as vq_kernel
 from hf_vq.nn import kernel_registry
-from hf_vq.nn.base import QuantizedLinearMixin, with_bias as _with_bias
+from hf_vq.nn.base import QuantizedLinearMixin
 from hf_vq.nn.records import (VQ_SCHEMA, check_finite_positive, check_fp16_bits, check_tensor_layout, validate_record,
                               vq_rules)
 from hf_vq.nn.registry import register_format, register_layer_type
@@ -33,7 +33,7 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
     tensor_names = ("vq_indices", "vq_codebook", "vq_codebook_scales", "vq_norm_codes", "vq_norm_base")
     cache_decoded = True
     fast_decode = True
-    storage = "vq"
+    storage, source_buffer = "vq", "vq_indices"
 
     def __init__(self, layout: VQLayout, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -127,18 +127,13 @@ class VQLinear(QuantizedLinearMixin, nn.Module):
         kernel cannot serve this layer."""
         return self.kernel_state(vq_kernel.KERNEL)
 
-    def kernel_state(self, kernel: kernel_registry.Kernel):
-        return self._kernel_states.get(kernel, None, self._buffers["vq_indices"],
-                                       lambda: kernel.prepare(VQWeight(self.layout, self.stored_tensors())))
+    def format_weight(self) -> VQWeight:
+        return VQWeight(self.layout, self.stored_tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # kernels have no backward: they serve calls whose input needs no gradient (a trainable bias is added after)
-        if self.fast_decode and not (x.requires_grad and torch.is_grad_enabled()):
-            rows = x.numel() // self.in_features if self.in_features else 0
-            for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
-                state = self.kernel_state(kernel)
-                if state is not None:
-                    return _with_bias(kernel, state, x, self.bias)
+        y = self.kernel_forward(x) if self.fast_decode else None
+        if y is not None:
+            return y
         return F.linear(x, self._weight_for(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     # ------------------------------------------------------------------ AIMET encodings
