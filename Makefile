@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export OMP_DYNAMIC := FALSE
 export MKL_DYNAMIC := FALSE
 
-.PHONY: setup assets demo test unit integration bench clean
+.PHONY: setup assets demo test unit integration bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ demo: assets
 
 test: assets
 	$(VENV)/bin/lint-imports --no-cache
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
 	$(PY) -m pytest -q tests integration_tests
 
 unit: setup
@@ -36,6 +37,11 @@ unit: setup
 
 bench: assets
 	$(PY) benchmarks/quality.py --rows fp,rtn4,gptq4-small,gptq3-small,gptq4,gptq3
+
+# The site (build/site) is built from docs/ and mkdocs.yml; the config and API reference pages are generated from
+# the code at build time (docs/hooks/config_reference.py). --strict: a broken link or reference fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info

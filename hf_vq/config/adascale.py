@@ -6,12 +6,13 @@ import os
 
 from hf_vq.config.base import HfVQConfig
 from hf_vq.config.gptq import PERCDAMP
+from hf_vq.config.mixed import MixedPrecision, affine_fields
 from hf_vq.config.schema import Bool, ConfigError, Field, Float, Instance, Int, Optional, Str
 
 LR = Float(0.0, 1.0, lo_open=True)  # Adam steps on scales near 1: above 1 only diverges
 
 
-class AdaScaleConfig(HfVQConfig):
+class AdaScaleConfig(MixedPrecision, HfVQConfig):
     """AdaScale (AIMET; FlexRound scales + OmniQuant learnable clipping): per block, train element-wise (s2) and
     per-channel (s3) weight scales and clipping (gamma, beta) so the quantized block matches the FP block output
     (blockwise distillation, MSE, Adam with cosine decay); folded into a plain affine grid (no inference cost).
@@ -48,11 +49,19 @@ class AdaScaleConfig(HfVQConfig):
                                 doc="stop a block when a pass over the batches lowers the loss by less than this"),
         train_dtype=Field(Optional(Str(("float32", "bfloat16"))), None, doc="None: bfloat16 where fast"),
         compile=Field(Optional(Bool()), None, doc="None: for long runs"),
-        fp_input_prob=Field(Float(0.0, 1.0), 0.5),
-        weight_granularity=Field(Str(valid_granularities), "group"),
+        fp_input_prob=Field(Float(0.0, 1.0), 0.5,
+                            doc="chance that an element of a block's training input comes from the float model "
+                                "instead of the quantized one"),
+        weight_granularity=Field(Str(valid_granularities), "group",
+                                 doc="'group': hf_vq groups (sym or asym); 'blockwise': AIMET min-max blocks of "
+                                     "group_size (must divide in_features); 'lpbq': symmetric blocks with integer x "
+                                     "per-channel scales (decompressed_bw)"),
         decompressed_bw=Field(Int(2, hi=32), 8, doc="LPBQ per-channel scale bits"),
         percdamp=PERCDAMP,
-        activation_cache_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never"),
+        activation_cache_dir=Field(Optional(Instance((str, os.PathLike), "a folder path")), None, saved="never",
+                                   doc="keep the calibration block inputs/targets on disk there (safetensors, "
+                                       "removed afterwards) instead of in CPU memory"),
+        **affine_fields(),
     )
 
     def learning_rates(self) -> tuple[float, float]:

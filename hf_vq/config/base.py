@@ -101,7 +101,8 @@ BASE_SCHEMA = Schema(dict(
     calibration_dtype=Field(Str(("float32", "bfloat16")), "float32", doc="autocast dtype of the forward passes"),
     clip_search=Field(Bool(), False, doc="grid search of a per-row range shrink factor (GPTQ reference's 'mse')"),
     first_token_weight=Field(Optional(Float(lo=0.0), what="None (automatic) or a finite number >= 0"), None,
-                             doc="Hessian weight of each window's first token (attention sink); see sink_weight()"),
+                             doc="Hessian weight of each window's first token (the attention sink); None: seq_len / 32, "
+                                 "at least 1; 1 gives the reference GPTQ Hessian"),
     expert_calibration=Field(Str(EXPERT_CALIBRATION_MODES), "routed",
                              doc="fused MoE experts: Hessians from the tokens routed to each expert ('routed') or from "
                                  "every calibration token ('all'; the block output still follows the router)"),

@@ -34,24 +34,39 @@ class GPTVQConfig(HfVQConfig):
         sym="GPTVQ codebooks have no symmetric grid", clip_search="clip_search is an RTN/GPTQ grid option",
     ).extend(
         module_overrides=Field(Overrides({"skip": Bool()}), {}, doc="{regex: {'skip': True}} keeps layers in float"),
-        vector_dim=Field(Int(choices=valid_vector_dims), 2),
-        index_bits=Field(Int(1, hi=8, what="an integer in 1..8 (codebooks of 2..256 entries)"), 6),
+        vector_dim=Field(Int(choices=valid_vector_dims), 2,
+                         doc="adjacent input columns quantized together as one vector"),
+        index_bits=Field(Int(1, hi=8, what="an integer in 1..8 (codebooks of 2..256 entries)"), 6,
+                         doc="bits per vector index: each codebook has 2**index_bits centroids"),
         codebook_bits=Field(Int(choices=valid_codebook_bits,
-                                what=f"one of {valid_codebook_bits} (16 = fp16 codebooks)"), 8),
-        rows_per_block=Field(Int(1), 32),
-        cols_per_block=Field(Int(1), 256),
-        kmeans_iterations=Field(Int(0), 100),
+                                what=f"one of {valid_codebook_bits} (16 = fp16 codebooks)"), 8,
+                            doc="storage of the codebook entries: 4/8 = integers with an fp16 scale, 16 = fp16"),
+        rows_per_block=Field(Int(1), 32, doc="output rows that share one codebook"),
+        cols_per_block=Field(Int(1), 256, doc="input columns that share one codebook (a multiple of vector_dim)"),
+        kmeans_iterations=Field(Int(0), 100, doc="Hessian-weighted EM iterations per codebook"),
         percdamp=PERCDAMP,
-        hessian_weighted_lookup=Field(Bool(), True),
-        codebook_update=Field(Bool(), True),
-        codebook_update_steps=Field(Int(1), 8),
-        data_normalization=Field(Bool(), False),
-        init=Field(Str(valid_inits), "mahalanobis"),
-        block_size=Field(Int(1), 128),
-        true_sequential=Field(Bool(), True),
-        codebook_scale=Field(Str(valid_codebook_scales), "row_block"),
-        finetune_iterations=Field(Int(0), 0),
-        finetune_lr=Field(Float(0.0, 1.0, lo_open=True), 1e-4),
+        hessian_weighted_lookup=Field(Bool(), True,
+                                      doc="pick each vector's centroid by the Hessian-weighted distance (False: plain "
+                                          "squared distance)"),
+        codebook_update=Field(Bool(), True,
+                              doc="after assignment, refine the codebooks against the layer's Hessian loss (kept only "
+                                  "when the loss drops)"),
+        codebook_update_steps=Field(Int(1), 8, doc="optimizer steps of the codebook update"),
+        data_normalization=Field(Bool(), False,
+                                 doc="4-bit log2 scale per row and 64 columns before vector quantization (GPTVQ "
+                                     "paper, appendix H); adds stored bits"),
+        init=Field(Str(valid_inits), "mahalanobis",
+                   doc="codebook initialization: 'mahalanobis' (evenly spaced ranks of the distance to the mean) or "
+                       "'kpp' (k-means++ seeding)"),
+        block_size=Field(Int(1), 128, doc="columns per lazy GPTQ error-feedback update block"),
+        true_sequential=Field(Bool(), True, doc="quantize a block's layer groups in execution order"),
+        codebook_scale=Field(Str(valid_codebook_scales), "row_block",
+                             doc="'row_block': one scale for all codebooks of a row block (exports as AIMET VECTOR "
+                                 "encodings); 'codebook': one scale per codebook (finer, not AIMET-exportable)"),
+        finetune_iterations=Field(Int(0), 0,
+                                  doc="Adam steps of blockwise codebook fine-tuning after each decoder block (indices "
+                                      "fixed, matching the float block's output); 0: off"),
+        finetune_lr=Field(Float(0.0, 1.0, lo_open=True), 1e-4, doc="learning rate of the codebook fine-tuning"),
     )
 
     inert = HfVQConfig.inert + (

@@ -34,16 +34,23 @@ class QuantSimConfig(HfVQConfig):
         first_token_weight="QuantSim computes activation ranges, not Hessians",
         lm_head_bits=_HEAD, lm_head_group_size=_HEAD,
     ).extend(
-        weight_bits=Field(Int(choices=VALID_BITS), 8),
-        weight_granularity=Field(Str(valid_granularities), "per_channel"),
+        weight_bits=Field(Int(choices=VALID_BITS), 8, doc="bits per weight (symmetric grid)"),
+        weight_granularity=Field(Str(valid_granularities), "per_channel",
+                                 doc="one scale per output channel, per block_size columns ('blockwise'), or "
+                                     "'lpbq': integer block scales x a per-channel float scale"),
         block_size=Field(Int(2, what="an integer >= 2"), 64, doc="weight block (blockwise/lpbq)"),
         decompressed_bits=Field(Int(2, hi=16), 8, doc="LPBQ per-channel scale bits"),
-        activation_bits=Field(Optional(Int(choices=(8, 16)), what="8, 16 or None (weight-only)"), 16),
-        activation_dtype=Field(Str(("int", "float16", "bfloat16")), "int"),
-        quant_scheme=Field(Str(valid_schemes), "min_max"),
-        percentile=Field(Float(50.0, 100.0, lo_open=True), 99.99),
-        quantize_inputs=Field(Bool(), True),
-        quantize_outputs=Field(Bool(), True),
+        activation_bits=Field(Optional(Int(choices=(8, 16)), what="8, 16 or None (weight-only)"), 16,
+                              doc="bits of the activation quantizers; None: weight-only"),
+        activation_dtype=Field(Str(("int", "float16", "bfloat16")), "int",
+                               doc="'int': integer activation quantizers (calibrated); 'float16'/'bfloat16': a "
+                                   "cast, no calibration"),
+        quant_scheme=Field(Str(valid_schemes), "min_max",
+                           doc="activation ranges: running min/max, 'tf_enhanced' (SQNR-based range search) or "
+                               "'percentile'"),
+        percentile=Field(Float(50.0, 100.0, lo_open=True), 99.99, doc="the percentile of quant_scheme='percentile'"),
+        quantize_inputs=Field(Bool(), True, doc="quantize the input of every quantized Linear"),
+        quantize_outputs=Field(Bool(), True, doc="quantize the output of every quantized Linear"),
     )
 
     @property

@@ -1,0 +1,92 @@
+"""mkdocs hook: fills the config reference and the API reference from the code at build time.
+
+``reference/config.md`` gets one table per config class, read from each class's schema (``hf_vq/config/schema.py``):
+every field with its type, allowed values, default, whether it is saved to config.json, and its ``Field.doc``.
+``reference/api.md`` gets one mkdocstrings entry per name in ``hf_vq.__all__``. Neither can drift from the code.
+"""
+
+from __future__ import annotations
+
+import re
+
+CONFIG_MARK = "<!-- config-reference -->"
+API_MARK = "<!-- api-reference -->"
+
+SAVED = {"always": "yes", "never": "no (runtime only)", "text": "when a string"}
+
+
+def _type(check) -> str:
+    """A short type for one Check (``schema.Optional`` wraps another check)."""
+    from hf_vq.config import schema
+
+    if isinstance(check, schema.Optional):
+        return f"{_type(check.inner)} or None"
+    names = {schema.Bool: "bool", schema.Int: "int", schema.Float: "float", schema.Str: "str",
+             schema.StrList: "list[str]", schema.Overrides: "dict", schema.Records: "dict", schema.Instance: "object"}
+    for cls in type(check).__mro__:
+        if cls in names:
+            return names[cls]
+    return type(check).__name__
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _code(value) -> str:
+    return "`" + repr(value).replace("|", "\\|") + "`"
+
+
+def config_classes():
+    """Every registered config class, in the order a user meets them."""
+    import hf_vq  # noqa: F401 - registers the classes
+    from hf_vq.config.base import HfVQConfig
+
+    order = ["rtn", "gptq", "gptvq", "adascale", "quantsim"]
+    methods = sorted(HfVQConfig._registry, key=lambda m: (order.index(m) if m in order else len(order), m))
+    return [HfVQConfig._registry[m] for m in methods]
+
+
+def render_class(cls) -> str:
+    schema = cls.schema
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    lines = [f"## {cls.__name__}", "", f"`method = \"{cls.method}\"`. {doc}", "",
+             "| field | type | allowed values | default | saved | meaning |", "|---|---|---|---|---|---|"]
+    for name, f in schema.fields.items():
+        lines.append(f"| `{name}` | {_type(f.check)} | {_cell(f.check.what)} | {_code(f.default)} | "
+                     f"{SAVED[f.saved]} | {_cell(f.doc)} |")
+    if cls.derived:
+        lines += ["", "Read-only, derived from the fields above and written to config.json: "
+                  + ", ".join(f"`{n}`" for n in cls.derived) + "."]
+    if schema.refused:
+        lines += ["", f"Fields {cls.__name__} refuses (passing one raises `ConfigError` with this hint):", "",
+                  "| field | why |", "|---|---|"]
+        lines += [f"| `{n}` | {_cell(hint)} |" for n, hint in schema.refused.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_config_reference() -> str:
+    return "\n".join(render_class(cls) for cls in config_classes())
+
+
+def render_api_reference() -> str:
+    import hf_vq
+
+    blocks = []
+    for name in hf_vq.__all__:
+        blocks.append(f"## `hf_vq.{name}`\n\n::: hf_vq.{name}\n    options:\n      show_root_heading: false\n")
+    return "\n".join(blocks)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - mkdocs hook signature
+    if CONFIG_MARK in markdown:
+        markdown = markdown.replace(CONFIG_MARK, render_config_reference())
+    if API_MARK in markdown:
+        markdown = markdown.replace(API_MARK, render_api_reference())
+    return markdown
+
+
+def section(markdown: str, title: str) -> str:
+    """The text of one ``## title`` section of rendered markdown (used by tests/test_docs.py)."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M)
+    return match.group(1) if match else ""
