@@ -179,16 +179,30 @@ class FusedExperts(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dequantize_expert(proj, expert, x.dtype), bias)
 
+    @torch.no_grad()
+    def _group_by_expert(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The (token, slot) pairs as flat indices into ``top_k_index``, sorted by expert (in token order within one),
+        and each expert's count: one host sync per call, however many experts were hit. Indices outside
+        [0, num_experts) (expert-parallel sentinels) sort last and are not counted."""
+        flat = top_k_index.reshape(-1)
+        e = self.num_experts
+        key = torch.where((flat >= 0) & (flat < e), flat, e)
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=e + 1)[:e].tolist()
+        return order, counts
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         template = self._template()
         activation = template._apply_gate if self.gated else template.act_fn
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.unique(top_k_index).tolist()
-        for e in hit:
-            if e < 0 or e >= self.num_experts:
-                continue  # expert-parallel sentinels
-            token, slot = torch.where(top_k_index == e)
+        token_slots, counts = self._group_by_expert(top_k_index)
+        start = 0
+        for e, count in enumerate(counts):
+            if not count:
+                continue
+            sel = token_slots[start:start + count]
+            start += count
+            token, slot = sel // top_k_index.shape[-1], sel % top_k_index.shape[-1]
             h = activation(self._project(self.first, e, hidden_states[token]))
             y = self._project("down", e, h) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
