@@ -20,6 +20,7 @@ from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.nn.vqlinear import VQLinear
 from hf_vq.integrations.peft import load_lora, merge_and_dequantize, prepare_lora  # noqa: F401 (peft imported lazily)
 from hf_vq.integrations.quantizer import HfVQQuantizer
+from hf_vq.integrations.lm_eval import evaluate  # lm-evaluation-harness (imported when called)
 from hf_vq.export.quantsim import export_encodings
 from hf_vq.model.quantsim import (set_activation_quantizers_to_float, set_blockwise_quantization_for_weights,
                                   set_grouped_blockwise_quantization_for_weights)
@@ -34,7 +35,7 @@ from hf_vq.utils.version import __version__  # noqa: E402
 __all__ = [
     "optimize",
     "HfVQConfig", "RTNConfig", "GPTQConfig", "GPTVQConfig", "AdaScaleConfig", "QuantSimConfig", "ConfigError",
-    "QuantLinear", "VQLinear", "HfVQQuantizer", "evaluate_perplexity",
+    "QuantLinear", "VQLinear", "HfVQQuantizer", "evaluate_perplexity", "evaluate",
     "export_encodings", "load_encodings", "export_onnx", "export_checkpoint", "ExportError", "compute_encodings",
     "prepare_qat",
     "set_blockwise_quantization_for_weights", "set_grouped_blockwise_quantization_for_weights",

@@ -1,0 +1,107 @@
+"""hf_vq.evaluate: real lm-evaluation-harness on a tiny hf_vq-quantized model, with a local multiple-choice task
+(tests/data/lm_eval: a task YAML over JSON lines, so no Hub)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_vq
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "tests" / "data" / "lm_eval"
+TASK = "hf_vq_tiny_choice"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # the task YAML names its data relative to the repository root
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_llama_dir, calib_ids):
+    cfg = hf_vq.GPTQConfig(dataset=calib_ids, num_samples=16, seq_len=64, group_size=32)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
+
+
+@pytest.fixture(scope="module")
+def result(quantized, tiny_tokenizer):
+    return hf_vq.evaluate(quantized, [TASK], tokenizer=tiny_tokenizer, include_path=TASKS)
+
+
+def docs():
+    return [json.loads(line) for line in (TASKS / "tiny_choice.jsonl").read_text().splitlines()]
+
+
+def test_equals_lm_eval_own_run_on_the_model_object(quantized, tiny_tokenizer, result):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, hf_vq.QuantLinear)
+    own = simple_evaluate(HFLM(pretrained=quantized, tokenizer=tiny_tokenizer, batch_size=1), tasks=[TASK],
+                          task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+    assert result["results"] == own["results"]
+    assert result["n-samples"] == own["n-samples"] == {TASK: {"original": 5, "effective": 5}}
+    assert json.loads(json.dumps(result)) == result  # ready for json.dump as is
+
+
+@torch.no_grad()
+def test_metrics_match_log_likelihoods_computed_by_hand(quantized, tiny_tokenizer, result):
+    """acc: the choice with the highest summed log-probability given the question; acc_norm: divided by the choice's
+    length in characters. Log-probabilities from plain forward passes of the same model."""
+    hits, hits_norm = [], []
+    for doc in docs():
+        ctx = tiny_tokenizer(doc["question"], add_special_tokens=False)["input_ids"]
+        lls = []
+        for choice in doc["choices"]:
+            cont = tiny_tokenizer(choice, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(quantized(torch.tensor([ctx + cont])).logits[0].double(), -1)
+            lls.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+        lls = torch.tensor(lls)
+        hits.append(int(lls.argmax()) == doc["label"])
+        hits_norm.append(int((lls / torch.tensor([float(len(c)) for c in doc["choices"]])).argmax()) == doc["label"])
+    acc, acc_norm = sum(hits) / len(hits), sum(hits_norm) / len(hits_norm)
+    # a data set that the scores separate: neither metric is all-or-nothing, and they disagree
+    assert 0 < acc < 1 and 0 < acc_norm < 1 and acc != acc_norm
+    got = result["results"][TASK]
+    assert got["acc,none"] == pytest.approx(acc, abs=1e-12)
+    assert got["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-12)
+
+
+def test_disk_offloaded_checkpoint_gives_the_same_metrics(quantized, tiny_tokenizer, result, tmp_path):
+    quantized.save_pretrained(tmp_path / "q")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "cpu", "model.layers.1": "disk"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=device_map,
+                                                 offload_folder=tmp_path / "offload")
+    assert model.model.layers[1].mlp.down_proj.qweight.is_meta
+    got = hf_vq.evaluate(model, TASK, tokenizer=tiny_tokenizer, include_path=TASKS, device="cpu")
+    assert got["results"] == result["results"]
+    with pytest.raises(ValueError, match="dispatched with a device_map"):
+        hf_vq.evaluate(model, TASK, tokenizer=tiny_tokenizer, include_path=TASKS, device="cuda:0")
+
+
+def test_limit_scores_fewer_documents(quantized, tiny_tokenizer):
+    got = hf_vq.evaluate(quantized, f"{TASK},", tokenizer=tiny_tokenizer, include_path=[TASKS], limit=2)
+    assert got["n-samples"][TASK]["effective"] == 2
+
+
+def test_unknown_task_names_the_task_and_where_tasks_are_looked_up(quantized, tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"'hf_vq_tiny_choise'.*built-in tasks.*include_path.*close names: "
+                                         r"hf_vq_tiny_choice"):
+        hf_vq.evaluate(quantized, ["hf_vq_tiny_choise"], tokenizer=tiny_tokenizer, include_path=TASKS)
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        hf_vq.evaluate(quantized, [TASK], tokenizer=tiny_tokenizer, include_path=TASKS / "no_such_folder")
+
+
+def test_missing_lm_eval_says_what_to_install(quantized, tiny_tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what Python does for a package that is not installed
+    with pytest.raises(ImportError, match=r"pip install 'hf_vq\[eval\]'"):
+        hf_vq.evaluate(quantized, [TASK], tokenizer=tiny_tokenizer, include_path=TASKS)
