@@ -35,6 +35,15 @@ def result(quantized, tiny_tokenizer):
     return hf_vq.evaluate(quantized, [TASK], tokenizer=tiny_tokenizer, include_path=TASKS)
 
 
+@pytest.fixture(scope="module")
+def saved(quantized, tiny_tokenizer, tmp_path_factory):
+    """The quantized model saved with its tokenizer (evaluate's default tokenizer: the one beside the model)."""
+    d = tmp_path_factory.mktemp("lm_eval_ckpt")
+    quantized.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
 def docs():
     return [json.loads(line) for line in (TASKS / "tiny_choice.jsonl").read_text().splitlines()]
 
@@ -75,17 +84,33 @@ def test_metrics_match_log_likelihoods_computed_by_hand(quantized, tiny_tokenize
     assert got["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-12)
 
 
-def test_disk_offloaded_checkpoint_gives_the_same_metrics(quantized, tiny_tokenizer, result, tmp_path):
-    quantized.save_pretrained(tmp_path / "q")
+def test_disk_offloaded_checkpoint_gives_the_same_metrics(saved, result, tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
                   "model.layers.0": "cpu", "model.layers.1": "disk"}
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=device_map,
+    model = AutoModelForCausalLM.from_pretrained(saved, device_map=device_map,
                                                  offload_folder=tmp_path / "offload")
     assert model.model.layers[1].mlp.down_proj.qweight.is_meta
-    got = hf_vq.evaluate(model, TASK, tokenizer=tiny_tokenizer, include_path=TASKS, device="cpu")
+    got = hf_vq.evaluate(model, TASK, include_path=TASKS, device="cpu")
     assert got["results"] == result["results"]
     with pytest.raises(ValueError, match="dispatched with a device_map"):
-        hf_vq.evaluate(model, TASK, tokenizer=tiny_tokenizer, include_path=TASKS, device="cuda:0")
+        hf_vq.evaluate(model, TASK, include_path=TASKS, device="cuda:0")
+
+
+def test_cli_eval_writes_what_evaluate_returns(saved, result, tmp_path, capsys):
+    from hf_vq.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(saved), "--tasks", TASK, "--include-path", str(TASKS), "--output", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == written
+    assert written["tasks"] == [TASK]
+    direct = hf_vq.evaluate(AutoModelForCausalLM.from_pretrained(saved), [TASK], include_path=TASKS)
+    # all but the clock: when each run started and ended
+    clock = {"date", "start_time", "end_time", "total_evaluation_time_seconds"}
+    assert set(written["results"]) == set(direct)
+    assert {k: v for k, v in written["results"].items() if k not in clock} == \
+        {k: v for k, v in direct.items() if k not in clock}
+    assert direct["results"] == result["results"]  # the saved checkpoint scores as the model in memory did
 
 
 def test_limit_scores_fewer_documents(quantized, tiny_tokenizer):
@@ -97,6 +122,8 @@ def test_unknown_task_names_the_task_and_where_tasks_are_looked_up(quantized, ti
     with pytest.raises(ValueError, match=r"'hf_vq_tiny_choise'.*built-in tasks.*include_path.*close names: "
                                          r"hf_vq_tiny_choice"):
         hf_vq.evaluate(quantized, ["hf_vq_tiny_choise"], tokenizer=tiny_tokenizer, include_path=TASKS)
+    with pytest.raises(ValueError, match=r"(?s)no tokenizer could be loaded.*pass tokenizer="):
+        hf_vq.evaluate(quantized, [TASK], include_path=TASKS)  # its float model's folder holds no tokenizer
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         hf_vq.evaluate(quantized, [TASK], tokenizer=tiny_tokenizer, include_path=TASKS / "no_such_folder")
 
