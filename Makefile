@@ -39,7 +39,7 @@ bench: assets
 	$(PY) benchmarks/quality.py --rows fp,rtn4,gptq4-small,gptq3-small,gptq4,gptq3
 
 # The site (build/site) is built from docs/ and mkdocs.yml; the config and API reference pages are generated from
-# the code at build time (docs/hooks/config_reference.py). --strict: a broken link or reference fails the build.
+# the code at build time (docs/hooks/generated_pages.py). --strict: a broken link or reference fails the build.
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 

@@ -2,15 +2,23 @@
 
 ``reference/config.md`` gets one table per config class, read from each class's schema (``hf_vq/config/schema.py``):
 every field with its type, allowed values, default, whether it is saved to config.json, and its ``Field.doc``.
-``reference/api.md`` gets one mkdocstrings entry per name in ``hf_vq.__all__``. Neither can drift from the code.
+``reference/api.md`` gets one mkdocstrings entry per name in ``hf_vq.__all__``. ``architecture.md`` gets the layer
+map from pyproject.toml's import-linter contract and the table of registered kernels. None of them can drift from
+the code. ``reference/cli.md`` gets the ``--help`` of every ``hf-vq`` command.
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
+from pathlib import Path
 
 CONFIG_MARK = "<!-- config-reference -->"
 API_MARK = "<!-- api-reference -->"
+LAYERS_MARK = "<!-- layer-map -->"
+KERNELS_MARK = "<!-- kernel-table -->"
+CLI_MARK = "<!-- cli-reference -->"
+ROOT = Path(__file__).resolve().parents[2]
 
 SAVED = {"always": "yes", "never": "no (runtime only)", "text": "when a string"}
 
@@ -78,11 +86,71 @@ def render_api_reference() -> str:
     return "\n".join(blocks)
 
 
+def layer_contract() -> list[str]:
+    """The layers of pyproject.toml's "layers" import-linter contract, top first."""
+    doc = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contracts = doc["tool"]["importlinter"]["contracts"]
+    return next(c for c in contracts if c["type"] == "layers")["layers"]
+
+
+def render_layer_map() -> str:
+    lines = ["| layer | packages (each imports only the rows below it) |", "|---|---|"]
+    for i, layer in enumerate(layer_contract()):
+        names = ", ".join(f"`{name.strip()}`" for name in layer.split("|"))
+        lines.append(f"| {i + 1} | {names} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_kernel_table() -> str:
+    import hf_vq  # noqa: F401 - importing the package registers every kernel
+    from hf_vq.nn import kernel_registry
+
+    lines = ["| storage | kernel | family (`HF_VQ_KERNELS`) | devices | priority under `auto` | input rows | module |",
+             "|---|---|---|---|---|---|---|"]
+    for storage in sorted(kernel_registry._KERNELS):
+        for k in kernel_registry.kernels_for(storage):
+            devices = ", ".join(k.devices)
+            if k.forced_devices:
+                devices += " (" + ", ".join(k.forced_devices) + f" only when `HF_VQ_KERNELS` names `{k.family}`)"
+            rows = f"{k.min_rows}-{k.max_rows}" if k.max_rows is not None else f"{k.min_rows} or more"
+            lines.append(f"| {storage} | `{k.name}` | `{k.family}` | {devices} | {k.priority} | {rows} | "
+                         f"`{k.run.__module__}` |")
+    return "\n".join(lines) + "\n"
+
+
+def render_cli_reference() -> str:
+    """``--help`` of every ``hf-vq`` command, as argparse prints it at 100 columns."""
+    import argparse
+    import os
+
+    from hf_vq.cli import build_parser
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        blocks = ["## hf-vq\n\n```text\n" + parser.format_help().rstrip() + "\n```\n"]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    sub.prog = f"hf-vq {name}"
+                    blocks.append(f"## hf-vq {name}\n\n```text\n" + sub.format_help().rstrip() + "\n```\n")
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    return "\n".join(blocks)
+
+
+RENDERERS = {CONFIG_MARK: render_config_reference, API_MARK: render_api_reference, LAYERS_MARK: render_layer_map,
+             KERNELS_MARK: render_kernel_table, CLI_MARK: render_cli_reference}
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - mkdocs hook signature
-    if CONFIG_MARK in markdown:
-        markdown = markdown.replace(CONFIG_MARK, render_config_reference())
-    if API_MARK in markdown:
-        markdown = markdown.replace(API_MARK, render_api_reference())
+    for mark, render in RENDERERS.items():
+        if mark in markdown:
+            markdown = markdown.replace(mark, render())
     return markdown
 
 
