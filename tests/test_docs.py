@@ -133,3 +133,31 @@ def test_site_builds_strict(tmp_path):
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
     for name in hf_vq.__all__:
         assert f'id="hf_vq.{name}"' in api, f"hf_vq.{name} missing from the built API page"
+
+
+QUOTED_CONFIG_ERRORS = [
+    (lambda: hf_vq.GPTQConfig(sym="no"), "GPTQConfig: sym must be True or False, got 'no' (str)"),
+    (lambda: hf_vq.GPTQConfig(bits=4.0), "GPTQConfig: bits must be one of (2, 3, 4, 8), got 4.0 (float)"),
+    (lambda: hf_vq.GPTQConfig(modules_to_not_convert="q_proj"),
+     "GPTQConfig: modules_to_not_convert must be a list of strings, got the string 'q_proj': write ['q_proj']"),
+    (lambda: hf_vq.QuantSimConfig(bits=4),
+     "QuantSimConfig does not take 'bits': QuantSim's weight bit width is weight_bits"),
+    (lambda: hf_vq.RTNConfig(dataset=["x"]),
+     "RTNConfig does not take 'dataset': round-to-nearest uses no calibration data"),
+    (lambda: hf_vq.GPTQConfig(bitz=4), "GPTQConfig got unknown arguments: ['bitz']"),
+    (lambda: hf_vq.GPTQConfig(4), "GPTQConfig: pass config fields by keyword (got 1 positional argument(s))"),
+    (lambda: hf_vq.GPTVQConfig(cols_per_block=255),
+     "GPTVQConfig: cols_per_block (255) must be a multiple of vector_dim (2): a vector may not straddle two codebooks"),
+    (lambda: hf_vq.GPTQConfig(lm_head_bits=8, modules_to_not_convert=["lm_head"]),
+     "GPTQConfig: lm_head_bits=8 quantizes lm_head, which modules_to_not_convert keeps in float: drop one of them"),
+    (lambda: hf_vq.GPTQConfig(format_version=2),
+     "checkpoint format_version 2 is newer than this hf_vq supports (1); upgrade hf_vq"),
+]
+
+
+@pytest.mark.parametrize("make, quoted", QUOTED_CONFIG_ERRORS, ids=[q[:40] for _, q in QUOTED_CONFIG_ERRORS])
+def test_troubleshooting_quotes_the_real_config_errors(make, quoted):
+    with pytest.raises(hf_vq.ConfigError) as e:
+        make()
+    assert quoted in str(e.value)
+    assert f"`{quoted}`" in (DOCS / "troubleshooting.md").read_text().replace("\\|", "|")
