@@ -13,6 +13,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 
 from hf_vq.config import QUANT_METHOD, HfVQConfig
 from hf_vq.model import checkpoint, convert, offload, targets
+from hf_vq.model.optimize import float_head_kernels
 from hf_vq.model.quantsim import refresh_layer_records
 from hf_vq.nn.qat import folded_state_dict
 from hf_vq.pipeline import placement
@@ -20,13 +21,25 @@ from hf_vq.pipeline import placement
 logger = logging.getLogger(__name__)
 
 
+def _same_config(saved, passed: HfVQConfig) -> bool:
+    """The checkpoint's own config handed back (lm-eval's HFLM rebuilds it with AutoQuantizationConfig): loading
+    goes on as without it."""
+    try:
+        saved = type(passed).from_dict(dict(saved)) if isinstance(saved, dict) else saved
+        return isinstance(saved, type(passed)) and saved.to_dict() == passed.to_dict()
+    except (ValueError, TypeError):   # another method or fields this class refuses: a different config
+        return False
+
+
 def _refuse_requantization(merge):
     """transformers keeps a checkpoint's own quantization config and ignores (with a warning) one passed to
-    from_pretrained; for an hf_vq checkpoint that would silently skip the quantization the user asked for."""
+    from_pretrained; for an hf_vq checkpoint that would silently skip the quantization the user asked for. The
+    checkpoint's own config passed back is not a request to re-quantize and loads as usual."""
     def merged(cls, quantization_config, quantization_config_from_args):
         saved = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
                  else getattr(quantization_config, "quant_method", None))
-        if saved == QUANT_METHOD and isinstance(quantization_config_from_args, HfVQConfig):
+        if (saved == QUANT_METHOD and isinstance(quantization_config_from_args, HfVQConfig)
+                and not _same_config(quantization_config, quantization_config_from_args)):
             method = (quantization_config.get("method") if isinstance(quantization_config, dict)
                       else getattr(quantization_config, "method", None))
             raise ValueError(
@@ -83,6 +96,7 @@ class HfVQQuantizer(HfQuantizer):
             targets.remove_init_placeholders(model)
             checkpoint.check_loaded(model, cfg.layers, self._checksums)  # value ranges (+ checksums): before any use
             offload.offload_loaded(model, cfg.layers)  # disk-placed quantized tensors stay on disk
+            self._fast_float_head(model)
             return model
         use_cache = getattr(model.config, "use_cache", None)
         if use_cache is not None:
@@ -92,7 +106,13 @@ class HfVQQuantizer(HfQuantizer):
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache
+        self._fast_float_head(model)
         return model
+
+    def _fast_float_head(self, model) -> None:
+        # QuantSim models simulate a deployment target: their float layers keep torch's own GEMM
+        if self.quantization_config.method != "quantsim":
+            float_head_kernels(model)
 
     def is_serializable(self, safe_serialization=None):
         return True

@@ -19,7 +19,9 @@ import warnings
 import torch
 from torch import nn
 
-from hf_vq.nn.base import QuantizedLinearMixin
+from hf_vq.model.targets import output_head
+from hf_vq.nn.base import KernelDispatch
+from hf_vq.nn.dense import FloatLinear
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,25 @@ def _offloaded(module: nn.Module) -> bool:
     return bool(getattr(hook, "offload", False)) or any(t.device.type == "meta" for t in module.buffers(recurse=False))
 
 
+def float_head_kernels(model: nn.Module) -> str | None:
+    """Let the model's output head, when hf_vq left it a plain float nn.Linear, run through the float kernels
+    (:class:`FloatLinear`, in place: tied weights stay tied). Returns the head's name, or None when there is no such
+    head or accelerate's hooks manage it. On CPU a decode token's head product then reads its weight at close to
+    memory bandwidth (``benchmarks/kernel_speed.py``) instead of torch's single-row GEMM rate."""
+    name = output_head(model)
+    head = model.get_submodule(name) if name else None
+    if head is None or type(head) is not nn.Linear or hasattr(head, "_hf_hook"):
+        return None
+    FloatLinear.adopt(head)
+    return name
+
+
 def fix_kernels(model: nn.Module) -> dict[str, int]:
-    """Prepare and pin each quantized Linear's kernel; returns how many layers each kernel (or "exact") serves.
-    Modules offloaded by accelerate keep choosing per call (their tensors come and go)."""
+    """Prepare and pin each quantized Linear's kernel (and the float head's); returns how many layers each kernel
+    (or "exact") serves. Modules offloaded by accelerate keep choosing per call (their tensors come and go)."""
     counts: dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, QuantizedLinearMixin) and not _offloaded(module):
+        if isinstance(module, KernelDispatch) and not _offloaded(module):
             kernel = module.fix_kernel()
             name = kernel.name if kernel is not None else "exact"
             counts[name] = counts.get(name, 0) + 1
@@ -61,6 +76,7 @@ def optimize(model, *, compile: bool = False, static_cache: bool = True, warmup_
     """
     from transformers.generation.configuration_utils import CompileConfig
 
+    float_head_kernels(model)
     report = {"kernels": fix_kernels(model), "static_cache": static_cache, "compiled": False, "warmup_s": 0.0}
     gen = model.generation_config
     if static_cache:

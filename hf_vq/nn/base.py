@@ -8,33 +8,21 @@ from torch import nn
 from hf_vq.nn import kernel_registry
 
 
-class QuantizedLinearMixin:
-    """For modules with ``in_features``, ``out_features``, ``bias``, ``dequantize_weight(dtype)`` and a
-    ``tensor_names`` tuple naming their stored quantized buffers."""
-
-    tensor_names: tuple[str, ...] = ()
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: self._buffers[n] for n in self.tensor_names if self._buffers.get(n) is not None}
-
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        device = next(iter(self.stored_tensors().values())).device
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype)
-        lin.weight.data.copy_(self.dequantize_weight(dtype))
-        if self.bias is not None:
-            lin.bias.data.copy_(self.bias.detach())
-        return lin
+class KernelDispatch:
+    """Forward through the kernel registry, for modules with ``in_features``, ``bias`` and a ``_kernel_states``
+    (:class:`kernel_registry.KernelStates`)."""
 
     # set by each module: the registry's storage format, the buffer whose replacement drops prepared kernels, and
     # format_weight() -> the hf_vq.formats object kernels prepare from
     storage: str = ""
     source_buffer: str = ""
 
+    def kernel_source(self) -> torch.Tensor:
+        return self._buffers[self.source_buffer]
+
     def kernel_state(self, kernel: kernel_registry.Kernel):
         """The kernel's prepared form of this layer (built on first use), or None when it cannot serve it."""
-        return self._kernel_states.get(kernel, None, self._buffers[self.source_buffer],
-                                       lambda: kernel.prepare(self.format_weight()))
+        return self._kernel_states.get(kernel, None, self.kernel_source(), lambda: kernel.prepare(self.format_weight()))
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """y through the kernel pinned by ``fix_kernel`` or the registry's first that serves this call; None when
@@ -55,13 +43,32 @@ class QuantizedLinearMixin:
     def fix_kernel(self, rows: int = 1):
         """Choose, once, the kernel that serves ``rows`` rows on this module's device and prepare it; the forward
         then goes straight to it (``hf_vq.optimize``). Returns the kernel, or None when none serves this module."""
-        device = next(iter(self.stored_tensors().values())).device.type
+        device = self.kernel_source().device.type
         for kernel in kernel_registry.candidates(self.storage, device, rows):
             state = self.kernel_state(kernel)
             if state is not None:
                 self._kernel_states.fixed = (kernel, state)
                 return kernel
         return None
+
+
+class QuantizedLinearMixin(KernelDispatch):
+    """For modules with ``in_features``, ``out_features``, ``bias``, ``dequantize_weight(dtype)`` and a
+    ``tensor_names`` tuple naming their stored quantized buffers."""
+
+    tensor_names: tuple[str, ...] = ()
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: self._buffers[n] for n in self.tensor_names if self._buffers.get(n) is not None}
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        device = next(iter(self.stored_tensors().values())).device
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype)
+        lin.weight.data.copy_(self.dequantize_weight(dtype))
+        if self.bias is not None:
+            lin.bias.data.copy_(self.bias.detach())
+        return lin
 
     def bits_per_value(self) -> float:
         """Stored bits per weight: the bytes of the saved quantized tensors (bias excluded)."""
