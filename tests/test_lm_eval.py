@@ -96,6 +96,21 @@ def test_disk_offloaded_checkpoint_gives_the_same_metrics(saved, result, tmp_pat
         hf_vq.evaluate(model, TASK, include_path=TASKS, device="cuda:0")
 
 
+def test_lm_eval_loads_the_checkpoint_by_path(saved, result):
+    """lm_eval's own loader (HFLM(pretrained=DIR)) hands the checkpoint's quantization config back to from_pretrained;
+    hf_vq loads it as the checkpoint it is (a different config would be refused as a re-quantization)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(saved), device="cpu", batch_size=1)
+    assert isinstance(lm.model.model.layers[0].mlp.down_proj, hf_vq.QuantLinear)
+    got = simple_evaluate(lm, tasks=[TASK], task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+    assert got["results"] == result["results"]
+    with pytest.raises(ValueError, match="already quantized by hf_vq"):
+        AutoModelForCausalLM.from_pretrained(saved, quantization_config=hf_vq.RTNConfig(bits=8))
+
+
 def test_cli_eval_writes_what_evaluate_returns(saved, result, tmp_path, capsys):
     from hf_vq.cli import main
 
