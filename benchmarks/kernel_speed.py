@@ -7,6 +7,9 @@ weights in rotation, so every call streams from DRAM). GB/s counts the bytes the
 layout (codes, scales, zero-points); "% BW" divides that by the read bandwidth measured at the same thread count
 (torch.sum over a 1 GiB fp32 tensor, best of 3). Prefill (M=512) is cache-hot and compute bound: tokens/s.
 Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
+
+The float layers hf_vq leaves in float (the output head: ``--dense-shapes``, SmolLM2's 49152 x 576 by default) are
+timed the same way: torch's ``F.linear`` against the native dense kernel, decode only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from hf_vq.algorithms.rtn import rtn_weight
 from hf_vq.nn import kernel_native_affine as native
+from hf_vq.nn import kernel_native_dense
 from hf_vq.nn import kernel_torch_int4
 
 
@@ -61,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--pool", type=int, default=400, help="MB of weight copies in rotation for cold decode")
     ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--dense-shapes", default="49152x576", help="float layers (the output head): torch vs native")
     args = ap.parse_args(argv)
     isas = [i for i in ("avx512vnni", "avxvnni", "avx2") if native.isa_supported(i)]
     print(f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; native kernel paths here: {isas}")
@@ -107,6 +112,25 @@ def main(argv=None):
                     pre = f"{args.prefill / tp:,.0f}" if tp else "-"
                     print(f"| {n}x{k} | {group} | {name} | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | {pre} |",
                           flush=True)
+        for shape in filter(None, args.dense_shapes.split(",")):
+            dense_rows(shape, args.pool, bw)
+
+
+def dense_rows(shape: str, pool: int, bw: float) -> None:
+    n, k = map(int, shape.split("x"))
+    for dtype in (torch.bfloat16, torch.float32):
+        size = n * k * (2 if dtype == torch.bfloat16 else 4)
+        copies = max(2, int(pool * 1e6 / size))
+        ws = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+        x = torch.randn(1, k).to(dtype)
+        rows = [("dense " + str(dtype)[6:] + ", torch F.linear", bench(lambda i: F.linear(x, ws[i % copies]), copies))]
+        if kernel_native_dense.prepare(ws[0]) is not None:
+            rows.append(("dense " + str(dtype)[6:] + ", native", bench(
+                lambda i: kernel_native_dense.run(ws[i % copies], x, None), copies)))
+        for name, t in rows:
+            gbs = size / t / 1e9
+            print(f"| {n}x{k} | - | {name} | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | - |", flush=True)
+        del ws
 
 
 if __name__ == "__main__":
