@@ -42,7 +42,22 @@ def test_listed_without_importing_torch():
 
 def test_hf_vq_help():
     out = _run(OPTIMUM_CLI + ["hf-vq", "--help"])
-    assert "usage: optimum-cli hf-vq" in out and "quantize" in out and "eval" in out and "--verbose" in out
+    assert "usage: optimum-cli hf-vq" in out and "--verbose" in out
+    for command in ("quantize", "eval", "export", "info"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval", "export", "info"])
+def test_subcommand_help_is_the_hf_vq_help(command, capsys):
+    """Same options, help lines and defaults as ``hf-vq COMMAND --help`` (only the program name differs)."""
+    helps = []
+    for parse in (lambda: _optimum_parser().parse_args(["hf-vq", command, "--help"]),
+                  lambda: cli.build_parser().parse_args([command, "--help"])):
+        with pytest.raises(SystemExit):
+            parse()
+        text = capsys.readouterr().out
+        helps.append(text[text.index("\n\n"):])  # past the usage lines, which name the program
+    assert "(default: " in helps[0] and helps[0] == helps[1]
 
 
 def _optimum_parser():
@@ -61,6 +76,11 @@ def _optimum_parser():
      "--dataset", "wikitext", "--num-samples", "3", "--no-act-order", "--init", "gptq"],
     ["-v", "quantize", "m", "--out", "o"],
     ["eval", "m", "--data", "t.txt", "--max-windows", "2", "--dtype", "bfloat16"],
+    ["eval", "m", "--tasks", "arc_easy,hellaswag", "--limit", "10", "--num-fewshot", "0", "--output", "r.json"],
+    ["quantize", "m", "--out", "o", "--method", "quantsim", "--activation-bits", "none", "--override", "mlp:skip=true",
+     "--device-map", "auto", "--max-memory", "0=20GiB,cpu=60GiB", "--config", "c.yaml"],
+    ["export", "m", "--format", "gguf", "--out", "o", "--requantize"],
+    ["info", "m", "--json"],
 ])
 def test_same_arguments_as_hf_vq_cli(argv):
     ours = vars(cli.build_parser().parse_args(argv))
@@ -115,6 +135,22 @@ def test_eval_command_runs(tiny_llama_dir, tiny_tokenizer, tmp_path, capsys):
     assert res["ppl"] == pytest.approx(expect, rel=1e-4)
 
 
+def test_info_and_export_run(tiny_llama_dir, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=hf_vq.RTNConfig(group_size=32,
+                                                                                                   sym=True))
+    model.save_pretrained(tmp_path / "q")
+    args = _optimum_parser().parse_args(["hf-vq", "info", str(tmp_path / "q"), "--json"])
+    args.func(args).run()
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "rtn" and info["quantized_layers"] == 2 * 7  # 2 blocks of 7 Linears
+    args = _optimum_parser().parse_args(["hf-vq", "export", str(tmp_path / "q"), "--format", "compressed-tensors",
+                                         "--out", str(tmp_path / "ct")])
+    args.func(args).run()
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["layers"] == 14
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["format"]
+
+
 def test_pyproject_lists_every_package():
     # packages are listed by hand (two live outside hf_vq/): a new hf_vq subpackage must be added there
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
@@ -141,4 +177,4 @@ def test_wheel_contents(tmp_path):
     assert "optimum/commands/register/register_hf_vq.py" in names and "hf_vq/optimum_cli.py" in names
     # only the registration file goes into optimum/: no __init__.py that would shadow optimum's own namespace
     assert {n for n in names if n.startswith("optimum/")} == {"optimum/commands/register/register_hf_vq.py"}
-    assert {"hf_vq/cli.py", "hf_vq/hub.py", "hf_vq/config/base.py"} <= names
+    assert {"hf_vq/cli/__init__.py", "hf_vq/cli/info.py", "hf_vq/hub.py", "hf_vq/config/base.py"} <= names

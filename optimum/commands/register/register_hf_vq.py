@@ -9,7 +9,7 @@ import sys
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-HELP = "Quantize models with hf_vq (GPTQ, GPTVQ, AdaScale, RTN) and evaluate them"
+HELP = "Quantize models with hf_vq (GPTQ, GPTVQ, AdaScale, QuantSim, RTN), evaluate, export and inspect them"
 
 if sys.argv[1:2] == ["hf-vq"]:  # optimum-cli parses sys.argv; its root parser has no options before the command
     from hf_vq.optimum_cli import HfVQCommand
