@@ -183,7 +183,7 @@ def test_calibrating_methods_default_to_the_bundled_text(tmp_path):
     (["--max-memory", "cpu=lots"], "argument --max-memory: expected DEVICE=SIZE"),
     (["--device-map", "{not json"], "argument --device-map: '{not json' is not valid JSON"),
     (["--device-map", "/no/such/map.json"], "argument --device-map: expected one of auto"),
-    (["--activation-bits", "eight"], "argument --activation-bits: invalid _int_or_none value"),
+    (["--activation-bits", "eight"], "argument --activation-bits: expected an integer or 'none', got 'eight'"),
 ])
 def test_bad_flag_syntax_is_a_usage_error_naming_the_flag(argv, match, capsys):
     with pytest.raises(SystemExit) as info:

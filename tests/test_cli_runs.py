@@ -205,6 +205,44 @@ def test_every_method_runs(argv, check, model_dir, calib, tmp_path, capsys):
     assert info["method"] == argv[1] and info["quantized_layers"] == BLOCKS * len(SHAPES)
 
 
+def test_moe_expert_calibration_and_info(calib, tiny_tokenizer, tmp_path, capsys):
+    """Qwen2-MoE (2 blocks: 4 attention Linears, a 3-Linear shared expert, one fused experts module, two routers)."""
+    from tests.arch_models import configs, save_tiny
+
+    src = tmp_path / "moe"
+    save_tiny("qwen2_moe", *configs()["qwen2_moe"], src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "q"
+    run(capsys, "quantize", src, "--out", out, "--method", "gptq", "--group-size", "32", "--dataset", calib,
+        "--num-samples", "4", "--seq-len", "32", "--expert-calibration", "all", "--calibration-dtype", "bfloat16",
+        "--first-token-weight", "4")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["expert_calibration"], qc["calibration_dtype"], qc["first_token_weight"]) == ("all", "bfloat16", 4.0)
+    info = run(capsys, "info", out, "--json")
+    assert info["quantized_by_type"] == {"affine": 2 * 7, "affine_experts": 2}
+    routers = {f"model.layers.{i}.mlp.{r}" for i in range(2) for r in ("gate", "shared_expert_gate")}
+    assert {n for n, why in info["float"].items() if why == "router"} == routers
+
+
+def test_multimodal_quantize_vision_and_info(tiny_tokenizer, tmp_path, capsys):
+    """Gemma3: 2 language blocks of 7 Linears; a 1-layer SigLIP vision tower (q, k, v, out_proj, fc1, fc2) and its
+    pooling head (attention out_proj, fc1, fc2)."""
+    from tests.arch_models import multimodal_gemma3
+
+    cls, cfg = multimodal_gemma3()
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(tmp_path / "mm")
+    tiny_tokenizer.save_pretrained(tmp_path / "mm")
+    for extra, count in (([], 2 * 7), (["--quantize-vision"], 2 * 7 + 6 + 3)):
+        out = tmp_path / f"q{count}"
+        assert run(capsys, "quantize", tmp_path / "mm", "--out", out, "--method", "rtn", "--group-size", "16",
+                   *extra)["layers"] == count
+        info = run(capsys, "info", out, "--json")
+        assert info["quantized_layers"] == count
+        vision_float = [n for n in info["float"] if n.startswith("model.vision_tower.encoder")]
+        assert len(vision_float) == (0 if extra else 6)
+
+
 def test_eval_perplexity_and_output_file(model_dir, tmp_path, capsys):
     q = tmp_path / "q"
     run(capsys, "quantize", model_dir, "--out", q, "--method", "rtn", "--group-size", "32")

@@ -72,7 +72,7 @@ def _float_reasons(model, cfg, skip: list[str], layers: dict) -> dict[str, str]:
     for name, reason in list(floats.items()):
         if name == head:
             floats[name] = f"{HEAD} (tied to the input embedding)" if tied else \
-                f"{HEAD} ({reason}; --lm-head-bits quantizes it)"
+                f"{HEAD} (kept in float; --lm-head-bits quantizes it)"
         elif reason == targets.EXCLUDED and isinstance(model.get_submodule(name), nn.Embedding):
             floats[name] = targets.EMBEDDING
     return dict(sorted(floats.items()))
@@ -101,7 +101,7 @@ def checkpoint_info(directory: str | Path) -> dict:
     from hf_vq.config import QUANT_METHOD, HfVQConfig
     from hf_vq.integrations.quantizer import HfVQQuantizer
     from hf_vq.model import convert
-    from hf_vq.model.checkpoint import check_checkpoint
+    from hf_vq.model.checkpoint import check_checkpoint, checkpoint_renamer, quantized_tensor_keys
     from hf_vq.utils.io import read_json
 
     d = Path(directory)
@@ -142,9 +142,10 @@ def checkpoint_info(directory: str | Path) -> dict:
     for rec in layers.values():
         by_type[rec["type"]] = by_type.get(rec["type"], 0) + 1
 
-    headers = _safetensors_headers(d)
-    quant_keys = set(_quantized_keys(cfg.layers, headers))
-    nbytes = {k: _ST_BYTES.get(dt, 0) * _numel(shape) for k, (shape, dt) in headers.items()}
+    rename = checkpoint_renamer(model, quantizer)  # checkpoint key -> module key (e.g. Gemma3's language_model)
+    nbytes = {(rename(k) or k): _ST_BYTES.get(dt, 0) * _numel(shape)
+              for k, (shape, dt) in _safetensors_headers(d).items()}
+    quant_keys = set(quantized_tensor_keys(cfg.layers, nbytes))
     float_tensor_bytes = sum(b for k, b in nbytes.items() if k not in quant_keys)
     disk = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
     return {
@@ -169,12 +170,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _quantized_keys(layers: dict, headers: dict) -> list[str]:
-    from hf_vq.model.checkpoint import quantized_tensor_keys
-
-    return quantized_tensor_keys(layers, headers)
 
 
 def _size(n: int) -> str:
