@@ -5,7 +5,6 @@ writes go through a temp file and a rename. Real subprocesses, real signals."""
 from __future__ import annotations
 
 import os
-import random
 import select
 import signal
 import subprocess
@@ -56,53 +55,78 @@ def wait_for(proc, word, timeout=300.0) -> list[str]:
 
 
 SAVER = """
-    import sys
+    import os, signal, sys
     import hf_vq
     from transformers import AutoModelForCausalLM
-    a, b = (AutoModelForCausalLM.from_pretrained(p) for p in sys.argv[1:3])
-    print("ready", flush=True)
-    i = 0
-    while True:
-        hf_vq.save_pretrained_safely(b if i % 2 else a, sys.argv[3])
-        i += 1
-        print("saved", i, flush=True)
+    src4, src8, out, kill_at = sys.argv[1:5]
+    new = AutoModelForCausalLM.from_pretrained(src8)
+    made = []  # the save's temp folder
+
+    def kill_inside_the_save(event, args):  # a real SIGKILL when the save reaches step `kill_at`
+        if event == "os.mkdir" and ".hf_vq-save-new." in os.fsdecode(args[0]):
+            made.append(os.fsdecode(args[0]))
+        elif made and event == "open" and isinstance(args[0], (str, bytes)):
+            path, mode = os.fsdecode(args[0]), args[1]
+            if (kill_at == "config written" and path.endswith("generation_config.json")  # config.json is complete
+                    or kill_at == "shards written" and path.endswith(".index.json") and "w" in (mode or "")
+                    or kill_at == "files flushed" and mode is None and path.startswith(made[0])):  # fsync pass
+                os.kill(os.getpid(), signal.SIGKILL)
+        elif made and event == "shutil.rmtree" and os.fsdecode(args[0]) == made[0] and kill_at == "swapped":
+            os.kill(os.getpid(), signal.SIGKILL)  # the new save swapped in, the old one about to be removed
+
+    sys.addaudithook(kill_inside_the_save)
+    hf_vq.save_pretrained_safely(new, out, max_shard_size="20KB")
+    print("saved", flush=True)
 """
 
 
-def test_save_pretrained_safely_survives_sigkill_at_random_instants(tiny_llama_dir, calib_ids, tmp_path):
+def save_temps(out: Path) -> list[Path]:
+    """The temp folders save_pretrained_safely(..., out) holds while it runs."""
+    return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.hf_vq-save-")]
+
+
+def test_save_pretrained_safely_killed_inside_a_save(tiny_llama_dir, calib_ids, tmp_path):
+    """A save of the 8-bit model over an earlier 4-bit save, SIGKILLed at each step of it: after config.json,
+    after the weight shards, while flushing, and after the swap. The save's temp folder is still there after the
+    kill (the kill landed inside the save); the target is the earlier save, complete, until the swap and the new
+    one after it; with no earlier save, a kill before the swap leaves no target at all. The next save removes what
+    the killed one left."""
     models = {bits: AutoModelForCausalLM.from_pretrained(tiny_llama_dir,
                                                          quantization_config=hf_vq.RTNConfig(bits=bits, group_size=32))
               for bits in (4, 8)}
     for bits, m in models.items():
         m.save_pretrained(tmp_path / f"src{bits}")
-    expected = [logits(m, calib_ids[:2]) for m in models.values()]
-    tries = 3
-    outs = [tmp_path / f"out{i}" for i in range(tries)]
-    for out in outs:  # an earlier complete save, plus a file the save does not write (it must survive)
-        hf_vq.save_pretrained_safely(models[4], out)
-        (out / "notes.txt").write_text("keep me")
-    # all children start at once (the import dominates); each is killed at its own random instant while saving
-    procs = [spawn(tmp_path, f"saver{i}", SAVER, tmp_path / "src4", tmp_path / "src8", out)
-             for i, out in enumerate(outs)]
-    rng = random.Random(0)
-    saves = []
-    for proc in procs:
-        wait_for(proc, "ready")
-    for proc in procs:
-        time.sleep(rng.uniform(0.05, 0.8))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        saves.append(sum(line.startswith("saved") for line in proc.stdout.read().splitlines()))
-    assert sum(saves) > 0, "no child completed a save before being killed: the kills did not hit a save loop"
-    for out in outs:
-        again = AutoModelForCausalLM.from_pretrained(out)  # the old or the new save, complete either way
-        got = logits(again, calib_ids[:2])
-        assert any(torch.equal(got, e) for e in expected)
-        assert (out / "notes.txt").read_text() == "keep me"
-    # the next save removes the temp folders the killed saves left behind
-    hf_vq.save_pretrained_safely(models[8], outs[0])
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out0.hf_vq-save")]
-    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(outs[0]), calib_ids[:2]), expected[1])
+    expected = {bits: logits(m, calib_ids[:2]) for bits, m in models.items()}
+    # target -> (the step the kill lands at, what the target must hold afterwards)
+    cases = {"out0": ("config written", "4-bit"), "out1": ("shards written", "4-bit"),
+             "out2": ("files flushed", "4-bit"), "out3": ("swapped", "8-bit"), "first": ("shards written", "absent")}
+    for name, (_, want) in cases.items():
+        if want != "absent":  # an earlier complete save, plus a file the save does not write (it must survive)
+            hf_vq.save_pretrained_safely(models[4], tmp_path / name)
+            (tmp_path / name / "notes.txt").write_text("keep me")
+    procs = {name: spawn(tmp_path, f"saver_{name}", SAVER, tmp_path / "src4", tmp_path / "src8", tmp_path / name,
+                         step) for name, (step, _) in cases.items()}  # all at once: the import dominates
+    for name, proc in procs.items():
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == -signal.SIGKILL, (name, output[-2000:])
+    for name, (step, want) in cases.items():
+        out = tmp_path / name
+        left = save_temps(out)
+        assert len(left) == 1, (name, step, left)  # the interrupted save's folder
+        if want == "absent":
+            assert not out.exists(), step
+        else:
+            got = logits(AutoModelForCausalLM.from_pretrained(out), calib_ids[:2])
+            assert torch.equal(got, expected[int(want[0])]), (name, step)
+            assert (out / "notes.txt").read_text() == "keep me"
+        assert any(left[0].iterdir()), (name, step)  # with what the save had written (or, swapped, the old save)
+    # the next save removes the temp folder the killed save left behind
+    for name, (_, want) in cases.items():
+        out = tmp_path / name
+        hf_vq.save_pretrained_safely(models[8], out)
+        assert not save_temps(out), name
+        assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out), calib_ids[:2]), expected[8])
+        assert (out / "notes.txt").exists() == (want != "absent")
 
 
 def test_save_pretrained_safely_replaces_weights_and_keeps_other_files(tiny_llama_dir, calib_ids, tmp_path):

@@ -302,14 +302,22 @@ DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _launch(nproc: int, deep_dir, out: Path, port: int, method: str = "gptq") -> None:
+def _launch(nproc: int, deep_dir, out: Path, port: int, method: str = "gptq", script_text: str = DIST_SCRIPT) -> None:
     script = out / "run.py"
-    script.write_text(DIST_SCRIPT.format(root=str(ROOT), model=str(deep_dir), out=str(out), method=method))
+    script.write_text(script_text.format(root=str(ROOT), model=str(deep_dir), out=str(out), method=method))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -322,54 +330,104 @@ def moe_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
-def test_two_gloo_processes_match_one(arch, deep_dir, moe_dir, tmp_path):
-    """Dense Llama, and Qwen3-MoE (per-expert routed-token Hessians and counts summed over ranks)."""
-    import socket
+# Rank r runs windows r, r + 2, ... in one batch of 4; one process given the windows in this order runs the same two
+# batches, so every window's activations come from the same batched forward and the Hessian sum is (rank 0's batch)
+# + (rank 1's batch) either way. Each batch has 4 x 32 = 128 token rows: below the row count up to which the BLAS
+# adds x.T @ x into the running sum in one step, so the sum in one process is bit-equal to the all-reduced one.
+RANK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
-    model_dir = deep_dir if arch == "llama" else moe_dir
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = tmp_path / "two"
-    two.mkdir()
-    _launch(2, model_dir, two, port)
+
+def windows(order=tuple(range(8))) -> torch.Tensor:
+    return torch.stack([ids()[i][:32] for i in order])
+
+
+def gptq_whole_batches(order=tuple(range(8))):
+    """GPTQ with one calibration batch per rank (2 ranks), on the windows in ``order``."""
+    return hf_vq.GPTQConfig(dataset=windows(order), group_size=32, calibration_batch_size=4)
+
+
+def record_run(model_dir, one_process: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """An RTN recording run (tests/runs.py: the Hessian each layer is solved with, expert token counts, codes) and
+    a GPTQ run with the same batches: ({"H:"/"rtn:"/"gptq:" + name: tensor}, {"experts": expert token counts,
+    "windows": the windows this process ran})."""
+    from tests.runs import rtn_run_recording_statistics
+
+    order = RANK_ORDER if one_process else tuple(range(8))
+    results, hessians, counts = rtn_run_recording_statistics(model_dir, windows(order), batch_size=4)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=gptq_whole_batches(order))
+    return {**{"H:" + n: h.contiguous() for n, h in hessians.items()},
+            **{"rtn:" + n: r.codes.contiguous() for n, r in results.items()},
+            **{"gptq:" + n: t for n, t in quantized_tensors(model).items()}}, \
+        {"experts": counts, "windows": model.hf_quantizer.last_run["windows"]}
+
+
+RECORD_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    sys.path.insert(0, {root!r})
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from tests.test_scale import record_run
+    torch.set_num_threads(1)
+    tensors, counts = record_run({model!r}, one_process=False)
+    save_file(tensors, os.path.join({out!r}, f"rank{{dist.get_rank()}}.safetensors"),
+              metadata={{"counts": json.dumps(counts)}})
+    dist.destroy_process_group()
+""")
+
+
+def _recorded(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
-    for r in (0, 1):  # each rank ran half of the 8 windows
-        with safe_open(str(two / f"rank{r}.safetensors"), "pt") as f:
-            assert f.metadata() == {"processes": "2", "windows": "4"}
-    r0, r1 = load_file(str(two / "rank0.safetensors")), load_file(str(two / "rank1.safetensors"))
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)  # every rank: the same model
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["counts"])
 
-    single = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=gptq())
-    one = quantized_tensors(single)
-    assert one.keys() | {"logits"} == r0.keys()
-    # the Hessians are the same sums in another order. GPTQ's error feedback carries any flipped code into the
-    # columns after it, so the codes may differ (on SmolLM2 as many as between calibration batch sizes 4 and 8 in
-    # one process): the property is that the model is as good, not that it is the same
-    codes = [k for k in one if k.endswith("qweight")]
-    differ = sum(int((one[k] != r0[k]).sum()) for k in codes)
-    total = sum(one[k].numel() for k in codes)
-    ids = torch.arange(3, 67)[None]
-    with torch.no_grad():
-        fp = AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
-        err_one = float((single(ids).logits - fp).norm() / fp.norm())
-    err_two = float((r0["logits"] - fp).norm() / fp.norm())
-    print(f"{arch}: 2 gloo ranks vs 1 process: {differ}/{total} packed code bytes differ; relative logit error vs "
-          f"float {err_two:.4f} vs {err_one:.4f}")
-    assert 0 < err_one and err_two < 1.1 * err_one
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_two_gloo_processes_match_one(arch, deep_dir, moe_dir, tmp_path):
+    """Dense Llama, and Qwen3-MoE (per-expert routed-token Hessians and counts summed over ranks): the Hessians each
+    layer is solved with, the expert token counts and the codes (RTN and GPTQ) of 2 gloo ranks are exactly those of
+    one process that ran the same batches."""
+    model_dir = deep_dir if arch == "llama" else moe_dir
+    _launch(2, model_dir, tmp_path, free_port(), script_text=RECORD_SCRIPT)
+    (r0, counts0), (r1, counts1) = [_recorded(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran
+    try:
+        one, one_counts = record_run(model_dir, one_process=True)
+    finally:
+        torch.set_num_threads(threads)
+
+    hess = {k for k in one if k.startswith("H:")}
+    layers = 7 * LAYERS if arch == "llama" else 2 * (4 + 2 * 4)
+    assert len(hess) == layers
+    # each layer is solved (and its Hessian recorded) by exactly one rank, with the Hessian summed over both ranks
+    h0, h1 = {k for k in r0 if k.startswith("H:")}, {k for k in r1 if k.startswith("H:")}
+    assert h0 and h1 and not h0 & h1 and h0 | h1 == hess
+    for k in hess:
+        got = (r0 if k in h0 else r1)[k]
+        assert torch.equal(got, one[k]), (k, float((got - one[k]).abs().max()))
+    # every rank holds every layer's codes
+    assert r0.keys() - h0 == r1.keys() - h1 == one.keys() - hess
+    for k in one.keys() - hess:
+        assert torch.equal(r0[k], one[k]) and torch.equal(r1[k], one[k]), k
+    # GPTQ: every Linear, and each fused experts module's gate_up_qweight and down_qweight
+    qweights = [k for k in one if k.startswith("gptq:") and k.endswith("qweight")]
+    assert len(qweights) == (7 * LAYERS if arch == "llama" else (4 + 2) * 2)
+    assert counts0["windows"] == counts1["windows"] == 4 and one_counts["windows"] == 8  # each rank ran half
+    experts = one_counts["experts"]
+    assert counts0["experts"] == counts1["experts"] == experts
+    if arch == "qwen3_moe":
+        assert len(experts) == 2 and all(c["tokens"] == 8 * 32 for c in experts.values())
+        # top-2 routing: every token is counted twice over the experts
+        assert all(sum(c["routed_tokens"]) == 2 * 8 * 32 for c in experts.values())
+    else:
+        assert experts == {}
 
 
 def test_two_gloo_processes_quantsim(deep_dir, tmp_path):
     """QuantSim under torch.distributed: each rank observes half the windows; the min/max are reduced over ranks, so
     both ranks end with the ranges of one process that saw every window."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _launch(2, deep_dir, tmp_path, port, method="quantsim")
+    _launch(2, deep_dir, tmp_path, free_port(), method="quantsim")
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     one = quantized_tensors(AutoModelForCausalLM.from_pretrained(deep_dir, quantization_config=quantsim()))
@@ -384,12 +442,7 @@ def test_two_gloo_processes_block_training(method, deep_dir, tmp_path):
     """Block training under torch.distributed (AdaScale; GPTVQ codebook fine-tuning): Hessians summed over ranks,
     each Adam step averages the ranks' gradients. 2 ranks stepping on one window each take the steps of one process
     stepping on both windows."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _launch(2, deep_dir, tmp_path, port, method=method)
+    _launch(2, deep_dir, tmp_path, free_port(), method=method)
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)  # every rank: the same model
     make = globals()[method]
