@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from hf_vq.formats.affine import dequantize_groups, grid_params, group_index, num_groups, quantize_groups
+from hf_vq.formats.affine import (AffineWeight, dequantize_groups, grid_params, group_index, num_groups,
+                                  quantize_groups)
 from hf_vq.formats.packing import pack, packed_length, unpack
 
 
@@ -49,12 +50,31 @@ def test_rtn_error_within_half_step(bits, sym):
     assert ((w - w_hat).abs() <= step / 2 * (1 + 1e-3)).all()
 
 
-def test_grid_contains_zero_exactly():
-    w = torch.tensor([[0.5, 1.0, 2.0, 0.0]])
-    scale, zero = grid_params(w, 4, sym=False)
-    # the range is widened to include 0, so 0 dequantizes to exactly 0
-    assert float(scale * (zero - zero)) == 0.0
-    assert zero.item() == 0
+@pytest.mark.parametrize("clip_search", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_weights_decode_to_exactly_zero(bits, sym, clip_search):
+    """Every grid's range contains 0, so a 0.0 weight (pruned, padding) takes the zero-point as its code and
+    decodes to exactly 0.0: after packing, through both dequantize paths, in fp32 and bf16. Rows with only positive
+    or only negative weights included (their range is widened to reach 0)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(24, 100, generator=g) * torch.rand(24, 1, generator=g) * 4
+    w[:6] = w[:6].abs() + 0.5
+    w[6:12] = -w[6:12].abs() - 0.5
+    zero = torch.rand(w.shape, generator=g) < 0.25
+    zero[:, 96:] = True  # the whole short last group
+    w[zero] = 0.0
+    codes, scales, zeros = quantize_groups(w, bits, 32, sym, clip_search)
+    q = AffineWeight(codes, scales, zeros, group_index(100, 32), bits, 32, sym)
+    cols = q.g_idx.long()
+    assert torch.equal(q.codes[zero], q.zeros[:, cols][zero])
+    assert (q.zeros[:6] == 0).all() if not sym else (q.zeros == 2 ** (bits - 1)).all()
+    unpacked = unpack(pack(q.codes, bits), bits, 100)
+    for group_size in (32, None):  # broadcast and gather
+        for dtype in (torch.float32, torch.bfloat16):
+            w_hat = dequantize_groups(unpacked, q.scales, q.zeros, q.g_idx, dtype, group_size)
+            assert (w_hat[zero] == 0).all() and (w_hat[~zero] != 0).any()
+    assert (q.dequantize()[zero] == 0).all()
 
 
 def test_scales_are_exact_in_fp16():
