@@ -153,41 +153,33 @@ def prepare(aw: AffineWeight, **_facts) -> NativeAffine | None:
 
 
 def _gemm(x2: torch.Tensor, n: int, k: int, bits: int, nblk: int, groups: int, codes: int, scales: int, zeros: int,
-          gstart: int, perm: int, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
-    """The C call on raw pointers: x2 [m, k] contiguous fp32/bf16 -> y [m, n] of the same dtype."""
-    y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
-    half = x2.dtype == torch.bfloat16
-    rc = _GEMM(x2.data_ptr(), half, x2.shape[0], k, perm, y.data_ptr(), half, n, codes, bits, nblk, scales, zeros,
+          gstart: int, perm: int, bias: torch.Tensor | None, isa: int, out_shape=None) -> torch.Tensor:
+    """The C call on raw pointers: x2 [m, k] contiguous fp32/bf16 -> y [m, n] (or ``out_shape``) of the same dtype."""
+    y = torch.empty(out_shape or (x2.shape[0], n), dtype=x2.dtype)
+    half = x2.dtype is torch.bfloat16
+    rc = _GEMM(x2.data_ptr(), half, x2.numel() // k, k, perm, y.data_ptr(), half, n, codes, bits, nblk, scales, zeros,
                gstart, groups, 0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa)
     if rc < 0:
-        raise RuntimeError(f"native affine kernel refused a [{x2.shape[0]}, {k}] x [{n}, {k}] call")
+        raise RuntimeError(f"native affine kernel refused a [{x2.numel() // k}, {k}] x [{n}, {k}] call")
     global last_isa
     last_isa = ISA_NAMES[rc]
     return y
 
 
-def _call(st: NativeAffine, x2: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
-    return _gemm(x2, st.n, st.k, st.bits, st.nblk, st.groups, *st.ptrs, bias, isa)
-
-
 def run(st: NativeAffine, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T + bias for CPU x of any leading shape (fp32/bf16 in place; other dtypes via fp32)."""
     dtype = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])
-    if dtype is not torch.float32 and dtype is not torch.bfloat16:
-        x2 = x2.float()
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    xc = x if dtype is torch.float32 or dtype is torch.bfloat16 else x.float()
+    if not xc.is_contiguous():
+        xc = xc.contiguous()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().float().contiguous()
     if torch.compiler.is_compiling():
-        y = torch.ops.hf_vq.affine_gemm(x2, st.codes, st.scales, st.zeros, st.gstart, st.perm, bias, st.n, st.k,
-                                        st.bits, st.nblk, requested_isa())
-    else:
-        y = _call(st, x2, bias, requested_isa())
-    if y.dtype is not dtype:
-        y = y.to(dtype)
-    return y.view(*x.shape[:-1], st.n)
+        y = torch.ops.hf_vq.affine_gemm(xc.reshape(-1, st.k), st.codes, st.scales, st.zeros, st.gstart, st.perm, bias,
+                                        st.n, st.k, st.bits, st.nblk, requested_isa()).view(*x.shape[:-1], st.n)
+    else:   # the eager call reads x in place and writes y in its final shape: no reshapes (SmolLM2 makes 210 a token)
+        y = _gemm(xc, st.n, st.k, st.bits, st.nblk, st.groups, *st.ptrs, bias, requested_isa(), (*x.shape[:-1], st.n))
+    return y if y.dtype is dtype else y.to(dtype)
 
 
 # torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel
