@@ -10,6 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 import hf_vq
 from hf_vq.config import ConfigError, HfVQConfig
 from hf_vq.config import schema as sc
-from hf_vq.config.base import BASE_SCHEMA, NOTES
+from hf_vq.config.base import BASE_SCHEMA, FORMAT_VERSION, NOTES, Device, FormatVersion
+from hf_vq.config.mixed import Candidates
 
 CLASSES = [hf_vq.RTNConfig, hf_vq.GPTQConfig, hf_vq.GPTVQConfig, hf_vq.AdaScaleConfig, hf_vq.QuantSimConfig]
 ALL_FIELDS = sorted(set().union(*(c.schema.fields for c in CLASSES)))
@@ -56,6 +58,10 @@ def valid(check: sc.Check) -> st.SearchStrategy:
         return st.none() | valid(check.inner)
     if isinstance(check, sc.Bool):
         return st.booleans()
+    if isinstance(check, FormatVersion):
+        return st.integers(1, FORMAT_VERSION)
+    if isinstance(check, Device):
+        return st.sampled_from(["auto", "cpu", "cuda", "cuda:1"])
     if isinstance(check, sc.GroupSize):
         return st.sampled_from([-1, 2, 16, 32, 64, 128])
     if isinstance(check, sc.Int):
@@ -74,6 +80,9 @@ def valid(check: sc.Check) -> st.SearchStrategy:
     if isinstance(check, sc.Overrides):
         override = st.fixed_dictionaries({}, optional={k: valid(c) for k, c in check.keys.items()})
         return st.dictionaries(st.sampled_from(["down_proj", r"layers\.0\.", "q_proj$"]), override, max_size=2)
+    if isinstance(check, Candidates):
+        setting = st.fixed_dictionaries({k: valid(c) for k, c in check.keys.items()})
+        return st.lists(setting, min_size=1, max_size=3, unique_by=lambda d: tuple(sorted(d.items())))
     if isinstance(check, sc.Records):
         return st.dictionaries(st.text(min_size=1, max_size=6), st.dictionaries(st.text(max_size=4), st.integers(),
                                                                                 max_size=2), max_size=2)
@@ -142,10 +151,130 @@ def _construct(cls, kwargs):
     return cfg
 
 
+def broken_rules(cls, kwargs) -> set[str]:
+    """The fields of the cross-field rules (each config's documented constraints between fields) that ``kwargs``
+    break, the other fields at their defaults; empty: the config must be accepted."""
+    v = {n: f.default for n, f in cls.schema.fields.items()} | kwargs
+    overrides = list((v.get("module_overrides") or {}).values())
+    broken = set()
+    if v.get("lm_head_bits") is not None and "lm_head" in (v.get("modules_to_not_convert") or []):
+        broken.add("lm_head_bits")
+    if cls is hf_vq.GPTVQConfig and v["cols_per_block"] % v["vector_dim"]:
+        broken.add("cols_per_block")
+    lpbq = v.get("weight_granularity") == "lpbq"
+    if cls is hf_vq.AdaScaleConfig and lpbq:
+        if not all([v["sym"]] + [o.get("sym", v["sym"]) for o in overrides]):
+            broken.add("sym")
+        bits = [v["bits"]] + [o.get("bits", v["bits"]) for o in overrides]
+        if any(v["decompressed_bw"] <= b for b in bits) or v["decompressed_bw"] - min(bits) > 10:
+            broken.add("decompressed_bw")
+        if v["group_size"] == -1 or any(o.get("group_size") == -1 for o in overrides):
+            broken.add("group_size")
+    if cls in (hf_vq.GPTQConfig, hf_vq.AdaScaleConfig) and v["average_bits"] is not None:
+        candidates = v["candidates"] or cls.default_candidates
+        if v["average_bits"] < min(c["bits"] for c in candidates):
+            broken.add("average_bits")
+        if any("bits" in o or "group_size" in o for o in overrides):
+            broken.add("module_overrides")
+        if lpbq and any(c["group_size"] == -1 or c["bits"] >= v["decompressed_bw"] for c in candidates):
+            broken.add("candidates")
+    if cls is hf_vq.QuantSimConfig:
+        if lpbq and not (v["weight_bits"] < v["decompressed_bits"] <= min(16, v["weight_bits"] + 10)):
+            broken.add("decompressed_bits")
+        if v["activation_dtype"] != "int" and v["activation_bits"] not in (None, 16):
+            broken.add("activation_bits")
+        if any(o.get("sym", True) is not True for o in overrides):
+            broken.add("module_overrides")
+    return broken
+
+
 @given(st.sampled_from(CLASSES).flatmap(lambda c: st.tuples(st.just(c), valid_kwargs(c))))
-def test_valid_kwargs_build_or_hit_a_cross_field_rule(case):
+def test_valid_kwargs_build_unless_a_cross_field_rule_is_broken(case):
+    """Values each field accepts: the config is built, keeps them and round-trips through JSON, unless they break a
+    cross-field rule; then a ConfigError names one of the rule's fields."""
     cls, kwargs = case
-    _construct(cls, kwargs)
+    broken = broken_rules(cls, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a value with no effect (inert) warns: still accepted
+        try:
+            cfg = cls(**kwargs)
+        except ConfigError as e:
+            _check_error(e)
+            assert e.field in broken, (kwargs, str(e))
+            return
+    assert not broken, (broken, kwargs)
+    _check_accepted(cfg, kwargs)
+
+
+def representatives(check: sc.Check) -> list:
+    """A few values ``check`` accepts, its bounds and every choice included (a deterministic table next to the
+    random draws, so that no accepted value of any field is missed)."""
+    if isinstance(check, sc.Optional):
+        return [None] + representatives(check.inner)
+    if isinstance(check, FormatVersion):
+        return list(range(1, FORMAT_VERSION + 1))
+    if isinstance(check, Device):
+        return ["auto", "cpu", "cuda:1"]
+    if isinstance(check, sc.Bool):
+        return [False, True]
+    if isinstance(check, sc.GroupSize):
+        return [-1, 2, 32, 128]
+    if isinstance(check, sc.Int):
+        if check.choices:
+            return list(check.choices)
+        lo = 0 if check.lo is None else check.lo
+        return sorted({lo, lo + 1, lo + 7, check.hi})
+    if isinstance(check, sc.Float):
+        lo = -1e6 if check.lo is None else check.lo
+        hi = 1e6 if check.hi is None else check.hi
+        ends = [v for v, is_open in ((lo, check.lo_open), (hi, check.hi_open)) if not is_open]
+        return ends + [lo + (hi - lo) * t for t in (0.001, 0.5, 0.999)]
+    if isinstance(check, sc.Str):
+        return list(check.choices) if check.choices else ["x"]
+    if isinstance(check, sc.StrList):
+        return [[], ["q_proj", "layers.0"]]
+    if isinstance(check, sc.Overrides):
+        return [{}] + [{"q_proj$": {k: v}} for k, c in check.keys.items() for v in representatives(c)[:3]]
+    if isinstance(check, Candidates):
+        return [[{k: representatives(c)[-1] for k, c in check.keys.items()}]]
+    if isinstance(check, sc.Records):
+        return [{}, {"layer": {"bits": 4}}]
+    if isinstance(check, sc.Instance):
+        return ["some/tokenizer", _tokenizer] if check.callable_ok else ["acts", Path("cache") / "acts"]
+    raise AssertionError(f"no representatives for {type(check).__name__}: add them so the new check is covered")
+
+
+TABLE = [(cls, name, value) for cls in CLASSES for name, f in sorted(cls.schema.fields.items())
+         for value in representatives(f.check)]
+
+
+@pytest.mark.parametrize("cls,name,value", TABLE, ids=[f"{c.__name__}.{n}={v!r}"[:60] for c, n, v in TABLE])
+def test_each_accepted_value_alone_builds_a_config(cls, name, value):
+    """One field set to a value its check accepts, the others at their defaults: built, kept, JSON round trip;
+    refused only by a cross-field rule with the defaults, naming one of its fields."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        broken = broken_rules(cls, {name: value})
+        try:
+            cfg = cls(**{name: value})
+        except ConfigError as e:
+            assert e.field in broken, str(e)
+            return
+    assert not broken, broken
+    _check_accepted(cfg, {name: value})
+
+
+@given(st.sampled_from(CLASSES).flatmap(lambda c: st.tuples(st.just(c), valid_kwargs(c))))
+def test_valid_config_json_loads(case):
+    """config.json of a valid config (as to_dict writes it, through JSON) loads back to the same fields."""
+    cls, kwargs = case
+    if broken_rules(cls, kwargs):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = json.loads(json.dumps(cls(**kwargs).to_dict()))
+        again = HfVQConfig.from_dict(d)
+    assert type(again) is cls and _saved(again.to_dict()) == _saved(d)
 
 
 @given(st.sampled_from(CLASSES).flatmap(lambda c: st.tuples(st.just(c), mutated_kwargs(c))))
