@@ -63,6 +63,53 @@ def test_layer_records_build_exactly_or_raise_our_error(rec):
     assert set(rebuilt) >= set(rec)
 
 
+@st.composite
+def valid_records(draw):
+    """Records the layer-record schema (hf_vq/nn/records.py) allows: every required field at an allowed value,
+    optional fields present or not, cross-field rules kept."""
+    kind = draw(st.sampled_from(["affine", "quantsim", "vq"]))
+    n_in, n_out = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    rec = {"type": kind, "in_features": n_in, "out_features": n_out, "bias": draw(st.booleans())}
+    if kind == "vq":
+        vector_dim = draw(st.sampled_from([1, 2, 4]))
+        rec.update(vector_dim=vector_dim, index_bits=draw(st.integers(1, 8)),
+                   codebook_bits=draw(st.sampled_from([4, 8, 16])), rows_per_block=draw(st.integers(1, 400)),
+                   cols_per_block=vector_dim * draw(st.integers(1, 100)))
+        if draw(st.booleans()):
+            rec["normalize"] = draw(st.booleans())
+        return rec
+    bits = draw(st.integers(2, 8))
+    rec.update(bits=bits, group_size=draw(st.just(-1) | st.integers(1, 400)), sym=draw(st.booleans()))
+    if kind == "quantsim":
+        quantizer = st.none() | st.fixed_dictionaries({"kind": st.just("int"), "bits": st.sampled_from([4, 8, 16])}) \
+            | st.fixed_dictionaries({"kind": st.just("float")},
+                                    optional={"dtype": st.sampled_from(["float16", "bfloat16"])})
+        granularity = draw(st.none() | st.sampled_from(["per_channel", "blockwise", "lpbq"]))
+        if granularity is not None:
+            rec["granularity"] = granularity
+        if granularity == "lpbq":
+            rec["decompressed_bits"] = draw(st.integers(bits + 1, min(bits + 10, 18)))
+        elif draw(st.booleans()):
+            rec["decompressed_bits"] = draw(st.none() | st.integers(3, 18))
+        for q in ("input_quantizer", "output_quantizer"):
+            if draw(st.booleans()):
+                rec[q] = draw(quantizer)
+    return rec
+
+
+@given(valid_records())
+def test_valid_layer_records_are_accepted_and_rebuilt_exactly(rec):
+    validate_layer_records({"model.layers.0.mlp.up_proj": copy.deepcopy(rec)})
+    with torch.device("meta"):
+        mod = build_module(copy.deepcopy(rec), None)
+    want = copy.deepcopy(rec)
+    for q in ("input_quantizer", "output_quantizer"):
+        if isinstance(want.get(q), dict) and want[q]["kind"] == "float":
+            want[q].setdefault("dtype", "float16")  # the documented default
+    rebuilt = layer_record(mod)
+    assert {k: v for k, v in rebuilt.items() if k in want} == want and set(rebuilt) >= set(want)
+
+
 def _affine_module() -> QuantLinear:
     g = torch.Generator().manual_seed(0)
     return QuantLinear.from_affine(rtn_weight(torch.randn(16, 40, generator=g), 4, 16, False), None)
@@ -148,6 +195,42 @@ def test_vq_tensors_load_exactly_or_raise_our_error(tensors):
     for k, v in tensors.items():
         assert mod.state_dict()[k].dtype == v.dtype and torch.equal(mod.state_dict()[k], v)
     assert bool(torch.isfinite(mod(torch.randn(2, 24))).all())
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1e-3, 1.0, 300.0]), st.floats(0.0, 0.5), st.booleans())
+def test_valid_affine_tensors_are_accepted_exactly(seed, magnitude, zero_fraction, positive):
+    """The tensors of any 16x40 4-bit g16 weight RTN writes (tiny to large ranges, exact zeros, one-signed rows)
+    load into the skeleton unchanged, and the module computes what the source module computes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 40, generator=g) * magnitude
+    w = w.abs() if positive else w
+    w[torch.rand(w.shape, generator=g) < zero_fraction] = 0.0
+    source = QuantLinear.from_affine(rtn_weight(w, 4, 16, False), None)
+    mod = _affine_module()
+    mod.load_state_dict(source.state_dict())
+    for k, v in source.state_dict().items():
+        assert mod.state_dict()[k].dtype == v.dtype and torch.equal(mod.state_dict()[k], v)
+    x = torch.randn(3, 40, generator=g)
+    assert torch.equal(mod(x), source(x))
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1e-4, 0.01, 1.0, 100.0]), st.sampled_from([0.25, 1.0, 3.0]))
+def test_valid_vq_tensors_are_accepted_exactly(seed, scale, norm_base):
+    """Any indices, codebook entries and norm codes, with finite positive codebook scales and norm base, load
+    unchanged, and the forward is finite."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: v.clone() for k, v in GOOD_VQ.items()}
+    for k in ("vq_indices", "vq_codebook", "vq_norm_codes"):
+        tensors[k] = torch.randint(0, 256, tensors[k].shape, generator=g, dtype=torch.uint8)
+    scales = torch.rand(tensors["vq_codebook_scales"].shape, generator=g) * scale + scale / 2
+    tensors["vq_codebook_scales"] = scales.half().view(torch.int16)
+    tensors["vq_norm_base"] = torch.tensor([norm_base]).view(torch.int32)
+    mod = _vq_module()
+    mod.fast_decode = False
+    mod.load_state_dict(tensors)
+    for k, v in tensors.items():
+        assert mod.state_dict()[k].dtype == v.dtype and torch.equal(mod.state_dict()[k], v)
+    assert bool(torch.isfinite(mod(torch.randn(2, 24, generator=g))).all())
 
 
 def test_quantsim_record_rules():
