@@ -179,30 +179,15 @@ class FusedExperts(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dequantize_expert(proj, expert, x.dtype), bias)
 
-    @torch.no_grad()
-    def _group_by_expert(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """The (token, slot) pairs as flat indices into ``top_k_index``, sorted by expert (in token order within one),
-        and each expert's count: one host sync per call, however many experts were hit. Indices outside
-        [0, num_experts) (expert-parallel sentinels) sort last and are not counted."""
-        flat = top_k_index.reshape(-1)
-        e = self.num_experts
-        key = torch.where((flat >= 0) & (flat < e), flat, e)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=e + 1)[:e].tolist()
-        return order, counts
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         template = self._template()
         activation = template._apply_gate if self.gated else template.act_fn
         out = torch.zeros_like(hidden_states)
-        token_slots, counts = self._group_by_expert(top_k_index)
-        start = 0
-        for e, count in enumerate(counts):
+        groups = ExpertGroups(top_k_index, self.num_experts)
+        for e, count in enumerate(groups.counts):
             if not count:
                 continue
-            sel = token_slots[start:start + count]
-            start += count
-            token, slot = sel // top_k_index.shape[-1], sel % top_k_index.shape[-1]
+            token, slot = groups.tokens(e)
             h = activation(self._project(self.first, e, hidden_states[token]))
             y = self._project("down", e, h) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
@@ -211,6 +196,28 @@ class FusedExperts(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{p}: {n}x{k} {self.spec(p)}" for p, (n, k) in self.shapes.items()]
         return f"experts={self.num_experts}, " + ", ".join(parts) + (", bias" if self.has_bias else "")
+
+
+class ExpertGroups:
+    """The (token, slot) pairs of a routing ``top_k_index`` [T, k], sorted by expert (token order within one), and
+    each expert's count: one host sync per call however many experts there are (a loop of ``top_k_index == e``
+    syncs once per expert). Indices outside [0, num_experts) (expert-parallel sentinels) are left out."""
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int):
+        with torch.no_grad():
+            flat = top_k_index.reshape(-1)
+            key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+            self.order = torch.argsort(key, stable=True)
+            self.counts: list[int] = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
+        self.k = top_k_index.shape[-1]
+        self.starts = [0]
+        for c in self.counts:
+            self.starts.append(self.starts[-1] + c)
+
+    def tokens(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, slot) of every pair routed to ``expert``, as ``torch.where(top_k_index == expert)`` gives them."""
+        sel = self.order[self.starts[expert]:self.starts[expert + 1]]
+        return sel // self.k, sel % self.k
 
 
 def _same(ws: list, key, what: str) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.hessian import HessianAccumulator
+from hf_vq.nn.experts import ExpertGroups
 
 MODES = ("routed", "all")
 
@@ -204,8 +205,9 @@ class CalibrationExperts(nn.Module):
                 if st.inputs is None:
                     st.inputs = HessianAccumulator(hidden_states.shape[-1], hidden_states.device, st.weight)
                 _add(st.inputs, hidden_states, first_rows)
+        groups = ExpertGroups(top_k_index, self.num_experts)
         for e in range(self.num_experts):
-            token, slot = torch.where(top_k_index == e)
+            token, slot = groups.tokens(e)
             run_all = st is not None and (self.mode == "all" or (e in self.rare and e in st.down_experts))
             if st is not None:
                 st.counts[e] += token.numel()
