@@ -254,6 +254,70 @@ def test_mutated_documents_parse_or_raise_our_error(doc):
             assert all(type(o) is int for o in p.offset)
 
 
+VALID_SCALES = st.floats(min_value=1e-30, max_value=1e30)  # finite and > 0 in float32
+
+
+@st.composite
+def valid_documents(draw):
+    """A 1.0.0 or 0.6.1 document with every INT entry given new valid values and a new unique name: scales
+    finite and > 0 in float32, offsets in [-(2^bw - 1), 0], either symmetry. Returns (document, {name: values})."""
+    version = draw(st.sampled_from(["1.0.0", "0.6.1"]))
+    doc = copy.deepcopy(SMALL_V100 if version == "1.0.0" else SMALL_V061)
+    want = {}
+    names = iter(draw(st.lists(st.text(min_size=1, max_size=8), min_size=16, max_size=16, unique=True)))
+    if version == "1.0.0":
+        for section in ("param_encodings", "activation_encodings"):
+            for e in doc[section]:
+                e["name"] = next(names)
+                if e.get("dtype", "INT") != "INT" or e.get("enc_type") == "LPBQ":
+                    continue
+                n = len(e["scale"])
+                e["scale"] = draw(st.lists(VALID_SCALES, min_size=n, max_size=n))
+                e["offset"] = draw(st.lists(st.integers(-(2 ** e["bw"] - 1), 0), min_size=n, max_size=n))
+                e["is_sym"] = draw(st.booleans())
+                want[(section, e["name"])] = (e["scale"], e["offset"], e["is_sym"])
+        return doc, want
+    for section in ("param_encodings", "activation_encodings"):
+        doc[section] = {next(names): entries for entries in doc[section].values()}
+        for name, entries in doc[section].items():
+            sym = draw(st.booleans())
+            for e in entries:
+                e["scale"] = draw(VALID_SCALES)
+                e["offset"] = draw(st.integers(-(2 ** e["bitwidth"] - 1), 0))
+                e["is_symmetric"] = str(sym)
+            want[(section, name)] = ([e["scale"] for e in entries], [e["offset"] for e in entries], sym)
+    return doc, want
+
+
+@given(valid_documents())
+def test_valid_documents_parse_to_exactly_their_values(case):
+    doc, want = case
+    enc = parse_document(json.loads(json.dumps(doc)))  # as read from a file
+    assert want and any(section == "param_encodings" for section, _ in want)
+    for (section, name), (scale, offset, sym) in want.items():
+        if section == "param_encodings":
+            p = enc.params[name]
+            assert (p.scale, p.offset, p.is_sym) == (scale, offset, sym)
+        else:
+            assert name in enc.activations
+
+
+@settings(max_examples=30)  # each example exports and re-applies to a model
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(4, 16, False), (8, -1, True), (2, 8, False), (8, 32, True)]))
+def test_exported_encodings_of_any_model_load_back_unchanged(tmp_path_factory, seed, grid):
+    """export_encodings then load_encodings on the same model: accepted, and every stored tensor unchanged."""
+    bits, group, sym = grid
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Module()
+    model.a = QuantLinear.from_affine(rtn_weight(torch.randn(8, 32, generator=g) * 10 ** (seed % 5 - 2), bits, group,
+                                                 sym), None)
+    d = tmp_path_factory.getbasetemp()
+    path = hf_vq.export_encodings(model, d, filename_prefix=f"valid{seed}")
+    before = state(model)
+    hf_vq.load_encodings(model, path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 @given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
 def test_arbitrary_bytes_parse_or_raise_our_error(tmp_path_factory, data):
     p = tmp_path_factory.getbasetemp() / "fuzz.encodings"
