@@ -43,18 +43,42 @@ def test_accumulated_hessian_matches_direct():
     assert torch.allclose(hessian_of(x), 2 * x.T @ x / 1000, rtol=1e-4, atol=1e-4)
 
 
+def static_group_grid(w, bits, group_size):
+    """The static-group grid of act-order GPTQ (the reference implementation's ``static_groups``), built here from
+    the weight alone: each group of ``group_size`` consecutive input columns of the original weight, taken before
+    any column is quantized, gets an asymmetric min/max grid whose range includes 0; its scale is stored in fp16,
+    rounded up so that the grid still spans the range. Returns per-column (scales, zeros) [N, K] and the per-group
+    ones [N, G]."""
+    maxq = 2**bits - 1
+    scales, zeros = [], []
+    for start in range(0, w.shape[1], group_size):
+        cols = w[:, start:start + group_size]
+        lo, hi = cols.min(dim=1).values.clamp(max=0), cols.max(dim=1).values.clamp(min=0)
+        scale = (hi - lo) / maxq
+        s16 = scale.half()
+        s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.tensor(float("inf"), dtype=torch.half)), s16)
+        scale = s16.float()
+        scales.append(scale)
+        zeros.append(torch.round(-lo / scale).clamp(0, maxq))
+    g_scales, g_zeros = torch.stack(scales, 1), torch.stack(zeros, 1)
+    group = torch.arange(w.shape[1]) // group_size
+    return g_scales[:, group], g_zeros[:, group], g_scales, g_zeros
+
+
 @pytest.mark.parametrize("block_size", [128, 7])
 def test_gptq_matches_textbook_reference(block_size):
-    k, n, bits = 48, 12, 3
+    k, n, bits, gs = 48, 12, 3, 16
     x = correlated_inputs(k)
     h = hessian_of(x)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
-    aw = gptq_quantize(w, h, bits, group_size=16, act_order=True, block_size=block_size)
-    # act_order=True with static groups: grid fixed up front; replay the reference in the same column order
+    aw = gptq_quantize(w, h, bits, group_size=gs, act_order=True, block_size=block_size)
+    # act_order=True with static groups: the grid is fixed up front from the original column groups
+    col_scales, col_zeros, g_scales, g_zeros = static_group_grid(w, bits, gs)
+    assert torch.equal(aw.g_idx.long(), torch.arange(k) // gs)
+    assert torch.equal(aw.scales, g_scales.half()) and torch.equal(aw.zeros.float(), g_zeros)
+    # the reference eliminates columns in order of decreasing Hessian diagonal, each on its own group's grid
     perm = torch.argsort(torch.diag(h), descending=True)
-    col_scales = aw.scales.float()[:, aw.g_idx.long()][:, perm]
-    col_zeros = aw.zeros.float()[:, aw.g_idx.long()][:, perm]
-    ref = reference_gptq(w[:, perm], h[perm][:, perm], bits, col_scales, col_zeros, 0.01)
+    ref = reference_gptq(w[:, perm], h[perm][:, perm], bits, col_scales[:, perm], col_zeros[:, perm], 0.01)
     ours = aw.codes.float()[:, perm]
     mismatch = (ref != ours).float().mean().item()
     assert mismatch < 0.01, f"{mismatch:.3%} of codes differ from the reference"
