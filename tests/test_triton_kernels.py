@@ -1,6 +1,6 @@
 """The Triton kernels of affine layers (hf_vq/nn/kernel_triton_affine.py), run on CPU tensors by Triton's numpy
 interpreter (TRITON_INTERPRET=1, HF_VQ_KERNELS=triton): QuantLinear against F.linear on its dequantized weight,
-QuantExperts with skewed routing, tiny Llamas (GPTQ 3-bit g32 act-order, RTN 8-bit) against HF_VQ_KERNELS=exact,
+tiny Llamas (GPTQ 3-bit g32 act-order, RTN 8-bit) against HF_VQ_KERNELS=exact,
 the device gating, and the fallback when Triton is missing or does not compile.
 
 Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a function (``knobs.runtime.interpret`` in
@@ -177,28 +177,6 @@ def test_any_leading_shape_and_strided_input(launches):
         assert_close(y.reshape(-1, 40), F.linear(x.reshape(-1, 96), w, q.bias.detach()),
                      bound(x.reshape(-1, 96), w) + q.bias.detach().abs(), half=False)
     assert launches == [False, True]
-
-
-@needs_triton
-def test_quant_experts_with_skewed_routing(monkeypatch, launches):
-    from tests.test_moe import _quant_experts
-
-    q, layout = _quant_experts("mixtral", bits=3, group=32)
-    t = 24
-    g = torch.Generator().manual_seed(11)
-    h = torch.randn(t, layout.hidden_size, generator=g)
-    idx = torch.randint(1, layout.num_experts, (t, 2), generator=g)
-    idx[:20, 0] = 0                      # expert 0 gets 20 tokens (tiled GEMM), the others a few each (GEMV)
-    idx[:20, 1] = torch.where(idx[:20, 1] == 0, 1, idx[:20, 1])
-    wts = torch.softmax(torch.randn(t, 2, generator=g), -1)
-    with torch.no_grad():
-        fast = q(h, idx, wts)
-        monkeypatch.setenv("HF_VQ_KERNELS", "exact")
-        exact = q(h, idx, wts)
-    # launches records each call's path (True: tiled GEMM): expert 0's 20 tokens take the GEMM, the others the GEMV
-    assert set(launches) == {True, False}, "both kernels served experts"
-    assert len(launches) == 2 * len(torch.unique(idx)), "every routed expert's two projections went to Triton"
-    assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 
 
 def _logits(model, ids):

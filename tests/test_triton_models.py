@@ -1,8 +1,8 @@
 """Whole models through the Triton kernels under Triton's CPU interpreter: a tiny Llama (GPTVQ 2D and 4D; its GPTQ
 and RTN checks are in tests/test_triton_kernels.py) and a tiny Qwen3-MoE (GPTQ 3-bit g32 act-order, RTN 8-bit,
 GPTVQ 2D and 4D) give, with ``HF_VQ_KERNELS=triton`` and ``TRITON_INTERPRET=1``, the logits of the exact path
-(``HF_VQ_KERNELS=exact``), with every quantized module (Linear and routed experts) served by a Triton kernel and
-none decoding its whole weight.
+(``HF_VQ_KERNELS=exact``), with every quantized module served by a Triton kernel (the routed experts by the grouped
+kernels: each expert gets at most 48 rows here) and none decoding its whole weight.
 
 Tolerance: every layer's output is within the per-layer bounds of tests/test_triton_kernels.py (fp32: 1e-5 of
 ``|x| @ |W|^T``); the logits compound that over the layers, attention, norms and routing, so they are compared at
@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_vq
 from hf_vq.nn import kernel_triton_affine as kta
+from hf_vq.nn import kernel_triton_experts as kte
 from hf_vq.nn import kernel_triton_vq as ktv
 from hf_vq.nn.experts import QuantExperts, VQExperts
 from hf_vq.nn.qlinear import QuantLinear
@@ -48,7 +49,7 @@ def qwen3_moe_dir(tmp_path_factory):
 @pytest.fixture
 def served(monkeypatch):
     """Triton launches per kernel file, and every whole-weight decode of a quantized module."""
-    seen = {"affine": 0, "vq": 0, "decoded": 0}
+    seen = {"affine": 0, "vq": 0, "grouped": 0, "decoded": 0}
     for name, mod in (("affine", kta), ("vq", ktv)):
         real = mod._launch
 
@@ -57,6 +58,13 @@ def served(monkeypatch):
             return real(ns, st, x2, bias, gemm)
 
         monkeypatch.setattr(mod, "_launch", spy)
+    real_grouped = kte._launch
+
+    def grouped(*args):
+        seen["grouped"] += 1
+        return real_grouped(*args)
+
+    monkeypatch.setattr(kte, "_launch", grouped)
     for cls, attr in ((QuantLinear, "dequantize_weight"), (VQLinear, "dequantize_weight"),
                       (QuantExperts, "dequantize_expert"), (VQExperts, "dequantize_expert")):
         real = getattr(cls, attr)
@@ -82,11 +90,13 @@ def check_model(model_dir, cfg, calib_ids, monkeypatch, served, experts_cls):
     ids = calib_ids[:2, :24]
     exact = (_logits(model, ids), _logits(model, ids[:1, :1]))
     monkeypatch.setenv("HF_VQ_KERNELS", "triton")
-    served.update(affine=0, vq=0, decoded=0)
+    served.update(affine=0, vq=0, grouped=0, decoded=0)
     fast = (_logits(model, ids), _logits(model, ids[:1, :1]))
     assert served["decoded"] == 0, "no quantized module decoded its whole weight"
     storage = "vq" if isinstance(cfg, hf_vq.GPTVQConfig) else "affine"
     assert served[storage] > 0 and served["affine" if storage == "vq" else "vq"] == 0
+    # a 2 x 24 prefill and a one-token decode through 2 MoE blocks: 2 grouped launches per block and call
+    assert served["grouped"] == (0 if experts_cls is None else 8)
     for f, e in zip(fast, exact):
         assert (f - e).abs().max() <= 1e-4 * e.abs().max()
 

@@ -1,6 +1,6 @@
 """The Triton kernels of VQ layers (hf_vq/nn/kernel_triton_vq.py) under Triton's CPU interpreter
-(TRITON_INTERPRET=1, HF_VQ_KERNELS=triton), against F.linear on the layer's dequantized weight; VQExperts with
-skewed routing against the exact path.
+(TRITON_INTERPRET=1, HF_VQ_KERNELS=triton), against F.linear on the layer's dequantized weight (VQExperts: in
+tests/test_triton_experts.py).
 
 Tolerance, as in tests/test_triton_kernels.py. The kernel decodes the same fp32 weights as
 hf_vq.formats.vq.decode_weight (checked bit for bit below), so the outputs differ only by summation order and
@@ -128,25 +128,6 @@ def _vq_experts(seed=0):
     q = VQExperts.from_vq(firsts, downs, layout.gated, layout.transposed)
     q.attach_float_module(mod)
     return q, layout
-
-
-def test_vq_experts_with_skewed_routing(monkeypatch, launches):
-    q, layout = _vq_experts()
-    t = 24
-    g = torch.Generator().manual_seed(11)
-    h = torch.randn(t, layout.hidden_size, generator=g) * 0.1
-    idx = torch.full((t, 2), 1)
-    idx[:, 0] = 0                 # expert 0 gets every token (tiled GEMM), expert 1 three (GEMV)
-    idx[3:, 1] = 2                # expert 2 gets 21 (GEMM); expert 3 none
-    idx[5, 1] = -1                # an expert-parallel sentinel: skipped
-    wts = torch.softmax(torch.randn(t, 2, generator=g), -1)
-    with torch.no_grad():
-        fast = q(h, idx, wts)
-        monkeypatch.setenv("HF_VQ_KERNELS", "exact")
-        exact = q(h, idx, wts)
-    assert launches == [True, True, False, False, True, True], "experts 0, 1, 2 in order, both projections each"
-    assert ("gate_up", 3) not in {slot for _kernel, slot in q._kernel_states.states}, "no tokens, nothing prepared"
-    assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 
 
 def test_missing_triton_warns_once_for_affine_and_vq_layers(monkeypatch):

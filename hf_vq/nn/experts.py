@@ -179,11 +179,44 @@ class FusedExperts(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dequantize_expert(proj, expert, x.dtype), bias)
 
+    def _grouped_forward(self, hidden_states, groups: "ExpertGroups", top_k_weights, activation):
+        """Both projections of every routed expert in one kernel launch each (a grouped kernel of the registry's
+        ``<storage>_experts``), or None when none serves this call."""
+        states = self.__dict__.setdefault("_kernel_states", kernel_registry.KernelStates())
+        rows = max(groups.counts, default=0)
+        for kernel in kernel_registry.candidates(f"{self.storage}_experts", hidden_states.device.type, rows):
+            prepared = [states.get(kernel, (p, "grouped"), self._buffers[f"{p}_{self._source_buffer}"],
+                                   lambda p=p: kernel.prepare([self.expert_weight(p, e)
+                                                               for e in range(self.num_experts)]))
+                        for p in (self.first, "down")]
+            if None in prepared:
+                continue
+            token, slot = groups.pairs()
+            y = kernel.run(prepared[0], hidden_states[token], groups)
+            if y is None:
+                return None
+            h = activation(self._grouped_bias(self.first, y, groups))
+            y = kernel.run(prepared[1], h, groups)
+            if y is None:
+                return None
+            y = self._grouped_bias("down", y, groups) * top_k_weights[token, slot, None]
+            return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+        return None
+
+    def _grouped_bias(self, proj: str, y: torch.Tensor, groups: "ExpertGroups") -> torch.Tensor:
+        if not self.has_bias:
+            return y
+        return y + getattr(self, f"{proj}_bias")[groups.expert_of_rows(y.device)].to(y.dtype)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         template = self._template()
         activation = template._apply_gate if self.gated else template.act_fn
-        out = torch.zeros_like(hidden_states)
         groups = ExpertGroups(top_k_index, self.num_experts)
+        if not self.exact_decode and not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            out = self._grouped_forward(hidden_states, groups, top_k_weights, activation)
+            if out is not None:
+                return out
+        out = torch.zeros_like(hidden_states)
         for e, count in enumerate(groups.counts):
             if not count:
                 continue
@@ -210,9 +243,26 @@ class ExpertGroups:
             self.order = torch.argsort(key, stable=True)
             self.counts: list[int] = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
         self.k = top_k_index.shape[-1]
+        self._offsets = None
         self.starts = [0]
         for c in self.counts:
             self.starts.append(self.starts[-1] + c)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, slot) of every routed pair, sorted by expert."""
+        sel = self.order[:self.starts[-1]]
+        return sel // self.k, sel % self.k
+
+    def offsets(self, device) -> torch.Tensor:
+        """int32 [E + 1]: expert e's rows of ``pairs()`` are offsets[e]..offsets[e + 1] (made once per device)."""
+        if self._offsets is None or self._offsets.device != torch.device(device):
+            self._offsets = torch.tensor(self.starts, dtype=torch.int32, device=device)
+        return self._offsets
+
+    def expert_of_rows(self, device) -> torch.Tensor:
+        """The expert of every row of ``pairs()``."""
+        counts = torch.tensor(self.counts, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.counts), device=device), counts)
 
     def tokens(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(token, slot) of every pair routed to ``expert``, as ``torch.where(top_k_index == expert)`` gives them."""

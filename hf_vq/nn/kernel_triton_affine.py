@@ -161,7 +161,49 @@ def _build(triton_module, tl_module) -> SimpleNamespace:
         tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
-    return SimpleNamespace(gemv=gemv, gemm=gemm)
+    @triton.jit
+    def grouped(x_ptr, off_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, perm_ptr, y_ptr, N, K, stride_xm, stride_qw, stride_s,
+                BITS: tl.constexpr, CPW: tl.constexpr, SCALAR_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Stacked experts (hf_vq.nn.kernel_triton_experts): program (n block, expert e) runs the rows
+        off[e]..off[e + 1] of x (sorted by expert) through expert e's weight, BLOCK_M rows at a time."""
+        pid_n = tl.program_id(0)
+        e = tl.program_id(1)
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        qw_e = qw_ptr + e * stride_qw
+        s_e = s_ptr + e * stride_s
+        z_e = z_ptr + e * stride_s
+        g_e = g_ptr + e * K
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < end
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + e * K + offs_k, mask=mask_k, other=0)
+                else:
+                    cols = offs_k
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = dequant_tile(qw_e, s_e, z_e, g_e, N, k0, offs_k, offs_n, mask_k, mask_n, BITS, CPW,
+                                 SCALAR_GROUP, GROUP_SIZE)
+                if USE_DOT:
+                    if FP32_DOT:
+                        acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(x, w.to(x_ptr.dtype.element_ty), acc)
+                else:
+                    acc += tl.reduce(x.to(tl.float32)[:, :, None] * w[None, :, :], 1, SUM)
+            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_n[None, :])
+
+    return SimpleNamespace(gemv=gemv, gemm=gemm, grouped=grouped)
 
 
 def kernels() -> SimpleNamespace | None:
