@@ -25,6 +25,19 @@ def real():
 
 
 @pytest.fixture(scope="session")
+def rtn4(real):
+    """SmolLM2 with RTN 4-bit g128 in fp32: the baseline several quality tests compare against, quantized once per
+    session. Shared: tests must not change it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_vq
+
+    return AutoModelForCausalLM.from_pretrained(real[0], dtype=torch.float32,
+                                                quantization_config=hf_vq.RTNConfig(bits=4, group_size=128))
+
+
+@pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """A Hub-compatible server on 127.0.0.1 (olah + write front) with huggingface_hub and transformers pointed at it.
 

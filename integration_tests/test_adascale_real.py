@@ -9,7 +9,7 @@ import hf_vq
 EVAL = dict(seq_len=512, max_tokens=None, max_windows=4)  # 4 x 512 tokens of Pride and Prejudice
 
 
-def test_adascale4_all_blocks_save_reload_and_quality(real, tmp_path):
+def test_adascale4_all_blocks_save_reload_and_quality(real, rtn4, tmp_path):
     model_dir, tok, calib, test = real
     # the RTN start and float32 training the measurement below was taken with (defaults: GPTQ start, bf16 where fast)
     cfg = hf_vq.AdaScaleConfig(bits=4, group_size=128, num_iterations=5, batch_size=1, dataset=[calib],
@@ -28,9 +28,7 @@ def test_adascale4_all_blocks_save_reload_and_quality(real, tmp_path):
         assert torch.equal(again(ids).logits, model(ids).logits)
     del again, model
 
-    rtn = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                               quantization_config=hf_vq.RTNConfig(bits=4, group_size=128))
-    rtn_ppl = hf_vq.evaluate_perplexity(rtn, tok, test, **EVAL)
+    rtn_ppl = hf_vq.evaluate_perplexity(rtn4, tok, test, **EVAL)
     print(f"ppl@512 x4: RTN4 {rtn_ppl:.3f}  AdaScale4 (5 it, 4x128) {ada_ppl:.3f}")
     # measured (5 steps/block from the RTN grid, mostly the learned clipping): AdaScale 25.65 vs RTN 26.80
     assert ada_ppl < rtn_ppl

@@ -20,15 +20,12 @@ def gptq4(real):
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
 
 
-def test_gptq4_quality_between_fp_and_rtn(real, gptq4):
+def test_gptq4_quality_between_fp_and_rtn(real, gptq4, rtn4):
     model_dir, tok, _, test = real
     fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     fp_ppl = hf_vq.evaluate_perplexity(fp, tok, test, **EVAL)
     del fp
-    rtn = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                               quantization_config=hf_vq.RTNConfig(bits=4, group_size=128))
-    rtn_ppl = hf_vq.evaluate_perplexity(rtn, tok, test, **EVAL)
-    del rtn
+    rtn_ppl = hf_vq.evaluate_perplexity(rtn4, tok, test, **EVAL)
     q_ppl = hf_vq.evaluate_perplexity(gptq4, tok, test, **EVAL)
     print(f"ppl@512 x6: FP {fp_ppl:.2f}  RTN4 {rtn_ppl:.2f}  GPTQ4 {q_ppl:.2f}")
     assert fp_ppl < q_ppl < rtn_ppl

@@ -3,6 +3,7 @@ the real model is exercised by benchmarks/quantsim.py; unit tests cover the Trai
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -18,6 +19,12 @@ def qsim(real, **kw):
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def lpbq_w4a16(real):
+    """W4A16 LPBQ (blocks of 64), calibrated once for the tests below; they must leave it as they found it."""
+    return qsim(real, weight_bits=4, weight_granularity="lpbq", block_size=64, activation_bits=16)
+
+
 def test_w8a16_per_channel_close_to_fp(real):
     model_dir, tok, _, test = real
     fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -30,9 +37,9 @@ def test_w8a16_per_channel_close_to_fp(real):
     assert abs(q_ppl / fp_ppl - 1) < 0.01
 
 
-def test_lpbq_a16_reload_and_encodings(real, tmp_path):
+def test_lpbq_a16_reload_and_encodings(real, lpbq_w4a16, tmp_path):
     _, tok, _, test = real
-    m = qsim(real, weight_bits=4, weight_granularity="lpbq", block_size=64, activation_bits=16)
+    m = lpbq_w4a16
     ids = tok(test[:3000], return_tensors="pt")["input_ids"][:, :32]
     with torch.no_grad():
         before = m(input_ids=ids).logits
@@ -46,7 +53,7 @@ def test_lpbq_a16_reload_and_encodings(real, tmp_path):
     assert len(doc["activation_encodings"]) == 420
 
 
-def test_onnx_export_of_real_model_runs_in_onnxruntime(real, tmp_path):
+def test_onnx_export_of_real_model_runs_in_onnxruntime(real, lpbq_w4a16, tmp_path):
     """W4A16 LPBQ SmolLM2 exported to ONNX: onnxruntime's logits on real text match the PyTorch model with float
     activations (the graph carries QDQ'd weights; activation encodings ride beside it), and every encodings name is a
     tensor of the graph."""
@@ -57,15 +64,21 @@ def test_onnx_export_of_real_model_runs_in_onnxruntime(real, tmp_path):
     from hf_vq.export.quantsim import activation_quantizers
 
     _, tok, _, test = real
-    m = qsim(real, weight_bits=4, weight_granularity="lpbq", block_size=64, activation_bits=16)
+    m = lpbq_w4a16
     path = hf_vq.export_onnx(m, tmp_path, seq_len=8)
     ids = tok(test[:4000], return_tensors="pt")["input_ids"][:, :48]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": np.ones(ids.shape, dtype=np.int64)})[0]
-    for _, _, q in activation_quantizers(m):
-        q.enabled = False
-    with torch.no_grad():
-        ref = m(input_ids=ids).logits.numpy()
+    quantizers = [q for _, _, q in activation_quantizers(m)]
+    enabled = [q.enabled for q in quantizers]
+    try:
+        for q in quantizers:
+            q.enabled = False
+        with torch.no_grad():
+            ref = m(input_ids=ids).logits.numpy()
+    finally:  # the model is shared with the other tests of this file
+        for q, was in zip(quantizers, enabled):
+            q.enabled = was
     # fp32 on both sides, same weights: only op order differs (30 blocks deep)
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.99
