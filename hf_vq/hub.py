@@ -23,7 +23,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_session, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 
-from hf_vq.model import convert, targets
+from hf_vq.model import allocation, convert, targets
 from hf_vq.config import QUANT_METHOD, HfVQConfig
 from hf_vq.utils.version import __version__
 from hf_vq.export.encodings_reader import EncodingsError, parse_document
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 TEMPLATE_NAME = "hf_vq_model_card.md"
 SOURCE_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"  # the single source of the templates
 SWEEP_PLOT_NAME = "ppl_vs_bits.png"
+BITS_PLOT_NAME = "bits_by_depth.png"
 LOAD_HINT = ("Install it with `pip install hf_vq` and run `import hf_vq` before `from_pretrained`. Without it, "
              "transformers logs \"Unknown quantization type, got hf_vq\", skips the quantization config and loads "
              "random weights in place of every quantized layer.")
@@ -207,6 +208,34 @@ def plot_perplexity_vs_bits(sweep: list[dict], fp_ppl: float | None, path: str |
     ax.set_xlabel("bits per value (stored)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.grid(True, alpha=0.3)
+    return _save_png(fig, path)
+
+
+def plot_bits_by_depth(model, path: str | os.PathLike) -> Path:
+    """PNG of each quantized layer's stored bits per weight against its block index, one series per layer kind
+    (a mixed-precision model's allocation). Written atomically; needs matplotlib (``pip install "hf_vq[plot]"``)."""
+    series = allocation.bits_by_depth(model)
+    if not series:
+        raise ValueError("the model has no quantized layers inside numbered blocks to plot")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError('plotting bits by depth needs matplotlib: pip install "hf_vq[plot]"') from None
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for kind, points in sorted(series.items()):
+        ax.plot([d for d, _ in points], [b for _, b in points], marker="o", markersize=3, label=kind.split(".")[-1])
+    ax.set_xlabel("block")
+    ax.set_ylabel("stored bits per weight")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=7)
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG atomically (temp file in the same folder + ``os.replace``)."""
     fig.tight_layout()
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -226,14 +255,15 @@ def plot_perplexity_vs_bits(sweep: list[dict], fp_ppl: float | None, path: str |
 def render_model_card(model, base_model: str | None, metrics: dict | None = None, calibration: str | None = None,
                       plot_path=None, *, repo_id: str | None = None, license: str | None = None,
                       template_path: str | os.PathLike | None = None, sweep: list[dict] | None = None,
-                      fp_ppl: float | None = None) -> ModelCard:
+                      fp_ppl: float | None = None, bits_plot_path=None) -> ModelCard:
     """Model card (README.md) of an hf_vq model: metadata, method and every parameter, bit rates, how to load.
 
     ``base_model`` should be a Hub id (it goes to the card's ``base_model`` metadata); a local directory is named in the
     text only. ``plot_path`` is referenced by file name: upload the file with the card (``push_quantized`` does).
     ``sweep``: the settings a run measured, ``[{"label", "bits_per_value", "ppl"}, ...]`` (``fp_ppl``: the float
     model's); the card gets their table, and a perplexity-vs-bits PNG is written to ``plot_path`` (put it beside the
-    card's README.md; needs matplotlib).
+    card's README.md; needs matplotlib). A mixed-precision model (``average_bits``) gets a table of the settings
+    chosen per layer kind, and with ``bits_plot_path`` a PNG of bits per weight by block (needs matplotlib).
     """
     cfg = _quant_config(model)
     summary = quantization_summary(model)
@@ -253,6 +283,10 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
     base_name = Path(base_model).name if base_model else "a model"
     params = cfg.to_dict()
     params.pop("layers", None)
+    mixed = bool(params.pop("allocation", None))
+    bits_plot = None
+    if mixed and bits_plot_path is not None:
+        bits_plot = plot_bits_by_depth(model, bits_plot_path).name
     param_rows = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in sorted(params.items())]
     tags = ["quantized", QUANT_METHOD, f"hf_vq-{cfg.method}", *(f"{b:g}-bit" for b in summary["bits"])]
     pipeline = "text-generation" if type(model).__name__.endswith("ForCausalLM") else None
@@ -274,6 +308,8 @@ def render_model_card(model, base_model: str | None, metrics: dict | None = None
         plot_alt="perplexity vs bits per value" if sweep_rows else "evaluation plot", sweep=sweep_rows,
         fp_ppl=f"{fp_ppl:.4g}" if fp_ppl is not None else None, quantized_mb=summary["quantized_bytes"] / 1e6,
         float_mb=summary["float_bytes"] / 1e6,
+        allocation=[(k, s, f"{b:.3f}") for k, s, b in allocation.bits_by_type(model)] if mixed else None,
+        bits_plot_file=bits_plot,
         **{k: summary[k] for k in ("bits_label", "n_quantized", "n_linear", "layer_types", "bits_per_weight",
                                    "bits_per_param", "float_dtype")})
 
@@ -319,7 +355,8 @@ def push_quantized(model, repo_id: str, tokenizer=None, card: ModelCard | None =
         if card is None:
             sweep_plot = out / SWEEP_PLOT_NAME if sweep is not None else None
             card = render_model_card(model, base_model, metrics, calibration, plot_path or sweep_plot,
-                                     repo_id=repo_id, sweep=sweep, fp_ppl=fp_ppl)
+                                     repo_id=repo_id, sweep=sweep, fp_ppl=fp_ppl,
+                                     bits_plot_path=out / BITS_PLOT_NAME if getattr(cfg, "allocation", None) else None)
         card.save(out / "README.md")
         files = [Path(p) for p in (extra_files or [])] + ([Path(plot_path)] if plot_path else [])
         if encodings_dir is not None:

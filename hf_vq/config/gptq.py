@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hf_vq.config.base import CALIBRATION_FIELDS, HfVQConfig
+from hf_vq.config.mixed import MixedPrecision, affine_fields
 from hf_vq.config.schema import Bool, Field, Float, Int
 
 PERCDAMP = Field(Float(0.0, 1.0, lo_open=True, hi_open=True), 0.01,
@@ -20,7 +21,7 @@ class RTNConfig(HfVQConfig):
         return False
 
 
-class GPTQConfig(HfVQConfig):
+class GPTQConfig(MixedPrecision, HfVQConfig):
     """GPTQ (Frantar et al. 2022): Hessian-aware rounding with error feedback, per layer, block by block."""
 
     method = "gptq"
@@ -29,4 +30,5 @@ class GPTQConfig(HfVQConfig):
         act_order=Field(Bool(), True, doc="quantize columns in order of decreasing Hessian diagonal (static groups)"),
         true_sequential=Field(Bool(), True, doc="quantize a block's layer groups in execution order"),
         block_size=Field(Int(1), 128, doc="columns per lazy GPTQ update block"),
+        **affine_fields(),
     )

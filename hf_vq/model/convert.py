@@ -19,7 +19,7 @@ from hf_vq.model import offload
 from hf_vq.model import report as report_mod
 from hf_vq.model import targets as targets_mod
 from hf_vq.pipeline import head as head_mod
-from hf_vq.pipeline import placement, registry
+from hf_vq.pipeline import mixed, placement, registry
 from hf_vq.pipeline.resume import SpilledResult
 from hf_vq.pipeline.experts import resolve_options as expert_options
 from hf_vq.utils.modules import set_module
@@ -84,6 +84,9 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
     for name, cal in unfused.items():
         targets.update({f"{name}.{n}": m for n, m in cal.named_modules() if isinstance(m, nn.Linear)})
     try:
+        allocation = None
+        if getattr(config, "average_bits", None) is not None:  # mixed precision: choose each layer's setting first
+            allocation = mixed.allocate(model, config, targets, list(unfused), progress=progress)
         results, stats = registry.run(model, config, targets, progress=progress)
     except BaseException:
         for name, cal in unfused.items():
@@ -126,8 +129,11 @@ def quantize_model(model: nn.Module, config: HfVQConfig, skip: list[str], progre
     config.modules_to_not_convert = list(skip)
     floats = dict(plan.floats)
     floats.update({n: targets_mod.UNREACHED for n in list(plan.linears) + list(plan.experts) if n not in quantized})
-    return report_mod.build_report(model, config, quantized, floats, stats, experts_report, member_of,
-                                   time.perf_counter() - t0)
+    summary = report_mod.build_report(model, config, quantized, floats, stats, experts_report, member_of,
+                                      time.perf_counter() - t0)
+    if allocation is not None:
+        summary["allocation"] = allocation
+    return summary
 
 
 def _head_to_quantize(model: nn.Module, config: HfVQConfig) -> str | None:

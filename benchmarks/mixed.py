@@ -1,0 +1,134 @@
+"""Mixed precision to a bit budget (GPTQConfig(average_bits=...)) against uniform GPTQ on the real model.
+
+SmolLM2-135M-Instruct, Austen: 32 x 512 calibration windows of Emma, perplexity over the first 32 windows of 2048
+tokens of Pride and Prejudice + Persuasion (benchmarks/quality.py's protocol, fp32 evaluation).
+
+    python benchmarks/mixed.py --rows fp,gptq3,mixed3.25,mixed3.25-hessian
+prints one table row per run: bits per weight of the quantized layers (as stored), their size and the saved
+checkpoint's size in MB, ppl, ppl/FP, quantize time (allocation / GPTQ). ``--json FILE`` appends each row as one
+JSON line as soon as it is done; rows already in that file are printed again instead of being rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_vq
+from hf_vq import assets
+from hf_vq.pipeline import mixed
+
+CALIBRATION = (32, 512)
+ROWS = {
+    "fp": None,
+    "gptq2": dict(bits=2, group_size=128),
+    "gptq3": dict(bits=3, group_size=128),
+    "gptq4": dict(bits=4, group_size=128),
+    "mixed2.5": dict(average_bits=2.5),
+    "mixed3.25": dict(average_bits=3.25),
+    "mixed3.25-hessian": dict(average_bits=3.25, estimator="hessian"),
+    "mixed3.25-relative": dict(average_bits=3.25, estimator="relative"),
+    "mixed4.25": dict(average_bits=4.25),
+}
+
+
+def quantized_bits(model) -> tuple[float, int]:
+    """(stored bits, weights) of the quantized Linear layers."""
+    bits = weights = 0
+    for mod in model.modules():
+        if hasattr(mod, "bits_per_value") and hasattr(mod, "in_features"):
+            n = mod.in_features * mod.out_features
+            bits += mod.bits_per_value() * n
+            weights += n
+    return bits, weights
+
+
+def checkpoint_mb(model) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return sum(p.stat().st_size for p in Path(d).glob("*.safetensors")) / 1e6
+
+
+def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows):
+    params = ROWS[name]
+    t0 = time.perf_counter()
+    report = {}
+    if params is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    else:
+        kw = dict(params)
+        mixed.DEFAULT_ESTIMATOR = kw.pop("estimator", "fisher")
+        cfg = hf_vq.GPTQConfig(dataset=[calib_text], tokenizer=tok, num_samples=CALIBRATION[0],
+                               seq_len=CALIBRATION[1], **kw)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
+        report = model.hf_quantizer.last_run
+    qtime = time.perf_counter() - t0
+    bits, weights = quantized_bits(model)
+    size = checkpoint_mb(model)
+    ppl = hf_vq.evaluate_perplexity(model, tok, test_text, seq_len=seq_len, max_tokens=65536, max_windows=max_windows)
+    alloc = report.get("allocation") or {}
+    row = {"row": name, "target_bits": (params or {}).get("average_bits"),
+           "estimator": alloc.get("estimator", "-"), "bits_per_weight": bits / weights if weights else 32.0,
+           "layers_mb": bits / 8e6, "checkpoint_mb": size, "ppl": ppl, "quantize_s": qtime if params else 0.0,
+           "allocation_s": alloc.get("sensitivity_s", 0.0) + alloc.get("fisher_s", 0.0),
+           "settings": _settings(alloc)}
+    del model
+    gc.collect()
+    return row
+
+
+def _settings(alloc: dict) -> str:
+    """How many layers got each setting, e.g. '3b g128: 120, 4b g128: 90'."""
+    counts: dict[str, int] = {}
+    for u in (alloc.get("units") or {}).values():
+        key = f"{u['bits']}b g{u['group_size']}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "-"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="fp,gptq3,mixed3.25")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--json", help="append each row here as a JSON line; rows already there are not rerun")
+    args = ap.parse_args(argv)
+    done = {}
+    if args.json and os.path.exists(args.json):
+        for line in Path(args.json).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["row"]] = r
+    model_dir = assets.ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib_text, test_text = assets.austen_calibration_text(), assets.austen_test_text()
+    fp = done.get("fp", {}).get("ppl")
+    print(f"| row | target bits | estimator | bits/weight | layers MB | checkpoint MB | ppl@{args.seq_len} | ppl/FP | "
+          "quantize s | of which choosing s | settings (layers) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.rows.split(","):
+        r = done.get(name)
+        if r is None:
+            r = run_row(name, model_dir, tok, calib_text, test_text, args.seq_len, args.max_windows)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        fp = r["ppl"] if name == "fp" else fp
+        ratio = f"{r['ppl'] / fp:.4f}" if fp else "-"
+        print(f"| {name} | {r['target_bits'] or '-'} | {r['estimator']} | {r['bits_per_weight']:.4f} | "
+              f"{r['layers_mb']:.2f} | {r['checkpoint_mb']:.1f} | {r['ppl']:.3f} | {ratio} | {r['quantize_s']:.1f} | "
+              f"{r['allocation_s']:.1f} | {r['settings']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

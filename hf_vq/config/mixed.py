@@ -1,0 +1,111 @@
+"""Mixed precision to a bit budget: the ``average_bits`` / ``candidates`` / ``allocation`` fields.
+
+With ``average_bits`` set, a run first measures how much each candidate setting of each layer would cost in estimated
+loss, then picks one setting per layer (one per fused experts module) so that the stored bits of all quantized layers,
+scales, zero-points and codebooks included, are at most ``average_bits`` x their weights, and quantizes with those
+settings. The choice is written to ``allocation`` ({layer: setting}), which ``spec_for`` reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from hf_vq.config.base import VALID_BITS, HfVQConfig, LayerSpec
+from hf_vq.config.schema import Check, ConfigError, Field, Float, GroupSize, Int, Optional, Records, show
+
+AFFINE_CANDIDATES = ({"bits": 2, "group_size": 64}, {"bits": 2, "group_size": 128}, {"bits": 3, "group_size": 128},
+                     {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 128})
+VQ_CANDIDATES = tuple({"vector_dim": 2, "index_bits": b} for b in (4, 5, 6, 7, 8)) + ({"vector_dim": 1, "index_bits": 8},)
+
+
+class Candidates(Check):
+    """A non-empty list of distinct settings, each a dict with exactly ``keys`` (each checked by its Check)."""
+
+    def __init__(self, keys: Mapping[str, Check]):
+        self.keys = dict(keys)
+        self.what = "a non-empty list of dicts {" + ", ".join(self.keys) + "}"
+
+    def __call__(self, name, value, where=""):
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{name} must be {self.what}{where}, got {show(value)}", field=name)
+        out = []
+        for i, item in enumerate(value):
+            at = f"{name}[{i}]"
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"{at} must be a dict {{{', '.join(self.keys)}}}, got {show(item)}", field=name)
+            if set(item) != set(self.keys):
+                raise ConfigError(f"{at} must have exactly the keys {', '.join(self.keys)} (this method's settings), "
+                                  f"got {sorted(map(str, item))}", field=name)
+            setting = {k: self.keys[k](k, item[k], f" in {at}") for k in self.keys}
+            if setting in out:
+                raise ConfigError(f"{at} repeats {setting}", field=name)
+            out.append(setting)
+        return out
+
+
+AVERAGE_BITS = Field(Optional(Float(lo=0.0, lo_open=True), what="None or a number of bits > 0"), None,
+                     doc="mean stored bits per quantized weight (scales, zero-points and codebooks included): each "
+                         "layer gets the candidate setting that minimises the estimated loss within this budget; "
+                         "None: every layer gets the config's own setting")
+ALLOCATION = Field(Optional(Records()), None,
+                   doc="filled by an average_bits run: the setting chosen for each layer or fused experts module")
+
+
+def affine_fields() -> dict[str, Field]:
+    keys = {"bits": Int(choices=VALID_BITS), "group_size": GroupSize()}
+    return dict(average_bits=AVERAGE_BITS, allocation=ALLOCATION,
+                candidates=Field(Optional(Candidates(keys)), None,
+                                 doc="settings average_bits chooses from, [{bits, group_size}, ...]; None: "
+                                     "2-bit g64, and 2/3/4/8-bit g128"))
+
+
+MIXED_INERT = (("candidates", "average_bits is None (no per-layer choice)", lambda c: c.average_bits is None),)
+
+
+def allocated(allocation: dict | None, name: str) -> dict | None:
+    """The allocation entry of layer ``name``: its own, or that of the fused experts module holding it."""
+    if not allocation:
+        return None
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        entry = allocation.get(".".join(parts[:end]))
+        if entry is not None:
+            return entry
+    return None
+
+
+class MixedPrecision:
+    """Mixed into the affine configs (GPTQConfig, AdaScaleConfig): ``average_bits`` over affine candidates."""
+
+    inert = HfVQConfig.inert + MIXED_INERT
+    default_candidates = AFFINE_CANDIDATES
+
+    def candidate_list(self) -> list[dict[str, Any]]:
+        return [dict(c) for c in (self.candidates or self.default_candidates)]
+
+    def spec_for(self, module_name: str) -> LayerSpec | None:
+        spec = super().spec_for(module_name)
+        entry = allocated(self.__dict__.get("allocation"), module_name)
+        if spec is not None and entry is not None:
+            spec.bits, spec.group_size = entry["bits"], entry["group_size"]
+        return spec
+
+    def validate(self) -> None:
+        super().validate()
+        if self.__dict__.get("average_bits") is None:
+            return
+        cands = self.candidate_list()
+        lowest = min(c["bits"] for c in cands)
+        if self.average_bits < lowest:
+            raise ConfigError(f"average_bits={self.average_bits} is below the smallest candidate ({lowest} bits per "
+                              "weight before scales): no layer can be stored that small", field="average_bits")
+        chosen = [p for p, o in self.module_overrides.items() if "bits" in o or "group_size" in o]
+        if chosen:
+            raise ConfigError(f"module_overrides {show(chosen[0])} sets bits/group_size, which average_bits chooses "
+                              "per layer: keep only skips in module_overrides, or drop average_bits",
+                              field="module_overrides")
+        if getattr(self, "weight_granularity", None) == "lpbq":
+            bad = [c for c in cands if c["group_size"] == -1 or c["bits"] >= self.decompressed_bw]
+            if bad:
+                raise ConfigError(f"candidates: {bad[0]} cannot be an LPBQ grid (needs a group_size and bits < "
+                                  f"decompressed_bw={self.decompressed_bw})", field="candidates")

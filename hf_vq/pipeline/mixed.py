@@ -1,0 +1,209 @@
+"""Mixed precision to a bit budget (``average_bits``): measure each layer's sensitivity, choose a setting per layer.
+
+1. One pass of the float model over the calibration windows, block by block, records each target layer's input
+   Hessian H; for each candidate setting, GPTQ quantizes an evenly strided subset of the layer's rows (rows are
+   independent given H, so the subset's errors are those of the full run) and the output error of each row,
+   d H d^T, is kept.
+2. Estimated loss of a candidate: the row errors weighted by the Fisher information of the layer's outputs (the mean
+   squared gradient of the model's loss with respect to each output channel, from a few backward passes over
+   calibration windows), scaled to all rows ("fisher", the default). "hessian" sums the row errors unweighted;
+   "relative" divides them by the layer's output energy W H W^T (benchmarks/mixed.py compares them).
+3. hf_vq.algorithms.allocation.choose picks one candidate per unit (a layer, or all layers of one fused experts
+   module) with the stored bits of all units at most average_bits x their weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from hf_vq.algorithms.allocation import choose
+from hf_vq.algorithms.gptq import gptq_quantize
+from hf_vq.config import ConfigError
+from hf_vq.nn.qlinear import QuantLinear
+from hf_vq.pipeline import distributed
+from hf_vq.pipeline.blocks import (_run_block, block_prefix, capture_block_inputs, collect_hessians,
+                                   find_decoder_blocks, last_target_block)
+from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
+from hf_vq.pipeline.registry import calibration_samples
+
+logger = logging.getLogger(__name__)
+
+ESTIMATORS = ("fisher", "hessian", "relative")
+DEFAULT_ESTIMATOR = "fisher"
+# rows of each layer that GPTQ quantizes per candidate (evenly strided): the estimate's cost stays below a full run's
+SENSITIVITY_ROWS = 256
+# calibration windows of the backward passes that measure the Fisher weights
+FISHER_WINDOWS = 8
+FISHER_BATCH = 2
+
+
+def affine_cost(out_features: int, in_features: int, setting: dict) -> float:
+    """Stored bits of a QuantLinear with this setting (codes, scales, zero-points, g_idx): its bits_per_value()."""
+    mod = QuantLinear(in_features, out_features, setting["bits"], setting["group_size"], bias=False, device="meta")
+    return float(8 * sum(t.numel() * t.element_size() for t in mod.stored_tensors().values()))
+
+
+def units_of(targets, experts: list[str]) -> dict[str, list[str]]:
+    """Allocation units: each fused experts module (all its projections) is one, every other layer is its own."""
+    units: dict[str, list[str]] = {}
+    for name in targets:
+        owner = next((e for e in experts if name.startswith(e + ".")), name)
+        units.setdefault(owner, []).append(name)
+    return units
+
+
+def allocate(model: nn.Module, config, targets: dict[str, nn.Linear], experts: list[str] = (),
+             progress: bool = True, estimator: str | None = None) -> dict:
+    """Choose a candidate per unit under ``config.average_bits``, store it in ``config.allocation`` and return the
+    report: {"estimator", "average_bits", "achieved_bits", "units": {unit: {setting, bits_per_weight,
+    estimated_loss}}, "sensitivity_s", "fisher_s"}."""
+    estimator = estimator or DEFAULT_ESTIMATOR
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    cands = config.candidate_list()
+    units = units_of(targets, list(experts))
+    costs = [[sum(affine_cost(targets[m].out_features, targets[m].in_features, c) for m in members) for c in cands]
+             for members in units.values()]
+    weights = sum(t.out_features * t.in_features for t in targets.values())
+    budget = config.average_bits * weights
+    lowest = math.fsum(min(c) for c in costs)
+    if lowest > budget:  # known from the shapes alone: refused before any calibration pass
+        raise ConfigError(f"average_bits={config.average_bits} is below what the candidates can store for this model: "
+                          f"at least {lowest / weights:.4f} bits per weight (the cheapest candidate for every layer)",
+                          field="average_bits")
+    samples = calibration_samples(model, config)
+    t0 = time.perf_counter()
+    fisher = None
+    if estimator == "fisher":
+        fisher = fisher_weights(model, targets, samples[:FISHER_WINDOWS])
+    t1 = time.perf_counter()
+    errors = measure(model, config, targets, samples, cands, progress)
+    t2 = time.perf_counter()
+    losses = [[sum(estimated_loss(errors[m], fisher, m, estimator, j) for m in members) for j in range(len(cands))]
+              for members in units.values()]
+    picked = choose(costs, losses, budget)
+    config.allocation = {u: dict(cands[j]) for u, j in zip(units, picked.picks)}
+    report_units = {}
+    for (u, members), j, c, lo in zip(units.items(), picked.picks, costs, losses):
+        n_weights = sum(targets[m].out_features * targets[m].in_features for m in members)
+        report_units[u] = {**cands[j], "bits_per_weight": c[j] / n_weights, "estimated_loss": lo[j]}
+    achieved = picked.cost / weights
+    logger.info("hf_vq: average_bits %.4f chosen (budget %.4f, estimator %s) in %.1fs", achieved,
+                config.average_bits, estimator, t2 - t0)
+    return {"estimator": estimator, "average_bits": config.average_bits, "achieved_bits": achieved,
+            "units": report_units, "sensitivity_s": t2 - t1, "fisher_s": t1 - t0}
+
+
+def estimated_loss(err: dict, fisher: dict | None, name: str, estimator: str, j: int) -> float:
+    rows_err = err["errors"][j]
+    scale = err["out_features"] / rows_err.numel()  # the subset stands for all rows
+    if estimator == "hessian":
+        return float(rows_err.sum()) * scale
+    if estimator == "relative":
+        return float(rows_err.sum() / err["energy"].sum().clamp(min=1e-20))
+    return float((rows_err * fisher[name][err["rows"]]).sum()) * scale
+
+
+def subset_rows(n: int, limit: int = SENSITIVITY_ROWS) -> torch.Tensor:
+    step = max(1, -(-n // limit))
+    return torch.arange(0, n, step)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: torch.Tensor, cands: list[dict],
+            progress: bool = True) -> dict[str, dict]:
+    """Per layer: {"rows", "errors" [candidates, rows] (d H d^T of each row), "energy" (w H w^T), "out_features"},
+    on the float model (each block's inputs come from the float blocks before it)."""
+    from tqdm.auto import tqdm
+
+    prefix, blocks = find_decoder_blocks(model)
+    device = resolve_device(config.quantization_device, blocks[0])
+    ranks = distributed.current(device)
+    samples = distributed.shard(samples, ranks)
+    dtype = getattr(torch, getattr(config, "calibration_dtype", "float32"))
+    batch_size = getattr(config, "calibration_batch_size", None) or getattr(config, "batch_size", 1)
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    cache = capture_block_inputs(model, blocks[0], samples, batch_size, autocast)
+    out: dict[str, dict] = {}
+    last = last_target_block(prefix, len(blocks), targets)
+    for i in tqdm(range(last + 1), desc="measuring sensitivity", disable=not progress, unit="block"):
+        block, bp = blocks[i], block_prefix(prefix, i)
+        local = {n[len(bp):]: m for n, m in targets.items() if n.startswith(bp)}
+        with onloaded(block, device):
+            cache = [(hidden.to(device), move(kw, device)) for hidden, kw in cache]
+            if local:
+                hessians = collect_hessians(block, local, cache, autocast, config.sink_weight(), ranks)
+                for n, lin in local.items():
+                    out[bp + n] = candidate_errors(lin.weight.data, hessians[n], cands, config, bp + n)
+                del hessians
+            for j, (hidden, kw) in enumerate(cache):
+                with autocast():
+                    cache[j] = (_run_block(block, hidden, kw).to(hidden.dtype), kw)
+    return out
+
+
+def candidate_errors(weight: torch.Tensor, h: torch.Tensor, cands: list[dict], config, name: str) -> dict:
+    rows = subset_rows(weight.shape[0])
+    w = weight[rows.to(weight.device)].float()
+    h = h.float()
+    sym = config.spec_for(name).sym
+    errors = []
+    for c in cands:
+        aw = gptq_quantize(w, h, c["bits"], c["group_size"], sym, config.percdamp, getattr(config, "act_order", True),
+                           getattr(config, "block_size", 128), getattr(config, "clip_search", False))
+        d = w - aw.dequantize()
+        errors.append((d @ h * d).sum(1).double().cpu())
+    energy = (w @ h * w).sum(1).double().cpu()
+    return {"rows": rows, "errors": torch.stack(errors), "energy": energy, "out_features": weight.shape[0]}
+
+
+def fisher_weights(model: nn.Module, targets: dict[str, nn.Linear], samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per target layer, the summed squared gradient of the model's loss (next-token cross-entropy on ``samples``)
+    with respect to each output channel: the diagonal Fisher weight of that channel's output error."""
+    sums = {n: torch.zeros(lin.out_features, dtype=torch.float64) for n, lin in targets.items()}
+    handles = []
+
+    def watch(name):
+        def record(g):
+            sums[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
+
+        def hook(_m, _args, out):
+            if out.requires_grad:
+                out.register_hook(record)
+        return hook
+    for name, lin in targets.items():
+        handles.append(lin.register_forward_hook(watch(name)))
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda _m, _a, o: o.detach().requires_grad_(True)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    device = execution_device(model)
+    ranks = distributed.current(device)
+    samples = distributed.shard(samples, ranks)
+    try:
+        with torch.enable_grad():
+            for start in range(0, samples.shape[0], FISHER_BATCH):
+                ids = samples[start:start + FISHER_BATCH].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    if ranks.active:
+        for s in sums.values():
+            s.copy_(distributed.all_reduce(s.to(torch.float32)).double())
+    return sums

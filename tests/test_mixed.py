@@ -1,0 +1,245 @@
+"""Mixed precision to a bit budget: the budgeted choice (hf_vq.algorithms.allocation), the average_bits/candidates
+config fields, and an average_bits GPTQ run on a tiny model (budget, reload, compressed-tensors and GGUF export)."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+import hf_vq
+from hf_vq.algorithms.allocation import BudgetError, choose
+from hf_vq.config import ConfigError
+from hf_vq.export.checkpoint import ExportError
+from hf_vq.pipeline.mixed import affine_cost, units_of
+from tests.test_export_checkpoint import bpe_llama_dir, read_logits  # noqa: F401  (a fixture used below)
+
+# ------------------------------------------------------------------------------------------ the pure allocator
+
+units_st = st.lists(st.lists(st.tuples(st.floats(1, 1e6), st.floats(0, 1e3)), min_size=1, max_size=5),
+                    min_size=1, max_size=12)
+
+
+@given(units=units_st, frac=st.floats(0, 1.2))
+def test_budget_never_exceeded(units, frac):
+    costs = [[c for c, _ in u] for u in units]
+    losses = [[lo for _, lo in u] for u in units]
+    floor = math.fsum(min(c) for c in costs)
+    top = math.fsum(max(c) for c in costs)
+    budget = floor + frac * (top - floor)
+    got = choose(costs, losses, budget)
+    assert len(got.picks) == len(units)
+    assert math.fsum(c[j] for c, j in zip(costs, got.picks)) <= budget
+    assert got.cost == pytest.approx(math.fsum(c[j] for c, j in zip(costs, got.picks)))
+
+
+def test_no_single_move_left_that_fits_and_helps():
+    """Random small cases: never over budget, the reported loss is the picks' loss, and the greedy fill leaves no
+    unit whose move to another candidate would lower the loss and still fit."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n_units, n_cands = rng.randint(1, 5), rng.randint(1, 4)
+        costs = [[rng.choice([1, 2, 3, 4, 8]) * rng.randint(1, 50) for _ in range(n_cands)] for _ in range(n_units)]
+        losses = [[rng.random() for _ in range(n_cands)] for _ in range(n_units)]
+        floor, top = math.fsum(min(c) for c in costs), math.fsum(max(c) for c in costs)
+        budget = rng.uniform(floor, top)
+        got = choose(costs, losses, budget)
+        assert sum(c[j] for c, j in zip(costs, got.picks)) <= budget
+        assert got.loss == pytest.approx(sum(lo[j] for lo, j in zip(losses, got.picks)))
+        spent = sum(c[j] for c, j in zip(costs, got.picks))
+        for u in range(n_units):   # no single move left that lowers the loss and fits
+            for j in range(n_cands):
+                if spent - costs[u][got.picks[u]] + costs[u][j] <= budget:
+                    assert losses[u][j] >= losses[u][got.picks[u]] - 1e-12
+
+
+def test_impossible_budget_is_refused():
+    with pytest.raises(BudgetError):
+        choose([[10, 20], [10, 30]], [[1, 0], [1, 0]], 19.5)
+
+
+def test_same_sensitivity_at_a_uniform_size_gives_the_uniform_choice():
+    """Layers of the tiny Llama's shapes, every weight equally sensitive (loss per weight 4**-bits, from the
+    quantization noise of a uniform grid): the budget of uniform 3-bit g32 picks 3-bit g32 everywhere."""
+    shapes = [(96, 96), (48, 96), (48, 96), (96, 96), (160, 96), (160, 96), (96, 160)] * 2
+    cands = [{"bits": b, "group_size": 32} for b in (2, 3, 4, 8)]
+    costs = [[affine_cost(n, k, c) for c in cands] for n, k in shapes]
+    losses = [[n * k * 4.0 ** -c["bits"] for c in cands] for n, k in shapes]
+    budget = sum(affine_cost(n, k, cands[1]) for n, k in shapes)
+    assert choose(costs, losses, budget).picks == [1] * len(shapes)
+    assert choose(costs, losses, budget - 1).picks != [1] * len(shapes)   # one bit less: not all 3-bit fits
+
+
+def test_expert_projections_are_one_unit():
+    targets = ["m.layers.0.q", "m.layers.0.experts.0.up", "m.layers.0.experts.1.down", "m.layers.0.o"]
+    assert units_of(targets, ["m.layers.0.experts"]) == {
+        "m.layers.0.q": ["m.layers.0.q"], "m.layers.0.experts": ["m.layers.0.experts.0.up", "m.layers.0.experts.1.down"],
+        "m.layers.0.o": ["m.layers.0.o"]}
+
+
+def test_cost_is_the_stored_bits_of_the_layer():
+    # 160 x 96, 3-bit g32: 36 code bytes, 3 fp16 scales and 3 uint8 zeros per row, an int32 g_idx per column
+    assert affine_cost(160, 96, {"bits": 3, "group_size": 32}) == 8 * (160 * (36 + 6 + 3) + 96 * 4)
+
+
+# ------------------------------------------------------------------------------------------ config fields
+
+@pytest.mark.parametrize("cls", [hf_vq.GPTQConfig, hf_vq.AdaScaleConfig])
+def test_candidates_a_method_cannot_do_are_refused(cls):
+    with pytest.raises(ConfigError, match=r"bits must be one of \(2, 3, 4, 8\) in candidates\[0\]"):
+        cls(average_bits=3.0, candidates=[{"bits": 5, "group_size": 128}])
+    with pytest.raises(ConfigError, match=r"candidates\[1\] must have exactly the keys bits, group_size"):
+        cls(average_bits=3.0, candidates=[{"bits": 4, "group_size": 128}, {"index_bits": 6, "vector_dim": 2}])
+    with pytest.raises(ConfigError, match=r"candidates\[1\] repeats"):
+        cls(average_bits=3.0, candidates=[{"bits": 4, "group_size": 128}, {"bits": 4, "group_size": 128}])
+    with pytest.raises(ConfigError, match=r"candidates must be a non-empty list"):
+        cls(average_bits=3.0, candidates=[])
+    with pytest.raises(ConfigError, match="average_bits=1.5 is below the smallest candidate"):
+        cls(average_bits=1.5)
+    with pytest.raises(ConfigError, match="average_bits must be None or a number of bits > 0"):
+        cls(average_bits=0)
+    with pytest.raises(ConfigError, match="module_overrides .* sets bits/group_size, which average_bits chooses"):
+        cls(average_bits=3.0, module_overrides={"mlp": {"bits": 8}})
+    cls(average_bits=3.0, module_overrides={"mlp": {"skip": True}})  # skips stay allowed
+
+
+def test_lpbq_candidates_are_checked():
+    with pytest.raises(ConfigError, match=r"candidates: .* cannot be an LPBQ grid"):
+        hf_vq.AdaScaleConfig(weight_granularity="lpbq", sym=True, group_size=64, average_bits=4.0,
+                             candidates=[{"bits": 8, "group_size": 64}, {"bits": 4, "group_size": 64}])
+
+
+def test_candidates_without_average_bits_warn():
+    with pytest.warns(UserWarning, match="candidates=.* has no effect: average_bits is None"):
+        hf_vq.GPTQConfig(candidates=[{"bits": 4, "group_size": 128}])
+
+
+def test_fields_round_trip():
+    cfg = hf_vq.GPTQConfig(average_bits=3.25, candidates=[{"bits": 3, "group_size": 64}, {"bits": 4, "group_size": 64}])
+    again = hf_vq.GPTQConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.average_bits == 3.25 and again.candidate_list() == cfg.candidate_list()
+
+
+# ------------------------------------------------------------------------------------------ a real run
+
+CANDS = [{"bits": b, "group_size": 32} for b in (2, 4, 8)]
+
+
+def stored_bits(model) -> tuple[float, int]:
+    bits = weights = 0
+    for mod in model.modules():
+        if getattr(mod, "layer_type", None) is not None and hasattr(mod, "in_features"):
+            n = mod.in_features * mod.out_features
+            bits, weights = bits + mod.bits_per_value() * n, weights + n
+    return bits, weights
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tiny_llama_dir, calib_ids):
+    cfg = hf_vq.GPTQConfig(average_bits=3.5, candidates=CANDS, sym=True, dataset=calib_ids, num_samples=8,
+                           seq_len=32)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg, dtype=torch.float32)
+
+
+def test_run_meets_the_budget_and_mixes(mixed_model):
+    bits, weights = stored_bits(mixed_model)
+    assert weights == 2 * (2 * 96 * 96 + 2 * 48 * 96 + 3 * 160 * 96)
+    assert bits / weights <= 3.5
+    # the budget is used: no layer left at 2 bits could move to 4 bits within what is left
+    left = 3.5 * weights - bits
+    at_two = [m for m in mixed_model.modules() if getattr(m, "bits", None) == 2 and hasattr(m, "qweight")]
+    assert at_two and all(affine_cost(m.out_features, m.in_features, CANDS[1])
+                          - affine_cost(m.out_features, m.in_features, CANDS[0]) > left for m in at_two)
+    report = mixed_model.hf_quantizer.last_run["allocation"]
+    assert report["achieved_bits"] == pytest.approx(bits / weights)
+    chosen = {mixed_model.get_submodule(n).bits for n in report["units"]}
+    assert len(chosen) > 1
+    cfg = mixed_model.config.quantization_config
+    for name, entry in cfg.allocation.items():
+        assert mixed_model.get_submodule(name).bits == entry["bits"] == report["units"][name]["bits"]
+
+
+@pytest.mark.usefixtures("exact_kernels")
+def test_mixed_checkpoint_reloads_exactly(mixed_model, tmp_path):
+    mixed_model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["average_bits"] == 3.5 and saved["allocation"] == mixed_model.config.quantization_config.allocation
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, mixed_model(ids).logits)
+    for name in saved["allocation"]:
+        assert again.get_submodule(name).bits == mixed_model.get_submodule(name).bits
+
+
+@pytest.mark.usefixtures("exact_kernels")
+def test_mixed_exports_to_compressed_tensors_read_by_transformers(mixed_model, tmp_path):
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = mixed_model(ids).logits
+    hf_vq.export_checkpoint(mixed_model, tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    schemes = {g["weights"]["num_bits"]: set(g["targets"]) for g in qc["config_groups"].values()}
+    alloc = mixed_model.config.quantization_config.allocation
+    assert schemes == {b: {n for n, e in alloc.items() if e["bits"] == b} for b in {e["bits"] for e in alloc.values()}}
+    got = read_logits(tmp_path / "ct", ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_impossible_budget_for_the_model_names_average_bits(tiny_llama_dir, calib_ids):
+    # 2.0 passes the config check (no candidate below 2 bits), but scales and g_idx put every layer above it
+    cfg = hf_vq.GPTQConfig(average_bits=2.0, candidates=CANDS, dataset=calib_ids, num_samples=4, seq_len=32)
+    with pytest.raises(ConfigError, match=r"average_bits=2.0 is below what the candidates can store for this model: "
+                                          r"at least \d\.\d{4} bits per weight"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg, dtype=torch.float32)
+
+
+@pytest.mark.usefixtures("exact_kernels")
+def test_gguf_exports_exact_mixed_layers_and_names_the_rest(bpe_llama_dir, calib_ids, tmp_path):
+    import gguf
+
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(2))
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
+
+    def halfway(lo, hi):   # average bits halfway between every layer at setting lo and every layer at hi
+        size = [sum(affine_cost(n, k, {"bits": b, "group_size": 32}) for n, k in shapes) for b in (lo, hi)]
+        return sum(size) / 2 / sum(n * k for n, k in shapes)
+
+    cfg = hf_vq.GPTQConfig(average_bits=halfway(4, 8), sym=True, dataset=ids, num_samples=8, seq_len=32,
+                           candidates=[{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 32}])
+    model = AutoModelForCausalLM.from_pretrained(bpe_llama_dir, quantization_config=cfg, dtype=torch.float32)
+    alloc = model.config.quantization_config.allocation
+    assert {e["bits"] for e in alloc.values()} == {4, 8}
+    hf_vq.export_checkpoint(model, tmp_path / "g", "gguf", dtype="float32")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
+    kind = {4: "Q4_0", 8: "Q8_0"}
+    assert types["blk.0.attn_q.weight"] == kind[alloc["model.layers.0.self_attn.q_proj"]["bits"]]
+    assert types["blk.1.ffn_down.weight"] == kind[alloc["model.layers.1.mlp.down_proj"]["bits"]]
+
+    cfg3 = hf_vq.GPTQConfig(average_bits=halfway(3, 4), sym=True, dataset=ids, num_samples=8, seq_len=32,
+                            candidates=[{"bits": 3, "group_size": 32}, {"bits": 4, "group_size": 32}])
+    model3 = AutoModelForCausalLM.from_pretrained(bpe_llama_dir, quantization_config=cfg3, dtype=torch.float32)
+    three = sorted(n for n, e in model3.config.quantization_config.allocation.items() if e["bits"] == 3)
+    assert three
+    with pytest.raises(ExportError, match=r"3-bit sym has no exact") as err:
+        hf_vq.export_checkpoint(model3, tmp_path / "g3", "gguf")
+    assert str(err.value).split(":")[0] in three   # the refusal names a 3-bit layer
+
+
+def test_model_card_shows_the_allocation(mixed_model, tmp_path):
+    from hf_vq.hub import render_model_card
+
+    card = str(render_model_card(mixed_model, None, bits_plot_path=tmp_path / "bits.png"))
+    alloc = mixed_model.config.quantization_config.allocation
+    downs = [alloc[f"model.layers.{i}.mlp.down_proj"]["bits"] for i in (0, 1)]
+    row = next(line for line in card.splitlines() if line.startswith("| `model.layers.*.mlp.down_proj` |"))
+    for b in set(downs):
+        assert f"{b}-bit g32 x{downs.count(b)}" in row
+    assert "![stored bits per weight by block](bits.png)" in card
+    assert (tmp_path / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`allocation`" not in card.split("### Parameters")[1].split("###")[0].replace(
+        "`layers` and `allocation` records", "")   # summarized, not dumped as a parameter
