@@ -1,13 +1,15 @@
 """The "triton" GPU kernels of affine layers (storage "affine", family "triton").
 
-Two kernels share one packed layout, built once per layer by :func:`prepare`:
+Three kernels share one packed layout, built once per layer by :func:`prepare`:
 
 - a fused dequantize-multiply kernel for small batches (decode, up to ``DECODE_ROWS`` rows of input): each program
   owns a block of output features and all the rows, loops over K, unpacks the codes, applies scale and zero-point
   and accumulates ``x * w`` in fp32 (no tensor cores: the call is bound by reading the weights once);
 - a tiled GEMM for larger batches: each program dequantizes one [BLOCK_K, BLOCK_N] tile of W at a time into
   registers, in the activation dtype, and feeds it to ``tl.dot`` (fp32 accumulate; fp32 inputs use
-  ``input_precision="ieee"``, never TF32). No full-size dequantized weight is ever written.
+  ``input_precision="ieee"``, never TF32). No full-size dequantized weight is ever written;
+- ``grouped``: the same products for fused experts, stacked along an expert dimension, one launch for all routed
+  experts (hf_vq.nn.kernel_triton_experts).
 
 Layout (all tensors on the layer's device): ``qw`` int32 [ceil(K / CPW), N], word ``(j, n)`` holding the codes of
 columns ``j * CPW + i`` of output ``n`` at bit ``i * bits`` (CPW = 32 // bits: 16, 10, 8, 4 codes per word for

@@ -1,13 +1,15 @@
 """The "triton" GPU kernels of VQ layers (GPTVQ codebooks; storage "vq", family "triton").
 
-Two kernels share one layout, built once per layer by :func:`prepare`:
+Three kernels share one layout, built once per layer by :func:`prepare`:
 
 - a fused gather-dequantize-multiply kernel for small batches (decode, up to ``DECODE_ROWS`` rows of input): each
   program owns a block of output features and all the rows, loops over K, looks every weight up in its codebook and
   accumulates ``x * w`` in fp32 (bound by reading the indices once; no tensor cores);
 - a tiled GEMM for larger batches: each program decodes one [BLOCK_K, BLOCK_N] tile of W at a time into registers,
   in the activation dtype, and feeds it to ``tl.dot`` (fp32 accumulate; fp32 inputs use ``input_precision="ieee"``).
-  No full-size decoded weight is ever written.
+  No full-size decoded weight is ever written;
+- ``grouped``: the same products for fused experts, stacked along an expert dimension, one launch for all routed
+  experts (hf_vq.nn.kernel_triton_experts).
 
 Layout (all on the layer's device): ``idx`` uint8 [nvec, N], one codebook index per vector of ``d`` adjacent input
 columns (transposed, so loads run along N); the codebooks as ``cb`` [G * k * d] with their integer codes (int8, for
