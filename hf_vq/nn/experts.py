@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_vq.nn import kernel_registry
+from hf_vq.nn.expert_groups import ExpertGroups
 from hf_vq.formats.affine import SCALE_DTYPE, AffineWeight, dequantize_groups, num_groups
 from hf_vq.formats.packing import pack, packed_length, unpack
 from hf_vq.formats.vq import VQLayout, VQWeight, decode_weight
@@ -179,7 +180,7 @@ class FusedExperts(nn.Module):
                 return y if bias is None else y + bias
         return F.linear(x, self.dequantize_expert(proj, expert, x.dtype), bias)
 
-    def _grouped_forward(self, hidden_states, groups: "ExpertGroups", top_k_weights, activation):
+    def _grouped_forward(self, hidden_states, groups: ExpertGroups, top_k_weights, activation):
         """Both projections of every routed expert in one kernel launch each (a grouped kernel of the registry's
         ``<storage>_experts``), or None when none serves this call."""
         states = self.__dict__.setdefault("_kernel_states", kernel_registry.KernelStates())
@@ -203,7 +204,7 @@ class FusedExperts(nn.Module):
             return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
         return None
 
-    def _grouped_bias(self, proj: str, y: torch.Tensor, groups: "ExpertGroups") -> torch.Tensor:
+    def _grouped_bias(self, proj: str, y: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         if not self.has_bias:
             return y
         return y + getattr(self, f"{proj}_bias")[groups.expert_of_rows(y.device)].to(y.dtype)
@@ -229,45 +230,6 @@ class FusedExperts(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{p}: {n}x{k} {self.spec(p)}" for p, (n, k) in self.shapes.items()]
         return f"experts={self.num_experts}, " + ", ".join(parts) + (", bias" if self.has_bias else "")
-
-
-class ExpertGroups:
-    """The (token, slot) pairs of a routing ``top_k_index`` [T, k], sorted by expert (token order within one), and
-    each expert's count: one host sync per call however many experts there are (a loop of ``top_k_index == e``
-    syncs once per expert). Indices outside [0, num_experts) (expert-parallel sentinels) are left out."""
-
-    def __init__(self, top_k_index: torch.Tensor, num_experts: int):
-        with torch.no_grad():
-            flat = top_k_index.reshape(-1)
-            key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-            self.order = torch.argsort(key, stable=True)
-            self.counts: list[int] = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
-        self.k = top_k_index.shape[-1]
-        self._offsets = None
-        self.starts = [0]
-        for c in self.counts:
-            self.starts.append(self.starts[-1] + c)
-
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token, slot) of every routed pair, sorted by expert."""
-        sel = self.order[:self.starts[-1]]
-        return sel // self.k, sel % self.k
-
-    def offsets(self, device) -> torch.Tensor:
-        """int32 [E + 1]: expert e's rows of ``pairs()`` are offsets[e]..offsets[e + 1] (made once per device)."""
-        if self._offsets is None or self._offsets.device != torch.device(device):
-            self._offsets = torch.tensor(self.starts, dtype=torch.int32, device=device)
-        return self._offsets
-
-    def expert_of_rows(self, device) -> torch.Tensor:
-        """The expert of every row of ``pairs()``."""
-        counts = torch.tensor(self.counts, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.counts), device=device), counts)
-
-    def tokens(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token, slot) of every pair routed to ``expert``, as ``torch.where(top_k_index == expert)`` gives them."""
-        sel = self.order[self.starts[expert]:self.starts[expert + 1]]
-        return sel // self.k, sel % self.k
 
 
 def _same(ws: list, key, what: str) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.hessian import HessianAccumulator
-from hf_vq.nn.experts import ExpertGroups
+from hf_vq.nn.expert_groups import ExpertGroups
 
 MODES = ("routed", "all")
 
