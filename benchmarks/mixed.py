@@ -7,6 +7,7 @@ tokens of Pride and Prejudice + Persuasion (benchmarks/quality.py's protocol, fp
 prints one table row per run: bits per weight of the quantized layers (as stored), their size and the saved
 checkpoint's size in MB, ppl, ppl/FP, quantize time (allocation / GPTQ). ``--json FILE`` appends each row as one
 JSON line as soon as it is done; rows already in that file are printed again instead of being rerun.
+``--no-eval`` quantizes only (sizes and times, no perplexity).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def checkpoint_mb(model) -> float:
         return sum(p.stat().st_size for p in Path(d).glob("*.safetensors")) / 1e6
 
 
-def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows):
+def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, evaluate=True):
     params = ROWS[name]
     t0 = time.perf_counter()
     report = {}
@@ -74,7 +75,10 @@ def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows):
     qtime = time.perf_counter() - t0
     bits, weights = quantized_bits(model)
     size = checkpoint_mb(model)
-    ppl = hf_vq.evaluate_perplexity(model, tok, test_text, seq_len=seq_len, max_tokens=65536, max_windows=max_windows)
+    ppl = None
+    if evaluate:
+        ppl = hf_vq.evaluate_perplexity(model, tok, test_text, seq_len=seq_len, max_tokens=65536,
+                                        max_windows=max_windows)
     alloc = report.get("allocation") or {}
     row = {"row": name, "target_bits": (params or {}).get("average_bits"),
            "estimator": alloc.get("estimator", "-"), "bits_per_weight": bits / weights if weights else 32.0,
@@ -101,13 +105,15 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=32)
     ap.add_argument("--json", help="append each row here as a JSON line; rows already there are not rerun")
+    ap.add_argument("--no-eval", action="store_true", help="quantize and measure sizes and times only (no ppl)")
     args = ap.parse_args(argv)
     done = {}
     if args.json and os.path.exists(args.json):
         for line in Path(args.json).read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done[r["row"]] = r
+                if r["ppl"] is not None or args.no_eval:
+                    done[r["row"]] = r
     model_dir = assets.ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib_text, test_text = assets.austen_calibration_text(), assets.austen_test_text()
@@ -118,14 +124,16 @@ def main(argv=None):
     for name in args.rows.split(","):
         r = done.get(name)
         if r is None:
-            r = run_row(name, model_dir, tok, calib_text, test_text, args.seq_len, args.max_windows)
+            r = run_row(name, model_dir, tok, calib_text, test_text, args.seq_len, args.max_windows,
+                        not args.no_eval)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(r) + "\n")
         fp = r["ppl"] if name == "fp" else fp
-        ratio = f"{r['ppl'] / fp:.4f}" if fp else "-"
+        ratio = f"{r['ppl'] / fp:.4f}" if fp and r["ppl"] is not None else "-"
+        ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else "-"
         print(f"| {name} | {r['target_bits'] or '-'} | {r['estimator']} | {r['bits_per_weight']:.4f} | "
-              f"{r['layers_mb']:.2f} | {r['checkpoint_mb']:.1f} | {r['ppl']:.3f} | {ratio} | {r['quantize_s']:.1f} | "
+              f"{r['layers_mb']:.2f} | {r['checkpoint_mb']:.1f} | {ppl} | {ratio} | {r['quantize_s']:.1f} | "
               f"{r['allocation_s']:.1f} | {r['settings']} |", flush=True)
     return 0
 

@@ -51,6 +51,9 @@ ALLOCATION = Field(Optional(Records()), None,
                    doc="filled by an average_bits run: the setting chosen for each layer or fused experts module")
 
 
+ALLOCATION_KEYS = {"bits": Int(choices=VALID_BITS), "group_size": GroupSize()}
+
+
 def affine_fields() -> dict[str, Field]:
     keys = {"bits": Int(choices=VALID_BITS), "group_size": GroupSize()}
     return dict(average_bits=AVERAGE_BITS, allocation=ALLOCATION,
@@ -87,11 +90,22 @@ class MixedPrecision:
         spec = super().spec_for(module_name)
         entry = allocated(self.__dict__.get("allocation"), module_name)
         if spec is not None and entry is not None:
-            spec.bits, spec.group_size = entry["bits"], entry["group_size"]
+            spec.bits, spec.group_size = entry.get("bits", spec.bits), entry.get("group_size", spec.group_size)
         return spec
 
     def validate(self) -> None:
         super().validate()
+        for name, entry in (self.__dict__.get("allocation") or {}).items():
+            at = f" in allocation[{show(name)}]"
+            unknown = sorted(map(str, set(entry) - set(ALLOCATION_KEYS)))
+            if unknown:
+                raise ConfigError(f"allocation[{show(name)}] has unknown keys {unknown}; allowed: bits, group_size",
+                                  field="allocation")
+            try:
+                for k, v in entry.items():
+                    ALLOCATION_KEYS[k](k, v, at)
+            except ConfigError as e:
+                raise ConfigError(str(e), field="allocation") from None
         if self.__dict__.get("average_bits") is None:
             return
         cands = self.candidate_list()

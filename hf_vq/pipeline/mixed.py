@@ -144,8 +144,12 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
             cache = [(hidden.to(device), move(kw, device)) for hidden, kw in cache]
             if local:
                 hessians = collect_hessians(block, local, cache, autocast, config.sink_weight(), ranks)
-                for n, lin in local.items():
-                    out[bp + n] = candidate_errors(lin.weight.data, hessians[n], cands, config, bp + n)
+                shared: dict[tuple, list[str]] = {}  # layers reading one input (one H) are solved as one stack
+                for n in local:
+                    shared.setdefault((id(hessians[n]), config.spec_for(bp + n).sym), []).append(n)
+                for (_, sym), names in shared.items():
+                    out.update(candidate_errors({bp + n: local[n].weight.data for n in names}, hessians[names[0]],
+                                                cands, sym, config))
                 del hessians
             for j, (hidden, kw) in enumerate(cache):
                 with autocast():
@@ -153,19 +157,27 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
     return out
 
 
-def candidate_errors(weight: torch.Tensor, h: torch.Tensor, cands: list[dict], config, name: str) -> dict:
-    rows = subset_rows(weight.shape[0])
-    w = weight[rows.to(weight.device)].float()
+def candidate_errors(weights: dict[str, torch.Tensor], h: torch.Tensor, cands: list[dict], sym: bool,
+                     config) -> dict[str, dict]:
+    """Row errors of each candidate for layers sharing the Hessian ``h``: their row subsets, stacked, go through
+    GPTQ once per candidate (rows are independent given H)."""
+    rows = {n: subset_rows(w.shape[0]) for n, w in weights.items()}
+    w = torch.cat([weights[n][rows[n].to(weights[n].device)].float() for n in weights])
     h = h.float()
-    sym = config.spec_for(name).sym
     errors = []
     for c in cands:
         aw = gptq_quantize(w, h, c["bits"], c["group_size"], sym, config.percdamp, getattr(config, "act_order", True),
                            getattr(config, "block_size", 128), getattr(config, "clip_search", False))
         d = w - aw.dequantize()
         errors.append((d @ h * d).sum(1).double().cpu())
+    errors = torch.stack(errors)
     energy = (w @ h * w).sum(1).double().cpu()
-    return {"rows": rows, "errors": torch.stack(errors), "energy": energy, "out_features": weight.shape[0]}
+    out, start = {}, 0
+    for n, r in rows.items():
+        part = slice(start, start + r.numel())
+        out[n] = {"rows": r, "errors": errors[:, part], "energy": energy[part], "out_features": weights[n].shape[0]}
+        start += r.numel()
+    return out
 
 
 def fisher_weights(model: nn.Module, targets: dict[str, nn.Linear], samples: torch.Tensor) -> dict[str, torch.Tensor]:
