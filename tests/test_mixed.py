@@ -77,8 +77,8 @@ def test_same_sensitivity_at_a_uniform_size_gives_the_uniform_choice():
 def test_expert_projections_are_one_unit():
     targets = ["m.layers.0.q", "m.layers.0.experts.0.up", "m.layers.0.experts.1.down", "m.layers.0.o"]
     assert units_of(targets, ["m.layers.0.experts"]) == {
-        "m.layers.0.q": ["m.layers.0.q"], "m.layers.0.experts": ["m.layers.0.experts.0.up", "m.layers.0.experts.1.down"],
-        "m.layers.0.o": ["m.layers.0.o"]}
+        "m.layers.0.q": ["m.layers.0.q"], "m.layers.0.o": ["m.layers.0.o"],
+        "m.layers.0.experts": ["m.layers.0.experts.0.up", "m.layers.0.experts.1.down"]}
 
 
 def test_cost_is_the_stored_bits_of_the_layer():

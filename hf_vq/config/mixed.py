@@ -15,7 +15,6 @@ from hf_vq.config.schema import Check, ConfigError, Field, Float, GroupSize, Int
 
 AFFINE_CANDIDATES = ({"bits": 2, "group_size": 64}, {"bits": 2, "group_size": 128}, {"bits": 3, "group_size": 128},
                      {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 128})
-VQ_CANDIDATES = tuple({"vector_dim": 2, "index_bits": b} for b in (4, 5, 6, 7, 8)) + ({"vector_dim": 1, "index_bits": 8},)
 
 
 class Candidates(Check):
