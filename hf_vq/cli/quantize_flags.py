@@ -87,6 +87,21 @@ DEVICE_MAP_WORDS = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|disk|meta|mps|[a-z]+(:\d+)?|\d+)")
 
 
+def parse_candidates(text: str) -> list[dict]:
+    """``4:128,3:128,2:64`` (bits:group_size, comma-separated) -> ``[{"bits": 4, "group_size": 128}, ...]``."""
+    out = []
+    for item in text.split(","):
+        bits, sep, group = item.strip().partition(":")
+        try:
+            out.append({"bits": int(bits), "group_size": int(group)})
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected BITS:GROUP_SIZE[,...] (e.g. '4:128,3:128,2:64'), got "
+                                             f"{text!r}") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected BITS:GROUP_SIZE, got {item!r} in {text!r}")
+    return out
+
+
 def parse_device_map(text: str):
     """'auto' (and accelerate's other strategies), one device for the whole model, a JSON object
     {module: device} or a .json file holding one."""
@@ -131,6 +146,10 @@ FLAGS = [
          "(rtn, gptq, adascale)", type=int),
     Flag(WEIGHTS, "--sym", "sym", "symmetric grid, no zero-point (rtn, gptq, adascale)", **BOOL),
     Flag(WEIGHTS, "--clip-search", "clip_search", "search a per-row range shrink factor (rtn, gptq)", **BOOL),
+    Flag(WEIGHTS, "--average-bits", "average_bits", "mixed precision: choose bits per layer so the mean bits per "
+         "weight (scales and zero-points counted) stays at or below this budget (gptq, adascale)", type=float),
+    Flag(WEIGHTS, "--candidates", "candidates", "settings --average-bits chooses from, as BITS:GROUP_SIZE,... "
+         "(gptq, adascale)", shown_default="default: 2:64,2:128,3:128,4:128,8:128", type=parse_candidates),
     Flag(WEIGHTS, "--lm-head-bits", "lm_head_bits", "quantize the output head to 8 or 4 bits (symmetric); left "
          "out: the head stays in float", type=int, choices=[4, 8]),
     Flag(WEIGHTS, "--lm-head-group-size", "lm_head_group_size", "input columns per scale of a quantized output "
