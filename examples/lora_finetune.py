@@ -9,9 +9,10 @@ frozen (integer buffers are never modified) and only the LoRA matrices train, on
 the saved adapter (on its own, a few MB) onto a freshly loaded quantized checkpoint with ``hf_vq.load_lora``, and
 after folding the adapter into a plain float model (``hf_vq.merge_and_dequantize``).
 
-Expected with the defaults on SmolLM2-135M-Instruct and Emma, on a laptop-class 2-core CPU: under a minute; the
-perplexity drops (~30 -> ~25 on the training text in 5 steps), and the reloaded and merged models match the trained
-one.
+Measured with the defaults on SmolLM2-135M-Instruct and Emma: perplexity 82.6 -> 60.7 in 5 steps (8 windows of 64
+tokens of the training text), 60.7 with the reloaded adapter and 60.1 merged into a float model (the float model
+skips the int8-activation kernels of the quantized layers); 240 CPU-seconds (user + system) on a shared 2-core x86
+CPU, so between 2 and 4 minutes on an idle 2-core machine.
 """
 
 from __future__ import annotations

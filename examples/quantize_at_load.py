@@ -16,12 +16,14 @@ wall time between half of it and all of it.
     method    what                                          calibration   ppl (/ float)    CPU time
     rtn       4-bit, group 32, round to nearest             none          25.28 (1.21)      57 s
     gptq      4-bit, group 128, asym, act-order             8 x 512       22.61 (1.09)     169 s
-    gptvq     2D vectors, 6-bit index, 32 x 256 blocks      8 x 512       GPTVQ_PPL   GPTVQ_CPU
-              (3.2 bits/weight), 25 k-means iterations
-    adascale  4-bit, group 128, GPTQ start, 10 Adam steps   8 x 256       ADA_PPL   ADA_CPU
+    gptvq     2D vectors, 6-bit index, 32 x 256 blocks      8 x 512       not measured     ~35 s per block
+              (3.2 bits/weight), 25 k-means iterations                                      (30 blocks)
+    adascale  4-bit, group 128, GPTQ start, 10 Adam steps   8 x 256       22.87 (1.10)     776 s
               per block
     quantsim  8-bit per-channel weights, 16-bit activations 8 x 256       20.83 (1.00)     132 s
 
+GPTVQ and AdaScale are the expensive methods: their defaults take several minutes on a 2-core CPU (k-means per
+codebook and GPTQ-style error feedback for GPTVQ, a GPTQ start plus Adam steps on every block for AdaScale).
 Larger calibration sets (--num-samples 32 --seq-len 512), more k-means iterations (--kmeans-iterations 100) or
 AdaScale steps (--adascale-iterations 300) give better models and take proportionally longer.
 """
