@@ -16,8 +16,8 @@ wall time between half of it and all of it.
     method    what                                          calibration   ppl (/ float)    CPU time
     rtn       4-bit, group 32, round to nearest             none          25.28 (1.21)      57 s
     gptq      4-bit, group 128, asym, act-order             8 x 512       22.61 (1.09)     169 s
-    gptvq     2D vectors, 6-bit index, 32 x 256 blocks      8 x 512       not measured     ~35 s per block
-              (3.2 bits/weight), 25 k-means iterations                                      (30 blocks)
+    gptvq     2D vectors, 6-bit index, 32 x 256 blocks      8 x 512       26.21 (1.26)   ~1200 s
+              (3.2 bits/weight), 25 k-means iterations
     adascale  4-bit, group 128, GPTQ start, 10 Adam steps   8 x 256       22.87 (1.10)     776 s
               per block
     quantsim  8-bit per-channel weights, 16-bit activations 8 x 256       20.83 (1.00)     132 s
