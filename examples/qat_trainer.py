@@ -9,8 +9,8 @@ Perplexity on the first --eval-windows windows of --eval-seq-len tokens of --eva
 training; the model is saved (latents folded into the integer grid), reloaded, and its logits compared.
 
 With the defaults on SmolLM2-135M-Instruct (train on Emma, evaluate on 4 x 256 tokens of Pride and Prejudice) the
-training goes through the fake-quantized weights of every layer: on a 2-core CPU it takes several minutes. Pass
---steps 2 for a quick check of the mechanics.
+training goes through the fake-quantized weights of every layer: perplexity 27.81 -> 23.66 in 10 steps, about 500
+CPU-seconds (user + system) on a 2-core x86 CPU and 5 GB of memory. Pass --steps 2 for a quick check of the mechanics.
 """
 
 from __future__ import annotations
