@@ -116,15 +116,14 @@ def test_cli_eval_writes_what_evaluate_returns(saved, result, tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     assert main(["eval", str(saved), "--tasks", TASK, "--include-path", str(TASKS), "--output", str(out)]) == 0
-    written = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == written
-    assert written["tasks"] == [TASK]
+    written = json.loads(out.read_text())          # --output: lm_eval's whole result
+    summary = json.loads(capsys.readouterr().out)   # stdout: one line with the metrics
+    assert summary == {"model": str(saved), "tasks": [TASK], "results": written["results"]}
     direct = hf_vq.evaluate(AutoModelForCausalLM.from_pretrained(saved), [TASK], include_path=TASKS)
     # all but the clock: when each run started and ended
     clock = {"date", "start_time", "end_time", "total_evaluation_time_seconds"}
-    assert set(written["results"]) == set(direct)
-    assert {k: v for k, v in written["results"].items() if k not in clock} == \
-        {k: v for k, v in direct.items() if k not in clock}
+    assert set(written) == set(direct)
+    assert {k: v for k, v in written.items() if k not in clock} == {k: v for k, v in direct.items() if k not in clock}
     assert direct["results"] == result["results"]  # the saved checkpoint scores as the model in memory did
 
 
