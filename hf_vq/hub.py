@@ -184,15 +184,8 @@ def plot_perplexity_vs_bits(sweep: list[dict], fp_ppl: float | None, path: str |
     left alone.
     """
     rows = _check_sweep(sweep, fp_ppl)
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FormatStrFormatter
-    except ImportError:
-        raise ImportError('plotting perplexity vs bits per value needs matplotlib: pip install "hf_vq[plot]"') from None
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _figure((6, 4), "plotting perplexity vs bits per value")
+    from matplotlib.ticker import FormatStrFormatter
     ax.scatter([r[1] for r in rows], [r[2] for r in rows], zorder=3)
     for label, bpv, ppl in rows:
         ax.annotate(label, (bpv, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -211,20 +204,25 @@ def plot_perplexity_vs_bits(sweep: list[dict], fp_ppl: float | None, path: str |
     return _save_png(fig, path)
 
 
+def _figure(size: tuple[float, float], what: str):
+    """A matplotlib figure on the Agg canvas (pyplot's global backend is left alone) and its one axes."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(f'{what} needs matplotlib: pip install "hf_vq[plot]"') from None
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
 def plot_bits_by_depth(model, path: str | os.PathLike) -> Path:
     """PNG of each quantized layer's stored bits per weight against its block index, one series per layer kind
     (a mixed-precision model's allocation). Written atomically; needs matplotlib (``pip install "hf_vq[plot]"``)."""
     series = allocation.bits_by_depth(model)
     if not series:
         raise ValueError("the model has no quantized layers inside numbered blocks to plot")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError('plotting bits by depth needs matplotlib: pip install "hf_vq[plot]"') from None
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _figure((7, 4), "plotting bits by depth")
     for kind, points in sorted(series.items()):
         ax.plot([d for d, _ in points], [b for _, b in points], marker="o", markersize=3, label=kind.split(".")[-1])
     ax.set_xlabel("block")

@@ -32,22 +32,20 @@ class _NoneGiven:
 NONE = _NoneGiven()
 
 
-def _int_or_none(value: str):
-    if value.lower() == "none":
-        return NONE
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
+def _or_none(convert, what: str):
+    """An argparse type: ``convert(value)``, or NONE for 'none'."""
+    def parse(value: str):
+        if value.lower() == "none":
+            return NONE
+        try:
+            return convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'none', got {value!r}") from None
+    return parse
 
 
-def _float_or_none(value: str):
-    if value.lower() == "none":
-        return NONE
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
+_int_or_none = _or_none(int, "an integer")
+_float_or_none = _or_none(float, "a number")
 
 
 def _bool_word(value: str) -> bool:

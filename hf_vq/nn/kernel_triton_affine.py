@@ -67,6 +67,21 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def runs_once(checked: set, device: torch.device, launch, what: str) -> bool:
+    """Compile and run ``launch()`` once per (device type, interpret mode) recorded in ``checked``: a broken Triton
+    falls back at prepare time, not in a forward. False, after the family's one warning, when it fails."""
+    key = (device.type, _interpret())
+    if key in checked:
+        return True
+    try:
+        launch()
+    except Exception as exc:  # noqa: BLE001  (any compile or launch failure: fall back)
+        _warn_once(f"{what} does not compile or run on {device.type} ({type(exc).__name__}: {exc})")
+        return False
+    checked.add(key)
+    return True
+
+
 def _warn_once(message: str) -> None:
     global _warned
     if not _warned:
@@ -305,14 +320,9 @@ def prepare(aw: AffineWeight, **_facts) -> TritonAffine | None:
         gs = 0
     state = TritonAffine(n, k, aw.bits, pack_words(codes, aw.bits), aw.scales.t().contiguous(),
                          aw.zeros.t().contiguous(), g.to(torch.int32).contiguous(), perm, gs)
-    key = (device.type, _interpret())
-    if key not in _SMOKE_OK:   # compile and run once here: a broken Triton falls back now, not in a forward
-        try:
-            _launch_kernel(ns, state, torch.zeros(1, k, device=device), None, gemm=False)
-        except Exception as exc:
-            _warn_once(f"the kernel does not compile or run on {device.type} ({type(exc).__name__}: {exc})")
-            return None
-        _SMOKE_OK.add(key)
+    if not runs_once(_SMOKE_OK, device, lambda: _launch_kernel(ns, state, torch.zeros(1, k, device=device), None,
+                                                               gemm=False), "the kernel"):
+        return None
     return state
 
 

@@ -233,14 +233,9 @@ def prepare(vq: VQWeight, **_facts) -> TritonVQ | None:
         norm = (_bits_to_f32(t["vq_norm_base"]) * torch.exp2(-c)).t().contiguous()   # as formats.vq.norm_scales
     state = TritonVQ(n, lay.in_features, lay.vector_dim, lay.k, lay.rows_per_block, lay.cols_per_block,
                      lay.col_blocks, idx, cb, cb_scales, norm)
-    key = (device.type, affine._interpret())
-    if key not in _SMOKE_OK:   # compile and run once here: a broken Triton falls back now, not in a forward
-        try:
-            _launch_kernel(ns, state, torch.zeros(1, state.k, device=device), None, gemm=False)
-        except Exception as exc:
-            affine._warn_once(f"the VQ kernel does not compile or run on {device.type} ({type(exc).__name__}: {exc})")
-            return None
-        _SMOKE_OK.add(key)
+    if not affine.runs_once(_SMOKE_OK, device, lambda: _launch_kernel(ns, state, torch.zeros(1, state.k, device=device),
+                                                                      None, gemm=False), "the VQ kernel"):
+        return None
     return state
 
 
