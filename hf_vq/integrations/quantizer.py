@@ -13,7 +13,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 
 from hf_vq.config import QUANT_METHOD, HfVQConfig
 from hf_vq.model import checkpoint, convert, offload, targets
-from hf_vq.model.optimize import float_head_kernels
+from hf_vq.model.optimize import decode_kernels
 from hf_vq.model.quantsim import refresh_layer_records
 from hf_vq.nn.qat import folded_state_dict
 from hf_vq.pipeline import placement
@@ -96,7 +96,7 @@ class HfVQQuantizer(HfQuantizer):
             targets.remove_init_placeholders(model)
             checkpoint.check_loaded(model, cfg.layers, self._checksums)  # value ranges (+ checksums): before any use
             offload.offload_loaded(model, cfg.layers)  # disk-placed quantized tensors stay on disk
-            self._fast_float_head(model)
+            self._decode_kernels(model)
             return model
         use_cache = getattr(model.config, "use_cache", None)
         if use_cache is not None:
@@ -106,13 +106,13 @@ class HfVQQuantizer(HfQuantizer):
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache
-        self._fast_float_head(model)
+        self._decode_kernels(model)
         return model
 
-    def _fast_float_head(self, model) -> None:
+    def _decode_kernels(self, model) -> None:
         # QuantSim models simulate a deployment target: their float layers keep torch's own GEMM
         if self.quantization_config.method != "quantsim":
-            float_head_kernels(model)
+            decode_kernels(model)
 
     def is_serializable(self, safe_serialization=None):
         return True

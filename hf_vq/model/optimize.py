@@ -19,9 +19,13 @@ import warnings
 import torch
 from torch import nn
 
+from hf_vq.model.attention import use_decode_attention
 from hf_vq.model.targets import output_head
 from hf_vq.nn.base import KernelDispatch
 from hf_vq.nn.dense import FloatLinear
+from hf_vq.nn.kernel_registry import kernels_for
+from hf_vq.nn.norm import adopt_rms_norm
+from hf_vq.nn.shared_input import SharedInputGroup
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,42 @@ def float_head_kernels(model: nn.Module) -> str | None:
         return None
     FloatLinear.adopt(head)
     return name
+
+
+def norm_kernels(model: nn.Module) -> int:
+    """Let the model's float RMSNorm modules run through the registry's RMSNorm kernels (in place, where the
+    module's own forward computes what the kernel does); returns how many were adopted."""
+    return sum(adopt_rms_norm(m) for m in list(model.modules()) if type(m).__name__.endswith("RMSNorm"))
+
+
+# children of one module that transformers' architectures call with the same input tensor
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
+
+
+def shared_input_groups(model: nn.Module) -> int:
+    """Group each module's quantized q/k/v (and gate/up) projections so that a decode row computes them in one
+    kernel call (:class:`SharedInputGroup`; nothing is prepared until the first decode row); returns how many
+    groups were made."""
+    count = 0
+    for parent in model.modules():
+        for names in SHARED_INPUTS:
+            members = [parent._modules.get(n) for n in names]
+            members = [m for m in members if isinstance(m, KernelDispatch) and not isinstance(m, FloatLinear)
+                       and m._shared_input is None and not getattr(m, "exact_decode", False) and not _offloaded(m)
+                       and any(k.fuse is not None for k in kernels_for(m.storage))]
+            if len(members) >= 2:
+                SharedInputGroup(members)
+                count += 1
+    return count
+
+
+def decode_kernels(model: nn.Module) -> dict:
+    """What hf_vq prepares for a fast decode step on every load, beyond each quantized layer's own kernel: the
+    float output head and RMSNorms through their kernels, sibling projections that share an input grouped into
+    one call, and the decode step's attention through hf_vq's kernel (:mod:`hf_vq.model.attention`). Returns what
+    was done."""
+    return {"head": float_head_kernels(model), "rms_norms": norm_kernels(model),
+            "shared_input_groups": shared_input_groups(model), "decode_attention": use_decode_attention(model)}
 
 
 def fix_kernels(model: nn.Module) -> dict[str, int]:
@@ -76,8 +116,7 @@ def optimize(model, *, compile: bool = False, static_cache: bool = True, warmup_
     """
     from transformers.generation.configuration_utils import CompileConfig
 
-    float_head_kernels(model)
-    report = {"kernels": fix_kernels(model), "static_cache": static_cache, "compiled": False, "warmup_s": 0.0}
+    report = {"decode": decode_kernels(model), "kernels": fix_kernels(model), "static_cache": static_cache, "compiled": False, "warmup_s": 0.0}
     gen = model.generation_config
     if static_cache:
         gen.cache_implementation = "static"

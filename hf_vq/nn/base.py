@@ -16,6 +16,8 @@ class KernelDispatch:
     # format_weight() -> the hf_vq.formats object kernels prepare from
     storage: str = ""
     source_buffer: str = ""
+    # (SharedInputGroup, index) when siblings reading the same input share one kernel call (nn/shared_input.py)
+    _shared_input = None
 
     def kernel_source(self) -> torch.Tensor:
         return self._buffers[self.source_buffer]
@@ -28,8 +30,13 @@ class KernelDispatch:
         """y through the kernel pinned by ``fix_kernel`` or the registry's first that serves this call; None when
         none does (the module then runs its exact path). Kernels have no backward: an input that needs a gradient
         gets None; a trainable bias is added after the kernel."""
-        if x.requires_grad and torch.is_grad_enabled():
-            return None
+        if torch.is_grad_enabled():
+            if x.requires_grad:
+                return None
+        elif self._shared_input is not None and x.numel() == self.in_features:
+            y = self._shared_input[0].forward(self._shared_input[1], x)
+            if y is not None:
+                return y
         rows = x.numel() // self.in_features if self.in_features else 0
         fixed = self._kernel_states.fixed
         if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):

@@ -147,9 +147,40 @@ def prepare(aw: AffineWeight, **_facts) -> NativeAffine | None:
     zeros = tile_rows(aw.zeros, rows)
     perm32 = None if perm is None else perm.to(torch.int32).contiguous()
     groups = gstart.numel() - 1
-    ptrs = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), gstart.data_ptr(),
-            0 if perm32 is None else perm32.data_ptr())
-    return NativeAffine(n, k, bits, nblk, groups, packed, scales, zeros, gstart, perm32, ptrs)
+    return NativeAffine(n, k, bits, nblk, groups, packed, scales, zeros, gstart, perm32,
+                        _pointers(packed, scales, zeros, gstart, perm32))
+
+
+def _pointers(codes, scales, zeros, gstart, perm) -> tuple:
+    return (codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), gstart.data_ptr(),
+            0 if perm is None else perm.data_ptr())
+
+
+def fuse(states: list[NativeAffine]) -> tuple[NativeAffine, list[NativeAffine], list[int]] | None:
+    """One state whose output is the layers' outputs side by side (each padded to whole 16-row tiles), the layers'
+    own states as views into its tensors (no second copy), and each layer's first output column; None unless the
+    layers share the input side of the layout (columns, code width, groups, act-order permutation)."""
+    a = states[0]
+    for s in states[1:]:
+        if (s.k != a.k or s.bits != a.bits or s.nblk != a.nblk or s.zeros.dtype != a.zeros.dtype
+                or not torch.equal(s.gstart, a.gstart) or (s.perm is None) != (a.perm is None)
+                or (s.perm is not None and not torch.equal(s.perm, a.perm))):
+            return None
+    codes = torch.cat([s.codes for s in states])
+    scales = torch.cat([s.scales for s in states])
+    zeros = torch.cat([s.zeros for s in states])
+    tile_bytes = a.codes.numel() // a.scales.shape[0]
+    members, starts, tile = [], [], 0
+    for s in states:
+        t = s.scales.shape[0]
+        c, sc, z = codes[tile * tile_bytes:(tile + t) * tile_bytes], scales[tile:tile + t], zeros[tile:tile + t]
+        members.append(NativeAffine(s.n, s.k, s.bits, s.nblk, s.groups, c, sc, z, s.gstart, s.perm,
+                                    _pointers(c, sc, z, s.gstart, s.perm)))
+        starts.append(tile * TILE)
+        tile += t
+    fused = NativeAffine(tile * TILE, a.k, a.bits, a.nblk, a.groups, codes, scales, zeros, a.gstart, a.perm,
+                         _pointers(codes, scales, zeros, a.gstart, a.perm))
+    return fused, members, starts
 
 
 def _gemm(x2: torch.Tensor, n: int, k: int, bits: int, nblk: int, groups: int, codes: int, scales: int, zeros: int,
@@ -198,4 +229,4 @@ def _(x, codes, scales, zeros, gstart, perm, bias, n, k, bits, nblk, isa):
 
 
 KERNEL = register(Kernel(name="native-affine", family="native", storage="affine", devices=("cpu",), priority=20,
-                         max_rows=MAX_ROWS, prepare=prepare, run=run))
+                         max_rows=MAX_ROWS, prepare=prepare, run=run, fuse=fuse))

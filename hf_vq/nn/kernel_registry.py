@@ -36,6 +36,9 @@ class Kernel:
     min_rows: int = 1
     # device types it runs on only when HF_VQ_KERNELS names its family (e.g. Triton's CPU interpreter, for tests)
     forced_devices: tuple[str, ...] = ()
+    # (states of layers that read the same input) -> (one state giving all their outputs side by side, each
+    # layer's state as a view into it, each layer's first output column), or None; see nn/shared_input.py
+    fuse: Callable[..., Any] | None = None
 
 
 _KERNELS: dict[str, list[Kernel]] = {}

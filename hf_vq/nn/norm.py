@@ -1,0 +1,90 @@
+"""RMSNorm modules of the model, left in float, with their inference forward through the kernel registry (storage
+"rms_norm").
+
+transformers has one RMSNorm class per architecture. Rather than trust names, :func:`adopt_rms_norm` runs a module's
+own forward and the kernel on the same input and adopts the module only when they agree (Gemma's ``1 + weight``
+variant, a norm without a weight or any other formula is left alone)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hf_vq.nn import kernel_registry
+
+STORAGE = "rms_norm"
+_CLASSES: dict[type, type] = {}
+
+
+def _tracing() -> bool:
+    # ONNX export traces through one of these two as well
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class KernelRMSNorm:
+    """Mixed in front of a transformers RMSNorm class: without gradients, a CPU input of the weight's dtype goes
+    through the registry's RMSNorm kernels; anything else through the class's own forward. Parameters, state dict
+    and hooks are the module's own."""
+
+    hf_vq_eps: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.dtype is w.dtype and x.device.type == "cpu" and x.shape[-1] == w.shape[0]
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and not torch.is_autocast_enabled("cpu") and not _tracing()):
+            for kernel in kernel_registry.candidates(STORAGE, "cpu", 1):
+                state = kernel.prepare(w)
+                if state is not None:
+                    return kernel.run(state, x, self.hf_vq_eps)
+        return super().forward(x)
+
+
+def _eps(module: nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        v = getattr(module, name, None)
+        if isinstance(v, float):
+            return v
+    return None
+
+
+def _agrees(module: nn.Module, kernel_cls: type) -> bool:
+    """The module's own forward and the kernel give the same output (up to the fp32 summation order) on a random
+    input of its dtype."""
+    w = module.weight
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, w.shape[0], generator=gen) * 3).to(w.dtype)
+    with torch.no_grad():
+        ref = type(module).forward(module, x)
+        if ref.dtype is not w.dtype or ref.shape != x.shape:
+            return False
+        module.__class__, original = kernel_cls, type(module)
+        try:
+            got = kernel_cls.forward(module, x)
+        finally:
+            module.__class__ = original
+    ulp = 2.0 ** -7 if w.dtype is torch.bfloat16 else 2.0 ** -20
+    return bool(((got.float() - ref.float()).abs() <= ulp * ref.float().abs() + 1e-30).all())
+
+
+def adopt_rms_norm(module: nn.Module) -> bool:
+    """Give ``module`` (a float RMSNorm of a transformers model) the kernel forward, in place, when its own forward
+    computes ``weight * (x / sqrt(mean(x^2) + eps))`` as the kernel does; returns whether it did."""
+    cls = type(module)
+    if isinstance(module, KernelRMSNorm):
+        return True
+    w = getattr(module, "weight", None)
+    eps = _eps(module)
+    if (not cls.__name__.endswith("RMSNorm") or not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None
+            or hasattr(module, "_hf_hook") or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
+            or not any(k.prepare(w) is not None for k in kernel_registry.kernels_for(STORAGE))):
+        return False
+    kernel_cls = _CLASSES.get(cls)
+    if kernel_cls is None:
+        kernel_cls = _CLASSES[cls] = type(cls.__name__, (KernelRMSNorm, cls), {"__module__": cls.__module__})
+    module.hf_vq_eps = eps
+    if not _agrees(module, kernel_cls):
+        del module.hf_vq_eps
+        return False
+    module.__class__ = kernel_cls
+    return True

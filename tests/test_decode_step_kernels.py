@@ -1,0 +1,320 @@
+"""The decode step's kernels beyond the quantized layers: RMSNorm (csrc/rms_norm.c), one-query attention
+(csrc/decode_attention.c) and sibling projections computed in one call (nn/shared_input.py), each against an
+independent computation, and the quantizer wiring them into a loaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+import hf_vq
+from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
+from hf_vq.model.optimize import SHARED_INPUTS
+from hf_vq.nn import kernel_native_attention, kernel_native_norm
+from hf_vq.nn.attention import decode_attention
+from hf_vq.nn.norm import KernelRMSNorm, adopt_rms_norm
+
+
+@pytest.fixture(autouse=True)
+def auto_kernels(monkeypatch):
+    monkeypatch.setenv("HF_VQ_KERNELS", "auto")
+    monkeypatch.delenv("HF_VQ_NATIVE_ISA", raising=False)
+
+
+def test_kernels_build_here():
+    assert kernel_native_norm.LIBRARY.load() is not None, "`cc` exists: a build failure is a bug"
+    assert kernel_native_attention.LIBRARY.load() is not None
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+def llama_formula(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm written out in float64 where it computes in fp32, with its two roundings."""
+    xd = x.double()
+    h = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (w.double() * h.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 7), (2, 33), (4, 1, 16)])
+def test_rms_norm_kernel_matches_the_formula(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    y = kernel_native_norm.run(kernel_native_norm.prepare(w), x, 1e-6)
+    ref = llama_formula(x, w, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    # fp32 sums in another order than float64: at most one rounding step of the dtype apart, and mostly equal
+    ulp = 2.0 ** -7 if dtype is torch.bfloat16 else 2.0 ** -21
+    assert bool(((y.double() - ref.double()).abs() <= ulp * ref.double().abs() + 1e-30).all())
+    if dtype is torch.bfloat16:   # the two bf16 roundings hide the fp32 summation order almost everywhere
+        assert (y == ref).double().mean() > 0.9
+
+
+@pytest.mark.parametrize("cls", [LlamaRMSNorm, Qwen3RMSNorm])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adopted_norm_gives_its_own_output_and_gradients(cls, dtype):
+    norm = cls(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    plain = cls(48, eps=1e-5).to(dtype)
+    plain.load_state_dict(norm.state_dict())
+    weight = norm.weight
+    assert adopt_rms_norm(norm)
+    assert isinstance(norm, cls) and isinstance(norm, KernelRMSNorm) and norm.weight is weight
+    assert list(norm.state_dict()) == ["weight"]
+    x = (torch.randn(2, 3, 48) * 2).to(dtype)
+    with torch.no_grad():
+        got, ref = norm(x), plain(x)
+    ulp = 2.0 ** -7 if dtype is torch.bfloat16 else 2.0 ** -21
+    assert bool(((got.double() - ref.double()).abs() <= ulp * ref.double().abs() + 1e-30).all())
+    # with gradients the module's own forward runs: the same graph as the plain module
+    xg = x.clone().requires_grad_(True)
+    norm(xg).float().square().sum().backward()
+    xp = x.clone().requires_grad_(True)
+    plain(xp).float().square().sum().backward()
+    assert torch.equal(xg.grad, xp.grad) and torch.equal(norm.weight.grad, plain.weight.grad)
+
+
+def test_exact_kernels_run_the_module_s_own_norm(monkeypatch):
+    norm = LlamaRMSNorm(40).to(torch.bfloat16)
+    plain = LlamaRMSNorm(40).to(torch.bfloat16)
+    assert adopt_rms_norm(norm)
+    monkeypatch.setenv("HF_VQ_KERNELS", "exact")
+    x = torch.randn(3, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(norm(x), plain(x))
+
+
+def test_norms_with_another_formula_are_left_alone():
+    gemma = GemmaRMSNorm(32)   # weight * (1 + w): another formula, found by running it
+    with torch.no_grad():
+        gemma.weight.normal_()
+    assert not adopt_rms_norm(gemma) and type(gemma) is GemmaRMSNorm
+    assert not adopt_rms_norm(nn.LayerNorm(32))
+
+
+# ---------------------------------------------------------------- decode attention
+
+def reference_attention(q, k, v, mask, scale):
+    """float64 softmax attention with grouped heads repeated: [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+    rep = q.shape[1] // k.shape[1]
+    kd, vd = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    s = (q.double() @ kd.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ vd).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,L,D", [(1, 9, 3, 64, 64), (2, 8, 8, 17, 128), (1, 4, 1, 1, 32), (3, 6, 2, 70, 72)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_float64(dtype, B, Hq, Hkv, L, D, masked):
+    g = torch.Generator().manual_seed(B * Hq * L + D)
+    # the layouts transformers hands over: q as a transposed view, k/v as a prefix of a longer (static) cache
+    q = torch.randn(B, 1, Hq, D, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, L + 5, D, generator=g).to(dtype)[:, :, :L]
+    v = torch.randn(B, Hkv, L + 5, D, generator=g).to(dtype)[:, :, :L]
+    mask = None
+    if masked:
+        mask = torch.rand(B, 1, 1, L, generator=g) > 0.4
+        mask[..., 0] = True
+    out = decode_attention(q, k, v, mask, D ** -0.5)
+    ref = reference_attention(q, k, v, mask, D ** -0.5)
+    assert out.shape == (B, 1, Hq, D) and out.dtype == dtype and out.is_contiguous()
+    tol = 2.0 ** -8 * ref.abs() + 1e-6 if dtype is torch.bfloat16 else 1e-5 * ref.abs() + 1e-6
+    assert bool(((out.double() - ref).abs() <= tol).all())
+
+
+def test_a_row_with_every_key_masked_gives_zeros():
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    mask = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
+    assert torch.equal(decode_attention(q, k, v, mask, 0.25), torch.zeros(1, 1, 2, 16))
+
+
+def test_two_threads_give_the_one_thread_result():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 8, 1, 64, generator=g), torch.randn(2, 4, 1200, 64, generator=g),
+               torch.randn(2, 4, 1200, 64, generator=g))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention(q, k, v, None, 0.125)
+        torch.set_num_threads(2)   # 2 * 4 heads * 1200 keys * 64 > the parallel threshold
+        two = decode_attention(q, k, v, None, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+class Heads(nn.Module):
+    num_key_value_groups = 3
+    training = False
+
+
+def test_calls_the_kernel_does_not_serve_run_transformers_sdpa():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 6, 4, 16, generator=g), torch.randn(1, 2, 4, 16, generator=g), torch.randn(1, 2, 4, 16,
+                                                                                                            generator=g)
+    module = Heads()
+    # prefill (4 query positions), an additive float mask, gradients: transformers' own function, bit for bit
+    want, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=True)
+    got, _ = sdpa_with_decode_kernel(module, q, k, v, None, scaling=0.25, is_causal=True)
+    assert torch.equal(got, want)
+    q1 = q[:, :, :1]
+    additive = torch.zeros(1, 1, 1, 4)
+    want, _ = sdpa_attention_forward(module, q1, k, v, additive, scaling=0.25)
+    got, _ = sdpa_with_decode_kernel(module, q1, k, v, additive, scaling=0.25)
+    assert torch.equal(got, want)
+    assert decode_attention(q1.requires_grad_(True), k, v, None, 0.25) is None
+    with pytest.raises(ValueError, match="softcap"):
+        sdpa_with_decode_kernel(module, q1.detach(), k, v, None, softcap=30.0)
+
+
+# ---------------------------------------------------------------- the quantizer wires them in
+
+def tiny_llama(tmp_path, **overrides):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(tmp_path / "float")
+    return tmp_path / "float"
+
+
+def load(path, dtype=torch.float32, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+
+
+def groups_of(model):
+    return {id(m._shared_input[0]): m._shared_input[0] for m in model.modules()
+            if m.__dict__.get("_shared_input") is not None}
+
+
+def ungroup(model):
+    for m in model.modules():
+        m.__dict__.pop("_shared_input", None)
+
+
+def decode_logits(model, ids, steps=4, **kw):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kw)
+    return torch.stack(out.logits), out.sequences
+
+
+def test_a_loaded_model_gets_the_decode_kernels_and_keeps_its_logits(tmp_path):
+    path = tiny_llama(tmp_path)
+    model = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    assert model.config._attn_implementation == NAME
+    assert sum(isinstance(m, KernelRMSNorm) for m in model.modules()) == 5   # 2 per layer + the final one
+    assert len(groups_of(model)) == 4                                           # q/k/v and gate/up per layer
+    assert all(not m._kernel_states.states for g in groups_of(model).values() for m in g.modules), \
+        "nothing is prepared before the first decode row"
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids)
+    for cache in ("dynamic", "static"):
+        assert torch.equal(decode_logits(model, ids, cache_implementation=cache)[1], seq)
+
+    # the same model with torch's SDPA, its own RMSNorm and one call per projection: the same decode up to fp32
+    # rounding (the quantized layers run the same kernel either way)
+    plain = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    plain.set_attn_implementation("sdpa")
+    ungroup(plain)
+    for m in plain.modules():
+        if isinstance(m, KernelRMSNorm):
+            m.__class__ = type(m).__mro__[2]
+    ref, ref_seq = decode_logits(plain, ids)
+    assert torch.equal(seq, ref_seq)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_grouped_projections_equal_one_call_each_bit_for_bit(tmp_path):
+    path = tiny_llama(tmp_path, attention_bias=True, mlp_bias=True)
+    model = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        grouped = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        assert len(groups_of(model)) == 4
+        group = attn.q_proj._shared_input[0]
+        # the members' states are views into the joined one: nothing is stored twice
+        joined = group.fused.codes
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+            st = m._kernel_states.states[(group.kernel.name, None)][1]
+            assert st.codes.untyped_storage().data_ptr() == joined.untyped_storage().data_ptr()
+        ungroup(model)
+        alone = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    for a, b in zip(grouped, alone):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_a_group_serves_only_the_same_unchanged_input(tmp_path):
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    mlp = model.model.layers[1].mlp
+    g = torch.Generator().manual_seed(5)
+    x, other = torch.randn(1, 1, 96, generator=g), torch.randn(1, 1, 96, generator=g)
+    with torch.no_grad():
+        gate_x = mlp.gate_proj(x)
+        x.mul_(2)                                    # changed in place after the group computed both outputs
+        up_2x = mlp.up_proj(x)
+        gate_o = mlp.gate_proj(other)                # a sibling waited for its input; another one came
+        up_o = mlp.up_proj(other)
+        ungroup(model)
+        assert torch.equal(up_2x, mlp.up_proj(x)) and torch.equal(gate_o, mlp.gate_proj(other))
+        assert torch.equal(up_o, mlp.up_proj(other)) and torch.equal(gate_x, mlp.gate_proj(x / 2))
+
+
+def test_new_weights_reach_a_group(tmp_path):
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    x = torch.randn(1, 1, 96)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        before = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]     # the group joins with layer 0's codes
+        attn.k_proj.load_state_dict(model.model.layers[1].self_attn.k_proj.state_dict())   # new codes: it joins again
+        got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        ungroup(model)
+        want = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    assert not torch.equal(before[1], got[1])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_siblings_of_different_widths_run_on_their_own(tmp_path):
+    # k_proj at 8 bits: the kernel cannot join 8-bit and 4-bit codes, so each projection keeps its own call
+    cfg = hf_vq.RTNConfig(bits=4, group_size=32, module_overrides={r".*k_proj": {"bits": 8}})
+    model = load(tiny_llama(tmp_path), quantization_config=cfg)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        ungroup(model)
+        want = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_the_sibling_table_names_real_projections():
+    names = {n for group in SHARED_INPUTS for n in group}
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2)
+    layer = dict(LlamaForCausalLM(cfg).model.layers[0].named_modules())
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"} <= set(layer)
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= names
+
+
+def test_quantsim_models_keep_torch_s_parts(tmp_path, calib_ids):
+    sim = load(tiny_llama(tmp_path), quantization_config=hf_vq.QuantSimConfig(dataset=calib_ids, num_samples=4,
+                                                                                seq_len=32))
+    assert sim.config._attn_implementation == "sdpa"
+    assert not any(isinstance(m, KernelRMSNorm) for m in sim.modules())
