@@ -318,3 +318,19 @@ def test_quantsim_models_keep_torch_s_parts(tmp_path, calib_ids):
                                                                                 seq_len=32))
     assert sim.config._attn_implementation == "sdpa"
     assert not any(isinstance(m, KernelRMSNorm) for m in sim.modules())
+
+
+def test_grouped_vq_projections_equal_one_call_each_bit_for_bit(tmp_path, calib_ids):
+    # row blocks of 24 rows: tiles of 16 and 8, so the joined layout's tiles carry their own row counts
+    cfg = hf_vq.GPTVQConfig(vector_dim=2, index_bits=4, rows_per_block=24, cols_per_block=32, codebook_bits=8,
+                            kmeans_iterations=3, dataset=calib_ids, num_samples=4, seq_len=32)
+    model = load(tiny_llama(tmp_path), quantization_config=cfg)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        grouped = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x)]
+        assert len(groups_of(model)) == 4 and attn.q_proj._shared_input[0].kernel.name == "native-vq-int8"
+        ungroup(model)
+        alone = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x)]
+    for a, b in zip(grouped, alone):
+        assert a.shape == b.shape and torch.equal(a, b)

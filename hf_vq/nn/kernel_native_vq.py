@@ -102,7 +102,7 @@ class NativeVQ:
     nblk: int
     ncb: int
     idx: torch.Tensor        # uint8 [ntiles, nblk, 8 / d, 16, 4]
-    tables: torch.Tensor     # uint8 [row_blocks, ncb, d, kp], code + 128
+    tables: torch.Tensor     # uint8 [row_blocks * ncb, d, kp], code + 128
     scales: torch.Tensor     # fp32 [ntiles, nseg, 16]
     segments: torch.Tensor   # int32 [2, nseg + 1]: start block, codebook column block
     tiles: torch.Tensor      # int32 [3, ntiles]: row block, first row, rows
@@ -186,11 +186,40 @@ def prepare(vq: VQWeight, **_facts) -> NativeVQ | None:
         s = s * ns[rows][:, seg_nb].view(ntiles, TILE, -1).transpose(1, 2)
     s = (s * valid.view(ntiles, 1, TILE)).contiguous()                                  # padding rows: 0
 
-    layer = _Layer(idx.data_ptr(), tables.data_ptr(), s.data_ptr(), seg[0].data_ptr(), seg[1].data_ptr(),
-                   tiles[0].data_ptr(), tiles[1].data_ptr(), tiles[2].data_ptr(), n, lay.in_features, d, kbook, kp,
-                   nblk, lay.col_blocks, seg.shape[1] - 1, ntiles)
-    return NativeVQ(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, idx, tables, s, seg, tiles, layer,
-                    ctypes.addressof(layer))
+    return _state(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, idx, tables, s, seg, tiles)
+
+
+def _state(n, k, d, kbook, kp, nblk, ncb, idx, tables, scales, seg, tiles) -> NativeVQ:
+    layer = _Layer(idx.data_ptr(), tables.data_ptr(), scales.data_ptr(), seg[0].data_ptr(), seg[1].data_ptr(),
+                   tiles[0].data_ptr(), tiles[1].data_ptr(), tiles[2].data_ptr(), n, k, d, kbook, kp, nblk, ncb,
+                   seg.shape[1] - 1, tiles.shape[1])
+    return NativeVQ(n, k, d, kbook, kp, nblk, ncb, idx, tables, scales, seg, tiles, layer, ctypes.addressof(layer))
+
+
+def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] | None:
+    """One state whose output is the layers' outputs side by side, the layers' own states as views into its
+    tensors (no second copy), and each layer's first output column; None unless the layers share the input side of
+    the layout (columns, vector dimension, codebook size, column blocks and segments)."""
+    a = states[0]
+    for s in states[1:]:
+        if (s.k != a.k or s.d != a.d or s.kbook != a.kbook or s.kp != a.kp or s.nblk != a.nblk or s.ncb != a.ncb
+                or not torch.equal(s.segments, a.segments)):
+            return None
+    idx = torch.cat([s.idx for s in states])
+    tables = torch.cat([s.tables for s in states])
+    scales = torch.cat([s.scales for s in states])
+    tiles, members, starts = [], [], []
+    t0 = rb0 = row0 = 0
+    for s in states:
+        nt, nrb = s.tiles.shape[1], s.tables.shape[0] // s.ncb   # tables: [row blocks * ncb, d, kp]
+        tiles.append(s.tiles + torch.tensor([[rb0], [row0], [0]], dtype=torch.int32))
+        members.append(_state(s.n, s.k, s.d, s.kbook, s.kp, s.nblk, s.ncb, idx[t0:t0 + nt],
+                              tables[rb0 * s.ncb:(rb0 + nrb) * s.ncb], scales[t0:t0 + nt], s.segments, s.tiles))
+        starts.append(row0)
+        t0, rb0, row0 = t0 + nt, rb0 + nrb, row0 + s.n
+    fused = _state(row0, a.k, a.d, a.kbook, a.kp, a.nblk, a.ncb, idx, tables, scales, a.segments,
+                   torch.cat(tiles, dim=1).contiguous())
+    return fused, members, starts
 
 
 def _done(rc: int, x2: torch.Tensor, n: int) -> None:
@@ -248,4 +277,4 @@ def _(x, idx, tables, scales, segments, tiles, bias, n, k, d, kbook, kp, nblk, n
 
 
 KERNEL = register(Kernel(name="native-vq-int8", family="native", storage="vq", devices=("cpu",), priority=30,
-                         max_rows=MAX_ROWS, prepare=prepare, run=run))
+                         max_rows=MAX_ROWS, prepare=prepare, run=run, fuse=fuse))
