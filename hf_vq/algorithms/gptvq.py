@@ -25,6 +25,21 @@ _CHUNK = 1 << 23      # distance-matrix elements evaluated at once
 
 
 # ---------------------------------------------------------------------------------------------- weighted k-means
+def _assign_kernel(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor):
+    """The C library where it applies (CPU, float32, weights >= 0: the kernel's min needs them), else None."""
+    fits = x.device.type == "cpu" and x.dtype == c.dtype == w.dtype == torch.float32
+    return LIBRARY.load() if fits and not bool((w < 0).any()) else None
+
+
+def _kernel_argmin(lib, x: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    b, m, d = x.shape
+    xs, ws, ct = x.contiguous(), w.contiguous(), c.transpose(1, 2).contiguous()
+    out = torch.empty(b, m, dtype=torch.long)
+    lib.vq_assign(xs.data_ptr(), ws.data_ptr(), ct.data_ptr(), b, m, c.shape[1], d, out.data_ptr(),
+                  torch.get_num_threads())
+    return out
+
+
 def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None,
                     use_kernel: bool = True) -> torch.Tensor:
     """argmin_j sum_d w (x - c_j)^2 for x [B, m, d], centroids c [B, k, d], weights broadcastable to x -> [B, m].
@@ -32,14 +47,9 @@ def weighted_argmin(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = N
     b, m, d = x.shape
     k = c.shape[1]
     w = torch.ones_like(x) if w is None else w.expand(b, m, d)
-    fits = use_kernel and x.device.type == "cpu" and x.dtype == c.dtype == w.dtype == torch.float32
-    lib = LIBRARY.load() if fits and not bool((w < 0).any()) else None  # the kernel's min needs weights >= 0
+    lib = _assign_kernel(x, c, w) if use_kernel else None
     if lib is not None:
-        xs, ws, ct = x.contiguous(), w.contiguous(), c.transpose(1, 2).contiguous()
-        out = torch.empty(b, m, dtype=torch.long)
-        lib.vq_assign(xs.data_ptr(), ws.data_ptr(), ct.data_ptr(), b, m, k, d, out.data_ptr(),
-                      torch.get_num_threads())
-        return out
+        return _kernel_argmin(lib, x, c, w)
     rhs = torch.cat((-2 * c, c * c), -1).transpose(1, 2)             # sum w x^2 is constant per vector
     step = max(1, _CHUNK // max(1, b * k))
     out = torch.empty(b, m, dtype=torch.long, device=x.device)
@@ -53,6 +63,14 @@ def _bind(lib):
     lib.vq_assign.restype = None
     lib.vq_assign.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.vq_em_step.restype = ctypes.c_long
+    lib.vq_em_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int]
+    lib.vq_gptq_block.restype = None
+    lib.vq_gptq_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_long,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -118,6 +136,9 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iterations: int = 
     assignment changes (the M-step would then be a fixed point)."""
     w = w.expand_as(x)
     c = _init_kpp(x, w, k, generator) if init == "kpp" else _init_mahalanobis(x, w, k)
+    lib = _assign_kernel(x, c, w)
+    if lib is not None:
+        return _kmeans_kernel(lib, x.contiguous(), w.contiguous(), c, iterations)
     idx = None
     for _ in range(iterations):
         new = weighted_argmin(x, c, w)
@@ -127,6 +148,27 @@ def weighted_kmeans(x: torch.Tensor, w: torch.Tensor, k: int, iterations: int = 
         c = _m_step(x, w, idx, c)
     if idx is None:
         idx = weighted_argmin(x, c, w)
+    return c, idx
+
+
+def _kmeans_kernel(lib, x, w, c, iterations):
+    """weighted_kmeans's loop with each assignment and the M-step's sums in one C pass (csrc/vq_assign.c)."""
+    b, m, d = x.shape
+    k = c.shape[1]
+    idx = None
+    num, den = torch.empty(b, k, d), torch.empty(b, k, d)
+    for _ in range(iterations):
+        new = torch.empty(b, m, dtype=torch.long)
+        ct = c.transpose(1, 2).contiguous()
+        changed = lib.vq_em_step(x.data_ptr(), w.data_ptr(), ct.data_ptr(), b, m, k, d, new.data_ptr(),
+                                 0 if idx is None else idx.data_ptr(), num.data_ptr(), den.data_ptr(),
+                                 torch.get_num_threads())
+        if idx is not None and changed == 0:
+            break
+        idx = new
+        c = torch.where(den > 0, num / den.clamp(min=1e-30), c)   # empty clusters keep their centroid
+    if idx is None:
+        idx = _kernel_argmin(lib, x, c, w)
     return c, idx
 
 
@@ -210,6 +252,8 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int 
     em_w = dcol[None] * s.square() * mask
     look_w = em_w if hessian_weighted_lookup else s.square() * mask
     gen = torch.Generator(device=dev).manual_seed(seed)
+    lib = _assign_kernel(wp, wp, look_w)       # checks the lookup weights once, not per column
+    block_lib = lib if d <= 8 else None        # the C error-feedback loop keeps a vector on its stack
 
     idx_all = torch.zeros(np_, lay.nvec, dtype=torch.long, device=dev)
     cq_cols = []
@@ -223,15 +267,26 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, vector_dim: int 
         qv, qs = quantize_codebooks(c, codebook_bits)
         cq = codebook_values(qv, qs)                                             # [nrb, k, d]
         cq_cols.append(cq)
+        ct = cq.transpose(1, 2).contiguous()
         for b0 in range(g0, g1, step):
             b1 = min(b0 + step, g1)
-            w1 = w[:, b0:b1].clone()
+            w1 = w[:, b0:b1].clone(memory_format=torch.contiguous_format)
             err = torch.zeros_like(w1)
             u1 = u[b0:b1, b0:b1]
+            if block_lib is not None:  # the same loop in C, threads over rows
+                u1, s1, lw1 = u1.contiguous(), s[:, b0:b1].contiguous(), look_w[:, b0:b1].contiguous()
+                ib = torch.empty(np_, (b1 - b0) // d, dtype=torch.long)
+                block_lib.vq_gptq_block(w1.data_ptr(), s1.data_ptr(), lw1.data_ptr(), ct.data_ptr(), u1.data_ptr(),
+                                        b1 - b0, np_, b1 - b0, r, k, d, err.data_ptr(), ib.data_ptr(),
+                                        torch.get_num_threads())
+                idx_all[:, b0 // d:b1 // d] = ib
+                w[:, b1:] -= err @ u[b0:b1, b1:]
+                continue
             for i in range(0, b1 - b0, d):
                 cols = slice(b0 + i, b0 + i + d)
                 x = (w1[:, i:i + d] / s[:, cols]).reshape(nrb, r, d)
-                ix = weighted_argmin(x, cq, look_w[:, cols].reshape(nrb, r, d))
+                lw = look_w[:, cols].reshape(nrb, r, d)
+                ix = weighted_argmin(x, cq, lw) if lib is None else _kernel_argmin(lib, x, cq, lw)
                 idx_all[:, (b0 + i) // d] = ix.reshape(-1)
                 q = cq.gather(1, ix[..., None].expand(nrb, r, d)).reshape(np_, d) * s[:, cols]
                 for j in range(d):
