@@ -215,6 +215,8 @@ def test_a_loaded_model_gets_the_decode_kernels_and_keeps_its_logits(tmp_path):
     path = tiny_llama(tmp_path)
     model = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
     assert model.config._attn_implementation == NAME
+    assert model.hf_vq_decode_kernels == {"head": "lm_head", "rms_norms": 5, "shared_input_groups": 4,
+                                          "decode_attention": True, "decode_step_attention": 2}
     assert sum(isinstance(m, KernelRMSNorm) for m in model.modules()) == 5   # 2 per layer + the final one
     assert len(groups_of(model)) == 4                                           # q/k/v and gate/up per layer
     assert all(not m._kernel_states.states for g in groups_of(model).values() for m in g.modules), \
@@ -227,6 +229,8 @@ def test_a_loaded_model_gets_the_decode_kernels_and_keeps_its_logits(tmp_path):
     # the same model with torch's SDPA, its own RMSNorm and one call per projection: the same decode up to fp32
     # rounding (the quantized layers run the same kernel either way)
     plain = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    for layer in plain.model.layers:
+        layer.self_attn.__class__ = layer.self_attn.hf_vq_own_class
     plain.set_attn_implementation("sdpa")
     ungroup(plain)
     for m in plain.modules():
@@ -334,3 +338,69 @@ def test_grouped_vq_projections_equal_one_call_each_bit_for_bit(tmp_path, calib_
         alone = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.gate_proj(x), mlp.up_proj(x)]
     for a, b in zip(grouped, alone):
         assert a.shape == b.shape and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the attention module's decode step
+
+def test_rope_kernel_matches_transformers_rotary():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from hf_vq.nn.attention import rotate_one_position
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, 1, 5, 24, generator=g).to(dtype).transpose(1, 2)        # [B, H, 1, D] view
+        k = torch.randn(2, 1, 3, 24, generator=g).to(dtype).transpose(1, 2)
+        ang = torch.rand(2, 1, 12, generator=g) * 6
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        got_q = rotate_one_position(q.squeeze(2), cos.squeeze(1), sin.squeeze(1))
+        got_k = rotate_one_position(k.squeeze(2), cos.squeeze(1), sin.squeeze(1))
+        # the same three roundings as transformers' bf16 ops: equal bit for bit
+        assert torch.equal(got_q, want_q.squeeze(2)) and torch.equal(got_k, want_k.squeeze(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_attention_gives_the_module_s_own_tokens(tmp_path, dtype):
+    path = tiny_llama(tmp_path)
+    model = load(path, dtype=dtype, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    attn = model.model.layers[1].self_attn
+    assert model.hf_vq_decode_kernels["decode_step_attention"] == 2
+    assert attn.hf_vq_decode_checked is False, "checked at the first decode step, not at load"
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids)
+    assert attn.hf_vq_decode_checked is True and type(attn).__mro__[1].__name__ == "DecodeStepAttention"
+    static, static_seq = decode_logits(model, ids, cache_implementation="static")
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = layer.self_attn.hf_vq_own_class
+    own, own_seq = decode_logits(model, ids)
+    assert torch.equal(seq, own_seq) and torch.equal(static_seq, own_seq)
+    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
+    assert torch.allclose(fast, own, rtol=tol, atol=tol * float(own.abs().max()))
+    assert torch.allclose(static, own, rtol=tol, atol=tol * float(own.abs().max()))
+
+
+def test_an_attention_with_another_forward_keeps_it(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "qwen3")
+    model = load(tmp_path / "qwen3", quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    attn = model.model.layers[0].self_attn
+    own_class = attn.hf_vq_own_class
+    ids = torch.randint(2, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    seq = decode_logits(model, ids, steps=2)[1]
+    # Qwen3 normalizes q and k before the rotation: the first decode step's comparison hands its forward back
+    assert type(attn) is own_class and "hf_vq_decode_checked" not in attn.__dict__
+    assert torch.equal(decode_logits(model, ids, steps=2)[1], seq)
+
+
+def test_calls_the_decode_step_does_not_know_take_the_own_forward(tmp_path):
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 96)
+    # an unknown keyword: the own forward runs, and it rejects what it does not take either
+    with torch.no_grad(), pytest.raises(TypeError):
+        attn(hidden_states=x, position_embeddings=None, attention_mask=None, key_value_states=x)
+    assert attn.hf_vq_decode_checked is False

@@ -112,7 +112,7 @@ class HfVQQuantizer(HfQuantizer):
     def _decode_kernels(self, model) -> None:
         # QuantSim models simulate a deployment target: their float layers keep torch's own GEMM
         if self.quantization_config.method != "quantsim":
-            decode_kernels(model)
+            model.hf_vq_decode_kernels = decode_kernels(model)
 
     def is_serializable(self, safe_serialization=None):
         return True

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hf_vq.model.attention import use_decode_attention
+from hf_vq.model.decode_step import decode_step_attention
 from hf_vq.model.targets import output_head
 from hf_vq.nn.base import KernelDispatch
 from hf_vq.nn.dense import FloatLinear
@@ -81,7 +82,8 @@ def decode_kernels(model: nn.Module) -> dict:
     one call, and the decode step's attention through hf_vq's kernel (:mod:`hf_vq.model.attention`). Returns what
     was done."""
     return {"head": float_head_kernels(model), "rms_norms": norm_kernels(model),
-            "shared_input_groups": shared_input_groups(model), "decode_attention": use_decode_attention(model)}
+            "shared_input_groups": shared_input_groups(model), "decode_attention": use_decode_attention(model),
+            "decode_step_attention": decode_step_attention(model)}
 
 
 def fix_kernels(model: nn.Module) -> dict[str, int]:

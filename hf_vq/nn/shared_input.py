@@ -33,6 +33,8 @@ class SharedInputGroup:
         self.bias = None
         self._bias_key = None
         self.pending: list | None = None   # [x, x._version, y, members not yet served]
+        self.parts: list[tuple] = []
+        self.has_bias = any(m.bias is not None for m in modules)
         self.refused_for = _NOT_REFUSED     # the HF_VQ_KERNELS selection under which joining failed
         for i, m in enumerate(modules):
             m._shared_input = (self, i)
@@ -58,6 +60,7 @@ class SharedInputGroup:
             if m._kernel_states.fixed is not None and m._kernel_states.fixed[0] is kernel:
                 m._kernel_states.fixed = (kernel, st)
         self.kernel, self.refused_for = kernel, _NOT_REFUSED
+        self.parts = [(Ellipsis, slice(start, start + m.out_features)) for m, start in zip(self.modules, self.starts)]
         self.sources = [m.kernel_source() for m in self.modules]
         self.state_dicts = [m._kernel_states.states for m in self.modules]
         return True
@@ -105,12 +108,11 @@ class SharedInputGroup:
         if not chosen or chosen[0] is not self.kernel:
             self.pending = None
             return None
-        y = self.kernel.run(self.fused, x, self._fused_bias())
+        y = self.kernel.run(self.fused, x, self._fused_bias() if self.has_bias else None)
         rest = set(range(len(self.modules)))
         rest.remove(index)
         self.pending = [x, x._version, y, rest]
         return self._part(y, index)
 
     def _part(self, y: torch.Tensor, index: int) -> torch.Tensor:
-        start = self.starts[index]
-        return y[..., start:start + self.modules[index].out_features]
+        return y[self.parts[index]]

@@ -1,0 +1,142 @@
+"""Attention modules whose decode step (one position, on CPU) runs in a few kernel calls.
+
+A Llama-family attention forward on one position spends most of its time on small ops around its layers: three
+views and transposes, about ten ops of rotary embedding, the interface lookup, a reshape. :func:`adopt_attention`
+gives such a module a forward that, for a decode step, calls its q/k/v projections (one kernel call when they are
+grouped, see hf_vq.nn.shared_input), rotates q and k in one call, updates the cache through the cache's own
+``update``, runs hf_vq's decode attention and its o projection. Every other call (prefill, gradients, training,
+arguments it does not know) runs the module's own forward. A module is adopted only after its own forward and the
+decode forward give the same output and the same cache on a test step (checked at its first decode step, so that
+loading prepares nothing), so a variant (q/k norms, partial rotary, another formula) keeps its own forward."""
+
+from __future__ import annotations
+
+
+
+import torch
+from torch import nn
+
+from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
+from hf_vq.nn.attention import decode_attention, rope_served, rotate_one_position
+
+# keyword arguments a Llama-family decoder layer passes to its attention; any other one gets the module's own forward
+_KNOWN = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values",
+                    "position_ids", "use_cache", "cache_position", "output_attentions"})
+_CLASSES: dict[type, type] = {}
+
+
+class DecodeStepAttention:
+    """Mixed in front of a transformers attention class (see the module docstring)."""
+
+    def forward(self, *args, **kwargs):
+        if len(args) <= 1 and kwargs.keys() <= _KNOWN:
+            x = args[0] if args else kwargs.get("hidden_states")
+            out = None if x is None else self._decode_step(x, kwargs)
+            if out is not None:
+                return out
+            if not isinstance(self, DecodeStepAttention):   # the first decode step's comparison handed it back
+                return self.forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+    def _decode_step(self, x: torch.Tensor, kw: dict):
+        checked = self.__dict__.get("hf_vq_decode_checked")
+        if not checked:
+            if checked is None or not _verify(self, x.dtype):
+                return None
+        cache = kw.get("cache", kw.get("past_key_values"))
+        pe = kw.get("position_embeddings")
+        if (cache is None or pe is None or x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu"
+                or self.training or kw.get("output_attentions") or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and x.requires_grad) or self.config._attn_implementation != NAME):
+            return None
+        cos, sin = pe
+        B, D = x.shape[0], self.head_dim
+        if cos.numel() != B * D or sin.numel() != B * D or cos.dtype is not x.dtype or not rope_served(x):
+            return None
+        cos, sin = cos.reshape(B, D), sin.reshape(B, D)
+        q = rotate_one_position(self.q_proj(x).view(B, -1, D), cos, sin)
+        k = rotate_one_position(self.k_proj(x).view(B, -1, D), cos, sin)
+        v = self.v_proj(x).view(B, 1, -1, D).transpose(1, 2)
+        q, k = q.view(B, -1, 1, D), k.view(B, -1, 1, D)
+        rest = {n: a for n, a in kw.items() if n not in ("hidden_states", "position_embeddings", "attention_mask",
+                                                          "cache", "past_key_values")}
+        keys, values = cache.update(k, v, self.layer_idx, kwargs=rest)
+        mask = kw.get("attention_mask")
+        out = decode_attention(q, keys, values, mask, self.scaling)
+        if out is None:
+            out, _ = sdpa_with_decode_kernel(self, q, keys, values, mask, dropout=0.0, scaling=self.scaling, **rest)
+        return self.o_proj(out.reshape(B, 1, -1)), None
+
+
+def _test_step(module: nn.Module, dtype: torch.dtype, forward):
+    """Output and cache of ``forward`` on one decode position after 3 cached ones, with fixed random inputs."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    D, hidden = module.head_dim, module.q_proj.in_features
+    kv_heads = module.k_proj.out_features // D
+    cache = DynamicCache()
+    for i in range(module.layer_idx + 1):
+        past = torch.randn(1, kv_heads, 3, D, generator=g).to(dtype)
+        cache.update(past, past.flip(-1), i)
+    x = torch.randn(1, 1, hidden, generator=g).to(dtype) * 4
+    angles = torch.rand(1, 1, D // 2, generator=g) * 6.0
+    cos, sin = torch.cat([angles.cos(), angles.cos()], -1).to(dtype), torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    with torch.no_grad():
+        out, _ = forward(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, cache=cache,
+                         position_ids=torch.tensor([[3]]))
+    layer = cache.layers[module.layer_idx]
+    return out, layer.keys, layer.values
+
+
+def _verify(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Compare the module's own forward and the decode forward on a test step; keep the decode forward only if they
+    agree (else the module gets its own class back)."""
+    own = module.hf_vq_own_class
+    module.hf_vq_decode_checked = None   # the own forward, for the reference
+    try:
+        want = _test_step(module, dtype, lambda **kw: own.forward(module, **kw))
+        module.hf_vq_decode_checked = True
+        got = _test_step(module, dtype, module.forward)
+    except Exception:   # noqa: BLE001  (a forward that the test step does not fit keeps its own forward)
+        got = None
+    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
+    same = got is not None and all(
+        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
+        for a, b in zip(got, want))
+    if not same:
+        module.__class__ = own
+        del module.hf_vq_decode_checked, module.hf_vq_own_class
+    return same
+
+
+def adopt_attention(module: nn.Module) -> bool:
+    """Give ``module`` the decode-step forward, in place, when it has Llama-family projections and runs hf_vq's
+    attention on CPU; returns whether it did. Its first decode step compares it with the module's own forward."""
+    cls = type(module)
+    if isinstance(module, DecodeStepAttention):
+        return True
+    if not all(isinstance(getattr(module, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return False
+    if not all(isinstance(getattr(module, n, None), (int, float)) for n in ("head_dim", "scaling", "layer_idx")):
+        return False
+    config = getattr(module, "config", None)
+    if getattr(config, "_attn_implementation", None) != NAME or hasattr(module, "_hf_hook"):
+        return False
+    if any(p.device.type != "cpu" for p in list(module.parameters()) + list(module.buffers())):
+        return False
+    kernel_cls = _CLASSES.get(cls)
+    if kernel_cls is None:
+        kernel_cls = _CLASSES[cls] = type(cls.__name__, (DecodeStepAttention, cls), {"__module__": cls.__module__})
+    module.hf_vq_own_class = cls
+    module.hf_vq_decode_checked = False
+    module.__class__ = kernel_cls
+    return True
+
+
+def decode_step_attention(model: nn.Module) -> int:
+    """Adopt every attention module of ``model`` that qualifies (see :func:`adopt_attention`); returns how many."""
+    return sum(adopt_attention(m) for m in list(model.modules()) if type(m).__name__.endswith("Attention"))
+
+
+
