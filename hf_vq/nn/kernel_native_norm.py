@@ -26,13 +26,19 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 LIBRARY = CLibrary(SOURCE, _bind, "native RMSNorm kernel")
+_RMS_NORM = None  # the bound C function, set by the first prepare() that finds the library
 
 
 def prepare(weight: torch.Tensor, **_facts) -> torch.Tensor | None:
     """The weight itself (read in place at each call) when the kernel can serve it; else None."""
-    if (weight.device.type != "cpu" or weight.dtype not in DTYPES or weight.dim() != 1
-            or not weight.is_contiguous() or LIBRARY.load() is None):
+    global _RMS_NORM
+    if weight.dtype not in DTYPES or weight.device.type != "cpu" or weight.dim() != 1 or not weight.is_contiguous():
         return None
+    if _RMS_NORM is None:
+        lib = LIBRARY.load()
+        if lib is None:
+            return None
+        _RMS_NORM = lib.rms_norm
     return weight
 
 
@@ -42,7 +48,7 @@ def run(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     n = weight.shape[0]
     xc = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype)
-    rc = LIBRARY.load().rms_norm(xc.data_ptr(), x.dtype is torch.bfloat16, xc.numel() // n, n, weight.data_ptr(),
+    rc = _RMS_NORM(xc.data_ptr(), x.dtype is torch.bfloat16, xc.numel() // n, n, weight.data_ptr(),
                                  eps, y.data_ptr())
     if rc < 0:
         raise RuntimeError(f"native RMSNorm kernel refused a {tuple(x.shape)} input with a [{n}] weight")

@@ -14,11 +14,12 @@ rebuilt only when the module's tensors change (see :class:`KernelStates`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from hf_vq.utils.env import getenv
 
 ENV = "HF_VQ_KERNELS"
 
@@ -74,7 +75,7 @@ def _parse(value: str) -> tuple[str, ...] | None:
 def selection() -> tuple[str, ...] | None:
     """The families HF_VQ_KERNELS allows (None: all, by priority), read again whenever the variable changes."""
     global _selection
-    value = os.environ.get(ENV, "auto")
+    value = getenv(ENV, "auto")
     if value != _selection[0]:
         _selection = (value, _parse(value))
         _memo.clear()

@@ -3,7 +3,7 @@ which forces one path for testing (a path this CPU lacks becomes the best one it
 
 from __future__ import annotations
 
-import os
+from hf_vq.utils.env import getenv
 
 ENV = "HF_VQ_NATIVE_ISA"
 
@@ -27,7 +27,7 @@ class IsaChoice:
 
     def requested(self) -> int:
         """HF_VQ_NATIVE_ISA as the C code's number (0: the best this CPU has)."""
-        name = os.environ.get(ENV, "auto")
+        name = getenv(ENV, "auto")
         isa = self._requested.get(name)
         if isa is None:
             if name not in self.names:

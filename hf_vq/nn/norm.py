@@ -34,9 +34,8 @@ class KernelRMSNorm:
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and not torch.is_autocast_enabled("cpu") and not _tracing()):
             for kernel in kernel_registry.candidates(STORAGE, "cpu", 1):
-                state = kernel.prepare(w)
-                if state is not None:
-                    return kernel.run(state, x, self.hf_vq_eps)
+                if kernel.prepare(w) is not None:
+                    return kernel.run(w, x, self.hf_vq_eps)
         return super().forward(x)
 
 
