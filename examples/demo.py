@@ -5,10 +5,11 @@
 Loads SmolLM2-135M-Instruct (fp32, cached by hf_vq.assets), measures its perplexity on the first 4 windows of 512
 tokens of Pride and Prejudice, quantizes it with GPTQ 4-bit g128 inside from_pretrained (calibration: 8 windows of
 512 tokens of Emma), measures it again and prints a table: perplexity, ratio to float, size on disk, and how long
-each step took. Expect perplexity 20.83 for float and about 22.6 (ratio ~1.09) for GPTQ, and 513 MB -> 162 MB of
-weights (the embedding stays fp32). The same GPTQ run in examples/quantize_at_load.py takes 169 CPU-seconds (user +
-system) on a 2-core x86 CPU; this one adds a float evaluation. More calibration and evaluation (--num-samples 32
---eval-seq-len 2048 --eval-windows 32) reproduce the benchmark table's setting and take several times longer.
+each step took. Expect perplexity 20.83 for float and 22.54 (ratio 1.08) for GPTQ, and 513 MB -> 162 MB of weights
+(the embedding stays fp32). On a 2-core x86 CPU (AMD EPYC) running other jobs (load average 8) the whole run took 42
+CPU-seconds (user + system) with one thread (OMP_NUM_THREADS=1), 68 s wall. More calibration and evaluation
+(--num-samples 32 --eval-seq-len 2048 --eval-windows 32) reproduce the benchmark table's setting and take several
+times longer.
 """
 
 from __future__ import annotations
