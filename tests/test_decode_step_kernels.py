@@ -20,6 +20,7 @@ from hf_vq.model.optimize import SHARED_INPUTS
 from hf_vq.nn import kernel_native_attention, kernel_native_norm
 from hf_vq.nn.attention import decode_attention
 from hf_vq.nn.norm import KernelRMSNorm, adopt_rms_norm
+from tests.arch_models import configs, save_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -404,3 +405,28 @@ def test_calls_the_decode_step_does_not_know_take_the_own_forward(tmp_path):
     with torch.no_grad(), pytest.raises(TypeError):
         attn(hidden_states=x, position_embeddings=None, attention_mask=None, key_value_states=x)
     assert attn.hf_vq_decode_checked is False
+
+
+def strip_decode_kernels(model):
+    """Undo what decode_kernels did: torch's SDPA, the modules' own norms and attention forwards, one call per layer."""
+    ungroup(model)
+    for m in model.modules():
+        if "hf_vq_own_class" in m.__dict__:
+            m.__class__ = m.hf_vq_own_class
+        elif isinstance(m, KernelRMSNorm):
+            m.__class__ = type(m).__mro__[2]
+    if model.config._attn_implementation == NAME:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("arch", sorted(configs()))
+def test_every_architecture_decodes_as_without_the_decode_kernels(arch, tmp_path):
+    cls, cfg = configs()[arch]
+    save_tiny(arch, cls, cfg, tmp_path / arch)
+    model = load(tmp_path / arch, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    ids = torch.randint(2, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    fast, seq = decode_logits(model, ids, steps=5)
+    strip_decode_kernels(model)
+    ref, ref_seq = decode_logits(model, ids, steps=5)
+    assert torch.equal(seq, ref_seq)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
