@@ -5,20 +5,19 @@
    out[b][i] = argmin_j sum_t w[b][i][t] * (x[b][i][t] - ct[b][t][j])^2, the first j on ties.
    The direct form, not |x|^2 - 2xc + |c|^2 as a matmul: with d <= 8 a matmul's inner dimension is too short to be
    fast, and the direct form cannot cancel. The weights must be >= 0: the distances are then >= 0 (or NaN), and
-   such floats order as their bit patterns do as int32, so the minimum is an integer reduction, which vectorises
-   (a float min with its index does not without -ffast-math). Vectors are independent: threads split the B * m
-   vectors. */
+   such floats order as their bit patterns do as int32, so the minimum with its index is the minimum of the int64
+   keys (bits << 32 | j), an integer reduction that vectorises (a float min with its index does not without
+   -ffast-math). Vectors are independent: threads split the B * m vectors. */
 #include <stdint.h>
 #include <string.h>
 
 #define TILE 256 /* centroids per pass: any k, with the distances on the stack */
 
-/* argmin_j sum_t wv[t] * (xv[t] - cb[t * k + j])^2 for one vector, the first j on ties */
+/* argmin_j sum_t wv[t] * (xv[t] - cb[t * k + j])^2 for one vector, the first j on ties: the minimum of the keys
+   (distance bits << 32 | j), so the smallest distance wins and, among equal ones, the smallest j */
 static inline long assign_one(const float *xv, const float *wv, const float *cb, int k, int d) {
     float dist[TILE];
-    int32_t bits[TILE];
-    int32_t bd = INT32_MAX;
-    long best = 0;
+    int64_t best = INT64_MAX;
     for (int j0 = 0; j0 < k; j0 += TILE) {
         const int n = k - j0 < TILE ? k - j0 : TILE;
         for (int j = 0; j < n; j++) dist[j] = 0.0f;
@@ -30,17 +29,14 @@ static inline long assign_one(const float *xv, const float *wv, const float *cb,
                 dist[j] += wt * e * e;
             }
         }
-        memcpy(bits, dist, sizeof(float) * (size_t)n);
-        int32_t lo = INT32_MAX;
-        for (int j = 0; j < n; j++) lo = bits[j] < lo ? bits[j] : lo;
-        if (lo < bd) { /* strictly smaller: an equal distance in a later tile is not the first */
-            int j = 0;
-            while (bits[j] != lo) j++;
-            bd = lo;
-            best = j0 + j;
+        for (int j = 0; j < n; j++) {
+            int32_t bits;
+            memcpy(&bits, dist + j, sizeof bits);
+            const int64_t key = (int64_t)bits << 32 | (int64_t)(j0 + j);
+            best = key < best ? key : best;
         }
     }
-    return best;
+    return (long)(best & 0xffffffff);
 }
 
 void vq_assign(const float *x, const float *w, const float *ct, long B, long m, int k, int d, int64_t *out,
