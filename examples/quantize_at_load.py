@@ -4,28 +4,30 @@
     python examples/quantize_at_load.py --model DIR --method gptvq --dataset calib.txt --eval test.txt --out OUT
 
 Methods: rtn, gptq, gptvq, adascale, quantsim. Each has small calibration defaults (--num-samples x --seq-len) that
-run on a laptop CPU. Perplexity is measured on the first --eval-windows windows of --eval-seq-len tokens of the
-evaluation text (4 x 512 by default), then the saved checkpoint is reloaded and its logits compared with the
-quantized model's. At the end it prints what it did and how long each step took.
+finish within 2 minutes on a 2-core CPU. Perplexity is measured on the first --eval-windows windows of --eval-seq-len
+tokens of the evaluation text (4 x 512 by default), then the saved checkpoint is reloaded and its logits compared
+with the quantized model's. At the end it prints what it did and how long each step took.
 
 Measured with the defaults on SmolLM2-135M-Instruct (calibration on the first 200 KB of Emma, evaluation on the first
-4 x 512 tokens of Pride and Prejudice, where the float model scores 20.83). CPU time: user + system seconds of the
-whole run, measured on a shared 2-core x86 CPU (AVX2). The runs use both cores, so on an idle 2-core machine expect a
-wall time between half of it and all of it.
+4 x 512 tokens of Pride and Prejudice, where the float model scores 20.83), on a 2-core x86 CPU (AMD EPYC) that was
+running other jobs at the same time (load average 7.5-9.5). CPU: user + system seconds of the whole run with one
+thread (OMP_NUM_THREADS=1), about the wall time of the run on one idle core; wall: the wall time of that run on the
+loaded machine.
 
-    method    what                                          calibration   ppl (/ float)    CPU time
-    rtn       4-bit, group 32, round to nearest             none          25.28 (1.21)      57 s
-    gptq      4-bit, group 128, asym, act-order             8 x 512       22.61 (1.09)     169 s
-    gptvq     2D vectors, 6-bit index, 32 x 256 blocks      8 x 512       26.21 (1.26)   ~1200 s
+    method    what                                          calibration   ppl (/ float)    CPU     wall (loaded)
+    rtn       4-bit, group 32, round to nearest             none          25.13 (1.21)     13 s     19 s
+    gptq      4-bit, group 128, asym, act-order             8 x 512       22.54 (1.08)     38 s     76 s
+    gptvq     2D vectors, 6-bit index, 32 x 256 blocks      8 x 512       25.54 (1.23)     94 s    144 s
               (3.2 bits/weight), 25 k-means iterations
-    adascale  4-bit, group 128, GPTQ start, 10 Adam steps   8 x 256       22.87 (1.10)     776 s
+    adascale  4-bit, group 128, GPTQ start, 10 Adam steps   8 x 256       23.16 (1.11)     72 s    108 s
               per block
-    quantsim  8-bit per-channel weights, 16-bit activations 8 x 256       20.83 (1.00)     132 s
+    quantsim  8-bit per-channel weights, 16-bit activations 8 x 256       20.87 (1.00)     24 s     38 s
 
-GPTVQ and AdaScale are the expensive methods: their defaults take several minutes on a 2-core CPU (k-means per
-codebook and GPTQ-style error feedback for GPTVQ, a GPTQ start plus Adam steps on every block for AdaScale).
-Larger calibration sets (--num-samples 32 --seq-len 512), more k-means iterations (--kmeans-iterations 100) or
-AdaScale steps (--adascale-iterations 300) give better models and take proportionally longer.
+GPTVQ and AdaScale cost the most: k-means per codebook and error feedback for GPTVQ, a GPTQ start plus Adam steps on
+every block for AdaScale. Larger calibration sets (--num-samples 32 --seq-len 512), more k-means iterations
+(--kmeans-iterations 100) or AdaScale steps (--adascale-iterations 300) give better models and take proportionally
+longer. On a machine whose cores are busy with other work, run with OMP_NUM_THREADS=1: threads that wait for each other
+on shared cores can multiply the CPU time several-fold.
 """
 
 from __future__ import annotations
