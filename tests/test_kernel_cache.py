@@ -162,3 +162,18 @@ def test_own_cache_with_0755_is_tightened_and_used(cache):
     assert fresh_gptq_library().load() is not None
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(cache.parent).st_mode) == 0o700
+
+
+def test_a_changed_local_header_rebuilds_the_library(cache, tmp_path):
+    import ctypes
+    (tmp_path / "value.h").write_text("#define VALUE 1\n")
+    src = tmp_path / "reads_header.c"
+    src.write_text('#include "value.h"\nint value(void) { return VALUE; }\n')
+
+    def bind(lib):
+        lib.value.restype = ctypes.c_int
+        return lib
+
+    assert CLibrary(src, bind, "header test").load().value() == 1
+    (tmp_path / "value.h").write_text("#define VALUE 2\n")   # same .c bytes: only the header changed
+    assert CLibrary(src, bind, "header test").load().value() == 2

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -126,6 +127,9 @@ class CLibrary:
 
     def _key(self, cc: str, flags: list[str]) -> str:
         src = self.source.read_bytes()
+        # the local headers it includes ("bf16.h") are part of what is built
+        for name in sorted(set(re.findall(rb'^\s*#\s*include\s+"([^"/]+)"', src, re.M))):
+            src += b"\0" + (self.source.parent / name.decode()).read_bytes()
         return hashlib.sha256(src + "\0".join([cc, *flags, *self.libs, _cpu_tag()]).encode()).hexdigest()[:16]
 
     def _recorded(self, pointer: Path) -> tuple[Path, str] | None:

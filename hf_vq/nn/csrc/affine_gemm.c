@@ -71,20 +71,7 @@ static inline float fp16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);   /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 /* rows [r0, r0 + 16) of activation row mm, from 16 lane sums */
 static inline void store_tile(const aff_args *a, int mm, int r0, const float *v) {

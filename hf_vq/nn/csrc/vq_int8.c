@@ -59,20 +59,7 @@ typedef struct {
     void *y; int y_bf16;
 } vq8_args;
 
-static inline float bf16_to_f32(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);   /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 /* lanes [first, first + count) of tile t (count <= rows left in the tile), activation row mm */
 static inline void store_rows(const vq8_args *a, int mm, int t, int first, int count, const float *v) {
