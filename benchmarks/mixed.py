@@ -4,6 +4,8 @@ SmolLM2-135M-Instruct, Austen: 32 x 512 calibration windows of Emma, perplexity 
 tokens of Pride and Prejudice + Persuasion (benchmarks/quality.py's protocol, fp32 evaluation).
 
     python benchmarks/mixed.py --rows fp,gptq3,mixed3.25,mixed3.25-hessian
+(rows: fp, gptq2/3/4 (uniform w2/w3/w4 g128) and mixed<bits>[-<estimator>], estimator one of fisher, hessian,
+relative; without one, the library's default)
 prints one table row per run: bits per weight of the quantized layers (as stored), their size and the saved
 checkpoint's size in MB, ppl, ppl/FP, quantize time (allocation / GPTQ). ``--json FILE`` appends each row as one
 JSON line as soon as it is done; rows already in that file are printed again instead of being rerun.
@@ -34,12 +36,31 @@ ROWS = {
     "gptq2": dict(bits=2, group_size=128),
     "gptq3": dict(bits=3, group_size=128),
     "gptq4": dict(bits=4, group_size=128),
-    "mixed2.5": dict(average_bits=2.5),
-    "mixed3.25": dict(average_bits=3.25),
-    "mixed3.25-hessian": dict(average_bits=3.25, estimator="hessian"),
-    "mixed3.25-relative": dict(average_bits=3.25, estimator="relative"),
-    "mixed4.25": dict(average_bits=4.25),
 }
+
+
+# named candidate lists for mixed rows (a -<name> suffix); without one, the library's default candidates
+CANDIDATE_SETS = {
+    "min3": [{"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 128}],
+    "3pc": [{"bits": 3, "group_size": -1}, {"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 128}],
+}
+
+
+def row_params(name: str) -> dict | None:
+    """A ROWS entry, or ``mixed<bits>[-<estimator>][-<candidate set>]`` (e.g. mixed3.25, mixed2.5-fisher,
+    mixed3.25-fisher-3pc): average_bits=<bits> over the CANDIDATE_SETS entry (default: the library's candidates)."""
+    if name in ROWS:
+        return ROWS[name]
+    if not name.startswith("mixed"):
+        raise SystemExit(f"unknown row {name!r}: one of {', '.join(ROWS)} or mixed<bits>[-<estimator>]")
+    bits, *rest = name[len("mixed"):].split("-")
+    params = dict(average_bits=float(bits))
+    if rest and rest[-1] in CANDIDATE_SETS:
+        params["candidates"] = CANDIDATE_SETS[rest.pop()]
+    estimator = rest[0] if rest else ""
+    if estimator and estimator not in mixed.ESTIMATORS:
+        raise SystemExit(f"unknown estimator {estimator!r} in row {name!r}: one of {', '.join(mixed.ESTIMATORS)}")
+    return dict(params, estimator=estimator or mixed.DEFAULT_ESTIMATOR)
 
 
 def quantized_bits(model) -> tuple[float, int]:
@@ -60,17 +81,20 @@ def checkpoint_mb(model) -> float:
 
 
 def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, evaluate=True):
-    params = ROWS[name]
+    params = row_params(name)
     t0 = time.perf_counter()
     report = {}
     if params is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     else:
         kw = dict(params)
-        mixed.DEFAULT_ESTIMATOR = kw.pop("estimator", "fisher")
+        default, mixed.DEFAULT_ESTIMATOR = mixed.DEFAULT_ESTIMATOR, kw.pop("estimator", mixed.DEFAULT_ESTIMATOR)
         cfg = hf_vq.GPTQConfig(dataset=[calib_text], tokenizer=tok, num_samples=CALIBRATION[0],
                                seq_len=CALIBRATION[1], **kw)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
+        finally:
+            mixed.DEFAULT_ESTIMATOR = default
         report = model.hf_quantizer.last_run
     qtime = time.perf_counter() - t0
     bits, weights = quantized_bits(model)

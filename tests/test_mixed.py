@@ -243,3 +243,48 @@ def test_model_card_shows_the_allocation(mixed_model, tmp_path):
     assert (tmp_path / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "`allocation`" not in card.split("### Parameters")[1].split("###")[0].replace(
         "`layers` and `allocation` records", "")   # summarized, not dumped as a parameter
+
+
+# ------------------------------------------------------------------------------------------ the sensitivity pass
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_shared_factor_gives_gptq_codes_bit_for_bit(act_order):
+    from hf_vq.algorithms.gptq import gptq_factor, gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 96, generator=g) @ torch.randn(96, 96, generator=g)
+    x[:, 5] = 0   # a dead input: GPTQ zeroes its column
+    h = 2 * x.T @ x / x.shape[0]
+    factor = gptq_factor(h, 0.01, act_order)
+    for w, bits, group in [(torch.randn(40, 96, generator=g), 3, 32), (torch.randn(24, 96, generator=g), 2, 64)]:
+        plain = gptq_quantize(w, h, bits, group, False, 0.01, act_order, 32)
+        shared = gptq_quantize(w, h, bits, group, False, 0.01, act_order, 32, factor=factor)
+        assert torch.equal(plain.codes, shared.codes)
+        assert torch.equal(plain.scales, shared.scales) and torch.equal(plain.zeros, shared.zeros)
+    with pytest.raises(ValueError, match="factor was computed with act_order"):
+        gptq_quantize(w, h, 2, 64, False, 0.01, not act_order, 32, factor=factor)
+
+
+def test_estimate_does_not_depend_on_the_scale_of_a_layers_inputs():
+    """Two layers computing the same outputs, one from inputs 8x larger (weights 8x smaller): each candidate's
+    row errors d H d^T, and so every estimator's loss, agree (H grows 64x, the GPTQ error shrinks 8x)."""
+    from types import SimpleNamespace
+
+    from hf_vq.pipeline.mixed import ESTIMATORS, candidate_errors, estimated_loss
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    w = torch.randn(48, 64, generator=g)
+    cfg = SimpleNamespace(percdamp=0.01, act_order=True, block_size=32, clip_search=False)
+    cands = [{"bits": b, "group_size": 32} for b in (2, 3, 4)]
+    h = 2 * x.T @ x / x.shape[0]
+    one = candidate_errors({"a": w}, h, cands, False, cfg)["a"]
+    big = candidate_errors({"b": w / 8}, h * 64, cands, False, cfg)["b"]
+    fisher = {"a": torch.rand(48, generator=g, dtype=torch.float64)}
+    fisher["b"] = fisher["a"]
+    torch.testing.assert_close(big["errors"], one["errors"], rtol=1e-3, atol=0)
+    for est in ESTIMATORS:
+        for j in range(len(cands)):
+            assert estimated_loss(big, fisher, "b", est, j) == pytest.approx(
+                estimated_loss(one, fisher, "a", est, j), rel=1e-3)
+    assert (one["errors"][0] > one["errors"][1]).all() and (one["errors"][1] > one["errors"][2]).all()

@@ -8,6 +8,7 @@ column order ("static groups"), so act_order and grouping combine and inference 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,13 +18,38 @@ from hf_vq.utils.cbuild import CLibrary
 from hf_vq.formats.affine import AffineWeight, grid_params, group_index, num_groups, search_clip
 
 
+@dataclass(frozen=True)
+class GPTQFactor:
+    """What GPTQ derives from a Hessian alone: the act_order column order (None without act_order) and the upper
+    Cholesky factor of the damped inverse Hessian in that order. Computed once, it serves every weight and setting
+    quantized against that Hessian with the same percdamp and act_order."""
+
+    perm: torch.Tensor | None
+    hinv: torch.Tensor
+
+
+@torch.no_grad()
+def gptq_factor(hessian: torch.Tensor, percdamp: float = 0.01, act_order: bool = True) -> GPTQFactor:
+    _, h = prepare_hessian(hessian.new_zeros(0, hessian.shape[0], dtype=torch.float32), hessian.to(torch.float32))
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    hinv, _ = inverse_cholesky_upper(h, percdamp)
+    return GPTQFactor(perm, hinv.contiguous())
+
+
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False,
                   percdamp: float = 0.01, act_order: bool = True, block_size: int = 128,
                   clip_search: bool = False, use_kernel: bool = True,
-                  grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> AffineWeight:
+                  grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  factor: GPTQFactor | None = None) -> AffineWeight:
     """``grid``: fixed (scales, zeros) [N, G] to round onto (e.g. an LPBQ grid, whose scales are int x per-channel
-    and cannot come from GPTQ's per-group min-max); None: each group's min-max grid, as GPTQ sets it."""
+    and cannot come from GPTQ's per-group min-max); None: each group's min-max grid, as GPTQ sets it.
+    ``factor``: gptq_factor(hessian, percdamp, act_order), shared by calls on one Hessian (the same codes as
+    without it, the factorization done once)."""
+    if factor is not None and (factor.perm is not None) != act_order:
+        raise ValueError(f"factor was computed with act_order={factor.perm is not None}, this call has {act_order}")
     w, h = prepare_hessian(weight.detach().to(torch.float32), hessian.to(torch.float32))
     w = w.clone()
     n, k = w.shape
@@ -49,15 +75,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if act_order:
         for g in range(n_groups):
             set_group(g, w[:, g * gs:(g + 1) * gs])
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        perm = torch.argsort(torch.diag(h), descending=True) if factor is None else factor.perm
+        w = w[:, perm]
+        if factor is None:
+            h = h[perm][:, perm]
         col_group = (perm // gs).tolist()
     else:
         perm = None
         col_group = [c // gs for c in range(k)]
 
-    hinv, _ = inverse_cholesky_upper(h, percdamp)
-    hinv = hinv.contiguous()
+    hinv = inverse_cholesky_upper(h, percdamp)[0].contiguous() if factor is None else factor.hinv
     maxq = 2**bits - 1
     col_group_t = torch.tensor(col_group, device=w.device)
     codes_t = torch.zeros(k, n, device=w.device)

@@ -3,7 +3,8 @@
 1. One pass of the float model over the calibration windows, block by block, records each target layer's input
    Hessian H; for each candidate setting, GPTQ quantizes an evenly strided subset of the layer's rows (rows are
    independent given H, so the subset's errors are those of the full run) and the output error of each row,
-   d H d^T, is kept.
+   d H d^T, is kept. H is factored once per layer (gptq_factor) and shared by all candidates and by the layers
+   that read the same input.
 2. Estimated loss of a candidate: the row errors weighted by the Fisher information of the layer's outputs (the mean
    squared gradient of the model's loss with respect to each output channel, from a few backward passes over
    calibration windows), scaled to all rows ("fisher", the default). "hessian" sums the row errors unweighted;
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from hf_vq.algorithms.allocation import choose
-from hf_vq.algorithms.gptq import gptq_quantize
+from hf_vq.algorithms.gptq import gptq_factor, gptq_quantize
 from hf_vq.config import ConfigError
 from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.pipeline import distributed
@@ -164,10 +165,12 @@ def candidate_errors(weights: dict[str, torch.Tensor], h: torch.Tensor, cands: l
     rows = {n: subset_rows(w.shape[0]) for n, w in weights.items()}
     w = torch.cat([weights[n][rows[n].to(weights[n].device)].float() for n in weights])
     h = h.float()
+    act_order = getattr(config, "act_order", True)
+    factor = gptq_factor(h, config.percdamp, act_order)  # one factorization serves every candidate
     errors = []
     for c in cands:
-        aw = gptq_quantize(w, h, c["bits"], c["group_size"], sym, config.percdamp, getattr(config, "act_order", True),
-                           getattr(config, "block_size", 128), getattr(config, "clip_search", False))
+        aw = gptq_quantize(w, h, c["bits"], c["group_size"], sym, config.percdamp, act_order,
+                           getattr(config, "block_size", 128), getattr(config, "clip_search", False), factor=factor)
         d = w - aw.dequantize()
         errors.append((d @ h * d).sum(1).double().cpu())
     errors = torch.stack(errors)
