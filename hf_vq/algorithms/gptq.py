@@ -31,6 +31,11 @@ class GPTQFactor:
 @torch.no_grad()
 def gptq_factor(hessian: torch.Tensor, percdamp: float = 0.01, act_order: bool = True) -> GPTQFactor:
     _, h = prepare_hessian(hessian.new_zeros(0, hessian.shape[0], dtype=torch.float32), hessian.to(torch.float32))
+    return _factor(h, percdamp, act_order)
+
+
+def _factor(h: torch.Tensor, percdamp: float, act_order: bool) -> GPTQFactor:
+    """gptq_factor of a Hessian prepare_hessian has already seen."""
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
         h = h[perm][:, perm]
@@ -72,19 +77,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         clip = search_clip(cols, bits, sym) if clip_search else 1.0
         scales[:, g], zeros[:, g] = grid_params(cols, bits, sym, clip)
 
+    if factor is None:
+        factor = _factor(h, percdamp, act_order)
+    perm, hinv = factor.perm, factor.hinv
     if act_order:
         for g in range(n_groups):
             set_group(g, w[:, g * gs:(g + 1) * gs])
-        perm = torch.argsort(torch.diag(h), descending=True) if factor is None else factor.perm
         w = w[:, perm]
-        if factor is None:
-            h = h[perm][:, perm]
         col_group = (perm // gs).tolist()
     else:
-        perm = None
         col_group = [c // gs for c in range(k)]
 
-    hinv = inverse_cholesky_upper(h, percdamp)[0].contiguous() if factor is None else factor.hinv
     maxq = 2**bits - 1
     col_group_t = torch.tensor(col_group, device=w.device)
     codes_t = torch.zeros(k, n, device=w.device)

@@ -18,11 +18,11 @@ from torch import nn
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
 from hf_vq.nn.attention import decode_attention, rope_served, rotate_one_position
+from hf_vq.nn.base import with_mixin
 
 # keyword arguments a Llama-family decoder layer passes to its attention; any other one gets the module's own forward
 _KNOWN = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values",
                     "position_ids", "use_cache", "cache_position", "output_attentions"})
-_CLASSES: dict[type, type] = {}
 
 
 class DecodeStepAttention:
@@ -125,9 +125,7 @@ def adopt_attention(module: nn.Module) -> bool:
         return False
     if any(p.device.type != "cpu" for p in list(module.parameters()) + list(module.buffers())):
         return False
-    kernel_cls = _CLASSES.get(cls)
-    if kernel_cls is None:
-        kernel_cls = _CLASSES[cls] = type(cls.__name__, (DecodeStepAttention, cls), {"__module__": cls.__module__})
+    kernel_cls = with_mixin(DecodeStepAttention, cls)
     module.hf_vq_own_class = cls
     module.hf_vq_decode_checked = False
     module.__class__ = kernel_cls

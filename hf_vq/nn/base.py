@@ -91,3 +91,20 @@ def with_bias(kernel, state, x: torch.Tensor, bias: torch.Tensor | None) -> torc
         y = kernel.run(state, x, None)
         return y + bias.to(y.dtype)
     return kernel.run(state, x, bias)
+
+
+def tracing() -> bool:
+    """Under torch.compile / torch.export, TorchScript tracing or ONNX export: the kernels' eager paths step aside."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+_WITH_MIXIN: dict[tuple[type, type], type] = {}
+
+
+def with_mixin(mixin: type, cls: type) -> type:
+    """``cls`` with ``mixin``'s methods in front, for a module adopted in place (``module.__class__ = ...``); the
+    same name and module as ``cls``, so the model prints as before. One class per pair."""
+    made = _WITH_MIXIN.get((mixin, cls))
+    if made is None:
+        made = _WITH_MIXIN[(mixin, cls)] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+    return made

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vq.nn.base import KernelDispatch
+from hf_vq.nn.base import KernelDispatch, tracing
 from hf_vq.nn.kernel_registry import KernelStates
 
 
@@ -36,7 +36,7 @@ class FloatLinear(KernelDispatch, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.is_grad_enabled() and x.dtype is self.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type) and not _tracing()):
+                and not torch.is_autocast_enabled(x.device.type) and not tracing()):
             y = self.kernel_forward(x)
             if y is not None:
                 return y
@@ -46,7 +46,3 @@ class FloatLinear(KernelDispatch, nn.Linear):
         super()._apply(fn, recurse)
         self._kernel_states.clear()
         return self
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()

@@ -11,14 +11,9 @@ import torch
 from torch import nn
 
 from hf_vq.nn import kernel_registry
+from hf_vq.nn.base import tracing, with_mixin
 
 STORAGE = "rms_norm"
-_CLASSES: dict[type, type] = {}
-
-
-def _tracing() -> bool:
-    # ONNX export traces through one of these two as well
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 class KernelRMSNorm:
@@ -34,7 +29,7 @@ class KernelRMSNorm:
         # gives transformers' numbers bit for bit (the kernel's fp32 sum runs in another order)
         if (x.numel() == w.shape[0] and x.dtype is w.dtype and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and not torch.is_autocast_enabled("cpu") and not _tracing()):
+                and not torch.is_autocast_enabled("cpu") and not tracing()):
             for kernel in kernel_registry.candidates(STORAGE, "cpu", 1):
                 if kernel.prepare(w) is not None:
                     return kernel.run(w, x, self.hf_vq_eps)
@@ -83,9 +78,7 @@ def adopt_rms_norm(module: nn.Module) -> bool:
             or hasattr(module, "_hf_hook") or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
             or not any(k.prepare(w) is not None for k in kernel_registry.kernels_for(STORAGE))):
         return False
-    kernel_cls = _CLASSES.get(cls)
-    if kernel_cls is None:
-        kernel_cls = _CLASSES[cls] = type(cls.__name__, (KernelRMSNorm, cls), {"__module__": cls.__module__})
+    kernel_cls = with_mixin(KernelRMSNorm, cls)
     module.hf_vq_eps = eps
     if not _agrees(module, kernel_cls):
         del module.hf_vq_eps

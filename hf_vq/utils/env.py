@@ -13,7 +13,6 @@ import os
 _DATA = getattr(os.environ, "_data", None)
 _POSIX = os.name == "posix" and isinstance(_DATA, dict)
 _KEYS: dict[str, bytes] = {}
-_VALUES: dict[bytes, str] = {}
 
 
 def getenv(name: str, default: str) -> str:
@@ -23,11 +22,4 @@ def getenv(name: str, default: str) -> str:
     if key is None:
         key = _KEYS[name] = os.fsencode(name)
     raw = _DATA.get(key)
-    if raw is None:
-        return default
-    value = _VALUES.get(raw)
-    if value is None:
-        value = os.fsdecode(raw)
-        if len(_VALUES) < 64:
-            _VALUES[raw] = value
-    return value
+    return default if raw is None else os.fsdecode(raw)
