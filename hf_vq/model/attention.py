@@ -38,8 +38,11 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 def use_decode_attention(model) -> bool:
     """Switch ``model`` from transformers' SDPA attention to ``"hf_vq_sdpa"`` when it runs SDPA, on CPU, through
-    transformers' attention interface; returns whether it did. Other implementations are left as chosen."""
+    transformers' attention interface; returns whether the model runs ``"hf_vq_sdpa"`` (so ``hf_vq.optimize`` on a
+    loaded model reports it too). Other implementations are left as chosen."""
     config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == NAME:
+        return True
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
     if any(p.device.type != "cpu" for p in model.parameters()) or not model._can_set_attn_implementation():

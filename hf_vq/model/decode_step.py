@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
-from hf_vq.nn.attention import decode_attention, rope_served, rotate_one_position
+from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import with_mixin
 
 # keyword arguments a Llama-family decoder layer passes to its attention; any other one gets the module's own forward
@@ -51,11 +51,13 @@ class DecodeStepAttention:
             return None
         cos, sin = pe
         B, D = x.shape[0], self.head_dim
-        if cos.numel() != B * D or sin.numel() != B * D or cos.dtype is not x.dtype or not rope_served(x):
+        fits = D % 2 == 0 and cos.numel() == sin.numel() == B * D and cos.dtype is sin.dtype is x.dtype
+        rope = rope_kernel(x) if fits else None   # x's device and dtype are the projections'; D: checked here
+        if rope is None:
             return None
-        cos, sin = cos.reshape(B, D), sin.reshape(B, D)
-        q = rotate_one_position(self.q_proj(x).view(B, -1, D), cos, sin)
-        k = rotate_one_position(self.k_proj(x).view(B, -1, D), cos, sin)
+        cos, sin = cos.reshape(B, D), sin.reshape(B, D)   # [B, D]; q, k: [B, heads, D] views of the projections
+        q = rope.run(self.q_proj(x).view(B, -1, D), cos, sin)
+        k = rope.run(self.k_proj(x).view(B, -1, D), cos, sin)
         v = self.v_proj(x).view(B, 1, -1, D).transpose(1, 2)
         q, k = q.view(B, -1, 1, D), k.view(B, -1, 1, D)
         rest = {n: a for n, a in kw.items() if n not in ("hidden_states", "position_embeddings", "attention_mask",

@@ -32,17 +32,19 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return None
 
 
+def rope_kernel(x: torch.Tensor) -> kernel_registry.Kernel | None:
+    """The registry's rotary-embedding kernel that serves ``x`` (its dtype and head dimension), or None."""
+    for kernel in kernel_registry.candidates("rope", x.device.type, 1):
+        if kernel.prepare(x) is not None:
+            return kernel
+    return None
+
+
 def rotate_one_position(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """Rotary embedding of ``x`` [B, H, D] (one position per sequence) by ``cos``/``sin`` [B, D] as transformers'
     Llama family applies it, or None when no kernel serves the call."""
     if (x.dim() != 3 or cos.shape != (x.shape[0], x.shape[2]) or sin.shape != cos.shape or x.stride(-1) != 1
             or not (x.dtype is cos.dtype is sin.dtype)):
         return None
-    for kernel in kernel_registry.candidates("rope", x.device.type, 1):
-        if kernel.prepare(x) is not None:
-            return kernel.run(x, cos, sin)
-    return None
-
-
-def rope_served(x: torch.Tensor) -> bool:
-    return any(k.prepare(x) is not None for k in kernel_registry.candidates("rope", x.device.type, 1))
+    kernel = rope_kernel(x)
+    return None if kernel is None else kernel.run(x, cos, sin)
