@@ -108,7 +108,9 @@ def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, e
            "estimator": alloc.get("estimator", "-"), "bits_per_weight": bits / weights if weights else 32.0,
            "layers_mb": bits / 8e6, "checkpoint_mb": size, "ppl": ppl, "quantize_s": qtime if params else 0.0,
            "allocation_s": alloc.get("sensitivity_s", 0.0) + alloc.get("fisher_s", 0.0),
-           "settings": _settings(alloc)}
+           "settings": _settings(alloc), "candidates": alloc.get("candidates"),
+           "units": {u: {"bits": e["bits"], "group_size": e["group_size"], "losses": e.get("candidate_losses")}
+                     for u, e in (alloc.get("units") or {}).items()}}
     del model
     gc.collect()
     return row

@@ -288,3 +288,77 @@ def test_estimate_does_not_depend_on_the_scale_of_a_layers_inputs():
             assert estimated_loss(big, fisher, "b", est, j) == pytest.approx(
                 estimated_loss(one, fisher, "a", est, j), rel=1e-3)
     assert (one["errors"][0] > one["errors"][1]).all() and (one["errors"][1] > one["errors"][2]).all()
+
+
+# ------------------------------------------------------------------ scoring under the token-average Hessian
+
+def _split_hessians(x: torch.Tensor, weight: float):
+    """(weighted H, plain token-average H) of inputs x [windows, tokens, features], collected in one pass."""
+    from hf_vq.algorithms.hessian import HessianAccumulator
+
+    acc = HessianAccumulator(x.shape[-1], first_token_weight=weight, split_first=True)
+    acc.add(x[:3])
+    acc.add(x[3:])
+    return acc.finalize(), acc.token_mean
+
+
+@pytest.mark.parametrize("k", [40, 1100])  # plain and tiled (upper triangle) accumulation
+def test_split_first_token_gives_both_hessians(k):
+    """One pass keeps both: the weighted H (as GPTQ collects it) and the plain average, each against x^T x computed
+    directly in float64."""
+    x = torch.randn(5, 24, k, generator=torch.Generator().manual_seed(2))
+    x[:, 0, :3] *= 40  # a massive first token
+    weighted, plain = _split_hessians(x, 16.0)
+    flat = x.reshape(-1, k).double()
+    ref_plain = 2.0 / flat.shape[0] * flat.T @ flat
+    x0 = x[:, 0].double()
+    ref_weighted = ref_plain + 2.0 / flat.shape[0] * 15.0 * x0.T @ x0
+    torch.testing.assert_close(plain.double(), ref_plain, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(weighted.double(), ref_weighted, rtol=1e-5, atol=1e-3)
+
+
+def test_massive_first_token_does_not_inflate_the_estimate():
+    """A layer whose windows start with a massive token (100x in 4 channels): GPTQ quantizes under the weighted H
+    (first token 16x) but the estimate is scored under the plain token average, so it stays near the estimate at
+    first token weight 1 (GPTQ's trade-off for the first token costs the other tokens a little), while scoring under
+    the weighted H itself rates the layer several times more sensitive."""
+    from types import SimpleNamespace
+
+    from hf_vq.pipeline.mixed import candidate_errors
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 64, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    x[:, 0, :4] *= 100
+    w = torch.randn(48, 64, generator=g)
+    cfg = SimpleNamespace(percdamp=0.01, act_order=True, block_size=32, clip_search=False)
+    cands = [{"bits": b, "group_size": 32} for b in (2, 3, 4)]
+    h1, _ = _split_hessians(x, 1.0)
+    h16, plain = _split_hessians(x, 16.0)
+    at_one = candidate_errors({"a": w}, h1, cands, False, cfg)["a"]["errors"].sum(1)
+    scored = candidate_errors({"a": w}, h16, cands, False, cfg, score=plain)["a"]["errors"].sum(1)
+    weighted = candidate_errors({"a": w}, h16, cands, False, cfg)["a"]["errors"].sum(1)
+    assert ((scored / at_one) < 2.5).all(), scored / at_one
+    assert ((weighted / at_one) > 6.0).all(), weighted / at_one
+    assert (scored[:-1] > scored[1:]).all()  # fewer bits, larger error
+
+
+def test_sensitivity_pass_collects_the_plain_hessian_beside_gptqs(tiny_llama_dir, calib_ids):
+    """collect_hessians with token_means: the Hessians it returns are the ones a uniform run collects (first token
+    weighted), and token_means holds what a pass at first token weight 1 collects."""
+    import contextlib
+
+    from hf_vq.pipeline.blocks import capture_block_inputs, collect_hessians, find_decoder_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    _, blocks = find_decoder_blocks(model)
+    linears = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    cache = capture_block_inputs(model, blocks[0], calib_ids[:4], 2, contextlib.nullcontext)
+    plain: dict = {}
+    got = collect_hessians(blocks[0], linears, cache, first_token_weight=16.0, token_means=plain)
+    uniform = collect_hessians(blocks[0], linears, cache, first_token_weight=16.0)
+    at_one = collect_hessians(blocks[0], linears, cache, first_token_weight=1.0)
+    assert set(plain) == set(got) == set(linears)
+    for n in linears:
+        torch.testing.assert_close(got[n], uniform[n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain[n], at_one[n], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got[n], plain[n], rtol=1e-3)  # the first token's weight shows

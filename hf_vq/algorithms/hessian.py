@@ -8,19 +8,28 @@ import torch
 class HessianAccumulator:
     """``first_token_weight``: weight of each sequence's first token (inputs shaped [batch, seq, features]). That
     token is the attention sink every later token reads; in long windows its plain 1/seq_len share of H is too small
-    to keep its (massive) activations well reproduced (see GPTQConfig)."""
+    to keep its (massive) activations well reproduced (see GPTQConfig).
 
-    def __init__(self, in_features: int, device=None, first_token_weight: float = 1.0):
+    ``split_first``: keep the first tokens' x x^T apart from the rest, so that after ``finalize`` (which returns the
+    weighted H as usual) ``token_mean`` holds the plain token average (every token weight 1) too."""
+
+    def __init__(self, in_features: int, device=None, first_token_weight: float = 1.0, split_first: bool = False):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = 0
         self.first_token_weight = float(first_token_weight)
+        split = split_first and self.first_token_weight != 1.0
+        self.first = torch.zeros_like(self.sum) if split else None  # sum of x0 x0^T over the sequences' first tokens
+        self.token_mean: torch.Tensor | None = None
 
     # Above this width only the upper block triangle of x^T x is computed (5/8 of the FLOPs with 4 tiles).
     tile_above = 1024
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        if x.dim() == 3 and self.first_token_weight != 1.0:
+        if x.dim() == 3 and self.first is not None:
+            x0 = x[:, 0].to(torch.float32)
+            self.first.addmm_(x0.T, x0)
+        elif x.dim() == 3 and self.first_token_weight != 1.0:
             x0 = x[:, 0].to(torch.float32)
             self.sum.addmm_(x0.T, x0, alpha=self.first_token_weight - 1.0)
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
@@ -39,6 +48,11 @@ class HessianAccumulator:
             raise RuntimeError("no calibration inputs reached this layer")
         if self.sum.shape[0] >= self.tile_above:
             self.sum = torch.triu(self.sum) + torch.triu(self.sum, diagonal=1).T
+        if self.first is not None:
+            self.token_mean = self.sum * (2.0 / self.count)
+            self.sum.add_(self.first, alpha=self.first_token_weight - 1.0)
+        elif self.first_token_weight == 1.0:
+            self.token_mean = self.sum
         return self.sum.mul_(2.0 / self.count)
 
 

@@ -220,20 +220,22 @@ class _FrozenChildren:
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext,
-                     first_token_weight: float = 1.0, ranks: distributed.Ranks = distributed.Ranks()):
+                     first_token_weight: float = 1.0, ranks: distributed.Ranks = distributed.Ranks(),
+                     token_means: dict | None = None):
     """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]
-    (and over every rank's inputs under torch.distributed)."""
+    (and over every rank's inputs under torch.distributed). ``token_means``: filled with each Linear's plain token
+    average H (first token weight 1) beside the weighted H returned (fused experts: their weighted H)."""
     out = {}
     for group in regroup(block, [list(linears)], [False])[0]:  # fused experts: gate_up, then down
         out.update(_collect_hessians(block, {n: linears[n] for n in group}, inputs, autocast, RunStats(),
                                      _FrozenChildren(block, linears), first_token_weight=first_token_weight,
-                                     ranks=ranks)[0])
+                                     ranks=ranks, token_means=token_means)[0])
     return out
 
 
 def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats, frozen: _FrozenChildren,
                       skip: set[str] = frozenset(), capture: str | None = None, first_token_weight: float = 1.0,
-                      ranks: distributed.Ranks = distributed.Ranks()):
+                      ranks: distributed.Ranks = distributed.Ranks(), token_means: dict | None = None):
     """One pass of the block over the calibration inputs, stopping after the group's last layer has run.
 
     Layers in ``skip`` return zeros instead of computing (nothing reads them before the stop); the inputs of
@@ -260,7 +262,8 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             x = args[0]
             owner = next((o for o, seen in seen_inputs.items() if seen is x and o in accs), None)
             if owner is None:
-                acc = accs.setdefault(_name, HessianAccumulator(x.shape[-1], x.device, first_token_weight))
+                acc = accs.setdefault(_name, HessianAccumulator(x.shape[-1], x.device, first_token_weight,
+                                                                split_first=token_means is not None))
                 acc.add(x)
                 seen_inputs[_name] = x
             else:
@@ -292,6 +295,8 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
     stats.forward_s += time.perf_counter() - t0
     if ranks.active:
         distributed.reduce_accumulators(accs.values())  # sums and counts of every rank's windows
+        for acc in {id(a): a for a in accs.values() if a.first is not None}.values():
+            distributed.all_reduce(acc.first)
     finalized: dict[int, torch.Tensor] = {}
     for name in group:
         if name in experts.members:
@@ -302,4 +307,8 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
         if id(acc) not in finalized:
             finalized[id(acc)] = acc.finalize()
         out[name] = finalized[id(acc)]
+        if token_means is not None:
+            token_means[name] = acc.token_mean if acc.token_mean is not None else out[name]
+    if token_means is not None:
+        token_means.update({n: h for n, h in out.items() if n not in token_means})  # fused experts
     return out, captured

@@ -1,10 +1,13 @@
 """Mixed precision to a bit budget (``average_bits``): measure each layer's sensitivity, choose a setting per layer.
 
 1. One pass of the float model over the calibration windows, block by block, records each target layer's input
-   Hessian H; for each candidate setting, GPTQ quantizes an evenly strided subset of the layer's rows (rows are
-   independent given H, so the subset's errors are those of the full run) and the output error of each row,
-   d H d^T, is kept. H is factored once per layer (gptq_factor) and shared by all candidates and by the layers
-   that read the same input.
+   Hessian twice: H, the one GPTQ quantizes with (each window's first token weighted ``sink_weight()``), and H1,
+   the plain average over tokens. For each candidate setting, GPTQ quantizes an evenly strided subset of the
+   layer's rows under H, exactly as the real run will (rows are independent given H, so the subset's errors are
+   those of the full run), and the output error of each row is scored under H1: d H1 d^T. The first token's
+   massive activations get a large weight in H so that GPTQ keeps them well reproduced; scoring under that same
+   weight would rate the layers that see them many times too sensitive. H is factored once per layer
+   (gptq_factor) and shared by all candidates and by the layers that read the same input.
 2. Estimated loss of a candidate: the row errors weighted by the Fisher information of the layer's outputs (the mean
    squared gradient of the model's loss with respect to each output channel, from a few backward passes over
    calibration windows), scaled to all rows ("fisher", the default). "hessian" sums the row errors unweighted;
@@ -62,8 +65,8 @@ def units_of(targets, experts: list[str]) -> dict[str, list[str]]:
 def allocate(model: nn.Module, config, targets: dict[str, nn.Linear], experts: list[str] = (),
              progress: bool = True, estimator: str | None = None) -> dict:
     """Choose a candidate per unit under ``config.average_bits``, store it in ``config.allocation`` and return the
-    report: {"estimator", "average_bits", "achieved_bits", "units": {unit: {setting, bits_per_weight,
-    estimated_loss}}, "sensitivity_s", "fisher_s"}."""
+    report: {"estimator", "average_bits", "achieved_bits", "candidates", "units": {unit: {setting,
+    bits_per_weight, estimated_loss, candidate_losses (one per candidate)}}, "sensitivity_s", "fisher_s"}."""
     estimator = estimator or DEFAULT_ESTIMATOR
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -93,12 +96,13 @@ def allocate(model: nn.Module, config, targets: dict[str, nn.Linear], experts: l
     report_units = {}
     for (u, members), j, c, lo in zip(units.items(), picked.picks, costs, losses):
         n_weights = sum(targets[m].out_features * targets[m].in_features for m in members)
-        report_units[u] = {**cands[j], "bits_per_weight": c[j] / n_weights, "estimated_loss": lo[j]}
+        report_units[u] = {**cands[j], "bits_per_weight": c[j] / n_weights, "estimated_loss": lo[j],
+                           "candidate_losses": list(lo)}
     achieved = picked.cost / weights
     logger.info("hf_vq: average_bits %.4f chosen (budget %.4f, estimator %s) in %.1fs", achieved,
                 config.average_bits, estimator, t2 - t0)
     return {"estimator": estimator, "average_bits": config.average_bits, "achieved_bits": achieved,
-            "units": report_units, "sensitivity_s": t2 - t1, "fisher_s": t1 - t0}
+            "candidates": [dict(c) for c in cands], "units": report_units, "sensitivity_s": t2 - t1, "fisher_s": t1 - t0}
 
 
 def estimated_loss(err: dict, fisher: dict | None, name: str, estimator: str, j: int) -> float:
@@ -144,14 +148,16 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
         with onloaded(block, device):
             cache = [(hidden.to(device), move(kw, device)) for hidden, kw in cache]
             if local:
-                hessians = collect_hessians(block, local, cache, autocast, config.sink_weight(), ranks)
+                plain: dict[str, torch.Tensor] = {}
+                hessians = collect_hessians(block, local, cache, autocast, config.sink_weight(), ranks,
+                                            token_means=plain)
                 shared: dict[tuple, list[str]] = {}  # layers reading one input (one H) are solved as one stack
                 for n in local:
                     shared.setdefault((id(hessians[n]), config.spec_for(bp + n).sym), []).append(n)
                 for (_, sym), names in shared.items():
                     out.update(candidate_errors({bp + n: local[n].weight.data for n in names}, hessians[names[0]],
-                                                cands, sym, config))
-                del hessians
+                                                cands, sym, config, score=plain[names[0]]))
+                del hessians, plain
             for j, (hidden, kw) in enumerate(cache):
                 with autocast():
                     cache[j] = (_run_block(block, hidden, kw).to(hidden.dtype), kw)
@@ -159,12 +165,14 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
 
 
 def candidate_errors(weights: dict[str, torch.Tensor], h: torch.Tensor, cands: list[dict], sym: bool,
-                     config) -> dict[str, dict]:
+                     config, score: torch.Tensor | None = None) -> dict[str, dict]:
     """Row errors of each candidate for layers sharing the Hessian ``h``: their row subsets, stacked, go through
-    GPTQ once per candidate (rows are independent given H)."""
+    GPTQ with ``h`` once per candidate (rows are independent given H), and each row's error d S d^T (and energy
+    w S w^T) is taken under ``score`` (S; default ``h``)."""
     rows = {n: subset_rows(w.shape[0]) for n, w in weights.items()}
     w = torch.cat([weights[n][rows[n].to(weights[n].device)].float() for n in weights])
     h = h.float()
+    s = h if score is None else score.float()
     act_order = getattr(config, "act_order", True)
     factor = gptq_factor(h, config.percdamp, act_order)  # one factorization serves every candidate
     errors = []
@@ -172,9 +180,9 @@ def candidate_errors(weights: dict[str, torch.Tensor], h: torch.Tensor, cands: l
         aw = gptq_quantize(w, h, c["bits"], c["group_size"], sym, config.percdamp, act_order,
                            getattr(config, "block_size", 128), getattr(config, "clip_search", False), factor=factor)
         d = w - aw.dequantize()
-        errors.append((d @ h * d).sum(1).double().cpu())
+        errors.append((d @ s * d).sum(1).double().cpu())
     errors = torch.stack(errors)
-    energy = (w @ h * w).sum(1).double().cpu()
+    energy = (w @ s * w).sum(1).double().cpu()
     out, start = {}, 0
     for n, r in rows.items():
         part = slice(start, start + r.numel())
