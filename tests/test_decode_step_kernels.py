@@ -218,7 +218,8 @@ def test_a_loaded_model_gets_the_decode_kernels_and_keeps_its_logits(tmp_path):
     model = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
     assert model.config._attn_implementation == NAME
     assert model.hf_vq_decode_kernels == {"head": "lm_head", "rms_norms": 5, "shared_input_groups": 4,
-                                          "decode_attention": True, "decode_step_attention": 2}
+                                          "decode_attention": True, "decode_step_attention": 2,
+                                          "decode_step_layers": 2}
     assert sum(isinstance(m, KernelRMSNorm) for m in model.modules()) == 5   # 2 per layer + the final one
     assert len(groups_of(model)) == 4                                           # q/k/v and gate/up per layer
     assert all(not m._kernel_states.states for g in groups_of(model).values() for m in g.modules), \
@@ -230,14 +231,7 @@ def test_a_loaded_model_gets_the_decode_kernels_and_keeps_its_logits(tmp_path):
 
     # the same model with torch's SDPA, its own RMSNorm and one call per projection: the same decode up to fp32
     # rounding (the quantized layers run the same kernel either way)
-    plain = load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
-    for layer in plain.model.layers:
-        layer.self_attn.__class__ = layer.self_attn.hf_vq_own_class
-    plain.set_attn_implementation("sdpa")
-    ungroup(plain)
-    for m in plain.modules():
-        if isinstance(m, KernelRMSNorm):
-            m.__class__ = type(m).__mro__[2]
+    plain = strip_decode_kernels(load(path, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32)))
     ref, ref_seq = decode_logits(plain, ids)
     assert torch.equal(seq, ref_seq)
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
@@ -274,6 +268,8 @@ def test_rope_kernel_matches_transformers_rotary():
 def test_decode_step_attention_gives_the_module_s_own_tokens(tmp_path, dtype):
     path = tiny_llama(tmp_path)
     model = load(path, dtype=dtype, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    for layer in model.model.layers:   # the attention's own step, not the layer's (which calls no attention module)
+        layer.__class__ = layer.hf_vq_own_class
     attn = model.model.layers[1].self_attn
     assert model.hf_vq_decode_kernels["decode_step_attention"] == 2
     assert attn.hf_vq_decode_checked is False, "checked at the first decode step, not at load"
@@ -283,6 +279,7 @@ def test_decode_step_attention_gives_the_module_s_own_tokens(tmp_path, dtype):
     static, static_seq = decode_logits(model, ids, cache_implementation="static")
     for layer in model.model.layers:
         layer.self_attn.__class__ = layer.self_attn.hf_vq_own_class
+        layer.__class__ = layer.hf_vq_own_class
     own, own_seq = decode_logits(model, ids)
     assert torch.equal(seq, own_seq) and torch.equal(static_seq, own_seq)
     tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
@@ -326,6 +323,7 @@ def strip_decode_kernels(model):
             m.__class__ = type(m).__mro__[2]
     if model.config._attn_implementation == NAME:
         model.set_attn_implementation("sdpa")
+    return model
 
 
 @pytest.mark.parametrize("arch", sorted(configs()))

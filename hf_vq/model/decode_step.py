@@ -11,17 +11,16 @@ loading prepares nothing), so a variant (q/k norms, partial rotary, another form
 
 from __future__ import annotations
 
-
-
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import with_mixin
 
 # keyword arguments a Llama-family decoder layer passes to its attention; any other one gets the module's own forward
-_KNOWN = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values",
+KNOWN_KWARGS = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values",
                     "position_ids", "use_cache", "cache_position", "output_attentions"})
 
 
@@ -29,7 +28,7 @@ class DecodeStepAttention:
     """Mixed in front of a transformers attention class (see the module docstring)."""
 
     def forward(self, *args, **kwargs):
-        if len(args) <= 1 and kwargs.keys() <= _KNOWN:
+        if len(args) <= 1 and kwargs.keys() <= KNOWN_KWARGS:
             x = args[0] if args else kwargs.get("hidden_states")
             out = None if x is None else self._decode_step(x, kwargs)
             if out is not None:
@@ -56,10 +55,7 @@ class DecodeStepAttention:
         if rope is None:
             return None
         cos, sin = cos.reshape(B, D), sin.reshape(B, D)   # [B, D]; q, k: [B, heads, D] views of the projections
-        q = rope.run(self.q_proj(x).view(B, -1, D), cos, sin)
-        k = rope.run(self.k_proj(x).view(B, -1, D), cos, sin)
-        v = self.v_proj(x).view(B, 1, -1, D).transpose(1, 2)
-        q, k = q.view(B, -1, 1, D), k.view(B, -1, 1, D)
+        q, k, v = _rotated_qkv(self, x, B, D, rope, cos, sin)
         rest = {n: a for n, a in kw.items() if n not in ("hidden_states", "position_embeddings", "attention_mask",
                                                           "cache", "past_key_values")}
         keys, values = cache.update(k, v, self.layer_idx, kwargs=rest)
@@ -70,8 +66,44 @@ class DecodeStepAttention:
         return self.o_proj(out.reshape(B, 1, -1)), None
 
 
-def _test_step(module: nn.Module, dtype: torch.dtype, forward):
-    """Output and cache of ``forward`` on one decode position after 3 cached ones, with fixed random inputs."""
+def unhooked(modules) -> bool:
+    """No forward hooks on ``modules`` nor global ones: a step may call their forwards directly."""
+    return not (_global_forward_hooks or _global_forward_pre_hooks) and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _rotated_qkv(attn: nn.Module, x: torch.Tensor, B: int, D: int, rope, cos, sin):
+    """q [B, Hq, 1, D] and k [B, Hkv, 1, D], rotated, and v [B, Hkv, 1, D] for a one-position ``x``. Grouped q/k/v
+    projections (hf_vq.nn.shared_input) run as one kernel call, and q and k, side by side in its output, rotate in
+    one call; other projections are called as modules."""
+    shared = attn.q_proj._shared_input
+    y = None
+    if shared is not None and shared[1] == 0:
+        group = shared[0]
+        members = group.modules
+        if (len(members) == 3 and members[1] is attn.k_proj and members[2] is attn.v_proj
+                and x.numel() == members[0].in_features and unhooked(members)):
+            y = group.run_joined(x)
+    if y is None:
+        q = rope.run(attn.q_proj(x).view(B, -1, D), cos, sin)
+        k = rope.run(attn.k_proj(x).view(B, -1, D), cos, sin)
+        v = attn.v_proj(x).view(B, 1, -1, D).transpose(1, 2)
+        return q.view(B, -1, 1, D), k.view(B, -1, 1, D), v
+    sq, sk, sv = group.starts
+    nq, nk = members[0].out_features, members[1].out_features
+    if sk == sq + nq:   # q and k adjacent: one rotation call over all their heads
+        qk = rope.run(y[..., sq:sk + nk].view(B, -1, D), cos, sin)
+        q, k = qk[:, :nq // D], qk[:, nq // D:]
+    else:
+        q = rope.run(y[..., sq:sq + nq].view(B, -1, D), cos, sin)
+        k = rope.run(y[..., sk:sk + nk].view(B, -1, D), cos, sin)
+    v = y[..., sv:sv + members[2].out_features].view(B, 1, -1, D).transpose(1, 2)
+    return q.view(B, -1, 1, D), k.view(B, -1, 1, D), v
+
+
+def trial_step(module: nn.Module, dtype: torch.dtype, forward):
+    """What ``forward`` returns on one decode position after 3 cached ones, with fixed random inputs, and the cache
+    of ``module`` (an attention module: its layer's cache) after it."""
     from transformers import DynamicCache
 
     g = torch.Generator().manual_seed(0)
@@ -85,8 +117,8 @@ def _test_step(module: nn.Module, dtype: torch.dtype, forward):
     angles = torch.rand(1, 1, D // 2, generator=g) * 6.0
     cos, sin = torch.cat([angles.cos(), angles.cos()], -1).to(dtype), torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
     with torch.no_grad():
-        out, _ = forward(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, cache=cache,
-                         position_ids=torch.tensor([[3]]))
+        out = forward(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None, cache=cache,
+                      position_ids=torch.tensor([[3]]))
     layer = cache.layers[module.layer_idx]
     return out, layer.keys, layer.values
 
@@ -97,9 +129,10 @@ def _verify(module: nn.Module, dtype: torch.dtype) -> bool:
     own = module.hf_vq_own_class
     module.hf_vq_decode_checked = None   # the own forward, for the reference
     try:
-        want = _test_step(module, dtype, lambda **kw: own.forward(module, **kw))
+        want = trial_step(module, dtype, lambda **kw: own.forward(module, **kw))
         module.hf_vq_decode_checked = True
-        got = _test_step(module, dtype, module.forward)
+        got = trial_step(module, dtype, module.forward)
+        want, got = (want[0][0], *want[1:]), (got[0][0], *got[1:])   # the attention output, the cache
     except Exception:   # noqa: BLE001  (a forward that the test step does not fit keeps its own forward)
         got = None
     tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5

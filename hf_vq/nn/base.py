@@ -48,16 +48,29 @@ class KernelDispatch:
                 return with_bias(kernel, state, x, self.bias)
         return None
 
+    def kernel_binding(self, rows: int = 1) -> tuple | None:
+        """(kernel, prepared state) of the kernel that serves ``rows`` rows on this module's device now (the pinned
+        one first), or None when none does."""
+        fixed = self._kernel_states.fixed
+        if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):
+            return fixed
+        if getattr(self, "exact_decode", False):
+            return None
+        for kernel in kernel_registry.candidates(self.storage, self.kernel_source().device.type, rows):
+            state = self.kernel_state(kernel)
+            if state is not None:
+                return kernel, state
+        return None
+
     def fix_kernel(self, rows: int = 1):
         """Choose, once, the kernel that serves ``rows`` rows on this module's device and prepare it; the forward
         then goes straight to it (``hf_vq.optimize``). Returns the kernel, or None when none serves this module."""
-        device = self.kernel_source().device.type
-        for kernel in kernel_registry.candidates(self.storage, device, rows):
-            state = self.kernel_state(kernel)
-            if state is not None:
-                self._kernel_states.fixed = (kernel, state)
-                return kernel
-        return None
+        self._kernel_states.fixed = None
+        binding = self.kernel_binding(rows)
+        if binding is None:
+            return None
+        self._kernel_states.fixed = binding
+        return binding[0]
 
 
 class QuantizedLinearMixin(KernelDispatch):

@@ -45,12 +45,26 @@ class Kernel:
 _KERNELS: dict[str, list[Kernel]] = {}
 _selection: tuple[str, tuple[str, ...] | None] = ("", None)
 _memo: dict[tuple, list[Kernel]] = {}   # candidates() per (storage, device, rows), for the current selection
+_epoch = 0   # bumped whenever a choice of kernel or a prepared state may have changed anywhere (see epoch())
+
+
+def epoch() -> int:
+    """A counter that changes whenever what some module's kernel call would use may have changed: a kernel
+    registered, another HF_VQ_KERNELS selection, prepared states dropped or pinned. Plans that looked kernels up
+    once (hf_vq.model.decode_layer) stay valid while it holds still (and their modules keep their tensors)."""
+    return _epoch
+
+
+def changed() -> None:
+    global _epoch
+    _epoch += 1
 
 
 def register(kernel: Kernel) -> Kernel:
     kernels = [k for k in _KERNELS.get(kernel.storage, []) if k.name != kernel.name] + [kernel]
     _KERNELS[kernel.storage] = sorted(kernels, key=lambda k: -k.priority)
     _memo.clear()
+    changed()
     return kernel
 
 
@@ -79,6 +93,7 @@ def selection() -> tuple[str, ...] | None:
     if value != _selection[0]:
         _selection = (value, _parse(value))
         _memo.clear()
+        changed()
     return _selection[1]
 
 
@@ -109,17 +124,28 @@ class KernelStates:
     tensor ``source()`` returns is another object (accelerate's offload hooks and device placement swap buffers).
     No per-call hashing of pointers or versions."""
 
-    __slots__ = ("states", "fixed")
+    __slots__ = ("states", "_fixed")
 
     def __init__(self):
         self.states: dict = {}
-        # (kernel, state) chosen once by hf_vq.optimize: the forward then skips the lookup (fewer guards under
-        # torch.compile); dropped with the states
-        self.fixed: tuple | None = None
+        self._fixed: tuple | None = None
+        changed()
+
+    @property
+    def fixed(self) -> tuple | None:
+        """(kernel, state) chosen once by hf_vq.optimize: the forward then skips the lookup (fewer guards under
+        torch.compile); dropped with the states."""
+        return self._fixed
+
+    @fixed.setter
+    def fixed(self, value: tuple | None) -> None:
+        self._fixed = value
+        changed()
 
     def clear(self) -> None:
         self.states = {}
-        self.fixed = None
+        self._fixed = None
+        changed()
 
     def get(self, kernel: Kernel, slot, source: torch.Tensor, build: Callable[[], Any]):
         key = (kernel.name, slot)
@@ -128,4 +154,5 @@ class KernelStates:
             return hit[1]
         state = build()
         self.states[key] = (source, state)
+        changed()
         return state

@@ -60,6 +60,7 @@ class SharedInputGroup:
             if m._kernel_states.fixed is not None and m._kernel_states.fixed[0] is kernel:
                 m._kernel_states.fixed = (kernel, st)
         self.kernel, self.refused_for = kernel, _NOT_REFUSED
+        kernel_registry.changed()
         self.parts = [(Ellipsis, slice(start, start + m.out_features)) for m, start in zip(self.modules, self.starts)]
         self.sources = [m.kernel_source() for m in self.modules]
         self.state_dicts = [m._kernel_states.states for m in self.modules]
@@ -74,7 +75,10 @@ class SharedInputGroup:
         return all(m._kernel_states.states is d and m.kernel_source() is s
                    for m, d, s in zip(self.modules, self.state_dicts, self.sources))
 
-    def _fused_bias(self) -> torch.Tensor | None:
+    def fused_bias(self) -> torch.Tensor | None:
+        """The members' biases side by side (fp32), or None when none has one."""
+        if not self.has_bias:
+            return None
         biases = [m.bias for m in self.modules]
         key = tuple((id(b), b._version) if b is not None else None for b in biases)
         if key != self._bias_key:
@@ -88,6 +92,30 @@ class SharedInputGroup:
                         self.bias[start:start + b.numel()] = b.detach().float()
         return self.bias
 
+    def binding(self, device: str) -> tuple | None:
+        """(kernel, joined state) that computes every member's output side by side (member i's at columns
+        ``starts[i]`` on; the bias from :meth:`fused_bias`), or None when the group cannot serve a decode row now
+        (not joinable, another kernel selected)."""
+        if self.kernel is None or not self._valid():
+            self.kernel = None
+            if not self._join(device):   # also after a member's tensors changed: join again
+                return None
+        chosen = kernel_registry.candidates(self.kernel.storage, device, 1)
+        if not chosen or chosen[0] is not self.kernel:
+            return None
+        return self.kernel, self.fused
+
+    def run_joined(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every member's output for a one-row ``x`` side by side in one kernel call, or None (see :meth:`binding`)."""
+        if self.binding(x.device.type) is None:
+            return None
+        return self.kernel.run(self.fused, x, self.fused_bias())
+
+    def run_all(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every member's output for a one-row ``x`` (views into one kernel call's output), or None."""
+        y = self.run_joined(x)
+        return None if y is None else [y[part] for part in self.parts]
+
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s output for ``x`` (a one-row input), or None when it must run on its own."""
         p = self.pending
@@ -96,23 +124,15 @@ class SharedInputGroup:
                 p[3].remove(index)
                 if not p[3]:
                     self.pending = None
-                return self._part(p[2], index)
+                return p[2][self.parts[index]]
             if p[3]:   # a sibling still waits for this input, yet another one came: these layers do not share it
                 self.disband()
                 return None
-        if self.kernel is None or not self._valid():
-            self.kernel = None
-            if not self._join(x.device.type):   # also after a member's tensors changed: join again
-                return None
-        chosen = kernel_registry.candidates(self.kernel.storage, x.device.type, 1)
-        if not chosen or chosen[0] is not self.kernel:
+        y = self.run_joined(x)
+        if y is None:
             self.pending = None
             return None
-        y = self.kernel.run(self.fused, x, self._fused_bias() if self.has_bias else None)
         rest = set(range(len(self.modules)))
         rest.remove(index)
         self.pending = [x, x._version, y, rest]
-        return self._part(y, index)
-
-    def _part(self, y: torch.Tensor, index: int) -> torch.Tensor:
         return y[self.parts[index]]

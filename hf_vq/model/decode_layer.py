@@ -1,0 +1,250 @@
+"""Decoder layers whose decode step (one position, on CPU) runs as a short sequence of kernel calls.
+
+A Llama-family decoder layer on one position computes little: two RMSNorms, the attention (see
+hf_vq.model.decode_step), two residual additions and a gated MLP. Through transformers' modules, a decode token
+still pays for about a dozen module calls per layer, each with its checks and dispatch. :func:`adopt_decode_layer`
+gives such a layer a forward that, for a decode step, calls the norms' forwards, the attention's decode step and the
+MLP's projections directly: gate and up in one kernel call when they are grouped (hf_vq.nn.shared_input), then
+``act(gate) * up`` and down. Every other call (prefill, gradients, training, compile, hooks, arguments it does not
+know) runs the layer's own forward. As for the attention, a layer is adopted only after its own forward and the
+decode step give the same output and cache on a test step, checked at its first decode step, so a variant (extra
+norms, another MLP, a scaled residual) keeps its own forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
+from hf_vq.model.decode_step import KNOWN_KWARGS, trial_step
+from hf_vq.nn import kernel_registry
+from hf_vq.nn.attention import decode_attention, rope_kernel
+from hf_vq.nn.base import KernelDispatch, with_mixin
+from hf_vq.nn.norm import KernelRMSNorm
+
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class DecodeStepLayer:
+    """Mixed in front of a transformers decoder layer class (see the module docstring)."""
+
+    def forward(self, *args, **kwargs):
+        if len(args) <= 1 and kwargs.keys() <= KNOWN_KWARGS:
+            h = args[0] if args else kwargs.get("hidden_states")
+            out = None if h is None else self._decode_layer_step(h, kwargs)
+            if out is not None:
+                return out
+            if not isinstance(self, DecodeStepLayer):   # the first decode step's comparison handed it back
+                return self.forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+    def _decode_layer_step(self, h: torch.Tensor, kw: dict) -> torch.Tensor | None:
+        checked = self.__dict__.get("hf_vq_decode_checked")
+        if not checked:
+            if checked is None or not _verify(self, h.dtype):
+                return None
+        cache = kw.get("cache", kw.get("past_key_values"))
+        pe = kw.get("position_embeddings")
+        if (cache is None or pe is None or h.dim() != 3 or h.shape[0] != 1 or h.shape[1] != 1
+                or h.device.type != "cpu" or self.training or kw.get("output_attentions")
+                or (torch.is_grad_enabled() and h.requires_grad) or torch.compiler.is_compiling()
+                or _global_forward_hooks or _global_forward_pre_hooks):
+            return None
+        plan = self.__dict__.get("hf_vq_plan")
+        if plan is None or plan.dtype is not h.dtype or not plan.valid():
+            refused = self.__dict__.get("hf_vq_plan_refused")
+            if refused is not None and refused == (kernel_registry.selection(), h.dtype):
+                return None
+            plan = self.hf_vq_plan = LayerPlan.build(self, h.dtype)
+            if plan is None:   # no kernel for some part: not again under this kernel selection
+                self.hf_vq_plan_refused = (kernel_registry.selection(), h.dtype)
+                return None
+        if plan.hooked():
+            return None
+        cos, sin = pe
+        if cos.numel() != plan.D or sin.numel() != plan.D or cos.dtype is not h.dtype or sin.dtype is not h.dtype:
+            return None
+        return plan.step(h, cache, cos.view(1, -1), sin.view(1, -1), kw)
+
+
+# keyword arguments of the layer that are not the attention's (the rest go on to cache.update, as transformers does)
+_NOT_ATTENTION_KWARGS = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache",
+                                   "past_key_values"})
+
+
+class LayerPlan:
+    """What one decode step of a layer calls, looked up once: the projections' kernels and prepared states (q/k/v
+    and gate/up as one joined call, hf_vq.nn.shared_input), the norms', rotary and attention kernels, and what
+    makes the plan stale: another kernel selection, a module's prepared states dropped or its tensors replaced, a
+    hook, another attention implementation."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn, self.act = attn, mlp.act_fn
+        self.epoch = kernel_registry.epoch()
+        self.D, self.idx, self.scale = attn.head_dim, attn.layer_idx, attn.scaling
+        self.hq, self.hk = attn.q_proj.out_features // self.D, attn.k_proj.out_features // self.D
+        self.modules = (attn, mlp, layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
+                        attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        self.items: list[tuple] = []   # (dict, key, value): stale once dict.get(key) is not value
+
+    @classmethod
+    def build(cls, layer: nn.Module, dtype: torch.dtype) -> "LayerPlan | None":
+        """The plan of ``layer`` for decode rows of ``dtype``, or None when some part has no kernel."""
+        plan = cls(layer)
+        plan.dtype = dtype
+        attn, mlp = layer.self_attn, layer.mlp
+        probe = torch.empty(1, plan.D, dtype=dtype)
+        plan.rope = rope_kernel(probe)
+        plan.norm1 = plan._norm(layer.input_layernorm, dtype)
+        plan.norm2 = plan._norm(layer.post_attention_layernorm, dtype)
+        plan.qkv = plan._joined((attn.q_proj, attn.k_proj, attn.v_proj))
+        plan.gate_up = plan._joined((mlp.gate_proj, mlp.up_proj))
+        plan.o, plan.down = plan._single(attn.o_proj), plan._single(mlp.down_proj)
+        if plan.rope is None or None in (plan.norm1, plan.norm2, plan.qkv, plan.gate_up, plan.o, plan.down):
+            return None
+        plan.epoch = kernel_registry.epoch()   # after the lookups above, which may prepare states
+        return plan
+
+    def valid(self) -> bool:
+        kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
+        if kernel_registry.epoch() != self.epoch:
+            return False
+        for d, key, value in self.items:
+            if d.get(key) is not value:
+                return False
+        return self.attn.config._attn_implementation == NAME
+
+    def hooked(self) -> bool:
+        """Whether a module whose forward the step leaves out has forward hooks (they must run)."""
+        for m in self.modules:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return True
+        return False
+
+    def _norm(self, norm: nn.Module, dtype: torch.dtype):
+        w = norm._parameters.get("weight")
+        if not isinstance(norm, KernelRMSNorm) or w is None or w.dtype is not dtype:
+            return None
+        self.items.append((norm._parameters, "weight", w))
+        kernel = next((k for k in kernel_registry.candidates("rms_norm", "cpu", 1) if k.prepare(w) is not None), None)
+        return None if kernel is None else (kernel.run, w, norm.hf_vq_eps)
+
+    def _watch(self, m: nn.Module) -> None:
+        self.items += [(m._buffers, m.source_buffer, m.kernel_source()), (m._parameters, "bias", m.bias)]
+
+    def _single(self, m: nn.Module):
+        """(run, state, bias) of one projection, or None."""
+        if not isinstance(m, KernelDispatch) or (m.bias is not None and m.bias.requires_grad):
+            return None
+        binding = m.kernel_binding(1)
+        if binding is None:
+            return None
+        self._watch(m)
+        return binding[0].run, binding[1], m.bias
+
+    def _joined(self, members: tuple):
+        """(run, joined state, group, [(first column, columns)] per member) of projections that read the same
+        input and form a group (hf_vq.nn.shared_input), or None."""
+        shared = members[0]._shared_input if isinstance(members[0], KernelDispatch) else None
+        group = shared[0] if shared is not None else None
+        if group is None or tuple(group.modules) != members or any(
+                m.bias is not None and m.bias.requires_grad for m in members):
+            return None
+        binding = group.binding("cpu")
+        if binding is None:
+            return None
+        for m in members:
+            self._watch(m)
+        return binding[0].run, binding[1], group, [(st, m.out_features) for st, m in zip(group.starts, members)]
+
+    def step(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, kw: dict) -> torch.Tensor:
+        """The layer's output for one decode position ``h`` [1, 1, hidden]; cos/sin [1, head_dim]."""
+        D, hq, hk = self.D, self.hq, self.hk
+        run, w, eps = self.norm1
+        x = run(w, h, eps)
+        run, state, group, ((sq, nq), (sk, nk), (sv, nv)) = self.qkv
+        y = run(state, x, group.fused_bias())
+        rope = self.rope.run
+        if sk == sq + nq:   # q and k adjacent: one rotation call over all their heads
+            qk = rope(y[..., sq:sk + nk].view(1, -1, D), cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+        else:
+            q, k = rope(y[..., sq:sq + nq].view(1, -1, D), cos, sin), rope(y[..., sk:sk + nk].view(1, -1, D), cos, sin)
+        q, k = q.view(1, hq, 1, D), k.view(1, hk, 1, D)
+        v = y[..., sv:sv + nv].view(1, 1, hk, D).transpose(1, 2)
+        rest = {n: a for n, a in kw.items() if n not in _NOT_ATTENTION_KWARGS}
+        keys, values = cache.update(k, v, self.idx, kwargs=rest)
+        mask = kw.get("attention_mask")
+        out = decode_attention(q, keys, values, mask, self.scale)
+        if out is None:
+            out, _ = sdpa_with_decode_kernel(self.attn, q, keys, values, mask, dropout=0.0, scaling=self.scale, **rest)
+        run, state, bias = self.o
+        h = h + run(state, out.view(1, 1, -1), bias)
+        run, w, eps = self.norm2
+        x = run(w, h, eps)
+        run, state, group, ((sg, ng), (su, nu)) = self.gate_up
+        y = run(state, x, group.fused_bias())
+        run, state, bias = self.down
+        return h + run(state, self.act(y[..., sg:sg + ng]) * y[..., su:su + nu], bias)
+
+
+def _verify(layer: nn.Module, dtype: torch.dtype) -> bool:
+    """Compare the layer's own forward and the decode step on a test step; keep the decode step only if they agree
+    (else the layer gets its own class back)."""
+    own = layer.hf_vq_own_class
+    attn = layer.self_attn
+    layer.hf_vq_decode_checked = None   # the own forward, for the reference
+    try:
+        want = trial_step(attn, dtype, lambda **kw: own.forward(layer, **kw))
+        layer.hf_vq_decode_checked = True
+        got = trial_step(attn, dtype, layer.forward)
+    except Exception:   # noqa: BLE001  (a layer that the test step does not fit keeps its own forward)
+        got = None
+    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
+    same = got is not None and all(
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+        and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
+        for a, b in zip(got, want))
+    if not same:
+        layer.__class__ = own
+        del layer.hf_vq_decode_checked, layer.hf_vq_own_class
+        layer.__dict__.pop("hf_vq_plan", None)
+        layer.__dict__.pop("hf_vq_plan_refused", None)
+    return same
+
+
+def adopt_decode_layer(layer: nn.Module) -> bool:
+    """Give ``layer`` the decode-step forward, in place, when it has a Llama-family layout (two RMSNorms around an
+    attention that runs hf_vq's attention on CPU, and a gate/up/down MLP); returns whether it did. Its first decode
+    step compares it with the layer's own forward."""
+    cls = type(layer)
+    if isinstance(layer, DecodeStepLayer):
+        return True
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if not isinstance(attn, nn.Module) or not isinstance(mlp, nn.Module):
+        return False
+    if not all(isinstance(getattr(layer, n, None), nn.Module) for n in _NORMS):
+        return False
+    if not all(isinstance(getattr(mlp, n, None), nn.Module) for n in _MLP) or not callable(getattr(mlp, "act_fn", None)):
+        return False
+    if not all(isinstance(getattr(attn, n, None), (int, float)) for n in ("head_dim", "layer_idx")):
+        return False
+    if getattr(getattr(attn, "config", None), "_attn_implementation", None) != NAME:
+        return False
+    if any(hasattr(m, "_hf_hook") for m in layer.modules()):
+        return False
+    if any(p.device.type != "cpu" for p in list(layer.parameters()) + list(layer.buffers())):
+        return False
+    layer.hf_vq_own_class = cls
+    layer.hf_vq_decode_checked = False
+    layer.__class__ = with_mixin(DecodeStepLayer, cls)
+    return True
+
+
+def decode_step_layers(model: nn.Module) -> int:
+    """Adopt every decoder layer of ``model`` that qualifies (see :func:`adopt_decode_layer`); returns how many."""
+    return sum(adopt_decode_layer(m) for m in list(model.modules()) if type(m).__name__.endswith("DecoderLayer"))

@@ -1,0 +1,108 @@
+"""The decoder layer's decode step (model/decode_layer.py): the same tokens and logits as the layer's own forward,
+its plan following kernel selection, new weights and hooks, and variants keeping their own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_vq
+from hf_vq.model.decode_layer import DecodeStepLayer, LayerPlan
+from tests.test_decode_step_kernels import decode_logits, load, strip_decode_kernels, tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def auto_kernels(monkeypatch):
+    monkeypatch.setenv("HF_VQ_KERNELS", "auto")
+    monkeypatch.delenv("HF_VQ_NATIVE_ISA", raising=False)
+
+
+def own_layers(model):
+    """The same model with its decoder layers' own forwards (attention step, norms and groups kept)."""
+    for layer in model.model.layers:
+        layer.__class__ = layer.hf_vq_own_class
+    return model
+
+
+RTN = dict(bits=4, group_size=32)
+# q and k side by side in the joined output (96 = 6 tiles of 16), and apart (72 rows padded to 80; gate/up 136)
+SHAPES = {"adjacent": {}, "padded": dict(hidden_size=72, intermediate_size=136, num_key_value_heads=2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_layer_step_gives_the_layer_s_own_tokens(tmp_path, dtype, shape):
+    path = tiny_llama(tmp_path, **SHAPES[shape])
+    model = load(path, dtype=dtype, quantization_config=hf_vq.RTNConfig(**RTN))
+    layer = model.model.layers[1]
+    assert model.hf_vq_decode_kernels["decode_step_layers"] == 2 and isinstance(layer, DecodeStepLayer)
+    assert layer.hf_vq_decode_checked is False, "checked at the first decode step, not at load"
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids, steps=6)
+    assert layer.hf_vq_decode_checked is True and isinstance(layer.hf_vq_plan, LayerPlan)
+    static, static_seq = decode_logits(model, ids, steps=6, cache_implementation="static")
+    own, own_seq = decode_logits(own_layers(model), ids, steps=6)
+    assert torch.equal(seq, own_seq) and torch.equal(static_seq, own_seq)
+    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
+    for got in (fast, static):
+        assert torch.allclose(got, own, rtol=tol, atol=tol * float(own.abs().max()))
+    if dtype is torch.float32:   # and the model without any of hf_vq's decode kernels but the quantized layers'
+        plain = strip_decode_kernels(load(path, dtype=dtype, quantization_config=hf_vq.RTNConfig(**RTN)))
+        ref, ref_seq = decode_logits(plain, ids, steps=6)
+        assert torch.equal(seq, ref_seq)
+        assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_layer_with_another_attention_keeps_its_forward(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "qwen3")
+    model = load(tmp_path / "qwen3", quantization_config=hf_vq.RTNConfig(**RTN))
+    layer = model.model.layers[0]
+    own_class = layer.hf_vq_own_class
+    ids = torch.randint(2, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    seq = decode_logits(model, ids, steps=3)[1]
+    # Qwen3 normalizes q and k: the layer's first decode step compares and hands its own forward back
+    assert type(layer) is own_class and "hf_vq_plan" not in layer.__dict__
+    assert torch.equal(decode_logits(model, ids, steps=3)[1], seq)
+
+
+def test_the_plan_follows_the_kernel_selection_and_new_weights(tmp_path, monkeypatch):
+    path = tiny_llama(tmp_path)
+    model = load(path, quantization_config=hf_vq.RTNConfig(**RTN))
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids)
+    layer = model.model.layers[0]
+    first_plan = layer.hf_vq_plan
+
+    # exact: no plan (its kernels are gone), the modules' exact forwards, as in a model without decode kernels
+    monkeypatch.setenv("HF_VQ_KERNELS", "exact")
+    exact = decode_logits(model, ids)[0]
+    plain = strip_decode_kernels(load(path, quantization_config=hf_vq.RTNConfig(**RTN)))
+    assert torch.equal(exact, decode_logits(plain, ids)[0])
+    monkeypatch.setenv("HF_VQ_KERNELS", "auto")
+    again, again_seq = decode_logits(model, ids)
+    assert layer.hf_vq_plan is not first_plan and torch.equal(again_seq, seq) and torch.equal(again, fast)
+
+    # new weights through load_state_dict (every layer's codes rolled by one row): the next decode uses them
+    state = {k: torch.roll(v, 1, 0) if k.endswith("qweight") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    other = own_layers(load(path, quantization_config=hf_vq.RTNConfig(**RTN)))
+    other.load_state_dict(state)
+    new, new_ref = decode_logits(model, ids)[0], decode_logits(other, ids)[0]
+    assert not torch.allclose(new, fast, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(new, new_ref, rtol=1e-5, atol=1e-5 * float(new_ref.abs().max()))
+
+
+def test_a_hook_registered_after_the_first_decode_step_runs(tmp_path):
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(**RTN))
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids, steps=4)
+    seen = []
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked, hooked_seq = decode_logits(model, ids, steps=4)
+    handle.remove()
+    assert len(seen) == 4 and torch.equal(hooked_seq, seq)   # the prefill and 3 decode steps
+    assert torch.allclose(hooked, fast, rtol=1e-5, atol=1e-5 * float(fast.abs().max()))
