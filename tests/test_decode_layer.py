@@ -8,6 +8,7 @@ import torch
 
 import hf_vq
 from hf_vq.model.decode_layer import DecodeStepLayer, LayerPlan
+from hf_vq.nn import kernel_native_layer
 from tests.test_decode_step_kernels import decode_logits, load, strip_decode_kernels, tiny_llama
 
 
@@ -29,9 +30,16 @@ RTN = dict(bits=4, group_size=32)
 SHAPES = {"adjacent": {}, "padded": dict(hidden_size=72, intermediate_size=136, num_key_value_heads=2)}
 
 
+def separate_kernels(model):
+    """Every layer's plan without its C step (the same plan through one kernel call per part)."""
+    for layer in model.model.layers:
+        layer.hf_vq_plan.native = None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_the_layer_step_gives_the_layer_s_own_tokens(tmp_path, dtype, shape):
+@pytest.mark.parametrize("step", ["native layer", "separate kernels"])
+def test_the_layer_step_gives_the_layer_s_own_tokens(tmp_path, dtype, shape, step):
     path = tiny_llama(tmp_path, **SHAPES[shape])
     model = load(path, dtype=dtype, quantization_config=hf_vq.RTNConfig(**RTN))
     layer = model.model.layers[1]
@@ -40,7 +48,13 @@ def test_the_layer_step_gives_the_layer_s_own_tokens(tmp_path, dtype, shape):
     ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     fast, seq = decode_logits(model, ids, steps=6)
     assert layer.hf_vq_decode_checked is True and isinstance(layer.hf_vq_plan, LayerPlan)
+    assert isinstance(layer.hf_vq_plan.native, kernel_native_layer.NativeLayer)
+    if step == "separate kernels":
+        separate_kernels(model)
+        fast, seq = decode_logits(model, ids, steps=6)
     static, static_seq = decode_logits(model, ids, steps=6, cache_implementation="static")
+    if step == "separate kernels":   # the plan held (nothing went stale): still without its C step
+        assert layer.hf_vq_plan.native is None
     own, own_seq = decode_logits(own_layers(model), ids, steps=6)
     assert torch.equal(seq, own_seq) and torch.equal(static_seq, own_seq)
     tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
@@ -106,3 +120,16 @@ def test_a_hook_registered_after_the_first_decode_step_runs(tmp_path):
     handle.remove()
     assert len(seen) == 4 and torch.equal(hooked_seq, seq)   # the prefill and 3 decode steps
     assert torch.allclose(hooked, fast, rtol=1e-5, atol=1e-5 * float(fast.abs().max()))
+
+
+def test_a_gptvq_layer_step_gives_the_layer_s_own_tokens(tmp_path, calib_ids):
+    cfg = hf_vq.GPTVQConfig(vector_dim=2, index_bits=4, rows_per_block=24, cols_per_block=32, codebook_bits=8,
+                            kmeans_iterations=3, dataset=calib_ids, num_samples=4, seq_len=32)
+    model = load(tiny_llama(tmp_path), quantization_config=cfg)
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids, steps=5)
+    plan = model.model.layers[0].hf_vq_plan
+    assert isinstance(plan.native, kernel_native_layer.NativeLayer) and plan.qkv[2].kernel.name == "native-vq-int8"
+    own, own_seq = decode_logits(own_layers(model), ids, steps=5)
+    assert torch.equal(seq, own_seq)
+    assert torch.allclose(fast, own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))

@@ -19,10 +19,12 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
 from hf_vq.model.decode_step import KNOWN_KWARGS, trial_step
-from hf_vq.nn import kernel_registry
+from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import KernelDispatch, with_mixin
+from hf_vq.nn.native_isa import ENV as ISA_ENV
 from hf_vq.nn.norm import KernelRMSNorm
+from hf_vq.utils.env import getenv
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -65,7 +67,8 @@ class DecodeStepLayer:
         if plan.hooked():
             return None
         cos, sin = pe
-        if cos.numel() != plan.D or sin.numel() != plan.D or cos.dtype is not h.dtype or sin.dtype is not h.dtype:
+        if (cos.numel() != plan.D or sin.numel() != plan.D or cos.dtype is not h.dtype or sin.dtype is not h.dtype
+                or not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous())):
             return None
         return plan.step(h, cache, cos.view(1, -1), sin.view(1, -1), kw)
 
@@ -90,6 +93,7 @@ class LayerPlan:
         self.modules = (attn, mlp, layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
                         attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         self.items: list[tuple] = []   # (dict, key, value): stale once dict.get(key) is not value
+        self.kernels: dict = {}       # the kernel of each projection called on its own
 
     @classmethod
     def build(cls, layer: nn.Module, dtype: torch.dtype) -> "LayerPlan | None":
@@ -104,10 +108,35 @@ class LayerPlan:
         plan.qkv = plan._joined((attn.q_proj, attn.k_proj, attn.v_proj))
         plan.gate_up = plan._joined((mlp.gate_proj, mlp.up_proj))
         plan.o, plan.down = plan._single(attn.o_proj), plan._single(mlp.down_proj)
+        plan.o_kernel, plan.down_kernel = plan.kernels.get(attn.o_proj), plan.kernels.get(mlp.down_proj)
         if plan.rope is None or None in (plan.norm1, plan.norm2, plan.qkv, plan.gate_up, plan.o, plan.down):
             return None
+        plan.native = plan._native(layer, dtype)
+        plan.isa_env = getenv(ISA_ENV, "auto")
         plan.epoch = kernel_registry.epoch()   # after the lookups above, which may prepare states
         return plan
+
+    def _native(self, layer: nn.Module, dtype: torch.dtype) -> kernel_native_layer.NativeLayer | None:
+        """The whole step in two C calls (hf_vq.nn.kernel_native_layer) when every projection's kernel offers the
+        projection ABI, the MLP's activation is SiLU and the biases allow it; else None."""
+        chosen = kernel_registry.candidates("decode_layer", "cpu", 1)
+        if not chosen or chosen[0].prepare(dtype) is None or type(self.act).__name__ not in ("SiLU", "SiLUActivation"):
+            return None
+        (_, qkv_state, qkv_group, qkv_parts), (_, gu_state, gu_group, gu_parts) = self.qkv, self.gate_up
+        if gu_group.has_bias or self.o[2] is not None or self.down[2] is not None or gu_parts[0][1] != gu_parts[1][1]:
+            return None
+        kernels = [qkv_group.kernel, self.o_kernel, gu_group.kernel, self.down_kernel]
+        states = [qkv_state, self.o[1], gu_state, self.down[1]]
+        calls = [None if k.projection is None else k.projection(st) for k, st in zip(kernels, states)]
+        if any(c is None for c in calls):
+            return None
+        projections = [kernel_native_layer.Projection(*c, None) for c in calls]
+        projections[0].bias = qkv_group.fused_bias()
+        return kernel_native_layer.build(
+            dtype, layer.input_layernorm.weight.shape[0], self.D, self.hq, self.hk, self.scale,
+            (self.norm1[1:], self.norm2[1:]), projections[0], tuple(st for st, _ in qkv_parts), qkv_state.n,
+            projections[1], projections[2], tuple(st for st, _ in gu_parts), gu_state.n, gu_parts[0][1],
+            projections[3])
 
     def valid(self) -> bool:
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
@@ -116,7 +145,7 @@ class LayerPlan:
         for d, key, value in self.items:
             if d.get(key) is not value:
                 return False
-        return self.attn.config._attn_implementation == NAME
+        return self.attn.config._attn_implementation == NAME and getenv(ISA_ENV, "auto") == self.isa_env
 
     def hooked(self) -> bool:
         """Whether a module whose forward the step leaves out has forward hooks (they must run)."""
@@ -144,6 +173,7 @@ class LayerPlan:
         if binding is None:
             return None
         self._watch(m)
+        self.kernels[m] = binding[0]
         return binding[0].run, binding[1], m.bias
 
     def _joined(self, members: tuple):
@@ -163,22 +193,23 @@ class LayerPlan:
 
     def step(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, kw: dict) -> torch.Tensor:
         """The layer's output for one decode position ``h`` [1, 1, hidden]; cos/sin [1, head_dim]."""
-        D, hq, hk = self.D, self.hq, self.hk
-        run, w, eps = self.norm1
-        x = run(w, h, eps)
-        run, state, group, ((sq, nq), (sk, nk), (sv, nv)) = self.qkv
-        y = run(state, x, group.fused_bias())
-        rope = self.rope.run
-        if sk == sq + nq:   # q and k adjacent: one rotation call over all their heads
-            qk = rope(y[..., sq:sk + nk].view(1, -1, D), cos, sin)
-            q, k = qk[:, :hq], qk[:, hq:]
+        native = self.native
+        if native is not None:
+            group = self.qkv[2]
+            if group.has_bias:
+                bias = group.fused_bias()
+                if bias is not native.keep[0]:
+                    native.set_qkv_bias(bias)
+            q, k, v = kernel_native_layer.pre(native, h, cos, sin)
         else:
-            q, k = rope(y[..., sq:sq + nq].view(1, -1, D), cos, sin), rope(y[..., sk:sk + nk].view(1, -1, D), cos, sin)
-        q, k = q.view(1, hq, 1, D), k.view(1, hk, 1, D)
-        v = y[..., sv:sv + nv].view(1, 1, hk, D).transpose(1, 2)
+            q, k, v = self._qkv(h, cos, sin)
         rest = {n: a for n, a in kw.items() if n not in _NOT_ATTENTION_KWARGS}
         keys, values = cache.update(k, v, self.idx, kwargs=rest)
         mask = kw.get("attention_mask")
+        if native is not None:
+            out = kernel_native_layer.post(native, h, q, keys, values, mask)
+            if out is not None:
+                return out
         out = decode_attention(q, keys, values, mask, self.scale)
         if out is None:
             out, _ = sdpa_with_decode_kernel(self.attn, q, keys, values, mask, dropout=0.0, scaling=self.scale, **rest)
@@ -190,6 +221,21 @@ class LayerPlan:
         y = run(state, x, group.fused_bias())
         run, state, bias = self.down
         return h + run(state, self.act(y[..., sg:sg + ng]) * y[..., su:su + nu], bias)
+
+    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Norm, q/k/v projections (one call) and q/k rotation through separate kernels."""
+        D, hq, hk = self.D, self.hq, self.hk
+        run, w, eps = self.norm1
+        x = run(w, h, eps)
+        run, state, group, ((sq, nq), (sk, nk), (sv, nv)) = self.qkv
+        y = run(state, x, group.fused_bias())
+        rope = self.rope.run
+        if sk == sq + nq:   # q and k adjacent: one rotation call over all their heads
+            qk = rope(y[..., sq:sk + nk].view(1, -1, D), cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+        else:
+            q, k = rope(y[..., sq:sq + nq].view(1, -1, D), cos, sin), rope(y[..., sk:sk + nk].view(1, -1, D), cos, sin)
+        return q.view(1, hq, 1, D), k.view(1, hk, 1, D), y[..., sv:sv + nv].view(1, 1, hk, D).transpose(1, 2)
 
 
 def _verify(layer: nn.Module, dtype: torch.dtype) -> bool:

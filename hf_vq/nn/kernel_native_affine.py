@@ -183,6 +183,23 @@ def fuse(states: list[NativeAffine]) -> tuple[NativeAffine, list[NativeAffine], 
     return fused, members, starts
 
 
+class _Layer(ctypes.Structure):
+    """csrc/affine_gemm.c's aff_layer (the context of affine_projection)."""
+
+    _fields_ = [(f, ctypes.c_void_p) for f in ("codes", "scales", "zeros", "gstart", "perm")] + \
+               [(f, ctypes.c_int32) for f in ("n", "k", "bits", "nblk", "G")]
+
+
+def projection(st: NativeAffine) -> tuple[int, int, object, int] | None:
+    """The one-row projection of ``st`` for csrc/decode_layer.c (see Kernel.projection)."""
+    lib = LIBRARY.load()
+    if lib is None:
+        return None
+    layer = _Layer(*st.ptrs, st.n, st.k, st.bits, st.nblk, st.groups)
+    return ctypes.cast(lib.affine_projection, ctypes.c_void_p).value, ctypes.addressof(layer), (layer, st), \
+        requested_isa()
+
+
 def _gemm(x2: torch.Tensor, n: int, k: int, bits: int, nblk: int, groups: int, codes: int, scales: int, zeros: int,
           gstart: int, perm: int, bias: torch.Tensor | None, isa: int, out_shape=None) -> torch.Tensor:
     """The C call on raw pointers: x2 [m, k] contiguous fp32/bf16 -> y [m, n] (or ``out_shape``) of the same dtype."""
@@ -229,4 +246,4 @@ def _(x, codes, scales, zeros, gstart, perm, bias, n, k, bits, nblk, isa):
 
 
 KERNEL = register(Kernel(name="native-affine", family="native", storage="affine", devices=("cpu",), priority=20,
-                         max_rows=MAX_ROWS, prepare=prepare, run=run, fuse=fuse))
+                         max_rows=MAX_ROWS, prepare=prepare, run=run, fuse=fuse, projection=projection))

@@ -252,6 +252,14 @@ def run(st: NativeVQ, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     return y if y.dtype is dtype else y.to(dtype)
 
 
+def projection(st: NativeVQ) -> tuple[int, int, object, int] | None:
+    """The one-row projection of ``st`` for csrc/decode_layer.c (see Kernel.projection)."""
+    lib = LIBRARY.load()
+    if lib is None:
+        return None
+    return ctypes.cast(lib.vq8_projection, ctypes.c_void_p).value, st.layer_ptr, st, requested_isa()
+
+
 # torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel
 # on small layers)
 @torch.library.custom_op("hf_vq::vq_int8_gemm", mutates_args=(), device_types="cpu")
@@ -277,4 +285,4 @@ def _(x, idx, tables, scales, segments, tiles, bias, n, k, d, kbook, kp, nblk, n
 
 
 KERNEL = register(Kernel(name="native-vq-int8", family="native", storage="vq", devices=("cpu",), priority=30,
-                         max_rows=MAX_ROWS, prepare=prepare, run=run, fuse=fuse))
+                         max_rows=MAX_ROWS, prepare=prepare, run=run, fuse=fuse, projection=projection))

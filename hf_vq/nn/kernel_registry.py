@@ -40,6 +40,9 @@ class Kernel:
     # (states of layers that read the same input) -> (one state giving all their outputs side by side, each
     # layer's state as a view into it, each layer's first output column), or None; see nn/shared_input.py
     fuse: Callable[..., Any] | None = None
+    # (state) -> (C function address, context address, object keeping the context alive, instruction set) for the
+    # one-row projection ABI of csrc/decode_layer.c, or None; lets a native decoder-layer step call this layer
+    projection: Callable[..., Any] | None = None
 
 
 _KERNELS: dict[str, list[Kernel]] = {}

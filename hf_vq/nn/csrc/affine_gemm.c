@@ -257,6 +257,19 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     return isa;
 }
 
+/* The projection ABI of hf_vq's native layer kernels (csrc/decode_layer.c calls a layer through it):
+   y [n] = x [k] @ W^T + bias for one row, x and y both bf16 (bf16 = 1) or both fp32. Returns < 0 on failure. */
+typedef struct {
+    const uint8_t *codes; const uint16_t *scales; const uint8_t *zeros; const int32_t *gstart; const int32_t *perm;
+    int32_t n, k, bits, nblk, G;
+} aff_layer;
+
+int affine_projection(const void *ctx, const void *x, int bf16, void *y, const float *bias, int nthreads, int isa) {
+    const aff_layer *L = (const aff_layer *)ctx;
+    return affine_gemm(x, bf16, 1, L->k, L->perm, y, bf16, L->n, L->codes, L->bits, L->nblk, L->scales, L->zeros,
+                       L->gstart, L->G, bias, nthreads, isa);
+}
+
 #elif defined(AFF_BODY_256)
 /* ========================================================================================== 256-bit body
    (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd). A ymm holds 8 rows: half h of a 16-row tile. */

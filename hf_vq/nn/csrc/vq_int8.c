@@ -298,6 +298,11 @@ int vq8_gemm(const void *x, int bf16, int m, void *y, const float *bias, int nth
     return vq8_gemm_layer(&L, x, bf16, m, y, bias, nthreads, isa);
 }
 
+/* The projection ABI of hf_vq's native layer kernels (csrc/decode_layer.c calls a layer through it): one row. */
+int vq8_projection(const void *ctx, const void *x, int bf16, void *y, const float *bias, int nthreads, int isa) {
+    return vq8_gemm_layer((const vq8_layer *)ctx, x, bf16, 1, y, bias, nthreads, isa);
+}
+
 #elif defined(VQ8_BODY_256)
 /* ========================================================================================== 256-bit body
    (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd). A ymm holds 8 rows: half h of a 16-row tile.

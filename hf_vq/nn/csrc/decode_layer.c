@@ -1,0 +1,101 @@
+/* A Llama-family decoder layer's decode step (one position, batch 1) in two calls (hf_vq/nn/kernel_native_layer.py
+   owns the build; hf_vq/model/decode_layer.py decides when it runs):
+
+   layer_pre:  x = RMSNorm(h); y = [q | k | v] = x @ W_qkv^T (+ bias); qk = rotary(q), rotary(k)
+   (the caller appends k and v to its KV cache)
+   layer_post: a = attention(q, keys, values); h1 = h + a @ W_o^T; x = RMSNorm(h1);
+               [g | u] = x @ W_gate_up^T; out = h1 + (silu(g) * u) @ W_down^T
+
+   Each intermediate is rounded to the hidden states' dtype where transformers' modules round it (every op's output
+   in bf16), so the step computes what the layer's own forward computes. The projections are called through one ABI
+   that each native layer kernel exports (affine_projection, vq8_projection: ``proj_fn`` below), by pointer, so this
+   file knows no weight layout. Norms, rotary embedding and attention are hf_vq's own kernels, included. */
+#include "rms_norm.c"
+#include "rope.c"
+#include "decode_attention.c"
+
+typedef int (*proj_fn)(const void *ctx, const void *x, int bf16, void *y, const float *bias, int nthreads, int isa);
+
+typedef struct {
+    proj_fn fn; const void *ctx; const float *bias; int32_t isa;
+} dl_proj;
+
+typedef struct {
+    dl_proj qkv, o, gate_up, down;
+    const void *norm1, *norm2;       /* RMSNorm weights, the hidden states' dtype */
+    float eps1, eps2, scale;
+    int32_t bf16, hidden, D, hq, hk;
+    int32_t sq, sk, sv;              /* first columns of q, k, v in the joined q/k/v output */
+    int32_t sg, su, inter;           /* first columns of gate and up in the joined output; their width */
+    int32_t gu_n;                    /* width of the joined gate/up output */
+} dl_layer;
+
+static inline float load_at(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_at(void *p, size_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* out = a + b, rounded to the dtype */
+static void add_rows(const void *a, const void *b, void *out, int n, int bf16) {
+    for (int i = 0; i < n; i++) store_at(out, i, load_at(a, i, bf16) + load_at(b, i, bf16), bf16);
+}
+
+/* out = silu(g) * u with silu(g) = g / (1 + exp(-g)) rounded to the dtype first, as torch's two ops do */
+static void silu_mul(const void *g, const void *u, void *out, int n, int bf16) {
+    for (int i = 0; i < n; i++) {
+        const float gv = load_at(g, i, bf16);
+        float s = gv / (1.0f + expf(-gv));
+        if (bf16) s = bf16_to_f32(f32_to_bf16(s));
+        store_at(out, i, s * load_at(u, i, bf16), bf16);
+    }
+}
+
+/* h [hidden] -> y [joined q/k/v width] and qk [hq + hk, D] (q's heads, then k's, rotated by cos/sin [D]).
+   Returns 0, or < 0 when a kernel refused. */
+int layer_pre(const dl_layer *L, const void *h, const void *cos, const void *sin, void *y, void *qk, int nthreads) {
+    const size_t e = L->bf16 ? 2 : 4;
+    void *x = malloc(e * (size_t)L->hidden);
+    if (!x) return -1;
+    int rc = rms_norm(h, L->bf16, 1, L->hidden, L->norm1, L->eps1, x);
+    if (rc >= 0) rc = L->qkv.fn(L->qkv.ctx, x, L->bf16, y, L->qkv.bias, nthreads, L->qkv.isa);
+    free(x);
+    if (rc < 0) return -1;
+    const char *yb = (const char *)y;
+    if (rope(yb + e * (size_t)L->sq, L->bf16, 1, L->hq, L->D, 0, L->D, cos, sin, qk) < 0) return -1;
+    if (rope(yb + e * (size_t)L->sk, L->bf16, 1, L->hk, L->D, 0, L->D, cos, sin,
+             (char *)qk + e * (size_t)L->hq * L->D) < 0) return -1;
+    return 0;
+}
+
+/* The rest of the step: q [hq, D] contiguous; keys/values [hk, len, D] by strides (head, position), D contiguous;
+   mask: bytes [hq, len] by strides (0 to broadcast) or NULL; h and out [hidden]. Returns 0, or < 0 when a kernel
+   refused. */
+int layer_post(const dl_layer *L, const void *h, const void *q, int len, const void *keys, long long ksh,
+               long long ksl, const void *values, long long vsh, long long vsl, const uint8_t *mask, long long msh,
+               long long msl, void *out, int nthreads) {
+    const size_t e = L->bf16 ? 2 : 4;
+    const int H = L->hidden;
+    char *buf = (char *)malloc(e * ((size_t)L->hq * L->D + 3 * (size_t)H + (size_t)L->gu_n + (size_t)L->inter));
+    if (!buf) return -1;
+    void *a = buf, *t = buf + e * (size_t)L->hq * L->D, *h1 = (char *)t + e * H, *x = (char *)h1 + e * H;
+    void *gu = (char *)x + e * H, *m = (char *)gu + e * (size_t)L->gu_n;
+    int rc = decode_attention(q, L->bf16, 1, L->hq, L->hk, L->D, len, 0, L->D, keys, 0, ksh, ksl, values, 0, vsh, vsl,
+                              mask, 0, msh, msl, L->scale, a, nthreads);
+    if (rc >= 0) rc = L->o.fn(L->o.ctx, a, L->bf16, t, L->o.bias, nthreads, L->o.isa);
+    if (rc >= 0) {
+        add_rows(h, t, h1, H, L->bf16);
+        rc = rms_norm(h1, L->bf16, 1, H, L->norm2, L->eps2, x);
+    }
+    if (rc >= 0) rc = L->gate_up.fn(L->gate_up.ctx, x, L->bf16, gu, L->gate_up.bias, nthreads, L->gate_up.isa);
+    if (rc >= 0) {
+        silu_mul((char *)gu + e * (size_t)L->sg, (char *)gu + e * (size_t)L->su, m, L->inter, L->bf16);
+        rc = L->down.fn(L->down.ctx, m, L->bf16, t, L->down.bias, nthreads, L->down.isa);
+    }
+    if (rc >= 0) add_rows(h1, t, out, H, L->bf16);
+    free(buf);
+    return rc < 0 ? -1 : 0;
+}

@@ -1,0 +1,144 @@
+"""The "native" decoder-layer decode step (csrc/decode_layer.c): a Llama-family layer's one-position forward in two
+C calls around the KV-cache update, its projections called through their own kernels' projection ABI
+(``Kernel.projection``: native affine and native VQ).
+
+A decode token through separate kernels still makes about a dozen calls from Python per layer; each costs little,
+but on a small model they add up to as much as the layers' arithmetic. hf_vq.model.decode_layer builds a
+:class:`NativeLayer` for a layer whose parts all have native kernels and runs its step here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_vq.nn.kernel_registry import Kernel, register
+from hf_vq.utils.cbuild import CLibrary
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_layer.c"
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_HEAD_DIM = 512
+
+
+class _Projection(ctypes.Structure):
+    _fields_ = [("fn", ctypes.c_void_p), ("ctx", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("isa", ctypes.c_int32)]
+
+
+class _Layer(ctypes.Structure):
+    """csrc/decode_layer.c's dl_layer."""
+
+    _fields_ = ([(n, _Projection) for n in ("qkv", "o", "gate_up", "down")]
+                + [(n, ctypes.c_void_p) for n in ("norm1", "norm2")]
+                + [(n, ctypes.c_float) for n in ("eps1", "eps2", "scale")]
+                + [(n, ctypes.c_int32) for n in ("bf16", "hidden", "D", "hq", "hk", "sq", "sk", "sv", "sg", "su",
+                                                 "inter", "gu_n")])
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.layer_pre.restype = i
+    lib.layer_pre.argtypes = [p, p, p, p, p, p, i]
+    lib.layer_post.restype = i
+    lib.layer_post.argtypes = [p, p, p, i, p, ll, ll, p, ll, ll, p, ll, ll, p, i]
+    return lib
+
+
+LIBRARY = CLibrary(SOURCE, _bind, "native decoder layer kernel")
+
+
+@dataclass
+class Projection:
+    """A projection as the layer step calls it: its kernel's projection (function, context, what keeps the context
+    alive, instruction set) and its fp32 bias or None."""
+
+    fn: int
+    ctx: int
+    keep: object
+    isa: int
+    bias: torch.Tensor | None
+
+
+@dataclass
+class NativeLayer:
+    """One layer's step in C: the context struct and the tensors its pointers point into."""
+
+    layer: _Layer
+    keep: list
+    dtype: torch.dtype
+    hq: int
+    hk: int
+    D: int
+    qkv_n: int
+    sv: int
+
+    def set_qkv_bias(self, bias: torch.Tensor | None) -> None:
+        self.layer.qkv.bias = 0 if bias is None else bias.data_ptr()
+        self.keep[0] = bias
+
+
+def prepare(dtype: torch.dtype, **_facts) -> bool | None:
+    """True when the library is built and serves ``dtype``; else None."""
+    return True if dtype in DTYPES and LIBRARY.load() is not None else None
+
+
+def build(dtype: torch.dtype, hidden: int, D: int, hq: int, hk: int, scale: float, norms: tuple, qkv: Projection,
+          qkv_starts: tuple[int, int, int], qkv_n: int, o: Projection, gate_up: Projection,
+          gate_up_starts: tuple[int, int], gate_up_n: int, inter: int, down: Projection) -> NativeLayer | None:
+    """The C context of one layer; norms: ((weight, eps), (weight, eps)) in ``dtype``. None when the kernel cannot
+    serve it (no library, another dtype, head dimension above 512)."""
+    if prepare(dtype) is None or D > MAX_HEAD_DIM or D % 2:
+        return None
+    (w1, eps1), (w2, eps2) = norms
+
+    def proj(p: Projection) -> _Projection:
+        return _Projection(p.fn, p.ctx, 0 if p.bias is None else p.bias.data_ptr(), p.isa)
+
+    layer = _Layer(proj(qkv), proj(o), proj(gate_up), proj(down), w1.data_ptr(), w2.data_ptr(), eps1, eps2, scale,
+                   dtype is torch.bfloat16, hidden, D, hq, hk, *qkv_starts, *gate_up_starts, inter, gate_up_n)
+    keep = [qkv.bias, qkv.keep, o.keep, gate_up.keep, down.keep, o.bias, gate_up.bias, down.bias, w1, w2]
+    return NativeLayer(layer, keep, dtype, hq, hk, D, qkv_n, qkv_starts[2])
+
+
+def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Norm, q/k/v projection and rotation of one position ``h`` [1, 1, hidden] (contiguous; cos/sin: D
+    contiguous values): q [1, hq, 1, D] and k [1, hk, 1, D] rotated, v [1, hk, 1, D]."""
+    D, hq, hk = st.D, st.hq, st.hk
+    y = torch.empty(st.qkv_n, dtype=st.dtype)
+    qk = torch.empty(hq + hk, D, dtype=st.dtype)
+    if LIBRARY.load().layer_pre(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                y.data_ptr(), qk.data_ptr(), torch.get_num_threads()) < 0:
+        raise RuntimeError("native decoder layer kernel: a projection refused its call")
+    return qk[:hq].view(1, hq, 1, D), qk[hq:].view(1, hk, 1, D), y[st.sv:st.sv + hk * D].view(1, hk, 1, D)
+
+
+def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+         mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The layer's output [1, 1, hidden] from ``h``, the rotated ``q`` of :func:`pre` and the cache's keys/values
+    [1, hk, len, D] (head dim contiguous, ``pre``'s dtype) under a boolean mask broadcastable to [1, hq, 1, len] or
+    None; None when the cache or mask is not of that form (the caller then goes on with separate kernels)."""
+    if (keys.dtype is not st.dtype or values.dtype is not st.dtype or keys.dim() != 4 or keys.shape != values.shape
+            or keys.shape[0] != 1 or keys.shape[1] != st.hk or keys.shape[3] != st.D or keys.stride(-1) != 1
+            or values.stride(-1) != 1 or keys.device.type != "cpu" or values.device.type != "cpu"):
+        return None
+    length = keys.shape[2]
+    if mask is None:
+        mp, msh, msl = None, 0, 0
+    else:
+        if (mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[2] != 1
+                or mask.shape[3] != length or mask.shape[1] not in (1, st.hq)):
+            return None
+        mp, msh, msl = mask.data_ptr(), (mask.stride(1) if mask.shape[1] > 1 else 0), mask.stride(3)
+    out = torch.empty(h.shape, dtype=st.dtype)
+    ks, vs = keys.stride(), values.stride()
+    if LIBRARY.load().layer_post(ctypes.addressof(st.layer), h.data_ptr(), q.data_ptr(), length, keys.data_ptr(),
+                                 ks[1], ks[2], values.data_ptr(), vs[1], vs[2], mp, msh, msl, out.data_ptr(),
+                                 torch.get_num_threads()) < 0:
+        raise RuntimeError("native decoder layer kernel: a projection refused its call")
+    return out
+
+
+KERNEL = register(Kernel(name="native-decode-layer", family="native", storage="decode_layer", devices=("cpu",),
+                         priority=20, max_rows=1, prepare=prepare, run=post))
