@@ -36,6 +36,9 @@
 #define TILE 16
 #define PARALLEL_MIN_MACS 4194304.0   /* 4M multiply-adds: below, one thread (SmolLM2's decode layers) */
 #define INLINE static inline __attribute__((always_inline))
+/* codes are read as one stream; prefetching it this far ahead as non-temporal keeps a decode token's weights from
+   evicting what the rest of the token works on (measured: ~0.3 ms of a SmolLM2 token) */
+#define PREFETCH_AHEAD 4096
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4 };
 
@@ -300,6 +303,8 @@ INLINE void NAME(tile)(const aff_args *a, int t, int h, int m0, const int M, con
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
         for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
             const uint8_t *blk = block_codes(a, t, b) + 32 * h;
+            if (h == 0)
+                for (int c = 0; c < BITS; c++) _mm_prefetch((const char *)(blk + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
             __m256i iacc[4][4];
             for (int mm = 0; mm < M; mm++)
                 for (int f = 0; f < F; f++) iacc[mm][f] = _mm256_setzero_si256();
@@ -391,6 +396,7 @@ INLINE void tile_512(const aff_args *a, int t, int m0, const int M, const int BI
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
             const uint8_t *blk = block_codes(a, t, b);
+            for (int c = 0; c < BITS; c++) _mm_prefetch((const char *)(blk + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
             __m512i iacc[8][4];
             for (int mm = 0; mm < M; mm++)
                 for (int f = 0; f < NACC; f++) iacc[mm][f] = _mm512_setzero_si512();

@@ -48,8 +48,21 @@ static float weight_at(const dn_args *a, int r, int j) {
                      : ((const float *)a->w)[(size_t)r * a->k + j];
 }
 
+/* Non-temporal prefetch of the weight row PREFETCH_BYTES ahead of row r (within this thread's rows): the head's
+   tens of MB then pass through without evicting what the rest of the token works on (Python's objects, the other
+   kernels' code and data), which otherwise come back from memory after every token. */
+#define PREFETCH_BYTES 24576
+static inline void prefetch_ahead(const dn_args *a, int r, int r1) {
+    const size_t row = (size_t)a->k * (a->w_bf16 ? 2 : 4);
+    const int ahead = row >= PREFETCH_BYTES ? 1 : (int)(PREFETCH_BYTES / row);
+    if (r + ahead >= r1) return;
+    const char *p = (const char *)a->w + (size_t)(r + ahead) * row;
+    for (size_t o = 0; o < row; o += 64) __builtin_prefetch(p + o, 0, 0);
+}
+
 static void rows_scalar(const dn_args *a, int r0, int r1) {
     for (int r = r0; r < r1; r++) {
+        prefetch_ahead(a, r, r1);
         for (int mi = 0; mi < a->m; mi++) {
             const float *x = a->x + (size_t)mi * a->k;
             float s = 0.f;
@@ -78,6 +91,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
 __attribute__((target("avx2,fma"))) static void rows_avx2(const dn_args *a, int r0, int r1) {
     const int k = a->k, kv = k & ~15;
     for (int r = r0; r < r1; r++) {
+        prefetch_ahead(a, r, r1);
         for (int mi = 0; mi < a->m; mi++) {
             const float *x = a->x + (size_t)mi * k;
             __m256 s0 = _mm256_setzero_ps(), s1 = s0;
@@ -111,6 +125,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void rows_avx512(con
     const int k = a->k, kv = k & ~31;
     const __mmask16 tail = (__mmask16)((1u << (k & 15)) - 1);
     for (int r = r0; r < r1; r++) {
+        prefetch_ahead(a, r, r1);
         for (int mi = 0; mi < a->m; mi++) {
             const float *x = a->x + (size_t)mi * k;
             __m512 s0 = _mm512_setzero_ps(), s1 = s0;

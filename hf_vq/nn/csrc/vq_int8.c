@@ -39,6 +39,9 @@
 
 #define TILE 16
 #define INLINE static inline __attribute__((always_inline))
+/* the indices are read as one stream; prefetching it this far ahead as non-temporal keeps a decode token's weights
+   from evicting what the rest of the token works on */
+#define PREFETCH_AHEAD 4096
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4, ISA_AVX512VBMI = 5 };
 
@@ -425,6 +428,8 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
             const uint8_t *ib = tile_block_idx(a, t, b) + 32 * h;
+            if (h == 0)
+                for (int c = 0; c < CH; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
             __m256i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 /* VNNI multiplies c + 128: its block sum starts at -128 * sum(a) */
@@ -539,6 +544,7 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
             const uint8_t *ib = tile_block_idx(a, t, b);
+            for (int c = 0; c < CH; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
             __m512i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 iacc[mm][0] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
