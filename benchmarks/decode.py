@@ -8,7 +8,7 @@
 Prints one markdown table. Every row runs in its own subprocess (clean RSS and threads: torch.set_num_threads(T),
 OMP_NUM_THREADS=T) for each T in --threads:
 
-- decode tok/s: batch 1, greedy ``generate()`` of --new-tokens (``min_new_tokens`` = ``max_new_tokens``) after a
+- decode tok/s: batch 1, greedy ``generate()`` of --new-tokens (end-of-sequence off, so exactly that many) after a
   --prompt-tokens prompt (the start of Pride and Prejudice, HF tokenizer). The prefill is excluded: generate with 1
   new token is timed as well, and decode = (new_tokens - 1) single-token forwards / (t(new_tokens) - t(1)), best of
   --repeats for each. llama.cpp (``llama_reader.decode_speed``): new_tokens single-token ``eval`` calls after the
@@ -164,10 +164,15 @@ def torch_worker(spec: dict) -> dict:
     long = torch.tensor([ids[:L]])
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
+    if isinstance(pad, list):
+        pad = pad[0]
+    # no end-of-sequence token: every run generates exactly n tokens, as llama.cpp's eval loop does, without the
+    # min-length logits processors (two vocabulary-wide ops per token) that min_new_tokens would add
+    model.generation_config.eos_token_id = None
 
     def generate(n):
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=pad)
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                              pad_token_id=pad)
 
     def timed(fn):
         t = time.perf_counter()

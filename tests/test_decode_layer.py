@@ -133,3 +133,31 @@ def test_a_gptvq_layer_step_gives_the_layer_s_own_tokens(tmp_path, calib_ids):
     own, own_seq = decode_logits(own_layers(model), ids, steps=5)
     assert torch.equal(seq, own_seq)
     assert torch.allclose(fast, own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))
+
+
+def test_with_gradients_enabled_the_layer_runs_its_own_forward(tmp_path):
+    # Qwen2's q/k/v biases are trainable parameters: outside no_grad their gradients must flow
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen2")
+    model = load(tmp_path / "qwen2", quantization_config=hf_vq.RTNConfig(**RTN))
+    ids = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    fast, seq = decode_logits(model, ids, steps=3)
+    assert isinstance(model.model.layers[0].hf_vq_plan.native, kernel_native_layer.NativeLayer)   # biases joined
+    own, own_seq = decode_logits(own_layers(model), ids, steps=3)
+    assert torch.equal(seq, own_seq) and torch.allclose(fast, own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))
+    # a decode position with gradients on, the embedding frozen (so the hidden states need no gradient): the
+    # layers' own forwards run, and the q/k/v biases get their gradients
+    from transformers import DynamicCache
+    model = load(tmp_path / "qwen2", quantization_config=hf_vq.RTNConfig(**RTN))
+    decode_logits(model, ids, steps=3)   # the layers' first decode step (their check) behind them
+    assert isinstance(model.model.layers[0], DecodeStepLayer)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    model(ids[:, :1], cache=cache, use_cache=True).logits.sum().backward()
+    bias = model.model.layers[0].self_attn.q_proj.bias
+    assert bias.grad is not None and bool(bias.grad.abs().sum() > 0)

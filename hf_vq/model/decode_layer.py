@@ -52,9 +52,10 @@ class DecodeStepLayer:
         pe = kw.get("position_embeddings")
         if (cache is None or pe is None or h.dim() != 3 or h.shape[0] != 1 or h.shape[1] != 1
                 or h.device.type != "cpu" or self.training or kw.get("output_attentions")
-                or (torch.is_grad_enabled() and h.requires_grad) or torch.compiler.is_compiling()
-                or _global_forward_hooks or _global_forward_pre_hooks):
+                or torch.compiler.is_compiling() or _global_forward_hooks or _global_forward_pre_hooks):
             return None
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None   # autograd needs the modules' own forwards
         plan = self.__dict__.get("hf_vq_plan")
         if plan is None or plan.dtype is not h.dtype or not plan.valid():
             refused = self.__dict__.get("hf_vq_plan_refused")
@@ -92,6 +93,8 @@ class LayerPlan:
         self.hq, self.hk = attn.q_proj.out_features // self.D, attn.k_proj.out_features // self.D
         self.modules = (attn, mlp, layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
                         attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        # the forward (pre-)hook dicts of those modules (torch adds to and removes from them in place)
+        self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.items: list[tuple] = []   # (dict, key, value): stale once dict.get(key) is not value
         self.kernels: dict = {}       # the kernel of each projection called on its own
 
@@ -149,10 +152,7 @@ class LayerPlan:
 
     def hooked(self) -> bool:
         """Whether a module whose forward the step leaves out has forward hooks (they must run)."""
-        for m in self.modules:
-            if m._forward_hooks or m._forward_pre_hooks:
-                return True
-        return False
+        return any(self.hook_dicts)
 
     def _norm(self, norm: nn.Module, dtype: torch.dtype):
         w = norm._parameters.get("weight")
@@ -167,7 +167,7 @@ class LayerPlan:
 
     def _single(self, m: nn.Module):
         """(run, state, bias) of one projection, or None."""
-        if not isinstance(m, KernelDispatch) or (m.bias is not None and m.bias.requires_grad):
+        if not isinstance(m, KernelDispatch):
             return None
         binding = m.kernel_binding(1)
         if binding is None:
@@ -181,8 +181,7 @@ class LayerPlan:
         input and form a group (hf_vq.nn.shared_input), or None."""
         shared = members[0]._shared_input if isinstance(members[0], KernelDispatch) else None
         group = shared[0] if shared is not None else None
-        if group is None or tuple(group.modules) != members or any(
-                m.bias is not None and m.bias.requires_grad for m in members):
+        if group is None or tuple(group.modules) != members:
             return None
         binding = group.binding("cpu")
         if binding is None:

@@ -46,8 +46,10 @@ class DecodeStepAttention:
         pe = kw.get("position_embeddings")
         if (cache is None or pe is None or x.dim() != 3 or x.shape[1] != 1 or x.device.type != "cpu"
                 or self.training or kw.get("output_attentions") or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and x.requires_grad) or self.config._attn_implementation != NAME):
+                or self.config._attn_implementation != NAME):
             return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None   # autograd needs the modules' own forwards
         cos, sin = pe
         B, D = x.shape[0], self.head_dim
         fits = D % 2 == 0 and cos.numel() == sin.numel() == B * D and cos.dtype is sin.dtype is x.dtype
