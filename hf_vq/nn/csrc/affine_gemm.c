@@ -182,13 +182,51 @@ int affine_best_isa(void) {
 int affine_tile_rows(void) { return TILE; }
 
 /* Activations -> int8 blocks of 32 (scale d = max|x| / 127, so |a| <= 127) and X[m, g]. */
-static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t *perm, int nblk,
-                          const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int32_t *asum) {
-    for (int mm = 0; mm < m; mm++) {
-        const float *xf = (const float *)x + (size_t)mm * k;
-        const uint16_t *xh = (const uint16_t *)x + (size_t)mm * k;
-        float *dm = d + (size_t)mm * nblk;
-        for (int b = 0; b < nblk; b++) {
+#if AFF_X86
+/* one full block of 32 activations without a permutation, as the scalar loop below computes it, bit for bit */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void quantize_block_avx512(const void *src, int bf16, int8_t *q, float *d, int32_t *sum) {
+    __m512 v[2];
+    for (int h = 0; h < 2; h++)
+        v[h] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                          _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + 16 * h))), 16))
+                    : _mm512_loadu_ps((const float *)src + 16 * h);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    __m512i acc = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        const __m512 r = _mm512_mul_ps(v[h], _mm512_set1_ps(id));
+        const __mmask16 pos = _mm512_cmp_ps_mask(r, _mm512_setzero_ps(), _CMP_GE_OQ);
+        const __m512 t = _mm512_add_ps(r, _mm512_mask_blend_ps(pos, _mm512_set1_ps(-0.5f), _mm512_set1_ps(0.5f)));
+        __m512i qi = _mm512_cvttps_epi32(t);
+        qi = _mm512_min_epi32(_mm512_max_epi32(qi, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(qi));
+        acc = _mm512_add_epi32(acc, qi);
+    }
+    *sum = _mm512_reduce_add_epi32(acc);
+    *d = amax / 127.f;
+}
+#endif
+
+/* Row mm of x to int8 blocks: xq [m, nblk * 32], d [m, nblk] and the per-group sums X [m, G] */
+static void quantize_row(const void *x, int x_bf16, int mm, int k, const int32_t *perm, int nblk,
+                         const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int fast) {
+    const float *xf = (const float *)x + (size_t)mm * k;
+    const uint16_t *xh = (const uint16_t *)x + (size_t)mm * k;
+    float *dm = d + (size_t)mm * nblk;
+    for (int g = 0; g < G; g++) {
+        float sum_g = 0.f;
+        for (int b = gstart[g]; b < gstart[g + 1]; b++) {
+            int8_t *q = xq + (size_t)mm * nblk * 32 + (size_t)b * 32;
+            int32_t s = 0;
+#if AFF_X86
+            if (fast && !perm && b * 32 + 32 <= k) {
+                quantize_block_avx512(x_bf16 ? (const void *)(xh + b * 32) : (const void *)(xf + b * 32), x_bf16, q,
+                                      &dm[b], &s);
+                sum_g += dm[b] * (float)s;
+                continue;
+            }
+#endif
             float v[32], amax = 0.f;
             for (int j = 0; j < 32; j++) {
                 const int col = b * 32 + j;
@@ -201,22 +239,29 @@ static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t
                 amax = fabsf(t) > amax ? fabsf(t) : amax;
             }
             const float id = amax > 0.f ? 127.f / amax : 0.f;
-            int8_t *q = xq + (size_t)mm * nblk * 32 + (size_t)b * 32;
-            int32_t s = 0;
             for (int j = 0; j < 32; j++) {
                 const float r = v[j] * id;   /* round half away from zero, without a libm call */
                 const int qi = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
                 q[j] = (int8_t)(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
                 s += q[j];
             }
-            asum[b] = s;
             dm[b] = amax / 127.f;
+            sum_g += dm[b] * (float)s;
         }
-        for (int g = 0; g < G; g++) {
-            float t = 0.f;
-            for (int b = gstart[g]; b < gstart[g + 1]; b++) t += dm[b] * (float)asum[b];
-            X[(size_t)mm * G + g] = t;
-        }
+        X[(size_t)mm * G + g] = sum_g;
+    }
+}
+
+#define PARALLEL_MIN_QUANT 65536   /* activations: below, one thread */
+
+static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t *perm, int nblk,
+                          const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int nthreads, int isa) {
+    const int fast = isa == ISA_AVX512VNNI;   /* the forced paths keep the portable loop (the same numbers) */
+    if (nthreads > 1 && m > 1 && (double)m * k >= PARALLEL_MIN_QUANT) {
+        #pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int mm = 0; mm < m; mm++) quantize_row(x, x_bf16, mm, k, perm, nblk, gstart, G, xq, d, X, fast);
+    } else {
+        for (int mm = 0; mm < m; mm++) quantize_row(x, x_bf16, mm, k, perm, nblk, gstart, G, xq, d, X, fast);
     }
 }
 
@@ -235,9 +280,8 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     int8_t *xq = (int8_t *)aligned_alloc(64, ((size_t)m * nblk * 32 + 63) / 64 * 64);
     float *d = (float *)malloc(sizeof(float) * (size_t)m * nblk);
     float *X = (float *)malloc(sizeof(float) * (size_t)m * G);
-    int32_t *asum = (int32_t *)malloc(sizeof(int32_t) * (size_t)nblk);
-    if (!xq || !d || !X || !asum) { free(xq); free(d); free(X); free(asum); return -1; }
-    quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, xq, d, X, asum);
+    if (!xq || !d || !X) { free(xq); free(d); free(X); return -1; }
+    quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, xq, d, X, nthreads, isa);
     aff_args a = {codes, bits, nblk, scales, zeros, gstart, G, xq, d, X, n, m, bias, y, y_bf16};
     tiles_fn fn = tiles_scalar;
 #if AFF_X86
@@ -256,7 +300,7 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
         #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int t = 0; t < ntasks; t++) fn(&a, t * per, (t + 1) * per < ntiles ? (t + 1) * per : ntiles);
     }
-    free(xq); free(d); free(X); free(asum);
+    free(xq); free(d); free(X);
     return isa;
 }
 
