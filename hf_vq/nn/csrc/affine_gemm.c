@@ -206,6 +206,36 @@ static void quantize_block_avx512(const void *src, int bf16, int8_t *q, float *d
     *sum = _mm512_reduce_add_epi32(acc);
     *d = amax / 127.f;
 }
+
+__attribute__((target("avx2,fma")))
+static void quantize_block_avx2(const void *src, int bf16, int8_t *q, float *d, int32_t *sum) {
+    __m256 v[4];
+    for (int h = 0; h < 4; h++)
+        v[h] = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                          _mm_loadu_si128((const __m128i *)((const uint16_t *)src + 8 * h))), 16))
+                    : _mm256_loadu_ps((const float *)src + 8 * h);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t qi[32];
+    for (int h = 0; h < 4; h++) {
+        const __m256 r = _mm256_mul_ps(v[h], _mm256_set1_ps(id));
+        const __m256 pos = _mm256_cmp_ps(r, _mm256_setzero_ps(), _CMP_GE_OQ);
+        const __m256 t = _mm256_add_ps(r, _mm256_blendv_ps(_mm256_set1_ps(-0.5f), _mm256_set1_ps(0.5f), pos));
+        __m256i i = _mm256_cvttps_epi32(t);
+        i = _mm256_min_epi32(_mm256_max_epi32(i, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+        _mm256_storeu_si256((__m256i *)(qi + 8 * h), i);
+    }
+    int32_t s = 0;
+    for (int j = 0; j < 32; j++) { q[j] = (int8_t)qi[j]; s += qi[j]; }
+    *sum = s;
+    *d = amax / 127.f;
+}
 #endif
 
 /* Row mm of x to int8 blocks: xq [m, nblk * 32], d [m, nblk] and the per-group sums X [m, G] */
@@ -221,8 +251,9 @@ static void quantize_row(const void *x, int x_bf16, int mm, int k, const int32_t
             int32_t s = 0;
 #if AFF_X86
             if (fast && !perm && b * 32 + 32 <= k) {
-                quantize_block_avx512(x_bf16 ? (const void *)(xh + b * 32) : (const void *)(xf + b * 32), x_bf16, q,
-                                      &dm[b], &s);
+                const void *src = x_bf16 ? (const void *)(xh + b * 32) : (const void *)(xf + b * 32);
+                if (fast == 2) quantize_block_avx512(src, x_bf16, q, &dm[b], &s);
+                else quantize_block_avx2(src, x_bf16, q, &dm[b], &s);
                 sum_g += dm[b] * (float)s;
                 continue;
             }
@@ -256,7 +287,8 @@ static void quantize_row(const void *x, int x_bf16, int mm, int k, const int32_t
 
 static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t *perm, int nblk,
                           const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int nthreads, int isa) {
-    const int fast = isa == ISA_AVX512VNNI;   /* the forced paths keep the portable loop (the same numbers) */
+    /* vector code on full blocks for the vector paths (the same numbers as the portable loop) */
+    const int fast = isa == ISA_AVX512VNNI ? 2 : (isa == ISA_AVX2 || isa == ISA_AVXVNNI);
     if (nthreads > 1 && m > 1 && (double)m * k >= PARALLEL_MIN_QUANT) {
         #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int mm = 0; mm < m; mm++) quantize_row(x, x_bf16, mm, k, perm, nblk, gstart, G, xq, d, X, fast);
