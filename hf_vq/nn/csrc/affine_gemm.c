@@ -37,8 +37,8 @@
 #define PARALLEL_MIN_MACS 4194304.0   /* 4M multiply-adds: below, one thread (SmolLM2's decode layers) */
 #define INLINE static inline __attribute__((always_inline))
 /* codes are read as one stream; prefetching it this far ahead as non-temporal keeps a decode token's weights from
-   evicting what the rest of the token works on (measured: ~0.3 ms of a SmolLM2 token) */
-#define PREFETCH_AHEAD 4096
+   evicting what the rest of the token works on (a SmolLM2 token: ~0.3 ms faster; a cold 4096 x 4096 layer: 30 -> 34 GB/s) */
+#define PREFETCH_AHEAD 8192
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4 };
 

@@ -41,7 +41,7 @@
 #define INLINE static inline __attribute__((always_inline))
 /* the indices are read as one stream; prefetching it this far ahead as non-temporal keeps a decode token's weights
    from evicting what the rest of the token works on */
-#define PREFETCH_AHEAD 4096
+#define PREFETCH_AHEAD 8192
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4, ISA_AVX512VBMI = 5 };
 
