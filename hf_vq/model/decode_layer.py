@@ -12,6 +12,8 @@ norms, another MLP, a scaled residual) keeps its own forward."""
 
 from __future__ import annotations
 
+from operator import is_
+
 import torch
 from torch import nn
 
@@ -74,6 +76,8 @@ class DecodeStepLayer:
         return plan.step(h, cache, cos.view(1, -1), sin.view(1, -1), kw)
 
 
+_MISSING = object()
+
 # keyword arguments of the layer that are not the attention's (the rest go on to cache.update, as transformers does)
 _NOT_ATTENTION_KWARGS = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache",
                                    "past_key_values"})
@@ -88,6 +92,7 @@ class LayerPlan:
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.attn, self.act = attn, mlp.act_fn
+        self.config_dict = attn.config.__dict__
         self.epoch = kernel_registry.epoch()
         self.D, self.idx, self.scale = attn.head_dim, attn.layer_idx, attn.scaling
         self.hq, self.hk = attn.q_proj.out_features // self.D, attn.k_proj.out_features // self.D
@@ -114,6 +119,7 @@ class LayerPlan:
         plan.o_kernel, plan.down_kernel = plan.kernels.get(attn.o_proj), plan.kernels.get(mlp.down_proj)
         if plan.rope is None or None in (plan.norm1, plan.norm2, plan.qkv, plan.gate_up, plan.o, plan.down):
             return None
+        plan.item_dicts, plan.item_keys, plan.item_values = zip(*plan.items)
         plan.native = plan._native(layer, dtype)
         plan.isa_env = getenv(ISA_ENV, "auto")
         plan.epoch = kernel_registry.epoch()   # after the lookups above, which may prepare states
@@ -143,12 +149,14 @@ class LayerPlan:
 
     def valid(self) -> bool:
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
-        if kernel_registry.epoch() != self.epoch:
+        if kernel_registry.epoch() != self.epoch or getenv(ISA_ENV, "auto") != self.isa_env:
             return False
-        for d, key, value in self.items:
-            if d.get(key) is not value:
-                return False
-        return self.attn.config._attn_implementation == NAME and getenv(ISA_ENV, "auto") == self.isa_env
+        if not all(map(is_, map(dict.get, self.item_dicts, self.item_keys), self.item_values)):
+            return False
+        # the config's attribute behind its _attn_implementation property, read without transformers'
+        # __getattribute__ (a few microseconds per layer); through the property where that attribute is not there
+        impl = self.config_dict.get("_attn_implementation_internal", _MISSING)
+        return (impl if impl is not _MISSING else self.attn.config._attn_implementation) == NAME
 
     def hooked(self) -> bool:
         """Whether a module whose forward the step leaves out has forward hooks (they must run)."""
