@@ -1,14 +1,15 @@
-"""Decoder layers whose decode step (one position, on CPU) runs as a short sequence of kernel calls.
+"""Decoder layers whose decode step (one position, batch 1, on CPU) runs in two C calls, or a short list of kernels.
 
-A Llama-family decoder layer on one position computes little: two RMSNorms, the attention (see
-hf_vq.model.decode_step), two residual additions and a gated MLP. Through transformers' modules, a decode token
-still pays for about a dozen module calls per layer, each with its checks and dispatch. :func:`adopt_decode_layer`
-gives such a layer a forward that, for a decode step, calls the norms' forwards, the attention's decode step and the
-MLP's projections directly: gate and up in one kernel call when they are grouped (hf_vq.nn.shared_input), then
-``act(gate) * up`` and down. Every other call (prefill, gradients, training, compile, hooks, arguments it does not
-know) runs the layer's own forward. As for the attention, a layer is adopted only after its own forward and the
-decode step give the same output and cache on a test step, checked at its first decode step, so a variant (extra
-norms, another MLP, a scaled residual) keeps its own forward."""
+A Llama-family decoder layer on one position computes little: two RMSNorms, the attention, two residual additions
+and a gated MLP. Through transformers' modules a decode token still pays for about a dozen module calls per layer,
+each with its checks and dispatch, and on a small model that costs as much as the arithmetic.
+:func:`adopt_decode_layer` gives such a layer a forward that, for a decode step, runs a :class:`LayerPlan` looked up
+once: when every part has a native kernel, the whole layer in two C calls around the cache's own ``update``
+(hf_vq.nn.kernel_native_layer); else the norms', projections' (q/k/v and gate/up joined, hf_vq.nn.shared_input),
+rotary and attention kernels one call each. Every other call (prefill, batches, gradients, training, compile, hooks,
+arguments it does not know) runs the layer's own forward. As for the attention (hf_vq.model.decode_step), a layer is
+adopted only after its own forward and the decode step give the same output and cache on a test step, checked at
+its first decode step, so a variant (extra norms, another MLP, q/k norms, a scaled residual) keeps its own forward."""
 
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ from operator import is_
 
 import torch
 from torch import nn
-
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
-from hf_vq.model.decode_step import KNOWN_KWARGS, trial_step
+from hf_vq.model.decode_step import KNOWN_KWARGS, split_rotated, verify_step
 from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import KernelDispatch, with_mixin
@@ -231,43 +231,14 @@ class LayerPlan:
 
     def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Norm, q/k/v projections (one call) and q/k rotation through separate kernels."""
-        D, hq, hk = self.D, self.hq, self.hk
         run, w, eps = self.norm1
         x = run(w, h, eps)
-        run, state, group, ((sq, nq), (sk, nk), (sv, nv)) = self.qkv
-        y = run(state, x, group.fused_bias())
-        rope = self.rope.run
-        if sk == sq + nq:   # q and k adjacent: one rotation call over all their heads
-            qk = rope(y[..., sq:sk + nk].view(1, -1, D), cos, sin)
-            q, k = qk[:, :hq], qk[:, hq:]
-        else:
-            q, k = rope(y[..., sq:sq + nq].view(1, -1, D), cos, sin), rope(y[..., sk:sk + nk].view(1, -1, D), cos, sin)
-        return q.view(1, hq, 1, D), k.view(1, hk, 1, D), y[..., sv:sv + nv].view(1, 1, hk, D).transpose(1, 2)
+        run, state, group, parts = self.qkv
+        return split_rotated(run(state, x, group.fused_bias()), parts, 1, self.D, self.rope.run, cos, sin)
 
 
 def _verify(layer: nn.Module, dtype: torch.dtype) -> bool:
-    """Compare the layer's own forward and the decode step on a test step; keep the decode step only if they agree
-    (else the layer gets its own class back)."""
-    own = layer.hf_vq_own_class
-    attn = layer.self_attn
-    layer.hf_vq_decode_checked = None   # the own forward, for the reference
-    try:
-        want = trial_step(attn, dtype, lambda **kw: own.forward(layer, **kw))
-        layer.hf_vq_decode_checked = True
-        got = trial_step(attn, dtype, layer.forward)
-    except Exception:   # noqa: BLE001  (a layer that the test step does not fit keeps its own forward)
-        got = None
-    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
-    same = got is not None and all(
-        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-        and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
-        for a, b in zip(got, want))
-    if not same:
-        layer.__class__ = own
-        del layer.hf_vq_decode_checked, layer.hf_vq_own_class
-        layer.__dict__.pop("hf_vq_plan", None)
-        layer.__dict__.pop("hf_vq_plan_refused", None)
-    return same
+    return verify_step(layer, layer.self_attn, dtype, forget=("hf_vq_plan", "hf_vq_plan_refused"))
 
 
 def adopt_decode_layer(layer: nn.Module) -> bool:

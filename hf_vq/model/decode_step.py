@@ -91,16 +91,20 @@ def _rotated_qkv(attn: nn.Module, x: torch.Tensor, B: int, D: int, rope, cos, si
         k = rope.run(attn.k_proj(x).view(B, -1, D), cos, sin)
         v = attn.v_proj(x).view(B, 1, -1, D).transpose(1, 2)
         return q.view(B, -1, 1, D), k.view(B, -1, 1, D), v
-    sq, sk, sv = group.starts
-    nq, nk = members[0].out_features, members[1].out_features
+    return split_rotated(y, [(st, m.out_features) for st, m in zip(group.starts, members)], B, D, rope.run, cos, sin)
+
+
+def split_rotated(y: torch.Tensor, parts, B: int, D: int, rope, cos, sin):
+    """q [B, Hq, 1, D] and k [B, Hkv, 1, D], rotated by ``rope`` (a rotary kernel's run), and v [B, Hkv, 1, D] from
+    the joined q/k/v output ``y`` [B, 1, N] whose parts are ``[(first column, columns)]`` for q, k, v. q and k side
+    by side rotate in one call."""
+    (sq, nq), (sk, nk), (sv, nv) = parts
     if sk == sq + nq:   # q and k adjacent: one rotation call over all their heads
-        qk = rope.run(y[..., sq:sk + nk].view(B, -1, D), cos, sin)
+        qk = rope(y[..., sq:sk + nk].view(B, -1, D), cos, sin)
         q, k = qk[:, :nq // D], qk[:, nq // D:]
     else:
-        q = rope.run(y[..., sq:sq + nq].view(B, -1, D), cos, sin)
-        k = rope.run(y[..., sk:sk + nk].view(B, -1, D), cos, sin)
-    v = y[..., sv:sv + members[2].out_features].view(B, 1, -1, D).transpose(1, 2)
-    return q.view(B, -1, 1, D), k.view(B, -1, 1, D), v
+        q, k = rope(y[..., sq:sq + nq].view(B, -1, D), cos, sin), rope(y[..., sk:sk + nk].view(B, -1, D), cos, sin)
+    return q.view(B, -1, 1, D), k.view(B, -1, 1, D), y[..., sv:sv + nv].view(B, 1, -1, D).transpose(1, 2)
 
 
 def trial_step(module: nn.Module, dtype: torch.dtype, forward):
@@ -125,26 +129,36 @@ def trial_step(module: nn.Module, dtype: torch.dtype, forward):
     return out, layer.keys, layer.values
 
 
-def _verify(module: nn.Module, dtype: torch.dtype) -> bool:
-    """Compare the module's own forward and the decode forward on a test step; keep the decode forward only if they
-    agree (else the module gets its own class back)."""
+def verify_step(module: nn.Module, attn: nn.Module, dtype: torch.dtype, output=lambda out: out,
+                forget: tuple[str, ...] = ()) -> bool:
+    """Compare ``module``'s own forward and its decode forward on a trial step (``attn``: the attention module whose
+    cache it fills; ``output`` picks the hidden states from what the forward returns); keep the decode forward only
+    if the outputs and the caches agree, else the module gets its own class back (and loses the ``forget``
+    attributes)."""
     own = module.hf_vq_own_class
     module.hf_vq_decode_checked = None   # the own forward, for the reference
     try:
-        want = trial_step(module, dtype, lambda **kw: own.forward(module, **kw))
+        want = trial_step(attn, dtype, lambda **kw: own.forward(module, **kw))
         module.hf_vq_decode_checked = True
-        got = trial_step(module, dtype, module.forward)
-        want, got = (want[0][0], *want[1:]), (got[0][0], *got[1:])   # the attention output, the cache
-    except Exception:   # noqa: BLE001  (a forward that the test step does not fit keeps its own forward)
+        got = trial_step(attn, dtype, module.forward)
+        want, got = (output(want[0]), *want[1:]), (output(got[0]), *got[1:])
+    except Exception:   # noqa: BLE001  (a forward that the trial step does not fit keeps its own forward)
         got = None
     tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
     same = got is not None and all(
-        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+        and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
         for a, b in zip(got, want))
     if not same:
         module.__class__ = own
         del module.hf_vq_decode_checked, module.hf_vq_own_class
+        for name in forget:
+            module.__dict__.pop(name, None)
     return same
+
+
+def _verify(module: nn.Module, dtype: torch.dtype) -> bool:
+    return verify_step(module, module, dtype, output=lambda out: out[0])   # (attention output, weights)
 
 
 def adopt_attention(module: nn.Module) -> bool:
