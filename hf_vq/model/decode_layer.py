@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
-from hf_vq.model.decode_step import KNOWN_KWARGS, split_rotated, verify_step
+from hf_vq.model.decode_step import DecodeStepForward, split_rotated, verify_step
 from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import KernelDispatch, with_mixin
@@ -32,20 +32,10 @@ _NORMS = ("input_layernorm", "post_attention_layernorm")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-class DecodeStepLayer:
+class DecodeStepLayer(DecodeStepForward):
     """Mixed in front of a transformers decoder layer class (see the module docstring)."""
 
-    def forward(self, *args, **kwargs):
-        if len(args) <= 1 and kwargs.keys() <= KNOWN_KWARGS:
-            h = args[0] if args else kwargs.get("hidden_states")
-            out = None if h is None else self._decode_layer_step(h, kwargs)
-            if out is not None:
-                return out
-            if not isinstance(self, DecodeStepLayer):   # the first decode step's comparison handed it back
-                return self.forward(*args, **kwargs)
-        return super().forward(*args, **kwargs)
-
-    def _decode_layer_step(self, h: torch.Tensor, kw: dict) -> torch.Tensor | None:
+    def _decode_step(self, h: torch.Tensor, kw: dict) -> torch.Tensor | None:
         checked = self.__dict__.get("hf_vq_decode_checked")
         if not checked:
             if checked is None or not _verify(self, h.dtype):

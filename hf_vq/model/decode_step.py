@@ -24,8 +24,9 @@ KNOWN_KWARGS = frozenset({"hidden_states", "position_embeddings", "attention_mas
                     "position_ids", "use_cache", "cache_position", "output_attentions"})
 
 
-class DecodeStepAttention:
-    """Mixed in front of a transformers attention class (see the module docstring)."""
+class DecodeStepForward:
+    """The forward of a module adopted in place with a decode step: ``_decode_step(hidden_states, kwargs)`` returns
+    the output, or None for a call it does not serve (then the module's own forward runs)."""
 
     def forward(self, *args, **kwargs):
         if len(args) <= 1 and kwargs.keys() <= KNOWN_KWARGS:
@@ -33,9 +34,13 @@ class DecodeStepAttention:
             out = None if x is None else self._decode_step(x, kwargs)
             if out is not None:
                 return out
-            if not isinstance(self, DecodeStepAttention):   # the first decode step's comparison handed it back
+            if not isinstance(self, DecodeStepForward):   # the first decode step's comparison handed it back
                 return self.forward(*args, **kwargs)
         return super().forward(*args, **kwargs)
+
+
+class DecodeStepAttention(DecodeStepForward):
+    """Mixed in front of a transformers attention class (see the module docstring)."""
 
     def _decode_step(self, x: torch.Tensor, kw: dict):
         checked = self.__dict__.get("hf_vq_decode_checked")
