@@ -129,7 +129,7 @@ def test_a_gptvq_layer_step_gives_the_layer_s_own_tokens(tmp_path, calib_ids):
     ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     fast, seq = decode_logits(model, ids, steps=5)
     plan = model.model.layers[0].hf_vq_plan
-    assert isinstance(plan.native, kernel_native_layer.NativeLayer) and plan.qkv[2].kernel.name == "native-vq-int8"
+    assert isinstance(plan.native, kernel_native_layer.NativeLayer) and plan.qkv[0][0].kernel.name == "native-vq-int8"
     own, own_seq = decode_logits(own_layers(model), ids, steps=5)
     assert torch.equal(seq, own_seq)
     assert torch.allclose(fast, own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))
@@ -161,3 +161,22 @@ def test_with_gradients_enabled_the_layer_runs_its_own_forward(tmp_path):
     model(ids[:, :1], cache=cache, use_cache=True).logits.sum().backward()
     bias = model.model.layers[0].self_attn.q_proj.bias
     assert bias.grad is not None and bool(bias.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("step", ["native layer", "separate kernels"])
+def test_projections_of_different_widths_get_the_layer_step_one_call_each(tmp_path, step):
+    # mixed precision: k_proj and up_proj at 8 bits cannot join their 4-bit siblings; each keeps its own call
+    cfg = hf_vq.RTNConfig(**RTN, module_overrides={r".*k_proj": {"bits": 8}, r".*up_proj": {"bits": 8}})
+    path = tiny_llama(tmp_path, **SHAPES["padded"])
+    model = load(path, quantization_config=cfg)
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids, steps=5)
+    plan = model.model.layers[1].hf_vq_plan
+    assert len(plan.qkv[0]) == 3 and len(plan.gate_up[0]) == 2
+    assert isinstance(plan.native, kernel_native_layer.NativeLayer)
+    if step == "separate kernels":
+        separate_kernels(model)
+        fast, seq = decode_logits(model, ids, steps=5)
+    own, own_seq = decode_logits(own_layers(model), ids, steps=5)
+    assert torch.equal(seq, own_seq)
+    assert torch.allclose(fast, own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))

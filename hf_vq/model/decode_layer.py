@@ -91,7 +91,6 @@ class LayerPlan:
         # the forward (pre-)hook dicts of those modules (torch adds to and removes from them in place)
         self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.items: list[tuple] = []   # (dict, key, value): stale once dict.get(key) is not value
-        self.kernels: dict = {}       # the kernel of each projection called on its own
 
     @classmethod
     def build(cls, layer: nn.Module, dtype: torch.dtype) -> "LayerPlan | None":
@@ -103,10 +102,9 @@ class LayerPlan:
         plan.rope = rope_kernel(probe)
         plan.norm1 = plan._norm(layer.input_layernorm, dtype)
         plan.norm2 = plan._norm(layer.post_attention_layernorm, dtype)
-        plan.qkv = plan._joined((attn.q_proj, attn.k_proj, attn.v_proj))
-        plan.gate_up = plan._joined((mlp.gate_proj, mlp.up_proj))
+        plan.qkv = plan._projections((attn.q_proj, attn.k_proj, attn.v_proj))
+        plan.gate_up = plan._projections((mlp.gate_proj, mlp.up_proj))
         plan.o, plan.down = plan._single(attn.o_proj), plan._single(mlp.down_proj)
-        plan.o_kernel, plan.down_kernel = plan.kernels.get(attn.o_proj), plan.kernels.get(mlp.down_proj)
         if plan.rope is None or None in (plan.norm1, plan.norm2, plan.qkv, plan.gate_up, plan.o, plan.down):
             return None
         plan.item_dicts, plan.item_keys, plan.item_values = zip(*plan.items)
@@ -121,21 +119,23 @@ class LayerPlan:
         chosen = kernel_registry.candidates("decode_layer", "cpu", 1)
         if not chosen or chosen[0].prepare(dtype) is None or type(self.act).__name__ not in ("SiLU", "SiLUActivation"):
             return None
-        (_, qkv_state, qkv_group, qkv_parts), (_, gu_state, gu_group, gu_parts) = self.qkv, self.gate_up
-        if gu_group.has_bias or self.o[2] is not None or self.down[2] is not None or gu_parts[0][1] != gu_parts[1][1]:
+        (qkv_calls, qkv_parts, qkv_n), (gu_calls, gu_parts, gu_n) = self.qkv, self.gate_up
+        # only a joined q/k/v's bias (fp32, refreshed at each step); the gate and up of one width
+        if (any(c.has_bias for c in gu_calls + [self.o, self.down]) or (len(qkv_calls) > 1 and any(
+                c.has_bias for c in qkv_calls)) or gu_parts[0][1] != gu_parts[1][1]):
             return None
-        kernels = [qkv_group.kernel, self.o_kernel, gu_group.kernel, self.down_kernel]
-        states = [qkv_state, self.o[1], gu_state, self.down[1]]
-        calls = [None if k.projection is None else k.projection(st) for k, st in zip(kernels, states)]
-        if any(c is None for c in calls):
+        calls = qkv_calls + [self.o] + gu_calls + [self.down]
+        exported = [None if c.kernel.projection is None else c.kernel.projection(c.state) for c in calls]
+        if any(e is None for e in exported):
             return None
-        projections = [kernel_native_layer.Projection(*c, None) for c in calls]
-        projections[0].bias = qkv_group.fused_bias()
+        projections = [kernel_native_layer.Projection(*e, c.bias() if c.has_bias else None)
+                       for e, c in zip(exported, calls)]
+        nq, ng = len(qkv_calls), len(gu_calls)
         return kernel_native_layer.build(
             dtype, layer.input_layernorm.weight.shape[0], self.D, self.hq, self.hk, self.scale,
-            (self.norm1[1:], self.norm2[1:]), projections[0], tuple(st for st, _ in qkv_parts), qkv_state.n,
-            projections[1], projections[2], tuple(st for st, _ in gu_parts), gu_state.n, gu_parts[0][1],
-            projections[3])
+            (self.norm1[1:], self.norm2[1:]), projections[:nq], tuple(st for st, _ in qkv_parts), qkv_n,
+            projections[nq], projections[nq + 1:nq + 1 + ng], tuple(st for st, _ in gu_parts), gu_n, gu_parts[0][1],
+            projections[-1])
 
     def valid(self) -> bool:
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
@@ -163,43 +163,53 @@ class LayerPlan:
     def _watch(self, m: nn.Module) -> None:
         self.items += [(m._buffers, m.source_buffer, m.kernel_source()), (m._parameters, "bias", m.bias)]
 
-    def _single(self, m: nn.Module):
-        """(run, state, bias) of one projection, or None."""
+    def _single(self, m: nn.Module) -> "_Call | None":
         if not isinstance(m, KernelDispatch):
             return None
         binding = m.kernel_binding(1)
         if binding is None:
             return None
         self._watch(m)
-        self.kernels[m] = binding[0]
-        return binding[0].run, binding[1], m.bias
+        return _Call(binding[0], binding[1], module=m)
 
-    def _joined(self, members: tuple):
-        """(run, joined state, group, [(first column, columns)] per member) of projections that read the same
-        input and form a group (hf_vq.nn.shared_input), or None."""
+    def _projections(self, members: tuple):
+        """([calls], [(first column, columns)] per member, columns in all) of projections that read the same input:
+        one call when they form a group (hf_vq.nn.shared_input), else one call each, side by side; None when one
+        has no kernel."""
         shared = members[0]._shared_input if isinstance(members[0], KernelDispatch) else None
         group = shared[0] if shared is not None else None
-        if group is None or tuple(group.modules) != members:
+        binding = group.binding("cpu") if group is not None and tuple(group.modules) == members else None
+        if binding is not None:
+            for m in members:
+                self._watch(m)
+            parts = [(st, m.out_features) for st, m in zip(group.starts, members)]
+            return [_Call(binding[0], binding[1], group=group)], parts, binding[1].n
+        calls = [self._single(m) for m in members]
+        if any(c is None for c in calls):
             return None
-        binding = group.binding("cpu")
-        if binding is None:
-            return None
-        for m in members:
-            self._watch(m)
-        return binding[0].run, binding[1], group, [(st, m.out_features) for st, m in zip(group.starts, members)]
+        starts = [sum(m.out_features for m in members[:i]) for i in range(len(members))]
+        return calls, [(st, m.out_features) for st, m in zip(starts, members)], sum(m.out_features for m in members)
+
+    def _run(self, projections, x: torch.Tensor) -> torch.Tensor:
+        calls, _, _ = projections
+        if len(calls) == 1:
+            return calls[0](x)
+        return torch.cat([c(x) for c in calls], dim=-1)
 
     def step(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, kw: dict) -> torch.Tensor:
         """The layer's output for one decode position ``h`` [1, 1, hidden]; cos/sin [1, head_dim]."""
         native = self.native
         if native is not None:
-            group = self.qkv[2]
-            if group.has_bias:
-                bias = group.fused_bias()
-                if bias is not native.keep[0]:
-                    native.set_qkv_bias(bias)
+            first = self.qkv[0][0]
+            if first.has_bias:
+                bias = first.bias()
+                if bias is not native.q_bias:
+                    native.set_q_bias(bias)
             q, k, v = kernel_native_layer.pre(native, h, cos, sin)
         else:
-            q, k, v = self._qkv(h, cos, sin)
+            run, w, eps = self.norm1
+            q, k, v = split_rotated(self._run(self.qkv, run(w, h, eps)), self.qkv[1], 1, self.D, self.rope.run, cos,
+                                    sin)
         rest = {n: a for n, a in kw.items() if n not in _NOT_ATTENTION_KWARGS}
         keys, values = cache.update(k, v, self.idx, kwargs=rest)
         mask = kw.get("attention_mask")
@@ -210,21 +220,27 @@ class LayerPlan:
         out = decode_attention(q, keys, values, mask, self.scale)
         if out is None:
             out, _ = sdpa_with_decode_kernel(self.attn, q, keys, values, mask, dropout=0.0, scaling=self.scale, **rest)
-        run, state, bias = self.o
-        h = h + run(state, out.view(1, 1, -1), bias)
+        h = h + self.o(out.view(1, 1, -1))
         run, w, eps = self.norm2
-        x = run(w, h, eps)
-        run, state, group, ((sg, ng), (su, nu)) = self.gate_up
-        y = run(state, x, group.fused_bias())
-        run, state, bias = self.down
-        return h + run(state, self.act(y[..., sg:sg + ng]) * y[..., su:su + nu], bias)
+        y = self._run(self.gate_up, run(w, h, eps))
+        (sg, ng), (su, nu) = self.gate_up[1]
+        return h + self.down(self.act(y[..., sg:sg + ng]) * y[..., su:su + nu])
 
-    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Norm, q/k/v projections (one call) and q/k rotation through separate kernels."""
-        run, w, eps = self.norm1
-        x = run(w, h, eps)
-        run, state, group, parts = self.qkv
-        return split_rotated(run(state, x, group.fused_bias()), parts, 1, self.D, self.rope.run, cos, sin)
+
+class _Call:
+    """One kernel call of a plan: a projection, or a group of them joined (its bias is the group's)."""
+
+    __slots__ = ("kernel", "state", "group", "module", "has_bias")
+
+    def __init__(self, kernel, state, group=None, module=None):
+        self.kernel, self.state, self.group, self.module = kernel, state, group, module
+        self.has_bias = group.has_bias if group is not None else module.bias is not None
+
+    def bias(self) -> torch.Tensor | None:
+        return self.group.fused_bias() if self.group is not None else self.module.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.run(self.state, x, self.bias())
 
 
 def _verify(layer: nn.Module, dtype: torch.dtype) -> bool:

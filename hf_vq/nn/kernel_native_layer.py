@@ -30,7 +30,7 @@ class _Projection(ctypes.Structure):
 class _Layer(ctypes.Structure):
     """csrc/decode_layer.c's dl_layer."""
 
-    _fields_ = ([(n, _Projection) for n in ("qkv", "o", "gate_up", "down")]
+    _fields_ = ([(n, _Projection) for n in ("q", "k", "v", "o", "gate", "up", "down")]
                 + [(n, ctypes.c_void_p) for n in ("norm1", "norm2")]
                 + [(n, ctypes.c_float) for n in ("eps1", "eps2", "scale")]
                 + [(n, ctypes.c_int32) for n in ("bf16", "hidden", "D", "hq", "hk", "sq", "sk", "sv", "sg", "su",
@@ -73,10 +73,12 @@ class NativeLayer:
     D: int
     qkv_n: int
     sv: int
+    q_bias: torch.Tensor | None = None
 
-    def set_qkv_bias(self, bias: torch.Tensor | None) -> None:
-        self.layer.qkv.bias = 0 if bias is None else bias.data_ptr()
-        self.keep[0] = bias
+    def set_q_bias(self, bias: torch.Tensor | None) -> None:
+        """A new bias of the q (or joined q/k/v) projection."""
+        self.layer.q.bias = 0 if bias is None else bias.data_ptr()
+        self.q_bias = bias
 
 
 def prepare(dtype: torch.dtype, **_facts) -> bool | None:
@@ -84,22 +86,28 @@ def prepare(dtype: torch.dtype, **_facts) -> bool | None:
     return True if dtype in DTYPES and LIBRARY.load() is not None else None
 
 
-def build(dtype: torch.dtype, hidden: int, D: int, hq: int, hk: int, scale: float, norms: tuple, qkv: Projection,
-          qkv_starts: tuple[int, int, int], qkv_n: int, o: Projection, gate_up: Projection,
-          gate_up_starts: tuple[int, int], gate_up_n: int, inter: int, down: Projection) -> NativeLayer | None:
-    """The C context of one layer; norms: ((weight, eps), (weight, eps)) in ``dtype``. None when the kernel cannot
-    serve it (no library, another dtype, head dimension above 512)."""
-    if prepare(dtype) is None or D > MAX_HEAD_DIM or D % 2:
+def build(dtype: torch.dtype, hidden: int, D: int, hq: int, hk: int, scale: float, norms: tuple,
+          qkv: list[Projection], qkv_starts: tuple[int, int, int], qkv_n: int, o: Projection,
+          gate_up: list[Projection], gate_up_starts: tuple[int, int], gate_up_n: int, inter: int,
+          down: Projection) -> NativeLayer | None:
+    """The C context of one layer. qkv: one projection writing q, k and v side by side at ``qkv_starts`` (of
+    ``qkv_n`` columns), or one each; gate_up likewise. norms: ((weight, eps), (weight, eps)) in ``dtype``. None when
+    the kernel cannot serve it (no library, another dtype, an odd head dimension or one above 512)."""
+    if prepare(dtype) is None or D > MAX_HEAD_DIM or D % 2 or len(qkv) not in (1, 3) or len(gate_up) not in (1, 2):
         return None
     (w1, eps1), (w2, eps2) = norms
+    none = _Projection(0, 0, 0, 0)
 
-    def proj(p: Projection) -> _Projection:
-        return _Projection(p.fn, p.ctx, 0 if p.bias is None else p.bias.data_ptr(), p.isa)
+    def proj(p: Projection | None) -> _Projection:
+        return none if p is None else _Projection(p.fn, p.ctx, 0 if p.bias is None else p.bias.data_ptr(), p.isa)
 
-    layer = _Layer(proj(qkv), proj(o), proj(gate_up), proj(down), w1.data_ptr(), w2.data_ptr(), eps1, eps2, scale,
-                   dtype is torch.bfloat16, hidden, D, hq, hk, *qkv_starts, *gate_up_starts, inter, gate_up_n)
-    keep = [qkv.bias, qkv.keep, o.keep, gate_up.keep, down.keep, o.bias, gate_up.bias, down.bias, w1, w2]
-    return NativeLayer(layer, keep, dtype, hq, hk, D, qkv_n, qkv_starts[2])
+    q, k, v = (qkv + [None, None])[:3]
+    gate, up = (gate_up + [None])[:2]
+    layer = _Layer(proj(q), proj(k), proj(v), proj(o), proj(gate), proj(up), proj(down), w1.data_ptr(),
+                   w2.data_ptr(), eps1, eps2, scale, dtype is torch.bfloat16, hidden, D, hq, hk, *qkv_starts,
+                   *gate_up_starts, inter, gate_up_n)
+    keep = qkv + gate_up + [o, down, w1, w2]
+    return NativeLayer(layer, keep, dtype, hq, hk, D, qkv_n, qkv_starts[2], qkv[0].bias)
 
 
 def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -20,15 +20,21 @@ typedef struct {
     proj_fn fn; const void *ctx; const float *bias; int32_t isa;
 } dl_proj;
 
+/* q/k/v (and gate/up) are one projection writing all of them side by side (k.fn and v.fn, up.fn NULL), or one
+   projection each, writing at its first column */
 typedef struct {
-    dl_proj qkv, o, gate_up, down;
+    dl_proj q, k, v, o, gate, up, down;
     const void *norm1, *norm2;       /* RMSNorm weights, the hidden states' dtype */
     float eps1, eps2, scale;
     int32_t bf16, hidden, D, hq, hk;
-    int32_t sq, sk, sv;              /* first columns of q, k, v in the joined q/k/v output */
-    int32_t sg, su, inter;           /* first columns of gate and up in the joined output; their width */
-    int32_t gu_n;                    /* width of the joined gate/up output */
+    int32_t sq, sk, sv;              /* first columns of q, k, v in the q/k/v output */
+    int32_t sg, su, inter;           /* first columns of gate and up in the gate/up output; their width */
+    int32_t gu_n;                    /* width of the gate/up output */
 } dl_layer;
+
+static inline int project(const dl_proj *p, const void *x, int bf16, void *y, int nthreads) {
+    return p->fn(p->ctx, x, bf16, y, p->bias, nthreads, p->isa);
+}
 
 static inline float load_at(const void *p, size_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -54,14 +60,20 @@ static void silu_mul(const void *g, const void *u, void *out, int n, int bf16) {
     }
 }
 
-/* h [hidden] -> y [joined q/k/v width] and qk [hq + hk, D] (q's heads, then k's, rotated by cos/sin [D]).
+/* h [hidden] -> y [q/k/v width] and qk [hq + hk, D] (q's heads, then k's, rotated by cos/sin [D]).
    Returns 0, or < 0 when a kernel refused. */
 int layer_pre(const dl_layer *L, const void *h, const void *cos, const void *sin, void *y, void *qk, int nthreads) {
     const size_t e = L->bf16 ? 2 : 4;
     void *x = malloc(e * (size_t)L->hidden);
     if (!x) return -1;
     int rc = rms_norm(h, L->bf16, 1, L->hidden, L->norm1, L->eps1, x);
-    if (rc >= 0) rc = L->qkv.fn(L->qkv.ctx, x, L->bf16, y, L->qkv.bias, nthreads, L->qkv.isa);
+    if (rc >= 0) {
+        char *yb = (char *)y;
+        if (!L->k.fn) rc = project(&L->q, x, L->bf16, y, nthreads);
+        else if ((rc = project(&L->q, x, L->bf16, yb + e * (size_t)L->sq, nthreads)) >= 0
+                 && (rc = project(&L->k, x, L->bf16, yb + e * (size_t)L->sk, nthreads)) >= 0)
+            rc = project(&L->v, x, L->bf16, yb + e * (size_t)L->sv, nthreads);
+    }
     free(x);
     if (rc < 0) return -1;
     const char *yb = (const char *)y;
@@ -85,15 +97,19 @@ int layer_post(const dl_layer *L, const void *h, const void *q, int len, const v
     void *gu = (char *)x + e * H, *m = (char *)gu + e * (size_t)L->gu_n;
     int rc = decode_attention(q, L->bf16, 1, L->hq, L->hk, L->D, len, 0, L->D, keys, 0, ksh, ksl, values, 0, vsh, vsl,
                               mask, 0, msh, msl, L->scale, a, nthreads);
-    if (rc >= 0) rc = L->o.fn(L->o.ctx, a, L->bf16, t, L->o.bias, nthreads, L->o.isa);
+    if (rc >= 0) rc = project(&L->o, a, L->bf16, t, nthreads);
     if (rc >= 0) {
         add_rows(h, t, h1, H, L->bf16);
         rc = rms_norm(h1, L->bf16, 1, H, L->norm2, L->eps2, x);
     }
-    if (rc >= 0) rc = L->gate_up.fn(L->gate_up.ctx, x, L->bf16, gu, L->gate_up.bias, nthreads, L->gate_up.isa);
+    if (rc >= 0) {
+        if (!L->up.fn) rc = project(&L->gate, x, L->bf16, gu, nthreads);
+        else if ((rc = project(&L->gate, x, L->bf16, (char *)gu + e * (size_t)L->sg, nthreads)) >= 0)
+            rc = project(&L->up, x, L->bf16, (char *)gu + e * (size_t)L->su, nthreads);
+    }
     if (rc >= 0) {
         silu_mul((char *)gu + e * (size_t)L->sg, (char *)gu + e * (size_t)L->su, m, L->inter, L->bf16);
-        rc = L->down.fn(L->down.ctx, m, L->bf16, t, L->down.bias, nthreads, L->down.isa);
+        rc = project(&L->down, m, L->bf16, t, nthreads);
     }
     if (rc >= 0) add_rows(h1, t, out, H, L->bf16);
     free(buf);
