@@ -180,3 +180,19 @@ def test_projections_of_different_widths_get_the_layer_step_one_call_each(tmp_pa
     own, own_seq = decode_logits(own_layers(model), ids, steps=5)
     assert torch.equal(seq, own_seq)
     assert torch.allclose(fast, own, rtol=1e-5, atol=1e-5 * float(own.abs().max()))
+
+
+def test_a_forced_instruction_set_reaches_the_c_step(tmp_path, monkeypatch):
+    from hf_vq.nn import kernel_native_affine
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(**RTN))
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    fast, seq = decode_logits(model, ids)
+    layer = model.model.layers[0]
+    first = layer.hf_vq_plan
+    monkeypatch.setenv("HF_VQ_NATIVE_ISA", "avx2")
+    avx2, avx2_seq = decode_logits(model, ids)
+    plan = layer.hf_vq_plan
+    want = kernel_native_affine.ISAS["avx2"] if kernel_native_affine.isa_supported("avx2") else 0   # 0: the best
+    assert plan is not first and plan.native.layer.q.isa == want
+    assert torch.equal(avx2_seq, seq)   # another instruction set: the same int8 products, other float sums
+    assert torch.allclose(avx2, fast, rtol=1e-4, atol=1e-4 * float(fast.abs().max()))
