@@ -43,6 +43,8 @@ ROWS = {
 CANDIDATE_SETS = {
     "min3": [{"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 128}],
     "3pc": [{"bits": 3, "group_size": -1}, {"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 128}],
+    "no8": [{"bits": 2, "group_size": 64}, {"bits": 2, "group_size": 128}, {"bits": 3, "group_size": 128},
+            {"bits": 4, "group_size": 128}],
 }
 
 

@@ -362,3 +362,61 @@ def test_sensitivity_pass_collects_the_plain_hessian_beside_gptqs(tiny_llama_dir
         torch.testing.assert_close(got[n], uniform[n], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(plain[n], at_one[n], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(got[n], plain[n], rtol=1e-3)  # the first token's weight shows
+
+
+def test_token_weighted_hessian_matches_per_token_gradients(tiny_llama_dir, calib_ids):
+    """tokenfisher's Hessian of a layer, 2 sum_t a_t x_t x_t^T / sum_t a_t with a_t the squared norm of the loss
+    gradient at the layer's output for token t, against the same sum built from retained gradients in float64."""
+    from hf_vq.pipeline.mixed import fisher_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    targets = {n: model.get_submodule(n) for n in names}
+    ids = calib_ids[:4]
+    token_h: dict = {}
+    fisher = fisher_weights(model, targets, ids, token_hessians=token_h)
+    seen = {}
+
+    def keep(name):
+        def hook(_m, args, out):
+            out.retain_grad()
+            seen[name] = (args[0].detach(), out)
+        return hook
+    handles = [targets[n].register_forward_hook(keep(n)) for n in names]
+    grads = {n: [] for n in names}
+    for start in range(0, ids.shape[0], 2):  # fisher_weights' batches: the loss is a mean per batch
+        batch = ids[start:start + 2]
+        model.zero_grad()
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        for n in names:
+            grads[n].append((seen[n][0].double(), seen[n][1].grad.double()))
+    for h in handles:
+        h.remove()
+    for n in names:
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in grads[n]])
+        g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in grads[n]])
+        a = g.pow(2).sum(1, keepdim=True)
+        ref = 2 * (x * a).T @ x / a.sum()
+        torch.testing.assert_close(token_h[n].double(), ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+        torch.testing.assert_close(fisher[n], g.pow(2).sum(0), rtol=1e-4, atol=0)
+
+
+def test_per_layer_score_matrices_score_each_layer_separately():
+    """Layers sharing a GPTQ Hessian but scored under their own matrices: the stacked pass gives each layer the
+    errors of a pass over that layer alone."""
+    from types import SimpleNamespace
+
+    from hf_vq.pipeline.mixed import candidate_errors
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    h = 2 * x.T @ x / x.shape[0]
+    s = {n: 2 * (x * torch.rand(256, 1, generator=g)).T @ x / 256 for n in "ab"}
+    w = {"a": torch.randn(40, 64, generator=g), "b": torch.randn(24, 64, generator=g)}
+    cfg = SimpleNamespace(percdamp=0.01, act_order=True, block_size=32, clip_search=False)
+    cands = [{"bits": b, "group_size": 32} for b in (2, 3)]
+    both = candidate_errors(w, h, cands, False, cfg, score=s)
+    for n in "ab":
+        alone = candidate_errors({n: w[n]}, h, cands, False, cfg, score=s[n])[n]
+        torch.testing.assert_close(both[n]["errors"], alone["errors"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(both[n]["energy"], alone["energy"], rtol=1e-5, atol=0)

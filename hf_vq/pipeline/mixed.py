@@ -38,7 +38,7 @@ from hf_vq.pipeline.registry import calibration_samples
 
 logger = logging.getLogger(__name__)
 
-ESTIMATORS = ("fisher", "hessian", "relative")
+ESTIMATORS = ("fisher", "tokenfisher", "hessian", "relative")
 DEFAULT_ESTIMATOR = "fisher"
 # rows of each layer that GPTQ quantizes per candidate (evenly strided): the estimate's cost stays below a full run's
 SENSITIVITY_ROWS = 256
@@ -84,10 +84,11 @@ def allocate(model: nn.Module, config, targets: dict[str, nn.Linear], experts: l
     samples = calibration_samples(model, config)
     t0 = time.perf_counter()
     fisher = None
-    if estimator == "fisher":
-        fisher = fisher_weights(model, targets, samples[:FISHER_WINDOWS])
+    token_h = {} if estimator == "tokenfisher" else None
+    if estimator in ("fisher", "tokenfisher"):
+        fisher = fisher_weights(model, targets, samples[:FISHER_WINDOWS], token_hessians=token_h)
     t1 = time.perf_counter()
-    errors = measure(model, config, targets, samples, cands, progress)
+    errors = measure(model, config, targets, samples, cands, progress, score_hessians=token_h)
     t2 = time.perf_counter()
     losses = [[sum(estimated_loss(errors[m], fisher, m, estimator, j) for m in members) for j in range(len(cands))]
               for members in units.values()]
@@ -112,7 +113,7 @@ def estimated_loss(err: dict, fisher: dict | None, name: str, estimator: str, j:
         return float(rows_err.sum()) * scale
     if estimator == "relative":
         return float(rows_err.sum() / err["energy"].sum().clamp(min=1e-20))
-    return float((rows_err * fisher[name][err["rows"]]).sum()) * scale
+    return float((rows_err * fisher[name][err["rows"]]).sum()) * scale  # fisher, tokenfisher
 
 
 def subset_rows(n: int, limit: int = SENSITIVITY_ROWS) -> torch.Tensor:
@@ -122,9 +123,10 @@ def subset_rows(n: int, limit: int = SENSITIVITY_ROWS) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: torch.Tensor, cands: list[dict],
-            progress: bool = True) -> dict[str, dict]:
-    """Per layer: {"rows", "errors" [candidates, rows] (d H d^T of each row), "energy" (w H w^T), "out_features"},
-    on the float model (each block's inputs come from the float blocks before it)."""
+            progress: bool = True, score_hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Per layer: {"rows", "errors" [candidates, rows] (d S d^T of each row), "energy" (w S w^T), "out_features"},
+    on the float model (each block's inputs come from the float blocks before it). S: the layer's entry in
+    ``score_hessians`` if given, else its plain token-average Hessian H1."""
     from tqdm.auto import tqdm
 
     prefix, blocks = find_decoder_blocks(model)
@@ -155,8 +157,12 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
                 for n in local:
                     shared.setdefault((id(hessians[n]), config.spec_for(bp + n).sym), []).append(n)
                 for (_, sym), names in shared.items():
+                    score = plain[names[0]]
+                    if score_hessians is not None:  # a layer the gradient pass never reached keeps H1
+                        score = {bp + n: score_hessians[bp + n].to(device) if bp + n in score_hessians
+                                 else plain[n] for n in names}
                     out.update(candidate_errors({bp + n: local[n].weight.data for n in names}, hessians[names[0]],
-                                                cands, sym, config, score=plain[names[0]]))
+                                                cands, sym, config, score=score))
                 del hessians, plain
             for j, (hidden, kw) in enumerate(cache):
                 with autocast():
@@ -165,14 +171,23 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
 
 
 def candidate_errors(weights: dict[str, torch.Tensor], h: torch.Tensor, cands: list[dict], sym: bool,
-                     config, score: torch.Tensor | None = None) -> dict[str, dict]:
+                     config, score: torch.Tensor | dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Row errors of each candidate for layers sharing the Hessian ``h``: their row subsets, stacked, go through
     GPTQ with ``h`` once per candidate (rows are independent given H), and each row's error d S d^T (and energy
-    w S w^T) is taken under ``score`` (S; default ``h``)."""
+    w S w^T) is taken under ``score`` (S: one matrix, or one per layer; default ``h``)."""
     rows = {n: subset_rows(w.shape[0]) for n, w in weights.items()}
     w = torch.cat([weights[n][rows[n].to(weights[n].device)].float() for n in weights])
     h = h.float()
-    s = h if score is None else score.float()
+    score = h if score is None else score
+    parts, start = {}, 0
+    for n, r in rows.items():
+        parts[n] = slice(start, start + r.numel())
+        start += r.numel()
+
+    def quadratic(m: torch.Tensor) -> torch.Tensor:  # each row's m S m^T
+        if isinstance(score, torch.Tensor):
+            return (m @ score.float() * m).sum(1)
+        return torch.cat([(m[part] @ score[n].float() * m[part]).sum(1) for n, part in parts.items()])
     act_order = getattr(config, "act_order", True)
     factor = gptq_factor(h, config.percdamp, act_order)  # one factorization serves every candidate
     errors = []
@@ -180,30 +195,44 @@ def candidate_errors(weights: dict[str, torch.Tensor], h: torch.Tensor, cands: l
         aw = gptq_quantize(w, h, c["bits"], c["group_size"], sym, config.percdamp, act_order,
                            getattr(config, "block_size", 128), getattr(config, "clip_search", False), factor=factor)
         d = w - aw.dequantize()
-        errors.append((d @ s * d).sum(1).double().cpu())
+        errors.append(quadratic(d).double().cpu())
     errors = torch.stack(errors)
-    energy = (w @ s * w).sum(1).double().cpu()
-    out, start = {}, 0
-    for n, r in rows.items():
-        part = slice(start, start + r.numel())
-        out[n] = {"rows": r, "errors": errors[:, part], "energy": energy[part], "out_features": weights[n].shape[0]}
-        start += r.numel()
-    return out
+    energy = quadratic(w).double().cpu()
+    return {n: {"rows": rows[n], "errors": errors[:, part], "energy": energy[part],
+                "out_features": weights[n].shape[0]} for n, part in parts.items()}
 
 
-def fisher_weights(model: nn.Module, targets: dict[str, nn.Linear], samples: torch.Tensor) -> dict[str, torch.Tensor]:
+def fisher_weights(model: nn.Module, targets: dict[str, nn.Linear], samples: torch.Tensor,
+                   token_hessians: dict | None = None) -> dict[str, torch.Tensor]:
     """Per target layer, the summed squared gradient of the model's loss (next-token cross-entropy on ``samples``)
-    with respect to each output channel: the diagonal Fisher weight of that channel's output error."""
+    with respect to each output channel: the diagonal Fisher weight of that channel's output error.
+
+    ``token_hessians``: filled with each layer's gradient-weighted input Hessian 2 sum_t a_t x_t x_t^T / sum_t a_t,
+    a_t the squared gradient norm of the layer's output at token t. With the channel weights b_i above, the loss
+    increase of an output error d x_t is taken as sum_t sum_i a_t b_i (d_i x_t)^2 / sum_t a_t (the per-token,
+    per-channel squared gradient factored into a token part and a channel part): tokens whose outputs matter more
+    (the attention sink's keys and values, say) weigh more, by measurement rather than by a fixed weight."""
     sums = {n: torch.zeros(lin.out_features, dtype=torch.float64) for n, lin in targets.items()}
+    tok_sums = {n: torch.zeros((), dtype=torch.float64) for n in targets} if token_hessians is not None else None
     handles = []
 
     def watch(name):
-        def record(g):
-            sums[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
+        def record(g, x=None):
+            g2 = g.detach().double().pow(2)
+            sums[name].add_(g2.reshape(-1, g.shape[-1]).sum(0).cpu())
+            if x is not None:
+                a = g2.sum(-1).reshape(-1, 1).to(torch.float32)  # per token
+                xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                hg = token_hessians.get(name)
+                if hg is None:
+                    hg = token_hessians[name] = torch.zeros(xf.shape[1], xf.shape[1], device=xf.device)
+                hg.addmm_((xf * a).T, xf)
+                tok_sums[name].add_(float(a.sum()))
 
-        def hook(_m, _args, out):
+        def hook(_m, args, out):
             if out.requires_grad:
-                out.register_hook(record)
+                x = args[0].detach() if tok_sums is not None else None
+                out.register_hook(lambda g: record(g, x))
         return hook
     for name, lin in targets.items():
         handles.append(lin.register_forward_hook(watch(name)))
@@ -229,4 +258,11 @@ def fisher_weights(model: nn.Module, targets: dict[str, nn.Linear], samples: tor
     if ranks.active:
         for s in sums.values():
             s.copy_(distributed.all_reduce(s.to(torch.float32)).double())
+    if tok_sums is not None:
+        for n, hg in token_hessians.items():
+            total = tok_sums[n]
+            if ranks.active:
+                distributed.all_reduce(hg)
+                total = distributed.all_reduce(total.reshape(1).to(torch.float32)).double()[0]
+            hg.mul_(2.0 / max(float(total), 1e-30))
     return sums
