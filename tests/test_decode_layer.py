@@ -196,3 +196,20 @@ def test_a_forced_instruction_set_reaches_the_c_step(tmp_path, monkeypatch):
     assert plan is not first and plan.native.layer.q.isa == want
     assert torch.equal(avx2_seq, seq)   # another instruction set: the same int8 products, other float sums
     assert torch.allclose(avx2, fast, rtol=1e-4, atol=1e-4 * float(fast.abs().max()))
+
+
+def test_prepared_states_are_let_go_with_the_module_s(tmp_path):
+    import gc
+    import weakref
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(**RTN))
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    decode_logits(model, ids)
+    layer = model.model.layers[0]
+    group = layer.self_attn.q_proj._shared_input[0]
+    joined = weakref.ref(group.fused)
+    assert layer.hf_vq_plan is not None
+    model.to(torch.bfloat16)   # drops every layer's prepared states
+    gc.collect()
+    assert "hf_vq_plan" not in layer.__dict__ and group.fused is None and joined() is None
+    decode_logits(model, ids)   # prepared again at the next decode step
+    assert layer.hf_vq_plan.native is not None and group.fused is not None

@@ -13,6 +13,7 @@ its first decode step, so a variant (extra norms, another MLP, q/k norms, a scal
 
 from __future__ import annotations
 
+import weakref
 from operator import is_
 
 import torch
@@ -81,6 +82,7 @@ class LayerPlan:
 
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
+        self.layer_ref = weakref.ref(layer)
         self.attn, self.act = attn, mlp.act_fn
         self.config_dict = attn.config.__dict__
         self.epoch = kernel_registry.epoch()
@@ -162,6 +164,13 @@ class LayerPlan:
 
     def _watch(self, m: nn.Module) -> None:
         self.items += [(m._buffers, m.source_buffer, m.kernel_source()), (m._parameters, "bias", m.bias)]
+        m._kernel_states.dependents[("decode plan", id(self.layer_ref))] = self._release_layer_plan
+
+    def _release_layer_plan(self) -> None:
+        """The module's states were dropped: the layer lets go of this plan (and of the states it holds)."""
+        layer = self.layer_ref()
+        if layer is not None and layer.__dict__.get("hf_vq_plan") is self:
+            del layer.__dict__["hf_vq_plan"]
 
     def _single(self, m: nn.Module) -> "_Call | None":
         if not isinstance(m, KernelDispatch):

@@ -127,12 +127,20 @@ class KernelStates:
     tensor ``source()`` returns is another object (accelerate's offload hooks and device placement swap buffers).
     No per-call hashing of pointers or versions."""
 
-    __slots__ = ("states", "_fixed")
+    __slots__ = ("states", "_fixed", "dependents")
 
     def __init__(self):
         self.states: dict = {}
         self._fixed: tuple | None = None
+        # key -> callable: whatever holds these states beyond the module (a joined group of siblings, a layer's
+        # decode plan) lets go of them when they are dropped, so their memory goes with them; called once
+        self.dependents: dict = {}
         changed()
+
+    def _release(self) -> None:
+        dependents, self.dependents = self.dependents, {}   # each registers again when it prepares again
+        for release in dependents.values():
+            release()
 
     @property
     def fixed(self) -> tuple | None:
@@ -149,6 +157,7 @@ class KernelStates:
         self.states = {}
         self._fixed = None
         changed()
+        self._release()
 
     def get(self, kernel: Kernel, slot, source: torch.Tensor, build: Callable[[], Any]):
         key = (kernel.name, slot)
@@ -158,4 +167,6 @@ class KernelStates:
         state = build()
         self.states[key] = (source, state)
         changed()
+        if hit is not None:   # a stale state replaced
+            self._release()
         return state

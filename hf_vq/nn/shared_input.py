@@ -39,6 +39,11 @@ class SharedInputGroup:
         for i, m in enumerate(modules):
             m._shared_input = (self, i)
 
+    def release(self) -> None:
+        """Let go of the joined state (a member's states were dropped: the next decode row joins again)."""
+        self.kernel = self.fused = None
+        self.pending = None
+
     def _join(self, device: str) -> bool:
         """Prepare the joined state when the kernel that serves each member a decode row is one for all and can
         fuse their states. A refusal holds until HF_VQ_KERNELS changes."""
@@ -60,6 +65,8 @@ class SharedInputGroup:
             if m._kernel_states.fixed is not None and m._kernel_states.fixed[0] is kernel:
                 m._kernel_states.fixed = (kernel, st)
         self.kernel, self.refused_for = kernel, _NOT_REFUSED
+        for m in self.modules:
+            m._kernel_states.dependents[id(self)] = self.release
         kernel_registry.changed()
         self.parts = [(Ellipsis, slice(start, start + m.out_features)) for m, start in zip(self.modules, self.starts)]
         self.sources = [m.kernel_source() for m in self.modules]
@@ -69,6 +76,7 @@ class SharedInputGroup:
     def disband(self) -> None:
         for m in self.modules:
             m.__dict__.pop("_shared_input", None)
+            m._kernel_states.dependents.pop(id(self), None)
         self.pending = None
 
     def _valid(self) -> bool:
