@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct, Austen: 32 x 512 calibration windows of Emma, perplexity 
 tokens of Pride and Prejudice + Persuasion (benchmarks/quality.py's protocol, fp32 evaluation).
 
     python benchmarks/mixed.py --rows fp,gptq3,mixed3.25,mixed3.25-hessian
-(rows: fp, gptq2/3/4 (uniform w2/w3/w4 g128) and mixed<bits>[-<estimator>], estimator one of fisher, hessian,
-relative; without one, the library's default)
+(rows: fp, gptq2/3/4 (uniform w2/w3/w4 g128) and mixed<bits>[-<estimator>][-<candidate set>], estimator one of
+fisher, tokenfisher, hessian, relative, candidate set one of CANDIDATE_SETS; without them, the library's defaults)
 prints one table row per run: bits per weight of the quantized layers (as stored), their size and the saved
 checkpoint's size in MB, ppl, ppl/FP, quantize time (allocation / GPTQ). ``--json FILE`` appends each row as one
 JSON line as soon as it is done; rows already in that file are printed again instead of being rerun.
@@ -45,6 +45,8 @@ CANDIDATE_SETS = {
     "3pc": [{"bits": 3, "group_size": -1}, {"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 128}],
     "no8": [{"bits": 2, "group_size": 64}, {"bits": 2, "group_size": 128}, {"bits": 3, "group_size": 128},
             {"bits": 4, "group_size": 128}],
+    "with8": [{"bits": 2, "group_size": 64}, {"bits": 2, "group_size": 128}, {"bits": 3, "group_size": 128},
+              {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 128}],
 }
 
 

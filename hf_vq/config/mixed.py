@@ -13,8 +13,10 @@ from typing import Any, Mapping
 from hf_vq.config.base import VALID_BITS, HfVQConfig, LayerSpec
 from hf_vq.config.schema import Check, ConfigError, Field, Float, GroupSize, Int, Optional, Records, show
 
+# No 8-bit by default: on SmolLM2 / Austen (benchmarks/mixed_table.md) the Fisher estimate bought 8-bit for a few
+# small layers with budget taken from 3-bit ones, and ppl came out worse than without 8-bit at 3.25 and 4.25 bits.
 AFFINE_CANDIDATES = ({"bits": 2, "group_size": 64}, {"bits": 2, "group_size": 128}, {"bits": 3, "group_size": 128},
-                     {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 128})
+                     {"bits": 4, "group_size": 128})
 
 
 class Candidates(Check):
@@ -58,7 +60,7 @@ def affine_fields() -> dict[str, Field]:
     return dict(average_bits=AVERAGE_BITS, allocation=ALLOCATION,
                 candidates=Field(Optional(Candidates(keys)), None,
                                  doc="settings average_bits chooses from, [{bits, group_size}, ...]; None: "
-                                     "2-bit g64, and 2/3/4/8-bit g128"))
+                                     "2-bit g64, and 2/3/4-bit g128"))
 
 
 MIXED_INERT = (("candidates", "average_bits is None (no per-layer choice)", lambda c: c.average_bits is None),)
