@@ -19,7 +19,7 @@ import hf_vq
 from hf_vq.config import ConfigError, HfVQConfig
 from hf_vq.config import schema as sc
 from hf_vq.config.base import BASE_SCHEMA, FORMAT_VERSION, NOTES, Device, FormatVersion
-from hf_vq.config.mixed import Candidates
+from hf_vq.config.mixed import Allocation, Candidates
 
 CLASSES = [hf_vq.RTNConfig, hf_vq.GPTQConfig, hf_vq.GPTVQConfig, hf_vq.AdaScaleConfig, hf_vq.QuantSimConfig]
 ALL_FIELDS = sorted(set().union(*(c.schema.fields for c in CLASSES)))
@@ -83,6 +83,10 @@ def valid(check: sc.Check) -> st.SearchStrategy:
     if isinstance(check, Candidates):
         setting = st.fixed_dictionaries({k: valid(c) for k, c in check.keys.items()})
         return st.lists(setting, min_size=1, max_size=3, unique_by=lambda d: tuple(sorted(d.items())))
+    if isinstance(check, Allocation):
+        setting = st.fixed_dictionaries({}, optional={k: valid(c) for k, c in check.keys.items()})
+        return st.dictionaries(st.sampled_from(["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]),
+                               setting, max_size=2)
     if isinstance(check, sc.Records):
         return st.dictionaries(st.text(min_size=1, max_size=6), st.dictionaries(st.text(max_size=4), st.integers(),
                                                                                 max_size=2), max_size=2)
@@ -237,6 +241,8 @@ def representatives(check: sc.Check) -> list:
         return [{}] + [{"q_proj$": {k: v}} for k, c in check.keys.items() for v in representatives(c)[:3]]
     if isinstance(check, Candidates):
         return [[{k: representatives(c)[-1] for k, c in check.keys.items()}]]
+    if isinstance(check, Allocation):
+        return [{}, {"model.layers.0.mlp.down_proj": {k: representatives(c)[-1] for k, c in check.keys.items()}}]
     if isinstance(check, sc.Records):
         return [{}, {"layer": {"bits": 4}}]
     if isinstance(check, sc.Instance):

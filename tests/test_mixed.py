@@ -420,3 +420,14 @@ def test_per_layer_score_matrices_score_each_layer_separately():
         alone = candidate_errors({n: w[n]}, h, cands, False, cfg, score=s[n])[n]
         torch.testing.assert_close(both[n]["errors"], alone["errors"], rtol=1e-5, atol=0)
         torch.testing.assert_close(both[n]["energy"], alone["energy"], rtol=1e-5, atol=0)
+
+
+def test_an_allocation_with_unknown_keys_or_values_is_refused_at_construction():
+    with pytest.raises(hf_vq.ConfigError, match="allocation") as e:
+        hf_vq.GPTQConfig(bits=4, allocation={"model.layers.0.mlp.down_proj": {"bitz": 3}})
+    assert e.value.field == "allocation"
+    with pytest.raises(hf_vq.ConfigError, match="allocation") as e:
+        hf_vq.GPTQConfig(bits=4, allocation={"model.layers.0.mlp.down_proj": {"bits": 5}})
+    assert e.value.field == "allocation"
+    cfg = hf_vq.GPTQConfig(bits=4, allocation={"model.layers.0.mlp.down_proj": {"bits": 8, "group_size": 128}})
+    assert cfg.spec_for("model.layers.0.mlp.down_proj").bits == 8

@@ -147,7 +147,7 @@ FLAGS = [
     Flag(WEIGHTS, "--average-bits", "average_bits", "mixed precision: choose bits per layer so the mean bits per "
          "weight (scales and zero-points counted) stays at or below this budget (gptq, adascale)", type=float),
     Flag(WEIGHTS, "--candidates", "candidates", "settings --average-bits chooses from, as BITS:GROUP_SIZE,... "
-         "(gptq, adascale)", shown_default="default: 2:64,2:128,3:128,4:128,8:128", type=parse_candidates),
+         "(gptq, adascale)", shown_default="default: 2:64,2:128,3:128,4:128", type=parse_candidates),
     Flag(WEIGHTS, "--lm-head-bits", "lm_head_bits", "quantize the output head to 8 or 4 bits (symmetric); left "
          "out: the head stays in float", type=int, choices=[4, 8]),
     Flag(WEIGHTS, "--lm-head-group-size", "lm_head_group_size", "input columns per scale of a quantized output "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from hf_vq.config.base import VALID_BITS, HfVQConfig, LayerSpec
-from hf_vq.config.schema import Check, ConfigError, Field, Float, GroupSize, Int, Optional, Records, show
+from hf_vq.config.schema import Check, ConfigError, Field, Float, GroupSize, Int, Optional, show
 
 # No 8-bit by default: on SmolLM2 / Austen (benchmarks/mixed_table.md) the Fisher estimate bought 8-bit for a few
 # small layers with budget taken from 3-bit ones, and ppl came out worse than without 8-bit at 3.25 and 4.25 bits.
@@ -44,15 +44,40 @@ class Candidates(Check):
         return out
 
 
+class Allocation(Check):
+    """``{layer or fused experts module: setting}`` where each setting holds some of ``keys`` (each checked by its
+    Check); what an average_bits run writes and a reload reads."""
+
+    def __init__(self, keys: Mapping[str, Check]):
+        self.keys = dict(keys)
+        self.what = "a dict of {module name: {" + ", ".join(self.keys) + "}}"
+
+    def __call__(self, name, value, where=""):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be {self.what}{where}, got {show(value)}", field=name)
+        out = {}
+        for key, setting in value.items():
+            at = f"{name}[{show(key)}]"
+            if not isinstance(key, str) or not isinstance(setting, Mapping):
+                raise ConfigError(f"{at} must map a module name to a dict {{{', '.join(self.keys)}}}, got "
+                                  f"{show(setting)}", field=name)
+            unknown = sorted(map(str, set(setting) - set(self.keys)))
+            if unknown:
+                raise ConfigError(f"{at} has unknown keys {unknown}; allowed: {', '.join(self.keys)}", field=name)
+            try:
+                out[key] = {k: self.keys[k](k, v, f" in {at}") for k, v in setting.items()}
+            except ConfigError as e:
+                raise ConfigError(str(e), field=name) from None
+        return out
+
+
 AVERAGE_BITS = Field(Optional(Float(lo=0.0, lo_open=True), what="None or a number of bits > 0"), None,
                      doc="mean stored bits per quantized weight (scales, zero-points and codebooks included): each "
                          "layer gets the candidate setting that minimises the estimated loss within this budget; "
                          "None: every layer gets the config's own setting")
-ALLOCATION = Field(Optional(Records()), None,
-                   doc="filled by an average_bits run: the setting chosen for each layer or fused experts module")
-
-
 ALLOCATION_KEYS = {"bits": Int(choices=VALID_BITS), "group_size": GroupSize()}
+ALLOCATION = Field(Optional(Allocation(ALLOCATION_KEYS)), None,
+                   doc="filled by an average_bits run: the setting chosen for each layer or fused experts module")
 
 
 def affine_fields() -> dict[str, Field]:
@@ -96,17 +121,6 @@ class MixedPrecision:
 
     def validate(self) -> None:
         super().validate()
-        for name, entry in (self.__dict__.get("allocation") or {}).items():
-            at = f" in allocation[{show(name)}]"
-            unknown = sorted(map(str, set(entry) - set(ALLOCATION_KEYS)))
-            if unknown:
-                raise ConfigError(f"allocation[{show(name)}] has unknown keys {unknown}; allowed: bits, group_size",
-                                  field="allocation")
-            try:
-                for k, v in entry.items():
-                    ALLOCATION_KEYS[k](k, v, at)
-            except ConfigError as e:
-                raise ConfigError(str(e), field="allocation") from None
         if self.__dict__.get("average_bits") is None:
             return
         cands = self.candidate_list()
