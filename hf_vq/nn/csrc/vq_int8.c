@@ -278,7 +278,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     else if (isa == ISA_AVX512VBMI) fn = tiles_avx512vbmi;
 #endif
     /* a small call costs less than waking the OpenMP pool (a second runtime beside torch's): one thread */
-    if (nthreads == 1 || ntiles == 1 || (double)n * k * m < 4194304.0) {
+    if (nthreads == 1 || ntiles == 1 || (double)n * k * m < 262144.0) {   /* as affine_gemm.c */
         fn(&a, 0, ntiles);
     } else {
         /* a few tiles per task: even shares without a scheduling cost per tile */
