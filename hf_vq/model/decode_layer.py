@@ -51,12 +51,12 @@ class DecodeStepLayer(DecodeStepForward):
             return None   # autograd needs the modules' own forwards
         plan = self.__dict__.get("hf_vq_plan")
         if plan is None or plan.dtype is not h.dtype or not plan.valid():
-            refused = self.__dict__.get("hf_vq_plan_refused")
-            if refused is not None and refused == (kernel_registry.selection(), h.dtype):
+            kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
+            if self.__dict__.get("hf_vq_plan_refused") == (kernel_registry.epoch(), h.dtype):
                 return None
             plan = self.hf_vq_plan = LayerPlan.build(self, h.dtype)
-            if plan is None:   # no kernel for some part: not again under this kernel selection
-                self.hf_vq_plan_refused = (kernel_registry.selection(), h.dtype)
+            if plan is None:   # no kernel for some part: not again until a kernel choice or a state changes
+                self.hf_vq_plan_refused = (kernel_registry.epoch(), h.dtype)
                 return None
         if plan.hooked():
             return None
@@ -85,14 +85,13 @@ class LayerPlan:
         self.layer_ref = weakref.ref(layer)
         self.attn, self.act = attn, mlp.act_fn
         self.config_dict = attn.config.__dict__
-        self.epoch = kernel_registry.epoch()
         self.D, self.idx, self.scale = attn.head_dim, attn.layer_idx, attn.scaling
         self.hq, self.hk = attn.q_proj.out_features // self.D, attn.k_proj.out_features // self.D
         self.modules = (attn, mlp, layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj,
                         attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         # the forward (pre-)hook dicts of those modules (torch adds to and removes from them in place)
         self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
-        self.items: list[tuple] = []   # (dict, key, value): stale once dict.get(key) is not value
+        self.items: list[tuple] = []   # while building: (dict, key, value), stale once dict.get(key) is not value
 
     @classmethod
     def build(cls, layer: nn.Module, dtype: torch.dtype) -> "LayerPlan | None":
@@ -110,6 +109,7 @@ class LayerPlan:
         if plan.rope is None or None in (plan.norm1, plan.norm2, plan.qkv, plan.gate_up, plan.o, plan.down):
             return None
         plan.item_dicts, plan.item_keys, plan.item_values = zip(*plan.items)
+        del plan.items
         plan.native = plan._native(layer, dtype)
         plan.isa_env = getenv(ISA_ENV, "auto")
         plan.epoch = kernel_registry.epoch()   # after the lookups above, which may prepare states

@@ -38,25 +38,18 @@ class KernelDispatch:
             y = self._shared_input[0].forward(self._shared_input[1], x)
             if y is not None:
                 return y
-        rows = x.numel() // self.in_features if self.in_features else 0
-        fixed = self._kernel_states.fixed
-        if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):
-            return with_bias(fixed[0], fixed[1], x, self.bias)
-        for kernel in kernel_registry.candidates(self.storage, x.device.type, rows):
-            state = self.kernel_state(kernel)
-            if state is not None:
-                return with_bias(kernel, state, x, self.bias)
-        return None
+        binding = self.kernel_binding(x.numel() // self.in_features if self.in_features else 0, x.device.type)
+        return None if binding is None else with_bias(binding[0], binding[1], x, self.bias)
 
-    def kernel_binding(self, rows: int = 1) -> tuple | None:
-        """(kernel, prepared state) of the kernel that serves ``rows`` rows on this module's device now (the pinned
-        one first), or None when none does."""
+    def kernel_binding(self, rows: int = 1, device: str | None = None) -> tuple | None:
+        """(kernel, prepared state) of the kernel that serves ``rows`` rows on ``device`` (default: this module's)
+        now, the pinned one first; None when none does or the module keeps its exact path (``exact_decode``)."""
         fixed = self._kernel_states.fixed
         if fixed is not None and (fixed[0].max_rows is None or rows <= fixed[0].max_rows):
             return fixed
         if getattr(self, "exact_decode", False):
             return None
-        for kernel in kernel_registry.candidates(self.storage, self.kernel_source().device.type, rows):
+        for kernel in kernel_registry.candidates(self.storage, device or self.kernel_source().device.type, rows):
             state = self.kernel_state(kernel)
             if state is not None:
                 return kernel, state

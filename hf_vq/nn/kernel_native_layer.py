@@ -148,5 +148,7 @@ def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, 
     return out
 
 
+# registered so that HF_VQ_KERNELS selects it with the other native kernels; hf_vq.model.decode_layer calls
+# prepare(dtype), build, pre and post itself (a layer step is not a projection's run(state, x, bias))
 KERNEL = register(Kernel(name="native-decode-layer", family="native", storage="decode_layer", devices=("cpu",),
                          priority=20, max_rows=1, prepare=prepare, run=post))

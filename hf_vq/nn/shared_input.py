@@ -119,11 +119,6 @@ class SharedInputGroup:
             return None
         return self.kernel.run(self.fused, x, self.fused_bias())
 
-    def run_all(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """Every member's output for a one-row ``x`` (views into one kernel call's output), or None."""
-        y = self.run_joined(x)
-        return None if y is None else [y[part] for part in self.parts]
-
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s output for ``x`` (a one-row input), or None when it must run on its own."""
         p = self.pending
