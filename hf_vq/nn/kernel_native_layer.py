@@ -43,6 +43,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.layer_pre.argtypes = [p, p, p, p, p, p, i]
     lib.layer_post.restype = i
     lib.layer_post.argtypes = [p, p, p, i, p, ll, ll, p, ll, ll, p, ll, ll, p, i]
+    lib.layer_time_projection.restype = ll
+    lib.layer_time_projection.argtypes = [p, p, i, i, p, i, p, p, i, i]
     return lib
 
 
@@ -146,6 +148,29 @@ def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, 
                                  torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
     return out
+
+
+def time_projection(projections: list[tuple], x: torch.Tensor, n: int, count: int,
+                    bias: torch.Tensor | None = None) -> float:
+    """Benchmark aid: seconds per one-row call of a layer's projection as the layer step makes it (timed inside C,
+    no Python between calls), call i on ``projections[i % len]`` (each a ``Kernel.projection(state)`` of a copy of
+    the same layer, so that cold copies stream from memory). ``x`` [k] fp32 or bf16; ``n`` output columns."""
+    lib = LIBRARY.load()
+    if lib is None:
+        raise RuntimeError("native decoder layer kernel unavailable")
+    fns = {p[0] for p in projections}
+    isas = {p[3] for p in projections}
+    if len(fns) != 1 or len(isas) != 1:
+        raise ValueError("time_projection: every projection must be of the same kernel and instruction set")
+    x = x.contiguous()
+    y = torch.empty(n, dtype=x.dtype)
+    ctxs = (ctypes.c_void_p * len(projections))(*[p[1] for p in projections])
+    ns = lib.layer_time_projection(fns.pop(), ctxs, len(projections), count, x.data_ptr(),
+                                   x.dtype is torch.bfloat16, y.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                   torch.get_num_threads(), isas.pop())
+    if ns < 0:
+        raise RuntimeError("native decoder layer kernel: a projection refused its call")
+    return ns / 1e9 / count
 
 
 # registered so that HF_VQ_KERNELS selects it with the other native kernels; hf_vq.model.decode_layer calls

@@ -13,6 +13,7 @@
 #include "rms_norm.c"
 #include "rope.c"
 #include "decode_attention.c"
+#include <time.h>
 
 typedef int (*proj_fn)(const void *ctx, const void *x, int bf16, void *y, const float *bias, int nthreads, int isa);
 
@@ -115,3 +116,18 @@ int layer_post(const dl_layer *L, const void *h, const void *q, int len, const v
     free(buf);
     return rc < 0 ? -1 : 0;
 }
+
+/* Benchmark aid (benchmarks/kernel_speed.py): the wall time in nanoseconds of `count` one-row calls of a projection
+   made as the two calls above make them, call i on context ctxs[i % nctx] (copies of one layer, so that each call
+   reads its weights from memory, not from cache). x [k] and y [n] are both bf16 (bf16 = 1) or both fp32.
+   Returns < 0 when a call refused. */
+long long layer_time_projection(proj_fn fn, const void *const *ctxs, int nctx, int count, const void *x, int bf16,
+                                void *y, const float *bias, int nthreads, int isa) {
+    struct timespec t0, t1;
+    if (nctx < 1 || count < 1 || !timespec_get(&t0, TIME_UTC)) return -1;
+    for (int i = 0; i < count; i++)
+        if (fn(ctxs[i % nctx], x, bf16, y, bias, nthreads, isa) < 0) return -1;
+    timespec_get(&t1, TIME_UTC);
+    return (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+}
+
