@@ -4,8 +4,11 @@ SmolLM2-135M-Instruct, Austen: 32 x 512 calibration windows of Emma, perplexity 
 tokens of Pride and Prejudice + Persuasion (benchmarks/quality.py's protocol, fp32 evaluation).
 
     python benchmarks/mixed.py --rows fp,gptq3,mixed3.25,mixed3.25-hessian
+    python benchmarks/mixed.py --rows fp,vq2d6,vqmixed3.25 --vq-iterations 25
 (rows: fp, gptq2/3/4 (uniform w2/w3/w4 g128) and mixed<bits>[-<estimator>][-<candidate set>], estimator one of
-fisher, tokenfisher, hessian, relative, candidate set one of CANDIDATE_SETS; without them, the library's defaults)
+fisher, tokenfisher, hessian, relative, candidate set one of CANDIDATE_SETS; without them, the library's defaults.
+GPTVQ: vq2d5/vq2d6/vq2d7/vq2d8/vq4d8 (uniform, rows per codebook as in the default candidates) and
+vqmixed<bits>[-<estimator>], all with ``--vq-iterations`` k-means iterations)
 prints one table row per run: bits per weight of the quantized layers (as stored), their size and the saved
 checkpoint's size in MB, ppl, ppl/FP, quantize time (allocation / GPTQ). ``--json FILE`` appends each row as one
 JSON line as soon as it is done; rows already in that file are printed again instead of being rerun.
@@ -50,11 +53,18 @@ CANDIDATE_SETS = {
 }
 
 
+VQ_ROWS = {f"vq{c['vector_dim']}d{c['index_bits']}": dict(c) for c in hf_vq.GPTVQConfig.default_candidates}
+
+
 def row_params(name: str) -> dict | None:
     """A ROWS entry, or ``mixed<bits>[-<estimator>][-<candidate set>]`` (e.g. mixed3.25, mixed2.5-fisher,
     mixed3.25-fisher-3pc): average_bits=<bits> over the CANDIDATE_SETS entry (default: the library's candidates)."""
     if name in ROWS:
         return ROWS[name]
+    if name in VQ_ROWS:
+        return dict(VQ_ROWS[name], method="gptvq")
+    if name.startswith("vqmixed"):
+        return dict(row_params(name[2:]), method="gptvq")
     if not name.startswith("mixed"):
         raise SystemExit(f"unknown row {name!r}: one of {', '.join(ROWS)} or mixed<bits>[-<estimator>]")
     bits, *rest = name[len("mixed"):].split("-")
@@ -84,7 +94,7 @@ def checkpoint_mb(model) -> float:
         return sum(p.stat().st_size for p in Path(d).glob("*.safetensors")) / 1e6
 
 
-def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, evaluate=True):
+def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, evaluate=True, vq_iterations=100):
     params = row_params(name)
     t0 = time.perf_counter()
     report = {}
@@ -93,8 +103,10 @@ def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, e
     else:
         kw = dict(params)
         default, mixed.DEFAULT_ESTIMATOR = mixed.DEFAULT_ESTIMATOR, kw.pop("estimator", mixed.DEFAULT_ESTIMATOR)
-        cfg = hf_vq.GPTQConfig(dataset=[calib_text], tokenizer=tok, num_samples=CALIBRATION[0],
-                               seq_len=CALIBRATION[1], **kw)
+        cls = hf_vq.GPTVQConfig if kw.pop("method", "gptq") == "gptvq" else hf_vq.GPTQConfig
+        if cls is hf_vq.GPTVQConfig:
+            kw["kmeans_iterations"] = vq_iterations
+        cfg = cls(dataset=[calib_text], tokenizer=tok, num_samples=CALIBRATION[0], seq_len=CALIBRATION[1], **kw)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
         finally:
@@ -113,18 +125,22 @@ def run_row(name, model_dir, tok, calib_text, test_text, seq_len, max_windows, e
            "layers_mb": bits / 8e6, "checkpoint_mb": size, "ppl": ppl, "quantize_s": qtime if params else 0.0,
            "allocation_s": alloc.get("sensitivity_s", 0.0) + alloc.get("fisher_s", 0.0),
            "settings": _settings(alloc), "candidates": alloc.get("candidates"),
-           "units": {u: {"bits": e["bits"], "group_size": e["group_size"], "losses": e.get("candidate_losses")}
+           "units": {u: {**{k: e[k] for k in SETTING_KEYS if k in e}, "losses": e.get("candidate_losses")}
                      for u, e in (alloc.get("units") or {}).items()}}
     del model
     gc.collect()
     return row
 
 
+SETTING_KEYS = ("bits", "group_size", "vector_dim", "index_bits", "rows_per_block")
+
+
 def _settings(alloc: dict) -> str:
-    """How many layers got each setting, e.g. '3b g128: 120, 4b g128: 90'."""
+    """How many layers got each setting, e.g. '3b g128: 120, 4b g128: 90' or '2D 6b r32: 150, ...'."""
     counts: dict[str, int] = {}
     for u in (alloc.get("units") or {}).values():
-        key = f"{u['bits']}b g{u['group_size']}"
+        key = (f"{u['bits']}b g{u['group_size']}" if "bits" in u else
+               f"{u['vector_dim']}D {u['index_bits']}b r{u['rows_per_block']}")
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "-"
 
@@ -136,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--max-windows", type=int, default=32)
     ap.add_argument("--json", help="append each row here as a JSON line; rows already there are not rerun")
     ap.add_argument("--no-eval", action="store_true", help="quantize and measure sizes and times only (no ppl)")
+    ap.add_argument("--vq-iterations", type=int, default=100, help="GPTVQ rows: k-means iterations per codebook")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     done = {}
     if args.json and os.path.exists(args.json):
@@ -144,6 +162,8 @@ def main(argv=None):
                 r = json.loads(line)
                 if r["ppl"] is not None or args.no_eval:
                     done[r["row"]] = r
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = assets.ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib_text, test_text = assets.austen_calibration_text(), assets.austen_test_text()
@@ -155,7 +175,7 @@ def main(argv=None):
         r = done.get(name)
         if r is None:
             r = run_row(name, model_dir, tok, calib_text, test_text, args.seq_len, args.max_windows,
-                        not args.no_eval)
+                        not args.no_eval, args.vq_iterations)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(r) + "\n")

@@ -174,6 +174,12 @@ def broken_rules(cls, kwargs) -> set[str]:
             broken.add("decompressed_bw")
         if v["group_size"] == -1 or any(o.get("group_size") == -1 for o in overrides):
             broken.add("group_size")
+    if cls is hf_vq.GPTVQConfig and v["average_bits"] is not None:
+        candidates = v["candidates"] or cls.default_candidates
+        if v["average_bits"] < min(c["index_bits"] / c["vector_dim"] for c in candidates):
+            broken.add("average_bits")
+        if any(v["cols_per_block"] % c["vector_dim"] for c in candidates):
+            broken.add("candidates")
     if cls in (hf_vq.GPTQConfig, hf_vq.AdaScaleConfig) and v["average_bits"] is not None:
         candidates = v["candidates"] or cls.default_candidates
         if v["average_bits"] < min(c["bits"] for c in candidates):

@@ -86,17 +86,23 @@ _DEVICE = re.compile(r"(cpu|disk|meta|mps|[a-z]+(:\d+)?|\d+)")
 
 
 def parse_candidates(text: str) -> list[dict]:
-    """``4:128,3:128,2:64`` (bits:group_size, comma-separated) -> ``[{"bits": 4, "group_size": 128}, ...]``."""
+    """``4:128,3:128,2:64`` (bits:group_size) -> ``[{"bits": 4, "group_size": 128}, ...]``; for GPTVQ,
+    ``2d6:32,4d8:256`` (vector_dim d index_bits : rows_per_block) -> ``[{"vector_dim": 2, "index_bits": 6,
+    "rows_per_block": 32}, ...]``."""
     out = []
     for item in text.split(","):
-        bits, sep, group = item.strip().partition(":")
+        head, sep, tail = item.strip().partition(":")
+        dim, vq, index = head.partition("d")
         try:
-            out.append({"bits": int(bits), "group_size": int(group)})
+            if vq:
+                out.append({"vector_dim": int(dim), "index_bits": int(index), "rows_per_block": int(tail)})
+            else:
+                out.append({"bits": int(head), "group_size": int(tail)})
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected BITS:GROUP_SIZE[,...] (e.g. '4:128,3:128,2:64'), got "
-                                             f"{text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected BITS:GROUP_SIZE[,...] (e.g. '4:128,3:128,2:64') or, for gptvq, "
+                                             f"DIMdINDEX_BITS:ROWS[,...] (e.g. '2d6:32,4d8:256'), got {text!r}") from None
         if not sep:
-            raise argparse.ArgumentTypeError(f"expected BITS:GROUP_SIZE, got {item!r} in {text!r}")
+            raise argparse.ArgumentTypeError(f"expected BITS:GROUP_SIZE or DIMdINDEX_BITS:ROWS, got {item!r} in {text!r}")
     return out
 
 
@@ -144,10 +150,13 @@ FLAGS = [
          "(rtn, gptq, adascale)", type=int),
     Flag(WEIGHTS, "--sym", "sym", "symmetric grid, no zero-point (rtn, gptq, adascale)", **BOOL),
     Flag(WEIGHTS, "--clip-search", "clip_search", "search a per-row range shrink factor (rtn, gptq)", **BOOL),
-    Flag(WEIGHTS, "--average-bits", "average_bits", "mixed precision: choose bits per layer so the mean bits per "
-         "weight (scales and zero-points counted) stays at or below this budget (gptq, adascale)", type=float),
+    Flag(WEIGHTS, "--average-bits", "average_bits", "mixed precision: choose a setting per layer so the mean bits "
+         "per weight (scales, zero-points and codebooks counted) stays at or below this budget (gptq, adascale, "
+         "gptvq)", type=float),
     Flag(WEIGHTS, "--candidates", "candidates", "settings --average-bits chooses from, as BITS:GROUP_SIZE,... "
-         "(gptq, adascale)", shown_default="default: 2:64,2:128,3:128,4:128", type=parse_candidates),
+         "(gptq, adascale) or DIMdINDEX_BITS:ROWS,... (gptvq: vector_dim, index_bits, rows_per_block)",
+         shown_default="default: 2:64,2:128,3:128,4:128; gptvq 4d8:256,2d5:16,2d6:32,2d7:64,2d8:128",
+         type=parse_candidates),
     Flag(WEIGHTS, "--lm-head-bits", "lm_head_bits", "quantize the output head to 8 or 4 bits (symmetric); left "
          "out: the head stays in float", type=int, choices=[4, 8]),
     Flag(WEIGHTS, "--lm-head-group-size", "lm_head_group_size", "input columns per scale of a quantized output "

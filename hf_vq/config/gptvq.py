@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hf_vq.config.base import HfVQConfig
 from hf_vq.config.gptq import PERCDAMP
+from hf_vq.config.mixed import MIXED_INERT, VQMixedPrecision, vq_fields
 from hf_vq.config.schema import Bool, ConfigError, Field, Float, Int, Overrides, Str
 from hf_vq.formats.vq import VQLayout
 
@@ -11,7 +12,7 @@ _AFFINE_ONLY = ("GPTVQ has no affine grid: its size is set by vector_dim, index_
                 "(bits_per_value())")
 
 
-class GPTVQConfig(HfVQConfig):
+class GPTVQConfig(VQMixedPrecision, HfVQConfig):
     """GPTVQ (van Baalen et al. 2024): vector quantization with Hessian-weighted codebooks and GPTQ error feedback.
 
     ``vector_dim`` adjacent input columns form a vector; each ``rows_per_block`` x ``cols_per_block`` group of the weight
@@ -67,9 +68,10 @@ class GPTVQConfig(HfVQConfig):
                                   doc="Adam steps of blockwise codebook fine-tuning after each decoder block (indices "
                                       "fixed, matching the float block's output); 0: off"),
         finetune_lr=Field(Float(0.0, 1.0, lo_open=True), 1e-4, doc="learning rate of the codebook fine-tuning"),
+        **vq_fields(),
     )
 
-    inert = HfVQConfig.inert + (
+    inert = HfVQConfig.inert + MIXED_INERT + (
         ("finetune_lr", "it is the learning rate of finetune_iterations, which is 0", lambda c: not c.finetune_iterations),
         ("codebook_update_steps", "codebook_update is False", lambda c: not c.codebook_update),
     )

@@ -13,6 +13,9 @@ def _setting(mod: nn.Module) -> str:
     if getattr(mod, "bits", None) is not None:
         group = getattr(mod, "group_size", None)
         return f"{mod.bits}-bit" + (f" g{group}" if group not in (None, -1) else " per channel")
+    lay = getattr(mod, "layout", None) or next(iter(getattr(mod, "layouts", {}).values()), None)
+    if getattr(lay, "vector_dim", None) is not None:  # GPTVQ: the fields an average_bits run chooses
+        return f"{lay.vector_dim}D {lay.index_bits}-bit index, {lay.rows_per_block} rows"
     return mod.layer_type
 
 

@@ -18,20 +18,23 @@ logger = logging.getLogger(__name__)
 @register_algorithm("gptvq")
 def run_gptvq(model, config, targets, progress):
     def quantize_fn(name, lin, h):
-        return gptvq_quantize(
-            lin.weight.data, h, vector_dim=config.vector_dim, index_bits=config.index_bits,
-            codebook_bits=config.codebook_bits, rows_per_block=config.rows_per_block,
-            cols_per_block=config.cols_per_block, kmeans_iterations=config.kmeans_iterations,
-            percdamp=config.percdamp, hessian_weighted_lookup=config.hessian_weighted_lookup,
-            codebook_update=config.codebook_update, codebook_update_steps=config.codebook_update_steps,
-            data_normalization=config.data_normalization, init=config.init, block_size=config.block_size,
-            seed=config.seed, codebook_scale=config.codebook_scale)
+        return gptvq_quantize(lin.weight.data, h, **config.vq_setting(name), **vq_options(config))
 
     return run_sequential(model, calibration_samples(model, config), targets, quantize_fn,
                           batch_size=config.calibration_batch_size, true_sequential=config.true_sequential,
                           compute_dtype=getattr(torch, config.calibration_dtype), progress=progress,
                           block_hook=_finetune_hook(config, progress) if config.finetune_iterations else None,
                           first_token_weight=config.sink_weight(), **run_options(config))
+
+
+def vq_options(config) -> dict:
+    """gptvq_quantize's arguments from the config, but for the per-layer setting (config.vq_setting)."""
+    return dict(codebook_bits=config.codebook_bits, cols_per_block=config.cols_per_block,
+                kmeans_iterations=config.kmeans_iterations, percdamp=config.percdamp,
+                hessian_weighted_lookup=config.hessian_weighted_lookup, codebook_update=config.codebook_update,
+                codebook_update_steps=config.codebook_update_steps, data_normalization=config.data_normalization,
+                init=config.init, block_size=config.block_size, seed=config.seed,
+                codebook_scale=config.codebook_scale)
 
 
 def _finetune_hook(config, progress):

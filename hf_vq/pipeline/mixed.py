@@ -12,6 +12,7 @@
    squared gradient of the model's loss with respect to each output channel, from a few backward passes over
    calibration windows), scaled to all rows ("fisher", the default). "hessian" sums the row errors unweighted;
    "relative" divides them by the layer's output energy W H W^T (benchmarks/mixed.py compares them).
+   GPTVQ candidates (hf_vq.pipeline.mixed_vq) are measured the same way, on whole row blocks.
 3. hf_vq.algorithms.allocation.choose picks one candidate per unit (a layer, or all layers of one fused experts
    module) with the stored bits of all units at most average_bits x their weights.
 """
@@ -33,6 +34,7 @@ from hf_vq.nn.qlinear import QuantLinear
 from hf_vq.pipeline import distributed
 from hf_vq.pipeline.blocks import (_run_block, block_prefix, capture_block_inputs, collect_hessians,
                                    find_decoder_blocks, last_target_block)
+from hf_vq.pipeline.mixed_vq import vq_candidate_errors, vq_cost
 from hf_vq.pipeline.placement import execution_device, move, onloaded, resolve_device
 from hf_vq.pipeline.registry import calibration_samples
 
@@ -51,6 +53,13 @@ def affine_cost(out_features: int, in_features: int, setting: dict) -> float:
     """Stored bits of a QuantLinear with this setting (codes, scales, zero-points, g_idx): its bits_per_value()."""
     mod = QuantLinear(in_features, out_features, setting["bits"], setting["group_size"], bias=False, device="meta")
     return float(8 * sum(t.numel() * t.element_size() for t in mod.stored_tensors().values()))
+
+
+def candidate_cost(config, out_features: int, in_features: int, setting: dict) -> float:
+    """Stored bits of one layer with this setting, for the config's method."""
+    if config.method == "gptvq":
+        return vq_cost(config, out_features, in_features, setting)
+    return affine_cost(out_features, in_features, setting)
 
 
 def units_of(targets, experts: list[str]) -> dict[str, list[str]]:
@@ -72,8 +81,8 @@ def allocate(model: nn.Module, config, targets: dict[str, nn.Linear], experts: l
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     cands = config.candidate_list()
     units = units_of(targets, list(experts))
-    costs = [[sum(affine_cost(targets[m].out_features, targets[m].in_features, c) for m in members) for c in cands]
-             for members in units.values()]
+    costs = [[sum(candidate_cost(config, targets[m].out_features, targets[m].in_features, c) for m in members)
+              for c in cands] for members in units.values()]
     weights = sum(t.out_features * t.in_features for t in targets.values())
     budget = config.average_bits * weights
     lowest = math.fsum(min(c) for c in costs)
@@ -107,13 +116,17 @@ def allocate(model: nn.Module, config, targets: dict[str, nn.Linear], experts: l
 
 
 def estimated_loss(err: dict, fisher: dict | None, name: str, estimator: str, j: int) -> float:
+    """Candidate j's estimated loss for one layer. ``err["rows"]``: the measured rows, one tensor for all candidates
+    or one per candidate; the subset stands for all rows (and so does ``err["energy"]``, measured on its own rows)."""
     rows_err = err["errors"][j]
-    scale = err["out_features"] / rows_err.numel()  # the subset stands for all rows
+    rows = err["rows"][j] if isinstance(err["rows"], list) else err["rows"]
+    n = err["out_features"]
+    total = float(rows_err.sum()) * n / rows.numel()
     if estimator == "hessian":
-        return float(rows_err.sum()) * scale
+        return total
     if estimator == "relative":
-        return float(rows_err.sum() / err["energy"].sum().clamp(min=1e-20))
-    return float((rows_err * fisher[name][err["rows"]]).sum()) * scale  # fisher, tokenfisher
+        return total / max(float(err["energy"].sum()) * n / err["energy"].numel(), 1e-20)
+    return float((rows_err * fisher[name][rows]).sum()) * n / rows.numel()  # fisher, tokenfisher
 
 
 def subset_rows(n: int, limit: int = SENSITIVITY_ROWS) -> torch.Tensor:
@@ -142,6 +155,7 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     cache = capture_block_inputs(model, blocks[0], samples, batch_size, autocast)
+    vq = config.method == "gptvq"
     out: dict[str, dict] = {}
     last = last_target_block(prefix, len(blocks), targets)
     for i in tqdm(range(last + 1), desc="measuring sensitivity", disable=not progress, unit="block"):
@@ -155,14 +169,20 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
                                             token_means=plain)
                 shared: dict[tuple, list[str]] = {}  # layers reading one input (one H) are solved as one stack
                 for n in local:
-                    shared.setdefault((id(hessians[n]), config.spec_for(bp + n).sym), []).append(n)
+                    sym = None if vq else config.spec_for(bp + n).sym
+                    shared.setdefault((id(hessians[n]), sym), []).append(n)
                 for (_, sym), names in shared.items():
                     score = plain[names[0]]
-                    if score_hessians is not None:  # a layer the gradient pass never reached keeps H1
-                        score = {bp + n: score_hessians[bp + n].to(device) if bp + n in score_hessians
-                                 else plain[n] for n in names}
-                    out.update(candidate_errors({bp + n: local[n].weight.data for n in names}, hessians[names[0]],
-                                                cands, sym, config, score=score))
+                    if score_hessians is not None or vq:  # a layer the gradient pass never reached keeps H1
+                        gradient = score_hessians or {}
+                        score = {bp + n: gradient[bp + n].to(device) if bp + n in gradient else plain[n]
+                                 for n in names}
+                    weights = {bp + n: local[n].weight.data for n in names}
+                    if vq:
+                        out.update(vq_candidate_errors(weights, hessians[names[0]], cands, config, score,
+                                                       SENSITIVITY_ROWS))
+                    else:
+                        out.update(candidate_errors(weights, hessians[names[0]], cands, sym, config, score=score))
                 del hessians, plain
             for j, (hidden, kw) in enumerate(cache):
                 with autocast():
