@@ -299,6 +299,23 @@ static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t
 
 typedef void (*tiles_fn)(const aff_args *, int, int);
 
+/* The kernels prefetch the codes PREFETCH_AHEAD bytes ahead of where they read. The first that many bytes of a call,
+   and the start of the scales and zero-points, are requested here, before the activations are quantized, so that
+   their memory latency overlaps that work instead of stalling the first tiles (a cold decode call of a small layer
+   is mostly that latency). */
+static void prefetch_head(const void *codes, size_t codes_bytes, const void *scales, size_t scales_bytes,
+                          const void *zeros, size_t zeros_bytes) {
+#if AFF_X86
+    const size_t nc = codes_bytes < PREFETCH_AHEAD ? codes_bytes : PREFETCH_AHEAD;
+    const size_t ns = scales_bytes < 1024 ? scales_bytes : 1024, nz = zeros_bytes < 512 ? zeros_bytes : 512;
+    for (size_t o = 0; o < ns; o += 64) _mm_prefetch((const char *)scales + o, _MM_HINT_NTA);
+    for (size_t o = 0; o < nz; o += 64) _mm_prefetch((const char *)zeros + o, _MM_HINT_NTA);
+    for (size_t o = 0; o < nc; o += 64) _mm_prefetch((const char *)codes + o, _MM_HINT_NTA);
+#else
+    (void)codes; (void)codes_bytes; (void)scales; (void)scales_bytes; (void)zeros; (void)zeros_bytes;
+#endif
+}
+
 /* y [m, n] (fp32, or bf16 when y_bf16) = x [m, k] (fp32, or bf16 when x_bf16) @ W^T + bias. Returns the
    instruction set used (1 scalar, 2 AVX2, 3 AVX-VNNI, 4 AVX512-VNNI), or -1 for arguments it cannot take. */
 int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, void *y, int y_bf16, int n,
@@ -309,10 +326,21 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     if (isa == ISA_AUTO) isa = affine_best_isa();
     if (!cpu_has(isa)) return -1;
     if (nthreads < 1) nthreads = 1;
-    int8_t *xq = (int8_t *)aligned_alloc(64, ((size_t)m * nblk * 32 + 63) / 64 * 64);
-    float *d = (float *)malloc(sizeof(float) * (size_t)m * nblk);
-    float *X = (float *)malloc(sizeof(float) * (size_t)m * G);
-    if (!xq || !d || !X) { free(xq); free(d); free(X); return -1; }
+    const int ntiles = (n + TILE - 1) / TILE;
+    prefetch_head(codes, (size_t)ntiles * nblk * 64 * bits, scales, (size_t)ntiles * G * TILE * 2, zeros,
+                  (size_t)ntiles * G * TILE);
+    /* small calls (decode) keep the quantized activations on the stack */
+    enum { STACK_BLOCKS = 256, STACK_GROUPS = 256 };
+    int8_t xq_s[STACK_BLOCKS * 32] __attribute__((aligned(64)));
+    float d_s[STACK_BLOCKS], X_s[STACK_GROUPS];
+    const int heap = (size_t)m * nblk > STACK_BLOCKS || (size_t)m * G > STACK_GROUPS;
+    int8_t *xq = heap ? (int8_t *)aligned_alloc(64, ((size_t)m * nblk * 32 + 63) / 64 * 64) : xq_s;
+    float *d = heap ? (float *)malloc(sizeof(float) * (size_t)m * nblk) : d_s;
+    float *X = heap ? (float *)malloc(sizeof(float) * (size_t)m * G) : X_s;
+    if (!xq || !d || !X) {
+        if (heap) { free(xq); free(d); free(X); }
+        return -1;
+    }
     quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, xq, d, X, nthreads, isa);
     aff_args a = {codes, bits, nblk, scales, zeros, gstart, G, xq, d, X, n, m, bias, y, y_bf16};
     tiles_fn fn = tiles_scalar;
@@ -321,7 +349,6 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     else if (isa == ISA_AVXVNNI) fn = tiles_avxvnni;
     else if (isa == ISA_AVX512VNNI) fn = tiles_avx512;
 #endif
-    const int ntiles = (n + TILE - 1) / TILE;
     /* a small call costs less than waking the OpenMP pool (a second runtime beside torch's): one thread */
     if (nthreads == 1 || ntiles == 1 || (double)n * k * m < PARALLEL_MIN_MACS) {
         fn(&a, 0, ntiles);
@@ -329,10 +356,17 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
         /* a few tiles per task: even shares without a scheduling cost per tile */
         const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
         const int ntasks = (ntiles + per - 1) / per;
+        const size_t tile_codes = (size_t)nblk * 64 * bits, tile_groups = (size_t)G * TILE;
         #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int t = 0; t < ntasks; t++) fn(&a, t * per, (t + 1) * per < ntiles ? (t + 1) * per : ntiles);
+        for (int t = 0; t < ntasks; t++) {
+            const int t0 = t * per, t1 = (t + 1) * per < ntiles ? (t + 1) * per : ntiles;
+            if (t && isa != ISA_SCALAR)   /* a task's first bytes, as the call's (the running prefetch covers the rest) */
+                prefetch_head(codes + t0 * tile_codes, (t1 - t0) * tile_codes, scales + t0 * tile_groups,
+                              (t1 - t0) * tile_groups * 2, zeros + t0 * tile_groups, (t1 - t0) * tile_groups);
+            fn(&a, t0, t1);
+        }
     }
-    free(xq); free(d); free(X);
+    if (heap) { free(xq); free(d); free(X); }
     return isa;
 }
 

@@ -236,6 +236,27 @@ typedef struct {
     int32_t n, k, D, kbook, kp, nblk, ncb, nseg, ntiles;
 } vq8_layer;
 
+/* The kernels prefetch the indices PREFETCH_AHEAD bytes ahead of where they read. The first that many bytes of a
+   call, the start of the scales and the first tile's codebooks are requested here, before the activations are
+   quantized, so that their memory latency overlaps that work instead of stalling the first tiles (a cold decode call
+   of a small layer is mostly that latency). */
+static void prefetch_head(const vq8_layer *L, int t0, int t1, int isa) {
+#if VQ8_X86
+    if (isa == ISA_SCALAR) return;
+    const size_t tile_idx = (size_t)L->nblk * (512 / L->D), tile_sc = (size_t)L->nseg * TILE * 4;
+    const size_t idx_bytes = (size_t)(t1 - t0) * tile_idx, sc_bytes = (size_t)(t1 - t0) * tile_sc;
+    const size_t tab_bytes = (size_t)L->ncb * L->D * L->kp;   /* the codebooks of one row block */
+    const size_t ni = idx_bytes < PREFETCH_AHEAD ? idx_bytes : PREFETCH_AHEAD, ns = sc_bytes < 1024 ? sc_bytes : 1024;
+    const char *idx = (const char *)(L->idx + t0 * tile_idx), *sc = (const char *)L->scales + t0 * tile_sc;
+    const char *tab = (const char *)(L->tables + (size_t)L->tile_rb[t0] * tab_bytes);
+    for (size_t o = 0; o < ns; o += 64) _mm_prefetch(sc + o, _MM_HINT_NTA);
+    for (size_t o = 0; o < tab_bytes && o < 2048; o += 64) _mm_prefetch(tab + o, _MM_HINT_T0);
+    for (size_t o = 0; o < ni; o += 64) _mm_prefetch(idx + o, _MM_HINT_NTA);
+#else
+    (void)L; (void)t0; (void)t1; (void)isa;
+#endif
+}
+
 /* y [m, n] = x [m, k] @ W^T + bias, x and y fp32 (or both bf16 when bf16). Returns the instruction set used
    (1 scalar, 2 AVX2, 3 AVX-VNNI, 4 AVX512-VNNI, 5 AVX512-VBMI), or -1 for arguments it cannot take. */
 int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, const float *bias, int nthreads,
@@ -249,6 +270,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     if (isa == ISA_AUTO) isa = vq8_best_isa();
     if (!cpu_has(isa)) return -1;
     if (nthreads < 1) nthreads = 1;
+    prefetch_head(L, 0, ntiles, isa);
     /* small calls (decode) keep the quantized activations on the stack */
     enum { STACK_BLOCKS = 256 };
     int8_t xq_s[STACK_BLOCKS * 32] __attribute__((aligned(64)));
@@ -285,7 +307,11 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
         const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
         const int ntasks = (ntiles + per - 1) / per;
         #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int t = 0; t < ntasks; t++) fn(&a, t * per, (t + 1) * per < ntiles ? (t + 1) * per : ntiles);
+        for (int t = 0; t < ntasks; t++) {
+            const int t0 = t * per, t1 = (t + 1) * per < ntiles ? (t + 1) * per : ntiles;
+            if (t) prefetch_head(L, t0, t1, isa);   /* a task's first bytes, as the call's */
+            fn(&a, t0, t1);
+        }
     }
     if (heap) { free(xq); free(d); free(asum); }
     return isa;
