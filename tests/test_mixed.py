@@ -364,6 +364,28 @@ def test_sensitivity_pass_collects_the_plain_hessian_beside_gptqs(tiny_llama_dir
         assert not torch.allclose(got[n], plain[n], rtol=1e-3)  # the first token's weight shows
 
 
+def test_hessian_pass_hands_back_the_block_outputs(tiny_llama_dir, calib_ids):
+    """collect_hessians with outputs: the pass runs to the block's end and returns each batch's block output, bit for
+    bit what a plain forward gives, with the same Hessians as the pass that stops after the last Linear."""
+    import contextlib
+
+    from hf_vq.pipeline.blocks import _run_block, capture_block_inputs, collect_hessians, find_decoder_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    _, blocks = find_decoder_blocks(model)
+    linears = {n: m for n, m in blocks[1].named_modules() if isinstance(m, torch.nn.Linear)}
+    cache = capture_block_inputs(model, blocks[1], calib_ids[:6], 2, contextlib.nullcontext)
+    outputs: list = []
+    got = collect_hessians(blocks[1], linears, cache, first_token_weight=4.0, outputs=outputs)
+    stopped = collect_hessians(blocks[1], linears, cache, first_token_weight=4.0)
+    assert len(outputs) == len(cache) == 3
+    with torch.no_grad():
+        for out, (hidden, kw) in zip(outputs, cache):
+            assert torch.equal(out, _run_block(blocks[1], hidden, kw))
+    for n in linears:
+        assert torch.equal(got[n], stopped[n])
+
+
 def test_token_weighted_hessian_matches_per_token_gradients(tiny_llama_dir, calib_ids):
     """tokenfisher's Hessian of a layer, 2 sum_t a_t x_t x_t^T / sum_t a_t with a_t the squared norm of the loss
     gradient at the layer's output for token t, against the same sum built from retained gradients in float64."""

@@ -188,3 +188,15 @@ def test_cli_reads_gptvq_candidates():
     import argparse
     with pytest.raises(argparse.ArgumentTypeError, match="DIMdINDEX_BITS:ROWS"):
         parse_candidates("2d6")
+
+
+def test_aimet_encodings_carry_each_layers_own_setting(vq_mixed_model, tmp_path):
+    enc = json.loads(hf_vq.export_encodings(vq_mixed_model, tmp_path / "enc").read_text())
+    by_name = {e["name"]: e for e in enc["param_encodings"]}
+    alloc = vq_mixed_model.config.quantization_config.allocation
+    assert len(by_name) == len(alloc)
+    for name, s in alloc.items():
+        e = by_name[name + ".weight"]
+        assert e["enc_type"] == "VECTOR"
+        assert (e["vector_dim"], e["index_bw"], e["rows_per_block"]) == (s["vector_dim"], s["index_bits"],
+                                                                         s["rows_per_block"])

@@ -221,25 +221,33 @@ class _FrozenChildren:
 @torch.no_grad()
 def collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, autocast=contextlib.nullcontext,
                      first_token_weight: float = 1.0, ranks: distributed.Ranks = distributed.Ranks(),
-                     token_means: dict | None = None):
+                     token_means: dict | None = None, outputs: list | None = None):
     """Input Hessians of ``linears`` (names local to ``block``) over cached block inputs [(hidden, kwargs), ...]
     (and over every rank's inputs under torch.distributed). ``token_means``: filled with each Linear's plain token
-    average H (first token weight 1) beside the weighted H returned (fused experts: their weighted H)."""
+    average H (first token weight 1) beside the weighted H returned (fused experts: their weighted H).
+    ``outputs``: filled with the block's output per batch (the pass runs to the block's end instead of stopping after
+    the last Linear), so that a caller that changes no weight needs no second pass; left empty for a block with
+    fused experts (collected in two passes)."""
     out = {}
-    for group in regroup(block, [list(linears)], [False])[0]:  # fused experts: gate_up, then down
+    groups = regroup(block, [list(linears)], [False])[0]  # fused experts: gate_up, then down
+    for group in groups:
         out.update(_collect_hessians(block, {n: linears[n] for n in group}, inputs, autocast, RunStats(),
                                      _FrozenChildren(block, linears), first_token_weight=first_token_weight,
-                                     ranks=ranks, token_means=token_means)[0])
+                                     ranks=ranks, token_means=token_means,
+                                     outputs=outputs if len(groups) == 1 else None)[0])
     return out
 
 
 def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats: RunStats, frozen: _FrozenChildren,
                       skip: set[str] = frozenset(), capture: str | None = None, first_token_weight: float = 1.0,
-                      ranks: distributed.Ranks = distributed.Ranks(), token_means: dict | None = None):
-    """One pass of the block over the calibration inputs, stopping after the group's last layer has run.
+                      ranks: distributed.Ranks = distributed.Ranks(), token_means: dict | None = None,
+                      outputs: list | None = None):
+    """One pass of the block over the calibration inputs, stopping after the group's last layer has run (with
+    ``outputs``: running to the end, the block's output per batch appended there).
 
     Layers in ``skip`` return zeros instead of computing (nothing reads them before the stop); the inputs of
     ``capture`` are kept per batch and returned with the Hessians."""
+    stop = outputs is None
     accs: dict[str, HessianAccumulator] = {}
     seen_inputs: dict[str, torch.Tensor] = {}  # layer -> its input this batch (layers reading one tensor share H)
     experts = ExpertPass(block, list(group), first_token_weight)  # fused experts collect their own statistics
@@ -251,7 +259,7 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
 
     def experts_done(_m, _a, _o, _name):
         remaining.discard(_name)
-        if not remaining:
+        if not remaining and stop:
             raise _StopForward
     for cname, mod in experts.modules.items():
         handles.append(mod.register_forward_hook(lambda m, a, o, _n=cname: experts_done(m, a, o, _n)))
@@ -271,7 +279,7 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             if _name == capture:
                 captured.append(x)
             remaining.discard(_name)
-            if not remaining:
+            if not remaining and stop:
                 raise _StopForward
         handles.append(lin.register_forward_pre_hook(hook))
     for name in skip:
@@ -283,7 +291,9 @@ def _collect_hessians(block, group: dict[str, nn.Linear], cache, autocast, stats
             seen_inputs.clear()
             experts.begin_batch(hidden)
             with contextlib.suppress(_StopForward), autocast(), frozen.stubbed(j, record=True):
-                _run_block(block, hidden, kw)
+                result = _run_block(block, hidden, kw)
+                if not stop:
+                    outputs.append(result.to(hidden.dtype))
         out = experts.hessians(distributed.all_reduce if ranks.active else None)
     finally:
         experts.close()

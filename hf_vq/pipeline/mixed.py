@@ -163,10 +163,11 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
         local = {n[len(bp):]: m for n, m in targets.items() if n.startswith(bp)}
         with onloaded(block, device):
             cache = [(hidden.to(device), move(kw, device)) for hidden, kw in cache]
+            outputs: list[torch.Tensor] = []   # the block's outputs from the Hessian pass (weights are unchanged)
             if local:
                 plain: dict[str, torch.Tensor] = {}
                 hessians = collect_hessians(block, local, cache, autocast, config.sink_weight(), ranks,
-                                            token_means=plain)
+                                            token_means=plain, outputs=outputs)
                 shared: dict[tuple, list[str]] = {}  # layers reading one input (one H) are solved as one stack
                 for n in local:
                     sym = None if vq else config.spec_for(bp + n).sym
@@ -184,6 +185,9 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
                     else:
                         out.update(candidate_errors(weights, hessians[names[0]], cands, sym, config, score=score))
                 del hessians, plain
+            if len(outputs) == len(cache):
+                cache = [(o, kw) for o, (_, kw) in zip(outputs, cache)]
+                continue
             for j, (hidden, kw) in enumerate(cache):
                 with autocast():
                     cache[j] = (_run_block(block, hidden, kw).to(hidden.dtype), kw)
