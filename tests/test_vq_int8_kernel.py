@@ -181,6 +181,37 @@ def test_threads_split_rows_without_changing_results():
     assert_thread_split_invariant(lambda: native_vq.run(st, x, None))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d,ib", [(1, 5), (2, 6), (4, 4)])
+def test_packed_indices_give_the_byte_layout_s_results(isa, d, ib, monkeypatch):
+    # indices of <= 6 bits packed 6 bits each: VBMI unpacks them in registers, the other paths into a buffer; the
+    # arithmetic after the unpacking is the same, so the outputs are the same bits
+    monkeypatch.setenv("HF_VQ_NATIVE_ISA", isa)
+    mod = _random_vq(45, 301, d, ib, 8, rpb=24, cpb=96, normalize=True, seed=ib)
+    vq = VQWeight(mod.layout, mod.stored_tensors())
+    packed, plain = native_vq.transcode(vq, packed=True), native_vq.transcode(vq, packed=False)
+    assert packed.packed and not plain.packed and packed.idx.numel() * 4 == plain.idx.numel() * 3
+    g = torch.Generator().manual_seed(d)
+    for rows in (1, 2, 5):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, 301, generator=g).to(dtype)
+            y = native_vq.run(packed, x, mod.bias.detach())
+            assert native_vq.last_isa == expected_isa(isa)
+            assert torch.equal(y, native_vq.run(plain, x, mod.bias.detach()))
+            assert_within(y, x, mod.dequantize_weight(), mod.bias.detach())
+
+
+def test_prepare_packs_indices_where_vbmi_runs(monkeypatch):
+    mod6, mod8 = _random_vq(32, 256, 2, 6, 8, 32, 256, False), _random_vq(32, 256, 2, 8, 8, 32, 256, False)
+    vq6, vq8 = VQWeight(mod6.layout, mod6.stored_tensors()), VQWeight(mod8.layout, mod8.stored_tensors())
+    assert native_vq.prepare(vq6).packed == (native_vq.best_isa() == "avx512vbmi")
+    assert not native_vq.prepare(vq8).packed, "8-bit indices stay one byte each"
+    monkeypatch.setenv("HF_VQ_NATIVE_ISA", "avx2")
+    assert not native_vq.prepare(vq6).packed, "a path without VBMI gets the byte layout"
+    with pytest.raises(ValueError, match="6 bits"):
+        native_vq.transcode(vq8, packed=True)
+
+
 def test_torch_compile_sees_one_op():
     mod = _random_vq(48, 200, 2, 6, 8, rpb=16, cpb=64, normalize=True, seed=3)
     st = native_vq.prepare(VQWeight(mod.layout, mod.stored_tensors()))

@@ -10,6 +10,10 @@ component: AVX512-VBMI ``vpermb`` for <= 64 entries (``vpermi2b`` 128, two and a
 segment (a run of 32-column blocks with one codebook and one normalization block), applied with one FMA per
 segment; the activation scale is one FMA per block.
 
+Indices of up to 6 bits are stored packed, 6 bits each (GPTVQ 2D/6-bit: 3 bits per weight of indices, not 4), where
+the CPU's best path is AVX512-VBMI, which unpacks them in registers; elsewhere one byte each. Every path reads both
+layouts (the others unpack a block into a buffer), with the same results bit for bit.
+
 Serves vector_dim 1/2/4, index_bits 1..8, codebook_bits 4/8, with or without data normalization, any row block
 size (row blocks are padded to whole 16-row tiles), and cols_per_block a multiple of 32. Everything else (fp16
 codebooks, other column blocks or vector dims) gets None from :func:`prepare`, and the older kernel
@@ -55,7 +59,7 @@ class _Layer(ctypes.Structure):
 
     _fields_ = [(f, ctypes.c_void_p) for f in ("idx", "tables", "scales", "seg_start", "seg_cb", "tile_rb", "tile_r0",
                                                 "tile_cnt")] + \
-               [(f, ctypes.c_int32) for f in ("n", "k", "d", "kbook", "kp", "nblk", "ncb", "nseg", "ntiles")]
+               [(f, ctypes.c_int32) for f in ("n", "k", "d", "kbook", "kp", "nblk", "ncb", "nseg", "ntiles", "packed")]
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -63,7 +67,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vq8_gemm_layer.restype = i
     lib.vq8_gemm_layer.argtypes = [p, p, i, i, p, p, i, i]
     lib.vq8_gemm.restype = i
-    lib.vq8_gemm.argtypes = [p, i, i, p, p, i, i] + [i] * 9 + [p] * 8
+    lib.vq8_gemm.argtypes = [p, i, i, p, p, i, i] + [i] * 10 + [p] * 8
     lib.vq8_isa_supported.restype = i
     lib.vq8_isa_supported.argtypes = [i]
     lib.vq8_best_isa.restype = i
@@ -101,7 +105,8 @@ class NativeVQ:
     kp: int
     nblk: int
     ncb: int
-    idx: torch.Tensor        # uint8 [ntiles, nblk, 8 / d, 16, 4]
+    packed: bool             # indices packed 6 bits each (see csrc/vq_int8.c)
+    idx: torch.Tensor        # uint8 [ntiles, nblk, 8 / d, 64] (bytes), or [ntiles, nblk, 8 / d, 48] (packed)
     tables: torch.Tensor     # uint8 [row_blocks * ncb, d, kp], code + 128
     scales: torch.Tensor     # fp32 [ntiles, nseg, 16]
     segments: torch.Tensor   # int32 [2, nseg + 1]: start block, codebook column block
@@ -128,14 +133,38 @@ def _segments(nblk: int, cpb: int, normalize: bool) -> torch.Tensor:
     return seg
 
 
+def packs_indices(index_bits: int) -> bool:
+    """Whether :func:`prepare` stores indices of ``index_bits`` packed: up to 6 bits, where the path that runs
+    (HF_VQ_NATIVE_ISA, else the CPU's best) is AVX512-VBMI."""
+    isa = requested_isa()
+    return index_bits <= 6 and (ISA_NAMES[isa] if isa else best_isa()) == "avx512vbmi"
+
+
+def pack6(idx: torch.Tensor) -> torch.Tensor:
+    """uint8 indices < 64 [..., 64] -> [..., 48]: bytes 6q..6q+5 hold indices 8q..8q+7 at bits 6t, little-endian."""
+    v = idx.view(*idx.shape[:-1], 8, 8).to(torch.int64)
+    word = (v << (6 * torch.arange(8))).sum(-1, keepdim=True)                        # [..., 8, 1] 48-bit values
+    return ((word >> (8 * torch.arange(6))) & 255).to(torch.uint8).view(*idx.shape[:-1], 48)
+
+
 @torch.no_grad()
 def prepare(vq: VQWeight, **_facts) -> NativeVQ | None:
     """Transcode ``vq`` once for the kernel; None when the kernel cannot serve it (no compiler, fp16 codebooks, a
     vector dimension other than 1/2/4, cols_per_block not a multiple of 32)."""
+    if not supports(vq.layout) or LIBRARY.load() is None:
+        return None
+    return transcode(vq, packs_indices(vq.layout.index_bits))
+
+
+@torch.no_grad()
+def transcode(vq: VQWeight, packed: bool) -> NativeVQ | None:
+    """:func:`prepare` with the index layout chosen by the caller (``packed`` needs index_bits <= 6)."""
     global _GEMM, _GEMM_ARGS
     lay = vq.layout
     if not supports(lay) or vq.tensors["vq_indices"].device.type != "cpu":
         return None
+    if packed and lay.index_bits > 6:
+        raise ValueError(f"packed indices hold 6 bits; this layer has {lay.index_bits}-bit indices")
     lib = LIBRARY.load()
     if lib is None:
         return None
@@ -164,7 +193,8 @@ def prepare(vq: VQWeight, **_facts) -> NativeVQ | None:
     idx = unpack(t["vq_indices"].cpu(), lay.index_bits, lay.nvec)                       # uint8 [n, nvec]
     idx = torch.nn.functional.pad(idx, (0, nvec_p - lay.nvec))
     idx = torch.where(valid[:, None], idx[rows], torch.zeros((), dtype=torch.uint8))
-    idx = idx.view(ntiles, TILE, nblk, 8 // d, 4).permute(0, 2, 3, 1, 4).contiguous()
+    idx = idx.view(ntiles, TILE, nblk, 8 // d, 4).permute(0, 2, 3, 1, 4).reshape(ntiles, nblk, 8 // d, 64)
+    idx = pack6(idx).contiguous() if packed else idx.contiguous()
 
     # integer codes c in [-2^(b-1), 2^(b-1) - 1] as c + 128: [row_blocks, col_blocks, d, kp]
     g = lay.num_codebooks
@@ -186,14 +216,15 @@ def prepare(vq: VQWeight, **_facts) -> NativeVQ | None:
         s = s * ns[rows][:, seg_nb].view(ntiles, TILE, -1).transpose(1, 2)
     s = (s * valid.view(ntiles, 1, TILE)).contiguous()                                  # padding rows: 0
 
-    return _state(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, idx, tables, s, seg, tiles)
+    return _state(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, packed, idx, tables, s, seg, tiles)
 
 
-def _state(n, k, d, kbook, kp, nblk, ncb, idx, tables, scales, seg, tiles) -> NativeVQ:
+def _state(n, k, d, kbook, kp, nblk, ncb, packed, idx, tables, scales, seg, tiles) -> NativeVQ:
     layer = _Layer(idx.data_ptr(), tables.data_ptr(), scales.data_ptr(), seg[0].data_ptr(), seg[1].data_ptr(),
                    tiles[0].data_ptr(), tiles[1].data_ptr(), tiles[2].data_ptr(), n, k, d, kbook, kp, nblk, ncb,
-                   seg.shape[1] - 1, tiles.shape[1])
-    return NativeVQ(n, k, d, kbook, kp, nblk, ncb, idx, tables, scales, seg, tiles, layer, ctypes.addressof(layer))
+                   seg.shape[1] - 1, tiles.shape[1], packed)
+    return NativeVQ(n, k, d, kbook, kp, nblk, ncb, packed, idx, tables, scales, seg, tiles, layer,
+                    ctypes.addressof(layer))
 
 
 def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] | None:
@@ -203,7 +234,7 @@ def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] |
     a = states[0]
     for s in states[1:]:
         if (s.k != a.k or s.d != a.d or s.kbook != a.kbook or s.kp != a.kp or s.nblk != a.nblk or s.ncb != a.ncb
-                or not torch.equal(s.segments, a.segments)):
+                or s.packed != a.packed or not torch.equal(s.segments, a.segments)):
             return None
     idx = torch.cat([s.idx for s in states])
     tables = torch.cat([s.tables for s in states])
@@ -213,11 +244,11 @@ def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] |
     for s in states:
         nt, nrb = s.tiles.shape[1], s.tables.shape[0] // s.ncb   # tables: [row blocks * ncb, d, kp]
         tiles.append(s.tiles + torch.tensor([[rb0], [row0], [0]], dtype=torch.int32))
-        members.append(_state(s.n, s.k, s.d, s.kbook, s.kp, s.nblk, s.ncb, idx[t0:t0 + nt],
+        members.append(_state(s.n, s.k, s.d, s.kbook, s.kp, s.nblk, s.ncb, s.packed, idx[t0:t0 + nt],
                               tables[rb0 * s.ncb:(rb0 + nrb) * s.ncb], scales[t0:t0 + nt], s.segments, s.tiles))
         starts.append(row0)
         t0, rb0, row0 = t0 + nt, rb0 + nrb, row0 + s.n
-    fused = _state(row0, a.k, a.d, a.kbook, a.kp, a.nblk, a.ncb, idx, tables, scales, a.segments,
+    fused = _state(row0, a.k, a.d, a.kbook, a.kp, a.nblk, a.ncb, a.packed, idx, tables, scales, a.segments,
                    torch.cat(tiles, dim=1).contiguous())
     return fused, members, starts
 
@@ -240,7 +271,8 @@ def run(st: NativeVQ, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
         bias = bias.detach().float().contiguous()
     if torch.compiler.is_compiling():
         y = torch.ops.hf_vq.vq_int8_gemm(x.reshape(-1, st.k), st.idx, st.tables, st.scales, st.segments, st.tiles,
-                                         bias, st.n, st.k, st.d, st.kbook, st.kp, st.nblk, st.ncb, requested_isa())
+                                         bias, st.n, st.k, st.d, st.kbook, st.kp, st.nblk, st.ncb, st.packed,
+                                         requested_isa())
         y = y.view(*x.shape[:-1], st.n)
     else:
         # the C code needs only the pointer: no reshape of x, and y is allocated in its final shape
@@ -265,14 +297,14 @@ def projection(st: NativeVQ) -> tuple[int, int, object, int] | None:
 @torch.library.custom_op("hf_vq::vq_int8_gemm", mutates_args=(), device_types="cpu")
 def _vq_int8_gemm_op(x: torch.Tensor, idx: torch.Tensor, tables: torch.Tensor, scales: torch.Tensor,
                      segments: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, d: int,
-                     kbook: int, kp: int, nblk: int, ncb: int, isa: int) -> torch.Tensor:
+                     kbook: int, kp: int, nblk: int, ncb: int, packed: bool, isa: int) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     if x.shape[0]:
         segments, tiles = segments.contiguous(), tiles.contiguous()
         rc = _GEMM_ARGS(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], y.data_ptr(),
                         0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa, n, k, d, kbook, kp,
-                        nblk, ncb, segments.shape[1] - 1, tiles.shape[1], idx.data_ptr(), tables.data_ptr(),
+                        nblk, ncb, segments.shape[1] - 1, tiles.shape[1], packed, idx.data_ptr(), tables.data_ptr(),
                         scales.data_ptr(), segments[0].data_ptr(), segments[1].data_ptr(), tiles[0].data_ptr(),
                         tiles[1].data_ptr(), tiles[2].data_ptr())
         _done(rc, x, n)
@@ -280,7 +312,7 @@ def _vq_int8_gemm_op(x: torch.Tensor, idx: torch.Tensor, tables: torch.Tensor, s
 
 
 @_vq_int8_gemm_op.register_fake
-def _(x, idx, tables, scales, segments, tiles, bias, n, k, d, kbook, kp, nblk, ncb, isa):
+def _(x, idx, tables, scales, segments, tiles, bias, n, k, d, kbook, kp, nblk, ncb, packed, isa):
     return x.new_empty(x.shape[0], n)
 
 

@@ -21,6 +21,12 @@
    broadcast, and one dpbusd per (chunk, component) computes 16 rows x 4 vectors, with row sums in their own lanes
    (no horizontal reductions).
 
+   Packed indices (packed = 1, layers of <= 64 codebook entries): each chunk of 64 index bytes is stored in 48
+   bytes, 6 bits per index: bytes 6q..6q+5 hold indices 8q..8q+7 of the chunk at bits 6t (little-endian), so a
+   6-bit-index layer reads 3 bits per weight of indices instead of 4 (2D vectors). AVX512-VBMI unpacks a chunk with
+   one vpermb and one vpmultishiftqb (the table lookup reads the low 6 bits only); the other paths unpack a block
+   into a buffer first (kernel_native_vq.py packs only where the best path is VBMI).
+
    Each instruction-set path is compiled with its own target attribute and chosen at run time from what the CPU
    reports (isa 0), or forced (isa > 0) to test a fallback. */
 #if !defined(VQ8_BODY_256) && !defined(VQ8_BODY_512)
@@ -49,6 +55,7 @@ typedef struct {
     const uint8_t *idx;        /* [ntiles, nblk, 8 / D, 16, 4] */
     const uint8_t *tables;     /* [row_blocks, ncb, D, kp], code + 128 */
     int D; int k; int kp; int nblk; int ncb;
+    int packed; int blk_bytes;  /* packed indices (see above); bytes of indices per tile and block */
     const float *scales;       /* [ntiles, nseg, 16] */
     const int32_t *seg_start;  /* [nseg + 1], in blocks of 32 columns */
     const int32_t *seg_cb;     /* [nseg], column block of the codebook */
@@ -78,7 +85,24 @@ static inline void store_rows(const vq8_args *a, int mm, int t, int first, int c
 }
 
 INLINE const uint8_t *tile_block_idx(const vq8_args *a, int t, int b) {
-    return a->idx + ((size_t)t * a->nblk + b) * (size_t)(512 / a->D);
+    return a->idx + ((size_t)t * a->nblk + b) * (size_t)a->blk_bytes;
+}
+
+/* the packed indices of one tile and block (8 / D chunks of 48 bytes) -> the byte layout (8 / D chunks of 64) */
+static inline void unpack_block(const uint8_t *src, int D, uint8_t *dst) {
+    for (int q = 0; q < 64 / D; q++) {
+        uint64_t v = 0;
+        for (int i = 0; i < 6; i++) v |= (uint64_t)src[6 * q + i] << (8 * i);
+        for (int t = 0; t < 8; t++) dst[8 * q + t] = (uint8_t)((v >> (6 * t)) & 63);
+    }
+}
+
+/* the indices of tile t, block b in the byte layout: in place, or unpacked into buf (512 bytes) */
+static inline const uint8_t *block_indices(const vq8_args *a, int t, int b, uint8_t *buf) {
+    const uint8_t *ib = tile_block_idx(a, t, b);
+    if (!a->packed) return ib;
+    unpack_block(ib, a->D, buf);
+    return buf;
 }
 
 INLINE const uint8_t *seg_tables(const vq8_args *a, int t, int s) {
@@ -95,7 +119,8 @@ static void tiles_scalar(const vq8_args *a, int t0, int t1) {
                 const uint8_t *tab = seg_tables(a, t, s);
                 float gacc[TILE] = {0.f};
                 for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-                    const uint8_t *ib = tile_block_idx(a, t, b);
+                    uint8_t buf[512];
+                    const uint8_t *ib = block_indices(a, t, b, buf);
                     const int8_t *xb = a->xq + ((size_t)mm * a->nblk + b) * 32;
                     const int32_t base = a->asum[(size_t)mm * a->nblk + b];
                     const float d = a->d[(size_t)mm * a->nblk + b];
@@ -233,7 +258,7 @@ typedef void (*quant_fn)(const void *, int, int, int, int, int, int8_t *, float 
 typedef struct {
     const uint8_t *idx; const uint8_t *tables; const float *scales;
     const int32_t *seg_start, *seg_cb, *tile_rb, *tile_r0, *tile_cnt;
-    int32_t n, k, D, kbook, kp, nblk, ncb, nseg, ntiles;
+    int32_t n, k, D, kbook, kp, nblk, ncb, nseg, ntiles, packed;
 } vq8_layer;
 
 /* The kernels prefetch the indices PREFETCH_AHEAD bytes ahead of where they read. The first that many bytes of a
@@ -243,7 +268,7 @@ typedef struct {
 static void prefetch_head(const vq8_layer *L, int t0, int t1, int isa) {
 #if VQ8_X86
     if (isa == ISA_SCALAR) return;
-    const size_t tile_idx = (size_t)L->nblk * (512 / L->D), tile_sc = (size_t)L->nseg * TILE * 4;
+    const size_t tile_idx = (size_t)L->nblk * ((L->packed ? 384 : 512) / L->D), tile_sc = (size_t)L->nseg * TILE * 4;
     const size_t idx_bytes = (size_t)(t1 - t0) * tile_idx, sc_bytes = (size_t)(t1 - t0) * tile_sc;
     const size_t tab_bytes = (size_t)L->ncb * L->D * L->kp;   /* the codebooks of one row block */
     const size_t ni = idx_bytes < PREFETCH_AHEAD ? idx_bytes : PREFETCH_AHEAD, ns = sc_bytes < 1024 ? sc_bytes : 1024;
@@ -266,6 +291,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     if (!(D == 1 || D == 2 || D == 4) || L->kbook < 1 || L->kbook > 256 || L->kp < L->kbook || L->kp % 64 != 0)
         return -1;
     if (L->kbook > 64 && L->kp < 256) return -1;   /* the 16-entry-subtable lookups read 256 bytes */
+    if (L->packed && L->kbook > 64) return -1;      /* 6 bits per packed index */
     if (L->seg_start[0] != 0 || L->seg_start[nseg] != nblk) return -1;
     if (isa == ISA_AUTO) isa = vq8_best_isa();
     if (!cpu_has(isa)) return -1;
@@ -290,7 +316,8 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     if (isa >= ISA_AVX2) qf = quantize_avx2;   /* every path above scalar has AVX2 and FMA */
 #endif
     qf(x, bf16, m, k, nblk, D, xq, d, asum);
-    vq8_args a = {L->idx, L->tables, D, L->kbook, L->kp, nblk, L->ncb, L->scales, L->seg_start, L->seg_cb, nseg,
+    vq8_args a = {L->idx, L->tables, D, L->kbook, L->kp, nblk, L->ncb, L->packed != 0,
+                  (L->packed ? 384 : 512) / D, L->scales, L->seg_start, L->seg_cb, nseg,
                   L->tile_rb, L->tile_r0, L->tile_cnt, xq, d, asum, n, m, bias, y, bf16};
     tiles_fn fn = tiles_scalar;
 #if VQ8_X86
@@ -319,11 +346,11 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
 
 /* the same with every field of the layer as an argument (the torch.compile custom op, which holds tensors) */
 int vq8_gemm(const void *x, int bf16, int m, void *y, const float *bias, int nthreads, int isa, int n, int k,
-             int D, int kbook, int kp, int nblk, int ncb, int nseg, int ntiles, const uint8_t *idx,
+             int D, int kbook, int kp, int nblk, int ncb, int nseg, int ntiles, int packed, const uint8_t *idx,
              const uint8_t *tables, const float *scales, const int32_t *seg_start, const int32_t *seg_cb,
              const int32_t *tile_rb, const int32_t *tile_r0, const int32_t *tile_cnt) {
     const vq8_layer L = {idx, tables, scales, seg_start, seg_cb, tile_rb, tile_r0, tile_cnt,
-                         n, k, D, kbook, kp, nblk, ncb, nseg, ntiles};
+                         n, k, D, kbook, kp, nblk, ncb, nseg, ntiles, packed};
     return vq8_gemm_layer(&L, x, bf16, m, y, bias, nthreads, isa);
 }
 
@@ -453,9 +480,11 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
         __m256 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-            const uint8_t *ib = tile_block_idx(a, t, b) + 32 * h;
+            const uint8_t *raw = tile_block_idx(a, t, b);
             if (h == 0)
-                for (int c = 0; c < CH; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+                for (int c = 0; c < CH; c++) _mm_prefetch((const char *)(raw + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+            uint8_t buf[512];
+            const uint8_t *ib = (a->packed ? (unpack_block(raw, D, buf), buf) : raw) + 32 * h;
             __m256i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 /* VNNI multiplies c + 128: its block sum starts at -128 * sum(a) */
@@ -501,13 +530,14 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
 }
 
 INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
-    for (int t = t0; t < t1; t++)
+    for (int t = t0; t < t1; t++) {
         for (int h = 0; h < 2; h++) {
             if (8 * h >= a->tile_cnt[t]) break;
             int m0 = 0;
             for (; m0 + 2 <= a->m; m0 += 2) NAME(tile)(a, t, h, m0, 2, D, KC);
             for (; m0 < a->m; m0++) NAME(tile)(a, t, h, m0, 1, D, KC);
         }
+    }
 }
 
 INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
@@ -528,6 +558,18 @@ static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
    (included twice: AVX512-VNNI with pshufb lookups, AVX512-VBMI with vpermb / vpermi2b): a zmm holds the 16 rows
    of a tile. Lookups: VBMI KC = 64, 128 or 256 entries in KC / 64 registers; else as the 256-bit body, 16 / 64 /
    256 entries in KC / 16 registers (16-entry subtables in every 128-bit lane). */
+
+#if VBMI
+/* one chunk of packed indices (48 bytes) -> 64 bytes whose low 6 bits are the indices (vpermb reads only those):
+   qword q gathers bytes 6q..6q+5, and byte t of it takes bits 6t.. of that qword */
+INLINE __m512i NAME(unpack6)(const uint8_t *p) {
+    static const uint8_t spread[64] __attribute__((aligned(64))) = {0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11, 11, 12, 13, 14, 15, 16, 17, 17, 17, 18, 19, 20, 21, 22, 23, 23, 23, 24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35, 36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47};
+    static const uint8_t shifts[64] __attribute__((aligned(64))) = {0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42};
+    const __m512i v = _mm512_maskz_loadu_epi8(0xffffffffffffull, p);
+    return _mm512_multishift_epi64_epi8(_mm512_load_si512((const void *)shifts),
+                                        _mm512_permutexvar_epi8(_mm512_load_si512((const void *)spread), v));
+}
+#endif
 
 INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #if VBMI
@@ -554,8 +596,9 @@ INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #endif
 }
 
-INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC) {
+INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED) {
     const int CH = 8 / D, SL = 32 / D, NT = VBMI ? KC / 64 : KC / 16;
+    const int LINES = PACKED ? (3 * CH + 3) / 4 : CH;   /* cache lines of indices per block (48 or 64 bytes a chunk) */
     const int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
     __m512 acc[4];
     for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
@@ -570,14 +613,22 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
             const uint8_t *ib = tile_block_idx(a, t, b);
-            for (int c = 0; c < CH; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+            for (int c = 0; c < LINES; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+#if !VBMI
+            uint8_t buf[512];
+            if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
+#endif
             __m512i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 iacc[mm][0] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
                 for (int j = 1; j < NA; j++) iacc[mm][j] = _mm512_setzero_si512();
             }
             for (int c = 0; c < CH; c++) {
+#if VBMI
+                const __m512i idx = PACKED ? NAME(unpack6)(ib + 48 * c) : _mm512_loadu_si512((const void *)(ib + 64 * c));
+#else
                 const __m512i idx = _mm512_loadu_si512((const void *)(ib + 64 * c));
+#endif
                 for (int e = 0; e < D; e++) {
                     const __m512i w = NAME(lookup)(T[e], idx, KC);
                     const int j = (c * D + e) % NA;
@@ -605,24 +656,26 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
     }
 }
 
-INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
+INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED) {
     for (int t = t0; t < t1; t++) {
         int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC);
-        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC); m0 += 2; }
-        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC);
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED);
+        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED); m0 += 2; }
+        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED);
     }
 }
 
+/* the packed layout as a constant where VBMI unpacks it in registers; the other path unpacks into a buffer */
 INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 #if VBMI
-    if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64);
-    else if (a->k <= 128) NAME(tiles_dk)(a, t0, t1, D, 128);
-    else NAME(tiles_dk)(a, t0, t1, D, 256);
+    if (a->packed) NAME(tiles_dk)(a, t0, t1, D, 64, 1);   /* packed layers have <= 64 entries */
+    else if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64, 0);
+    else if (a->k <= 128) NAME(tiles_dk)(a, t0, t1, D, 128, 0);
+    else NAME(tiles_dk)(a, t0, t1, D, 256, 0);
 #else
-    if (a->k <= 16) NAME(tiles_dk)(a, t0, t1, D, 16);
-    else if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64);
-    else NAME(tiles_dk)(a, t0, t1, D, 256);
+    if (a->k <= 16) NAME(tiles_dk)(a, t0, t1, D, 16, 0);
+    else if (a->k <= 64) NAME(tiles_dk)(a, t0, t1, D, 64, 0);
+    else NAME(tiles_dk)(a, t0, t1, D, 256, 0);
 #endif
 }
 
