@@ -37,6 +37,7 @@ import torch
 
 from hf_vq.formats.packing import unpack
 from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQWeight
+from hf_vq.nn.kernel_native_affine import one_allocation
 from hf_vq.nn.kernel_registry import Kernel, register
 from hf_vq.nn.native_isa import IsaChoice
 from hf_vq.utils.cbuild import CLibrary
@@ -216,6 +217,7 @@ def transcode(vq: VQWeight, packed: bool) -> NativeVQ | None:
         s = s * ns[rows][:, seg_nb].view(ntiles, TILE, -1).transpose(1, 2)
     s = (s * valid.view(ntiles, 1, TILE)).contiguous()                                  # padding rows: 0
 
+    s, tables, idx = one_allocation(s, tables, idx)
     return _state(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, packed, idx, tables, s, seg, tiles)
 
 
@@ -236,9 +238,8 @@ def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] |
         if (s.k != a.k or s.d != a.d or s.kbook != a.kbook or s.kp != a.kp or s.nblk != a.nblk or s.ncb != a.ncb
                 or s.packed != a.packed or not torch.equal(s.segments, a.segments)):
             return None
-    idx = torch.cat([s.idx for s in states])
-    tables = torch.cat([s.tables for s in states])
-    scales = torch.cat([s.scales for s in states])
+    scales, tables, idx = one_allocation(torch.cat([s.scales for s in states]), torch.cat([s.tables for s in states]),
+                                         torch.cat([s.idx for s in states]))
     tiles, members, starts = [], [], []
     t0 = rb0 = row0 = 0
     for s in states:
