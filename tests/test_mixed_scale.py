@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 import hf_vq
 from hf_vq.nn.experts import QuantExperts, VQExperts
 from tests.arch_models import logits
-from tests.test_scale import (LAYERS, ROOT, _launch, deep_dir, free_port, ids, moe_dir,  # noqa: F401  (fixtures)
-                              quantized_tensors)
+from tests.test_scale import (KILL_SCRIPT, LAYERS, ROOT, _launch, deep_dir, free_port, ids,  # noqa: F401
+                              moe_dir, quantized_tensors)
 
 AFFINE = [{"bits": b, "group_size": 32} for b in (2, 4, 8)]
 VQ = [{"vector_dim": 2, "index_bits": b, "rows_per_block": r} for b, r in ((4, 8), (6, 16), (8, 32))]
@@ -122,35 +122,11 @@ def test_two_gloo_processes_choose_what_one_process_chooses(deep_dir, tmp_path):
     assert len({e["bits"] for e in alloc.values()}) > 1
 
 
-KILL_MIXED_SCRIPT = textwrap.dedent("""
-    import os, signal, sys, torch
-    sys.path.insert(0, {root!r})
-    from torch.nn.modules.module import register_module_forward_pre_hook
-    from transformers import AutoModelForCausalLM
-    from tests.test_mixed_scale import gptq_mixed
-
-    def in_the_quantizing_run():   # the sensitivity pass runs the blocks too: kill only in the real run
-        f = sys._getframe()
-        while f is not None:
-            if f.f_code.co_name == "run_sequential":
-                return True
-            f = f.f_back
-        return False
-
-    def kill(module, args):  # a real kill when block {k} + 1 starts calibrating: blocks 0..{k} are finished
-        if (type(module).__name__ == "LlamaDecoderLayer" and module.self_attn.layer_idx == {k} + 1
-                and in_the_quantizing_run()):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    register_module_forward_pre_hook(kill)
-    AutoModelForCausalLM.from_pretrained({model!r}, quantization_config=gptq_mixed(resume_dir={resume!r}))
-""")
-
-
 def test_resume_after_a_kill_equals_the_uninterrupted_mixed_run(deep_dir, tmp_path):
     k = 1
     resume = tmp_path / "resume"
-    script = KILL_MIXED_SCRIPT.format(root=str(ROOT), model=str(deep_dir), k=k, resume=str(resume))
+    script = KILL_SCRIPT.format(root=str(ROOT), model=str(deep_dir), k=k, resume=str(resume),
+                                module="tests.test_mixed_scale", config="gptq_mixed")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert json.loads((resume / "progress.json").read_text())["finished"] == k

@@ -13,6 +13,7 @@ from hf_vq.config import ConfigError
 from hf_vq.formats.vq import VQLayout
 from hf_vq.nn.vqlinear import VQLinear
 from hf_vq.pipeline.mixed_vq import block_rows, vq_candidate_errors, vq_cost
+from tests.test_mixed import stored_bits
 
 CANDS = [{"vector_dim": 2, "index_bits": 4, "rows_per_block": 8},
          {"vector_dim": 2, "index_bits": 6, "rows_per_block": 16},
@@ -101,15 +102,6 @@ def test_measured_blocks_are_quantized_as_the_whole_layer_quantizes_them():
 
 
 # ------------------------------------------------------------------------------------------ a real run
-
-def stored_bits(model) -> tuple[float, int]:
-    bits = weights = 0
-    for mod in model.modules():
-        if isinstance(mod, VQLinear):
-            n = mod.in_features * mod.out_features
-            bits, weights = bits + mod.bits_per_value() * n, weights + n
-    return bits, weights
-
 
 @pytest.fixture(scope="module")
 def vq_mixed_model(tiny_llama_dir, calib_ids):

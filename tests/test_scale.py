@@ -236,26 +236,36 @@ def test_onloaded_restores_offloaded_weights(deep_dir, tmp_path):
     assert block.mlp.up_proj._hf_hook.offload  # the hook offloads again
 
 
+# {config}: a config function of {module}; the kill comes in the quantizing run (run_sequential), not in a pass before
+# it (mixed precision's sensitivity pass runs the blocks too)
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {root!r})
     from torch.nn.modules.module import register_module_forward_pre_hook
     from transformers import AutoModelForCausalLM
-    from tests.test_scale import gptq
+    from {module} import {config}
+
+    def in_the_quantizing_run():
+        f = sys._getframe()
+        while f is not None and f.f_code.co_name != "run_sequential":
+            f = f.f_back
+        return f is not None
 
     def kill(module, args):  # a real kill when block {k} + 1 starts calibrating: blocks 0..{k} are finished
-        if type(module).__name__ == "LlamaDecoderLayer" and module.self_attn.layer_idx == {k} + 1:
+        if (type(module).__name__ == "LlamaDecoderLayer" and module.self_attn.layer_idx == {k} + 1
+                and in_the_quantizing_run()):
             os.kill(os.getpid(), signal.SIGKILL)
 
     register_module_forward_pre_hook(kill)
-    AutoModelForCausalLM.from_pretrained({model!r}, quantization_config=gptq(resume_dir={resume!r}))
+    AutoModelForCausalLM.from_pretrained({model!r}, quantization_config={config}(resume_dir={resume!r}))
 """)
 
 
 def test_resume_after_sigkill_equals_the_uninterrupted_run(deep_dir, tmp_path):
     k = 1
     resume = tmp_path / "resume"
-    script = KILL_SCRIPT.format(root=str(ROOT), model=str(deep_dir), k=k, resume=str(resume))
+    script = KILL_SCRIPT.format(root=str(ROOT), model=str(deep_dir), k=k, resume=str(resume), module="tests.test_scale",
+                                config="gptq")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert json.loads((resume / "progress.json").read_text())["finished"] == k
