@@ -150,20 +150,22 @@ def main(argv=None):
 
 
 def vq_rows(n: int, k: int, isas: list[str], pool: int, x1: torch.Tensor, xp: torch.Tensor) -> list[tuple]:
-    """The native GPTVQ kernel on each of its paths: (name, C call s, Python call s, bytes read, prefill s)."""
+    """The native GPTVQ kernel on each of its paths, each on the layout it prepares for that path (packed 6-bit
+    indices where it is AVX512-VBMI): (name, C call s, Python call s, bytes read, prefill s)."""
     vq = random_vq(n, k)
-    first = native_vq.prepare(vq)
-    if first is None:
-        return []
-    size = nbytes(first.idx, first.tables, first.scales)
-    states = [first] + [native_vq.prepare(vq) for _ in range(max(2, int(pool * 1e6 / size)) - 1)]
     rows = []
     for isa in isas:
         os.environ["HF_VQ_NATIVE_ISA"] = isa
+        first = native_vq.prepare(vq)
+        if first is None:
+            break
+        size = nbytes(first.idx, first.tables, first.scales)
+        states = [first] + [native_vq.prepare(vq) for _ in range(max(2, int(pool * 1e6 / size)) - 1)]
         tc = c_call([native_vq.projection(st) for st in states], x1[0], n)
         t = bench(lambda i: native_vq.run(states[i % len(states)], x1, None), len(states))
         tp = bench(lambda i: native_vq.run(states[0], xp, None), 1)
-        rows.append((f"native GPTVQ {isa}", tc, t, size, tp))
+        rows.append((f"native GPTVQ {isa}" + (", packed indices" if first.packed else ""), tc, t, size, tp))
+        del states
     os.environ.pop("HF_VQ_NATIVE_ISA", None)
     return rows
 

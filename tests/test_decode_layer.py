@@ -7,9 +7,12 @@ import pytest
 import torch
 
 import hf_vq
+from hf_vq.algorithms.rtn import rtn_weight
+from hf_vq.formats.vq import VQWeight
 from hf_vq.model.decode_layer import DecodeStepLayer, LayerPlan
-from hf_vq.nn import kernel_native_layer
+from hf_vq.nn import kernel_native_affine, kernel_native_layer, kernel_native_vq
 from tests.test_decode_step_kernels import decode_logits, load, strip_decode_kernels, tiny_llama
+from tests.test_vq_kernel import _random_vq
 
 
 @pytest.fixture(autouse=True)
@@ -213,3 +216,17 @@ def test_prepared_states_are_let_go_with_the_module_s(tmp_path):
     assert "hf_vq_plan" not in layer.__dict__ and group.fused is None and joined() is None
     decode_logits(model, ids)   # prepared again at the next decode step
     assert layer.hf_vq_plan.native is not None and group.fused is not None
+
+
+def test_time_projection_times_the_c_entry_point():
+    # the benchmark aid (benchmarks/kernel_speed.py): one-row calls through the projection ABI, timed in C
+    aff = kernel_native_affine.prepare(rtn_weight(torch.randn(48, 96), 4, 32, sym=True))
+    mod = _random_vq(48, 96, 2, 6, 8, 16, 32, False, bias=False)
+    vq = kernel_native_vq.prepare(VQWeight(mod.layout, mod.stored_tensors()))
+    x = torch.randn(96)
+    for proj in (kernel_native_affine.projection(aff), kernel_native_vq.projection(vq)):
+        seconds = kernel_native_layer.time_projection([proj, proj], x, 48, 10)
+        assert 0 < seconds < 0.01
+    with pytest.raises(ValueError, match="same kernel"):
+        kernel_native_layer.time_projection([kernel_native_affine.projection(aff), kernel_native_vq.projection(vq)],
+                                            x, 48, 2)
