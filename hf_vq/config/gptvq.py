@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hf_vq.config.base import HfVQConfig
 from hf_vq.config.gptq import PERCDAMP
-from hf_vq.config.mixed import MIXED_INERT, VQMixedPrecision, vq_fields
+from hf_vq.config.mixed import MIXED_INERT, VQ_VECTOR_DIMS, VQMixedPrecision, vq_fields
 from hf_vq.config.schema import Bool, ConfigError, Field, Float, Int, Overrides, Str
 from hf_vq.formats.vq import VQLayout
 
@@ -26,7 +26,7 @@ class GPTVQConfig(VQMixedPrecision, HfVQConfig):
     """
 
     method = "gptvq"
-    valid_vector_dims = (1, 2, 4)
+    valid_vector_dims = VQ_VECTOR_DIMS
     valid_codebook_bits = (4, 8, 16)
     valid_inits = ("mahalanobis", "kpp")
     valid_codebook_scales = ("row_block", "codebook")
