@@ -5,10 +5,10 @@ they reach.
 
 Decode (M=1) is cold-cache, like real decoding: each call uses another copy of the layer (more than --pool MB of
 weights in rotation, so every call streams from DRAM). GB/s counts the bytes the kernel reads: its packed weight
-layout (affine: codes, scales, zero-points; GPTVQ: indices, codebooks, scales); "% BW" divides that by the read
-bandwidth measured at the same thread count (torch.sum over a 1 GiB fp32 tensor, best of 3). Prefill (M=512) is
-cache-hot and compute bound: tokens/s. Each native row runs the instruction-set path in its name
-(HF_VQ_NATIVE_ISA), where this CPU has it.
+layout (affine: codes, scales, zero-points; GPTVQ: its tile records of scales, codebooks and indices); "% BW"
+divides that by the read bandwidth measured at the same thread count (torch.sum over a 1 GiB fp32 tensor, best of
+3). Prefill (M=512) is cache-hot and compute bound: tokens/s. Each native row runs the instruction-set path in its
+name (HF_VQ_NATIVE_ISA), where this CPU has it.
 
 Native rows have two decode columns:
 - "C call": the kernel's one-row projection entry point, called from C in a loop (the rotation of copies timed
@@ -159,7 +159,7 @@ def vq_rows(n: int, k: int, isas: list[str], pool: int, x1: torch.Tensor, xp: to
         first = native_vq.prepare(vq)
         if first is None:
             break
-        size = nbytes(first.idx, first.tables, first.scales)
+        size = nbytes(first.data)
         states = [first] + [native_vq.prepare(vq) for _ in range(max(2, int(pool * 1e6 / size)) - 1)]
         tc = c_call([native_vq.projection(st) for st in states], x1[0], n)
         t = bench(lambda i: native_vq.run(states[i % len(states)], x1, None), len(states))

@@ -190,7 +190,8 @@ def test_packed_indices_give_the_byte_layout_s_results(isa, d, ib, monkeypatch):
     mod = _random_vq(45, 301, d, ib, 8, rpb=24, cpb=96, normalize=True, seed=ib)
     vq = VQWeight(mod.layout, mod.stored_tensors())
     packed, plain = native_vq.transcode(vq, packed=True), native_vq.transcode(vq, packed=False)
-    assert packed.packed and not plain.packed and packed.idx.numel() * 4 == plain.idx.numel() * 3
+    assert packed.packed and not plain.packed and packed.index_bytes() * 4 == plain.index_bytes() * 3
+    assert packed.data.numel() < plain.data.numel()
     g = torch.Generator().manual_seed(d)
     for rows in (1, 2, 5):
         for dtype in (torch.float32, torch.bfloat16):

@@ -37,7 +37,6 @@ import torch
 
 from hf_vq.formats.packing import unpack
 from hf_vq.formats.vq import NORM_BITS, NORM_BLOCK, VQWeight
-from hf_vq.nn.kernel_native_affine import one_allocation
 from hf_vq.nn.kernel_registry import Kernel, register
 from hf_vq.nn.native_isa import IsaChoice
 from hf_vq.utils.cbuild import CLibrary
@@ -58,8 +57,7 @@ MAX_ROWS = None
 class _Layer(ctypes.Structure):
     """csrc/vq_int8.c's vq8_layer: the prepared tensors' pointers and sizes, passed as one pointer per call."""
 
-    _fields_ = [(f, ctypes.c_void_p) for f in ("idx", "tables", "scales", "seg_start", "seg_cb", "tile_rb", "tile_r0",
-                                                "tile_cnt")] + \
+    _fields_ = [(f, ctypes.c_void_p) for f in ("data", "seg_start", "seg_cb", "tile_r0", "tile_cnt")] + \
                [(f, ctypes.c_int32) for f in ("n", "k", "d", "kbook", "kp", "nblk", "ncb", "nseg", "ntiles", "packed")]
 
 
@@ -68,7 +66,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.vq8_gemm_layer.restype = i
     lib.vq8_gemm_layer.argtypes = [p, p, i, i, p, p, i, i]
     lib.vq8_gemm.restype = i
-    lib.vq8_gemm.argtypes = [p, i, i, p, p, i, i] + [i] * 10 + [p] * 8
+    lib.vq8_gemm.argtypes = [p, i, i, p, p, i, i] + [i] * 10 + [p] * 5
     lib.vq8_isa_supported.restype = i
     lib.vq8_isa_supported.argtypes = [i]
     lib.vq8_best_isa.restype = i
@@ -107,17 +105,18 @@ class NativeVQ:
     nblk: int
     ncb: int
     packed: bool             # indices packed 6 bits each (see csrc/vq_int8.c)
-    idx: torch.Tensor        # uint8 [ntiles, nblk, 8 / d, 64] (bytes), or [ntiles, nblk, 8 / d, 48] (packed)
-    tables: torch.Tensor     # uint8 [row_blocks * ncb, d, kp], code + 128
-    scales: torch.Tensor     # fp32 [ntiles, nseg, 16]
+    data: torch.Tensor       # uint8 [ntiles, record]: per tile its scales, codebooks and indices (csrc/vq_int8.c)
     segments: torch.Tensor   # int32 [2, nseg + 1]: start block, codebook column block
-    tiles: torch.Tensor      # int32 [3, ntiles]: row block, first row, rows
+    tiles: torch.Tensor      # int32 [2, ntiles]: first row, rows
     layer: _Layer            # the pointers and sizes above, for the C call
     layer_ptr: int
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.idx, self.tables, self.scales, self.segments,
-                                                          self.tiles))
+        return sum(t.numel() * t.element_size() for t in (self.data, self.segments, self.tiles))
+
+    def index_bytes(self) -> int:
+        """Bytes of indices in :attr:`data` (the rest: scales and codebooks)."""
+        return self.tiles.shape[1] * self.nblk * ((384 if self.packed else 512) // self.d)
 
 
 def _segments(nblk: int, cpb: int, normalize: bool) -> torch.Tensor:
@@ -195,7 +194,7 @@ def transcode(vq: VQWeight, packed: bool) -> NativeVQ | None:
     idx = torch.nn.functional.pad(idx, (0, nvec_p - lay.nvec))
     idx = torch.where(valid[:, None], idx[rows], torch.zeros((), dtype=torch.uint8))
     idx = idx.view(ntiles, TILE, nblk, 8 // d, 4).permute(0, 2, 3, 1, 4).reshape(ntiles, nblk, 8 // d, 64)
-    idx = pack6(idx).contiguous() if packed else idx.contiguous()
+    idx = pack6(idx) if packed else idx
 
     # integer codes c in [-2^(b-1), 2^(b-1) - 1] as c + 128: [row_blocks, col_blocks, d, kp]
     g = lay.num_codebooks
@@ -203,7 +202,7 @@ def transcode(vq: VQWeight, packed: bool) -> NativeVQ | None:
     codes = codes - 2 ** (lay.codebook_bits - 1) + 128
     tables = torch.full((g, d, kp), 128, dtype=torch.int32)
     tables[:, :, :kbook] = codes.view(g, kbook, d).transpose(1, 2)
-    tables = tables.to(torch.uint8).contiguous()
+    tables = tables.to(torch.uint8).view(lay.row_blocks, -1)
 
     seg = _segments(nblk, lay.cols_per_block, lay.normalize)
     cs = t["vq_codebook_scales"].cpu().view(torch.float16).float().view(lay.row_blocks, lay.col_blocks)
@@ -217,16 +216,18 @@ def transcode(vq: VQWeight, packed: bool) -> NativeVQ | None:
         s = s * ns[rows][:, seg_nb].view(ntiles, TILE, -1).transpose(1, 2)
     s = (s * valid.view(ntiles, 1, TILE)).contiguous()                                  # padding rows: 0
 
-    s, tables, idx = one_allocation(s, tables, idx)
-    return _state(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, packed, idx, tables, s, seg, tiles)
+    # one record per tile, read as one stream: scales, the codebooks of its row block, indices (padded to 64 bytes)
+    parts = [s.view(torch.uint8).view(ntiles, -1), tables[tiles[0].long()], idx.reshape(ntiles, -1)]
+    size = sum(p.shape[1] for p in parts)
+    data = torch.zeros(ntiles, -(-size // 64) * 64, dtype=torch.uint8)
+    data[:, :size] = torch.cat(parts, dim=1)
+    return _state(n, lay.in_features, d, kbook, kp, nblk, lay.col_blocks, packed, data, seg, tiles[1:].contiguous())
 
 
-def _state(n, k, d, kbook, kp, nblk, ncb, packed, idx, tables, scales, seg, tiles) -> NativeVQ:
-    layer = _Layer(idx.data_ptr(), tables.data_ptr(), scales.data_ptr(), seg[0].data_ptr(), seg[1].data_ptr(),
-                   tiles[0].data_ptr(), tiles[1].data_ptr(), tiles[2].data_ptr(), n, k, d, kbook, kp, nblk, ncb,
-                   seg.shape[1] - 1, tiles.shape[1], packed)
-    return NativeVQ(n, k, d, kbook, kp, nblk, ncb, packed, idx, tables, scales, seg, tiles, layer,
-                    ctypes.addressof(layer))
+def _state(n, k, d, kbook, kp, nblk, ncb, packed, data, seg, tiles) -> NativeVQ:
+    layer = _Layer(data.data_ptr(), seg[0].data_ptr(), seg[1].data_ptr(), tiles[0].data_ptr(), tiles[1].data_ptr(),
+                   n, k, d, kbook, kp, nblk, ncb, seg.shape[1] - 1, tiles.shape[1], packed)
+    return NativeVQ(n, k, d, kbook, kp, nblk, ncb, packed, data, seg, tiles, layer, ctypes.addressof(layer))
 
 
 def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] | None:
@@ -238,18 +239,17 @@ def fuse(states: list[NativeVQ]) -> tuple[NativeVQ, list[NativeVQ], list[int]] |
         if (s.k != a.k or s.d != a.d or s.kbook != a.kbook or s.kp != a.kp or s.nblk != a.nblk or s.ncb != a.ncb
                 or s.packed != a.packed or not torch.equal(s.segments, a.segments)):
             return None
-    scales, tables, idx = one_allocation(torch.cat([s.scales for s in states]), torch.cat([s.tables for s in states]),
-                                         torch.cat([s.idx for s in states]))
+    data = torch.cat([s.data for s in states])   # tile records are self-contained
     tiles, members, starts = [], [], []
-    t0 = rb0 = row0 = 0
+    t0 = row0 = 0
     for s in states:
-        nt, nrb = s.tiles.shape[1], s.tables.shape[0] // s.ncb   # tables: [row blocks * ncb, d, kp]
-        tiles.append(s.tiles + torch.tensor([[rb0], [row0], [0]], dtype=torch.int32))
-        members.append(_state(s.n, s.k, s.d, s.kbook, s.kp, s.nblk, s.ncb, s.packed, idx[t0:t0 + nt],
-                              tables[rb0 * s.ncb:(rb0 + nrb) * s.ncb], scales[t0:t0 + nt], s.segments, s.tiles))
+        nt = s.tiles.shape[1]
+        tiles.append(s.tiles + torch.tensor([[row0], [0]], dtype=torch.int32))
+        members.append(_state(s.n, s.k, s.d, s.kbook, s.kp, s.nblk, s.ncb, s.packed, data[t0:t0 + nt], s.segments,
+                              s.tiles))
         starts.append(row0)
-        t0, rb0, row0 = t0 + nt, rb0 + nrb, row0 + s.n
-    fused = _state(row0, a.k, a.d, a.kbook, a.kp, a.nblk, a.ncb, a.packed, idx, tables, scales, a.segments,
+        t0, row0 = t0 + nt, row0 + s.n
+    fused = _state(row0, a.k, a.d, a.kbook, a.kp, a.nblk, a.ncb, a.packed, data, a.segments,
                    torch.cat(tiles, dim=1).contiguous())
     return fused, members, starts
 
@@ -271,9 +271,8 @@ def run(st: NativeVQ, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().float().contiguous()
     if torch.compiler.is_compiling():
-        y = torch.ops.hf_vq.vq_int8_gemm(x.reshape(-1, st.k), st.idx, st.tables, st.scales, st.segments, st.tiles,
-                                         bias, st.n, st.k, st.d, st.kbook, st.kp, st.nblk, st.ncb, st.packed,
-                                         requested_isa())
+        y = torch.ops.hf_vq.vq_int8_gemm(x.reshape(-1, st.k), st.data, st.segments, st.tiles, bias, st.n, st.k, st.d,
+                                         st.kbook, st.kp, st.nblk, st.ncb, st.packed, requested_isa())
         y = y.view(*x.shape[:-1], st.n)
     else:
         # the C code needs only the pointer: no reshape of x, and y is allocated in its final shape
@@ -296,24 +295,23 @@ def projection(st: NativeVQ) -> tuple[int, int, object, int] | None:
 # torch.compile sees the kernel as one opaque op (eager calls skip the dispatcher: it costs more than the kernel
 # on small layers)
 @torch.library.custom_op("hf_vq::vq_int8_gemm", mutates_args=(), device_types="cpu")
-def _vq_int8_gemm_op(x: torch.Tensor, idx: torch.Tensor, tables: torch.Tensor, scales: torch.Tensor,
-                     segments: torch.Tensor, tiles: torch.Tensor, bias: torch.Tensor | None, n: int, k: int, d: int,
-                     kbook: int, kp: int, nblk: int, ncb: int, packed: bool, isa: int) -> torch.Tensor:
+def _vq_int8_gemm_op(x: torch.Tensor, data: torch.Tensor, segments: torch.Tensor, tiles: torch.Tensor,
+                     bias: torch.Tensor | None, n: int, k: int, d: int, kbook: int, kp: int, nblk: int, ncb: int,
+                     packed: bool, isa: int) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     if x.shape[0]:
         segments, tiles = segments.contiguous(), tiles.contiguous()
         rc = _GEMM_ARGS(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], y.data_ptr(),
                         0 if bias is None else bias.data_ptr(), torch.get_num_threads(), isa, n, k, d, kbook, kp,
-                        nblk, ncb, segments.shape[1] - 1, tiles.shape[1], packed, idx.data_ptr(), tables.data_ptr(),
-                        scales.data_ptr(), segments[0].data_ptr(), segments[1].data_ptr(), tiles[0].data_ptr(),
-                        tiles[1].data_ptr(), tiles[2].data_ptr())
+                        nblk, ncb, segments.shape[1] - 1, tiles.shape[1], packed, data.data_ptr(),
+                        segments[0].data_ptr(), segments[1].data_ptr(), tiles[0].data_ptr(), tiles[1].data_ptr())
         _done(rc, x, n)
     return y
 
 
 @_vq_int8_gemm_op.register_fake
-def _(x, idx, tables, scales, segments, tiles, bias, n, k, d, kbook, kp, nblk, ncb, packed, isa):
+def _(x, data, segments, tiles, bias, n, k, d, kbook, kp, nblk, ncb, packed, isa):
     return x.new_empty(x.shape[0], n)
 
 

@@ -12,9 +12,11 @@
 
    Layout: one vector lane per output row, 16 rows per tile (as csrc/affine_gemm.c). A tile never straddles two row
    blocks (row blocks are padded to whole tiles with zero rows), so its 16 rows share one codebook per column
-   block. Per tile and block of 32 columns (32 / D vectors), 8 / D chunks of 64 index bytes (one byte per vector):
-   byte 4i + u of chunk c is the index of row i, vector 32b / D + 4c + u. Per codebook, D tables of kp bytes
-   (component e of every entry, as c + 128). A lookup turns an index chunk into the 64 code bytes of component e:
+   block. Each tile is one record, so that a call reads one stream (a cold call of a small layer spent a good share
+   of its time on the misses of separate scale and codebook arrays): its scales [nseg, 16] fp32, the codebooks of
+   its row block [ncb, D, kp] (component e of every entry, as c + 128; kp = 64 or 256), then per block of 32
+   columns (32 / D vectors) 8 / D chunks of 64 index bytes (one byte per vector): byte 4i + u of chunk c is the
+   index of row i, vector 32b / D + 4c + u; the record is padded to a multiple of 64 bytes. A lookup turns an index chunk into the 64 code bytes of component e:
    AVX512-VBMI vpermb (64 entries; vpermi2b 128, two of them and a blend 256), else pshufb on 16-entry subtables and
    blends on the index bits. The activations of a block are de-interleaved by component (stream e holds columns
    32b + D t + e), so the 4 bytes of one stream that lane i needs for chunk c are the same for all rows: one
@@ -52,15 +54,14 @@
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4, ISA_AVX512VBMI = 5 };
 
 typedef struct {
-    const uint8_t *idx;        /* [ntiles, nblk, 8 / D, 16, 4] */
-    const uint8_t *tables;     /* [row_blocks, ncb, D, kp], code + 128 */
+    const uint8_t *data;       /* [ntiles, rec_bytes]: the tile records */
+    size_t rec_bytes; int tab_off, idx_off;   /* record size; offsets of its codebooks and indices */
     int D; int k; int kp; int nblk; int ncb;
     int packed; int blk_bytes;  /* packed indices (see above); bytes of indices per tile and block */
-    const float *scales;       /* [ntiles, nseg, 16] */
     const int32_t *seg_start;  /* [nseg + 1], in blocks of 32 columns */
     const int32_t *seg_cb;     /* [nseg], column block of the codebook */
     int nseg;
-    const int32_t *tile_rb, *tile_r0, *tile_cnt;   /* [ntiles]: row block, first row, rows (<= 16) */
+    const int32_t *tile_r0, *tile_cnt;   /* [ntiles]: first row, rows (<= 16) */
     const int8_t *xq;          /* [m, nblk, D, 32 / D] */
     const float *d;            /* [m, nblk] */
     const int32_t *asum;       /* [m, nblk], times -128 */
@@ -85,7 +86,22 @@ static inline void store_rows(const vq8_args *a, int mm, int t, int first, int c
 }
 
 INLINE const uint8_t *tile_block_idx(const vq8_args *a, int t, int b) {
-    return a->idx + ((size_t)t * a->nblk + b) * (size_t)a->blk_bytes;
+    return a->data + (size_t)t * a->rec_bytes + a->idx_off + (size_t)b * a->blk_bytes;
+}
+
+INLINE const float *tile_scales(const vq8_args *a, int t, int s) {
+    return (const float *)(a->data + (size_t)t * a->rec_bytes) + (size_t)s * TILE;
+}
+
+/* Where the running prefetch (PREFETCH_AHEAD past each block's indices) skips: the scales and codebooks at the head
+   of the record PREFETCH_AHEAD past this tile's start. Called at the start of each tile. */
+INLINE void prefetch_record_head(const vq8_args *a, int t) {
+#if VQ8_X86
+    const char *p = (const char *)(a->data + (size_t)t * a->rec_bytes) + PREFETCH_AHEAD;
+    for (int o = 0; o < a->idx_off; o += 64) _mm_prefetch(p + o, _MM_HINT_NTA);
+#else
+    (void)a; (void)t;
+#endif
 }
 
 /* the packed indices of one tile and block (8 / D chunks of 48 bytes) -> the byte layout (8 / D chunks of 64) */
@@ -106,7 +122,7 @@ static inline const uint8_t *block_indices(const vq8_args *a, int t, int b, uint
 }
 
 INLINE const uint8_t *seg_tables(const vq8_args *a, int t, int s) {
-    return a->tables + ((size_t)a->tile_rb[t] * a->ncb + a->seg_cb[s]) * (size_t)(a->D * a->kp);
+    return a->data + (size_t)t * a->rec_bytes + a->tab_off + (size_t)a->seg_cb[s] * (a->D * a->kp);
 }
 
 /* ------------------------------------------------------------------------------------------ scalar path */
@@ -134,7 +150,7 @@ static void tiles_scalar(const vq8_args *a, int t0, int t1) {
                         gacc[i] += (float)dot * d;
                     }
                 }
-                const float *sc = a->scales + ((size_t)t * a->nseg + s) * TILE;
+                const float *sc = tile_scales(a, t, s);
                 for (int i = 0; i < TILE; i++) acc[i] += sc[i] * gacc[i];
             }
             store_rows(a, mm, t, 0, TILE, acc);
@@ -256,27 +272,30 @@ typedef void (*quant_fn)(const void *, int, int, int, int, int, int8_t *, float 
 
 /* A prepared layer (kernel_native_vq.py keeps one per layer, so that a call passes one pointer, not 16 values). */
 typedef struct {
-    const uint8_t *idx; const uint8_t *tables; const float *scales;
-    const int32_t *seg_start, *seg_cb, *tile_rb, *tile_r0, *tile_cnt;
+    const uint8_t *data;
+    const int32_t *seg_start, *seg_cb, *tile_r0, *tile_cnt;
     int32_t n, k, D, kbook, kp, nblk, ncb, nseg, ntiles, packed;
 } vq8_layer;
 
-/* The kernels prefetch the indices PREFETCH_AHEAD bytes ahead of where they read. The first that many bytes of a
-   call, the start of the scales and the first tile's codebooks are requested here, before the activations are
-   quantized, so that their memory latency overlaps that work instead of stalling the first tiles (a cold decode call
-   of a small layer is mostly that latency). */
+/* the record of a tile: scales, codebooks, indices, padded to 64 bytes (as kernel_native_vq.py builds it) */
+static inline size_t record_bytes(const vq8_layer *L, int *tab_off, int *idx_off) {
+    *tab_off = L->nseg * TILE * 4;
+    *idx_off = *tab_off + L->ncb * L->D * L->kp;
+    const size_t bytes = (size_t)*idx_off + (size_t)L->nblk * ((L->packed ? 384 : 512) / L->D);
+    return (bytes + 63) / 64 * 64;
+}
+
+/* The kernels prefetch the records PREFETCH_AHEAD bytes ahead of where they read. The first that many bytes of a
+   call (or of a task) are requested here, before the activations are quantized, so that their memory latency
+   overlaps that work instead of stalling the first tiles (a cold decode call of a small layer is mostly that
+   latency). */
 static void prefetch_head(const vq8_layer *L, int t0, int t1, int isa) {
 #if VQ8_X86
     if (isa == ISA_SCALAR) return;
-    const size_t tile_idx = (size_t)L->nblk * ((L->packed ? 384 : 512) / L->D), tile_sc = (size_t)L->nseg * TILE * 4;
-    const size_t idx_bytes = (size_t)(t1 - t0) * tile_idx, sc_bytes = (size_t)(t1 - t0) * tile_sc;
-    const size_t tab_bytes = (size_t)L->ncb * L->D * L->kp;   /* the codebooks of one row block */
-    const size_t ni = idx_bytes < PREFETCH_AHEAD ? idx_bytes : PREFETCH_AHEAD, ns = sc_bytes < 1024 ? sc_bytes : 1024;
-    const char *idx = (const char *)(L->idx + t0 * tile_idx), *sc = (const char *)L->scales + t0 * tile_sc;
-    const char *tab = (const char *)(L->tables + (size_t)L->tile_rb[t0] * tab_bytes);
-    for (size_t o = 0; o < ns; o += 64) _mm_prefetch(sc + o, _MM_HINT_NTA);
-    for (size_t o = 0; o < tab_bytes && o < 2048; o += 64) _mm_prefetch(tab + o, _MM_HINT_T0);
-    for (size_t o = 0; o < ni; o += 64) _mm_prefetch(idx + o, _MM_HINT_NTA);
+    int tab_off, idx_off;
+    const size_t rec = record_bytes(L, &tab_off, &idx_off), bytes = (size_t)(t1 - t0) * rec;
+    const char *p = (const char *)(L->data + (size_t)t0 * rec);
+    for (size_t o = 0; o < bytes && o < PREFETCH_AHEAD; o += 64) _mm_prefetch(p + o, _MM_HINT_NTA);
 #else
     (void)L; (void)t0; (void)t1; (void)isa;
 #endif
@@ -316,9 +335,11 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     if (isa >= ISA_AVX2) qf = quantize_avx2;   /* every path above scalar has AVX2 and FMA */
 #endif
     qf(x, bf16, m, k, nblk, D, xq, d, asum);
-    vq8_args a = {L->idx, L->tables, D, L->kbook, L->kp, nblk, L->ncb, L->packed != 0,
-                  (L->packed ? 384 : 512) / D, L->scales, L->seg_start, L->seg_cb, nseg,
-                  L->tile_rb, L->tile_r0, L->tile_cnt, xq, d, asum, n, m, bias, y, bf16};
+    int tab_off, idx_off;
+    const size_t rec = record_bytes(L, &tab_off, &idx_off);
+    vq8_args a = {L->data, rec, tab_off, idx_off, D, L->kbook, L->kp, nblk, L->ncb, L->packed != 0,
+                  (L->packed ? 384 : 512) / D, L->seg_start, L->seg_cb, nseg, L->tile_r0, L->tile_cnt, xq, d, asum,
+                  n, m, bias, y, bf16};
     tiles_fn fn = tiles_scalar;
 #if VQ8_X86
     if (isa == ISA_AVX2) fn = tiles_avx2;
@@ -346,11 +367,10 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
 
 /* the same with every field of the layer as an argument (the torch.compile custom op, which holds tensors) */
 int vq8_gemm(const void *x, int bf16, int m, void *y, const float *bias, int nthreads, int isa, int n, int k,
-             int D, int kbook, int kp, int nblk, int ncb, int nseg, int ntiles, int packed, const uint8_t *idx,
-             const uint8_t *tables, const float *scales, const int32_t *seg_start, const int32_t *seg_cb,
-             const int32_t *tile_rb, const int32_t *tile_r0, const int32_t *tile_cnt) {
-    const vq8_layer L = {idx, tables, scales, seg_start, seg_cb, tile_rb, tile_r0, tile_cnt,
-                         n, k, D, kbook, kp, nblk, ncb, nseg, ntiles, packed};
+             int D, int kbook, int kp, int nblk, int ncb, int nseg, int ntiles, int packed, const uint8_t *data,
+             const int32_t *seg_start, const int32_t *seg_cb, const int32_t *tile_r0, const int32_t *tile_cnt) {
+    const vq8_layer L = {data, seg_start, seg_cb, tile_r0, tile_cnt, n, k, D, kbook, kp, nblk, ncb, nseg, ntiles,
+                         packed};
     return vq8_gemm_layer(&L, x, bf16, m, y, bias, nthreads, isa);
 }
 
@@ -519,7 +539,7 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
                 gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dv, gacc[mm]);
             }
         }
-        const __m256 sc = _mm256_loadu_ps(a->scales + ((size_t)t * a->nseg + s) * TILE + 8 * h);
+        const __m256 sc = _mm256_loadu_ps(tile_scales(a, t, s) + 8 * h);
         for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_fmadd_ps(gacc[mm], sc, acc[mm]);
     }
     for (int mm = 0; mm < M; mm++) {
@@ -531,6 +551,7 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
 
 INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
     for (int t = t0; t < t1; t++) {
+        prefetch_record_head(a, t);
         for (int h = 0; h < 2; h++) {
             if (8 * h >= a->tile_cnt[t]) break;
             int m0 = 0;
@@ -654,7 +675,7 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
                 gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv, gacc[mm]);
             }
         }
-        const __m512 sc = _mm512_loadu_ps(a->scales + ((size_t)t * a->nseg + s) * TILE);
+        const __m512 sc = _mm512_loadu_ps(tile_scales(a, t, s));
         for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_fmadd_ps(gacc[mm], sc, acc[mm]);
     }
     for (int mm = 0; mm < M; mm++) {
@@ -666,6 +687,7 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
 
 INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED) {
     for (int t = t0; t < t1; t++) {
+        prefetch_record_head(a, t);
         int m0 = 0;
         for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED);
         if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED); m0 += 2; }
