@@ -625,7 +625,10 @@ INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #endif
 }
 
-INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED) {
+/* M activation rows from m0 against tile t; its indices from the record (packed when PACKED), or from `unpacked`
+   (the tile's indices in the byte layout, when not NULL) */
+INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED,
+                       const uint8_t *unpacked) {
     const int CH = 8 / D, SL = 32 / D, NT = VBMI ? KC / 64 : KC / 16;
     const int LINES = PACKED ? (3 * CH + 3) / 4 : CH;   /* cache lines of indices per block (48 or 64 bytes a chunk) */
     const int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
@@ -641,12 +644,17 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
         __m512 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-            const uint8_t *ib = tile_block_idx(a, t, b);
-            for (int c = 0; c < LINES; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+            const uint8_t *ib = unpacked ? unpacked + (size_t)b * (512 / D) : tile_block_idx(a, t, b);
 #if !VBMI
             uint8_t buf[512];
-            if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
 #endif
+            if (!unpacked) {
+                for (int c = 0; c < LINES; c++)
+                    _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+#if !VBMI
+                if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
+#endif
+            }
             __m512i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 iacc[mm][0] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
@@ -685,14 +693,38 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
     }
 }
 
+/* tile t's packed indices -> the byte layout in buf (nblk * 512 / D bytes) */
+INLINE void NAME(unpack_tile)(const vq8_args *a, int t, const int D, uint8_t *buf) {
+    for (int b = 0; b < a->nblk; b++) {
+        const uint8_t *src = tile_block_idx(a, t, b);
+        uint8_t *dst = buf + (size_t)b * (512 / D);
+#if VBMI
+        for (int c = 0; c < 8 / D; c++) _mm512_storeu_si512((void *)(dst + 64 * c), NAME(unpack6)(src + 48 * c));
+#else
+        unpack_block(src, D, dst);
+#endif
+    }
+}
+
 INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED) {
+    /* several row groups (prefill) on packed indices: a tile is unpacked once for all of them */
+    uint8_t *buf = a->packed && a->m > 4
+                   ? (uint8_t *)aligned_alloc(64, ((size_t)a->nblk * (512 / D) + 63) / 64 * 64) : NULL;
     for (int t = t0; t < t1; t++) {
         prefetch_record_head(a, t);
         int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED);
-        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED); m0 += 2; }
-        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED);
+        if (buf) {
+            NAME(unpack_tile)(a, t, D, buf);
+            for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, 0, buf);
+            if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, 0, buf); m0 += 2; }
+            if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, 0, buf);
+            continue;
+        }
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED, NULL);
+        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED, NULL); m0 += 2; }
+        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED, NULL);
     }
+    free(buf);
 }
 
 /* the packed layout as a constant where VBMI unpacks it in registers; the other path unpacks into a buffer */
