@@ -25,8 +25,8 @@ OMP_NUM_THREADS=T) for each T in --threads:
   llama.cpp: Llama()), warm-up s (the first generate; ``opt`` rows: hf_vq.optimize + the first generate).
 
 Rows (``--rows``, comma-separated; a base name selects all its dtypes): fp32, bf16 (transformers);
-gptq4-{sym,asym}-g{128,32}, gptq4h8-sym-g32 (lm_head_bits=8) and gptvq2d (hf_vq, each loaded as -bf16 and -fp32, each under every ``HF_VQ_KERNELS``
-value of --kernels plus an ``opt`` variant calling hf_vq.optimize(model), n/a if hf_vq has none); torchao-int4-g64
+gptq4-{sym,asym}-g{128,32}, gptq4h8-sym-g32 (lm_head_bits=8), gptvq2d and gptvq-mixed3.25 (GPTVQ with
+average_bits=3.25) (hf_vq, each loaded as -bf16 and -fp32, each under every ``HF_VQ_KERNELS`` value of --kernels plus an ``opt`` variant calling hf_vq.optimize(model), n/a if hf_vq has none); torchao-int4-g64
 (reader venv .cache/readers/torchao: bf16 model, PrototypeInt4WeightOnlyConfig(group_size=64) via quantize_, lm_head
 included); llamacpp-q4_0 (reader venv .cache/readers/llama: hf_vq's own GGUF export, Q4_0, of gptq4-sym-g32).
 
@@ -72,6 +72,8 @@ BASES = {
     "gptvq2d": ("hf_vq", {"method": "gptvq",
                           "cfg": dict(vector_dim=2, index_bits=6, rows_per_block=32, cols_per_block=256,
                                      kmeans_iterations=25)}),
+    # mixed precision: GPTVQ choosing a setting per layer at 3.25 bits per weight (default candidates)
+    "gptvq-mixed3.25": ("hf_vq", {"method": "gptvq", "cfg": dict(average_bits=3.25, kmeans_iterations=25)}),
     "torchao-int4-g64": ("torchao", {"dtype": "bfloat16", "group_size": 64}),
     "llamacpp-q4_0": ("llama", {}),
 }
