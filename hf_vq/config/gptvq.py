@@ -82,9 +82,13 @@ class GPTVQConfig(VQMixedPrecision, HfVQConfig):
             raise ConfigError(f"cols_per_block ({self.cols_per_block}) must be a multiple of vector_dim "
                               f"({self.vector_dim}): a vector may not straddle two codebooks", field="cols_per_block")
 
-    def layout(self, out_features: int, in_features: int):
-        return VQLayout(out_features, in_features, self.vector_dim, self.index_bits, self.codebook_bits,
-                        self.rows_per_block, self.cols_per_block, self.data_normalization)
+    def layout(self, out_features: int, in_features: int, setting: dict | None = None):
+        """The storage layout of a layer of this shape; ``setting`` ({vector_dim, index_bits, rows_per_block}: a
+        candidate or an allocation entry) in place of the config's own."""
+        s = {"vector_dim": self.vector_dim, "index_bits": self.index_bits, "rows_per_block": self.rows_per_block,
+             **(setting or {})}
+        return VQLayout(out_features, in_features, s["vector_dim"], s["index_bits"], self.codebook_bits,
+                        s["rows_per_block"], self.cols_per_block, self.data_normalization)
 
     def bits_per_value(self, out_features: int | None = None, in_features: int | None = None) -> float:
         """Stored bits per weight (indices, codebooks, their scales, normalization) of one layer of this shape; by

@@ -174,10 +174,9 @@ def measure(model: nn.Module, config, targets: dict[str, nn.Linear], samples: to
                     shared.setdefault((id(hessians[n]), sym), []).append(n)
                 for (_, sym), names in shared.items():
                     score = plain[names[0]]
-                    if score_hessians is not None or vq:  # a layer the gradient pass never reached keeps H1
-                        gradient = score_hessians or {}
-                        score = {bp + n: gradient[bp + n].to(device) if bp + n in gradient else plain[n]
-                                 for n in names}
+                    if score_hessians is not None:  # a layer the gradient pass never reached keeps H1
+                        score = {bp + n: score_hessians[bp + n].to(device) if bp + n in score_hessians
+                                 else plain[n] for n in names}
                     weights = {bp + n: local[n].weight.data for n in names}
                     if vq:
                         out.update(vq_candidate_errors(weights, hessians[names[0]], cands, config, score,

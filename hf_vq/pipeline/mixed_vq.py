@@ -12,15 +12,12 @@ from __future__ import annotations
 import torch
 
 from hf_vq.algorithms.gptvq import gptvq_quantize
-from hf_vq.formats.vq import VQLayout
 from hf_vq.pipeline.gptvq import vq_options
 
 
 def vq_cost(config, out_features: int, in_features: int, setting: dict) -> float:
     """Stored bits of a VQLinear with this setting (indices, codebooks, their scales, normalization)."""
-    lay = VQLayout(out_features, in_features, setting["vector_dim"], setting["index_bits"], config.codebook_bits,
-                   setting["rows_per_block"], config.cols_per_block, config.data_normalization)
-    return lay.bits_per_value() * out_features * in_features
+    return config.layout(out_features, in_features, setting).bits_per_value() * out_features * in_features
 
 
 def block_rows(n: int, rows_per_block: int, limit: int) -> torch.Tensor:
