@@ -29,6 +29,12 @@
    one vpermb and one vpmultishiftqb (the table lookup reads the low 6 bits only); the other paths unpack a block
    into a buffer first (kernel_native_vq.py packs only where the best path is VBMI).
 
+   Many activation rows (prefill, from DECODE_ROWS on): a tile's codes are looked up once per call, into a per-thread
+   scratch buffer that persists across calls, ordered so that vector q of a block multiplies activation bytes
+   4q..4q+3; each row then costs a load and a dpbusd per vector, 8 rows at a time on AVX-512 (8 independent chains).
+   The integer sums are exact and every row gets the same float operations in the same order as with the per-row
+   lookups of fewer rows, so the results do not depend on the row count.
+
    Each instruction-set path is compiled with its own target attribute and chosen at run time from what the CPU
    reports (isa 0), or forced (isa > 0) to test a fallback. */
 #if !defined(VQ8_BODY_256) && !defined(VQ8_BODY_512)
@@ -50,6 +56,10 @@
 /* the indices are read as one stream; prefetching it this far ahead as non-temporal keeps a decode token's weights
    from evicting what the rest of the token works on */
 #define PREFETCH_AHEAD 8192
+/* from this many activation rows on, a call decodes each tile's codes once for all rows (see decode_tile) */
+#ifndef DECODE_ROWS
+#define DECODE_ROWS 8
+#endif
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4, ISA_AVX512VBMI = 5 };
 
@@ -123,6 +133,27 @@ static inline const uint8_t *block_indices(const vq8_args *a, int t, int b, uint
 
 INLINE const uint8_t *seg_tables(const vq8_args *a, int t, int s) {
     return a->data + (size_t)t * a->rec_bytes + a->tab_off + (size_t)a->seg_cb[s] * (a->D * a->kp);
+}
+
+/* Per-thread scratch memory that persists across calls (OpenMP's workers and the calling thread keep theirs), so that
+   a prefill call does not map and fault in fresh pages every time. Buffers past SCRATCH_KEEP bytes are freed by the
+   caller after the call instead (rare, very long prompts on wide layers). */
+#define SCRATCH_KEEP ((size_t)16 << 20)
+typedef struct { uint8_t *p; size_t cap; } scratch_buf;
+static _Thread_local scratch_buf tls_tiles, tls_acts;
+
+/* at least `bytes` bytes (64-byte aligned) of the buffer, or NULL when memory runs out */
+static uint8_t *scratch_get(scratch_buf *s, size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes <= s->cap) return s->p;
+    free(s->p);
+    s->p = (uint8_t *)aligned_alloc(64, bytes);
+    s->cap = s->p ? bytes : 0;
+    return s->p;
+}
+
+static void scratch_trim(scratch_buf *s) {
+    if (s->cap > SCRATCH_KEEP) { free(s->p); s->p = NULL; s->cap = 0; }
 }
 
 /* ------------------------------------------------------------------------------------------ scalar path */
@@ -323,13 +354,12 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     int32_t asum_s[STACK_BLOCKS];
     const size_t nb = (size_t)m * nblk;
     const int heap = nb > STACK_BLOCKS;
-    int8_t *xq = heap ? (int8_t *)aligned_alloc(64, (nb * 32 + 63) / 64 * 64) : xq_s;
-    float *d = heap ? (float *)malloc(sizeof(float) * nb) : d_s;
-    int32_t *asum = heap ? (int32_t *)malloc(sizeof(int32_t) * nb) : asum_s;
-    if (!xq || !d || !asum) {
-        if (heap) { free(xq); free(d); free(asum); }
-        return -1;
-    }
+    /* larger ones in this thread's scratch: int8 values, then the scales, then the sums */
+    uint8_t *acts = heap ? scratch_get(&tls_acts, nb * (32 + sizeof(float) + sizeof(int32_t))) : NULL;
+    if (heap && !acts) return -1;
+    int8_t *xq = heap ? (int8_t *)acts : xq_s;
+    float *d = heap ? (float *)(acts + nb * 32) : d_s;
+    int32_t *asum = heap ? (int32_t *)(acts + nb * (32 + sizeof(float))) : asum_s;
     quant_fn qf = quantize_acts;
 #if VQ8_X86
     if (isa >= ISA_AVX2) qf = quantize_avx2;   /* every path above scalar has AVX2 and FMA */
@@ -361,7 +391,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
             fn(&a, t0, t1);
         }
     }
-    if (heap) { free(xq); free(d); free(asum); }
+    if (heap) scratch_trim(&tls_acts);
     return isa;
 }
 
@@ -549,8 +579,101 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
     }
 }
 
+/* tile t's codes (VNNI: c + 128; AVX2: c) in the layout the row loop multiplies: per block of 32 columns 8 vectors of
+   64 bytes (rows 0-7 in the first 32, rows 8-15 in the second), vector q = e * (8 / D) + c holding component e of
+   index chunk c; the 4 activation bytes that vector q multiplies are bytes 4q..4q+3 of the block's activations */
+INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int KC, uint8_t *out) {
+    const int CH = 8 / D, NS = KC / 16;
+    for (int s = 0; s < a->nseg; s++) {
+        const uint8_t *tab = seg_tables(a, t, s);
+        __m256i T[4][16];
+        for (int e = 0; e < D; e++)
+            for (int j = 0; j < NS; j++) {
+                T[e][j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+                if (!VNNI) T[e][j] = _mm256_xor_si256(T[e][j], _mm256_set1_epi8((char)0x80));
+            }
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const uint8_t *ib = tile_block_idx(a, t, b);
+            uint8_t buf[512];
+            if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
+            uint8_t *ob = out + (size_t)b * 512;
+            for (int c = 0; c < CH; c++)
+                for (int h = 0; h < 2; h++) {
+                    const __m256i idx = _mm256_loadu_si256((const __m256i *)(ib + 64 * c + 32 * h));
+                    for (int e = 0; e < D; e++)
+                        _mm256_store_si256((__m256i *)(ob + 64 * (e * CH + c) + 32 * h), NAME(lookup)(T[e], idx, KC));
+                }
+        }
+    }
+}
+
+/* M activation rows from m0 against half h of tile t, decoded at w: per (vector, row) a dpbusd (AVX2: sign, maddubs,
+   madd, add); the same integer sums and float operations per row as tile() */
+INLINE void NAME(rows)(const vq8_args *a, int t, int h, const uint8_t *w, int m0, const int M) {
+    const size_t xrow = (size_t)a->nblk * 32;
+    __m256 acc[4];
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_setzero_ps();
+    for (int s = 0; s < a->nseg; s++) {
+        __m256 gacc[4];
+        for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const int8_t *xb = a->xq + ((size_t)m0 * a->nblk + b) * 32;
+            const uint8_t *wb = w + (size_t)b * 512 + 32 * h;
+            __m256i iacc[4];
+            for (int mm = 0; mm < M; mm++)
+                iacc[mm] = VNNI ? _mm256_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]) : _mm256_setzero_si256();
+            for (int q = 0; q < 8; q++) {
+                const __m256i wv = _mm256_load_si256((const __m256i *)(wb + 64 * q));
+#if !VNNI
+                const __m256i aw = _mm256_sign_epi8(wv, wv);
+#endif
+                for (int mm = 0; mm < M; mm++) {
+                    int32_t q4;
+                    memcpy(&q4, xb + mm * xrow + 4 * q, 4);
+                    const __m256i xv = _mm256_set1_epi32(q4);
+#if VNNI
+                    iacc[mm] = _mm256_dpbusd_avx_epi32(iacc[mm], wv, xv);
+#else
+                    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                    iacc[mm] = _mm256_add_epi32(iacc[mm], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+                }
+            }
+            for (int mm = 0; mm < M; mm++) {
+                const __m256 dv = _mm256_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[mm]), dv, gacc[mm]);
+            }
+        }
+        const __m256 sc = _mm256_loadu_ps(tile_scales(a, t, s) + 8 * h);
+        for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_fmadd_ps(gacc[mm], sc, acc[mm]);
+    }
+    for (int mm = 0; mm < M; mm++) {
+        float v[8];
+        _mm256_storeu_ps(v, acc[mm]);
+        store_rows(a, m0 + mm, t, 8 * h, 8, v);
+    }
+}
+
+/* every activation row against tile t, decoded at w */
+static void NAME(rows_all)(const vq8_args *a, int t, const uint8_t *w) {
+    for (int h = 0; h < 2; h++) {
+        if (8 * h >= a->tile_cnt[t]) break;
+        int m0 = 0;
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(rows)(a, t, h, w, m0, 4);
+        if (a->m - m0 >= 2) { NAME(rows)(a, t, h, w, m0, 2); m0 += 2; }
+        if (m0 < a->m) NAME(rows)(a, t, h, w, m0, 1);
+    }
+}
+
 INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
+    /* many rows (prefill): each tile's codes are looked up once, into this thread's scratch, for all rows */
+    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
     for (int t = t0; t < t1; t++) {
+        if (buf) {
+            NAME(decode_tile)(a, t, D, KC, buf);
+            NAME(rows_all)(a, t, buf);
+            continue;
+        }
         prefetch_record_head(a, t);
         for (int h = 0; h < 2; h++) {
             if (8 * h >= a->tile_cnt[t]) break;
@@ -625,10 +748,9 @@ INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #endif
 }
 
-/* M activation rows from m0 against tile t; its indices from the record (packed when PACKED), or from `unpacked`
-   (the tile's indices in the byte layout, when not NULL) */
-INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED,
-                       const uint8_t *unpacked) {
+/* M activation rows from m0 against tile t, looking its codes up per block (few rows: decode); its indices packed
+   when PACKED */
+INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED) {
     const int CH = 8 / D, SL = 32 / D, NT = VBMI ? KC / 64 : KC / 16;
     const int LINES = PACKED ? (3 * CH + 3) / 4 : CH;   /* cache lines of indices per block (48 or 64 bytes a chunk) */
     const int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
@@ -644,17 +766,14 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
         __m512 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-            const uint8_t *ib = unpacked ? unpacked + (size_t)b * (512 / D) : tile_block_idx(a, t, b);
+            const uint8_t *ib = tile_block_idx(a, t, b);
 #if !VBMI
             uint8_t buf[512];
 #endif
-            if (!unpacked) {
-                for (int c = 0; c < LINES; c++)
-                    _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+            for (int c = 0; c < LINES; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
 #if !VBMI
-                if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
+            if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
 #endif
-            }
             __m512i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 iacc[mm][0] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
@@ -693,38 +812,100 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
     }
 }
 
-/* tile t's packed indices -> the byte layout in buf (nblk * 512 / D bytes) */
-INLINE void NAME(unpack_tile)(const vq8_args *a, int t, const int D, uint8_t *buf) {
-    for (int b = 0; b < a->nblk; b++) {
-        const uint8_t *src = tile_block_idx(a, t, b);
-        uint8_t *dst = buf + (size_t)b * (512 / D);
-#if VBMI
-        for (int c = 0; c < 8 / D; c++) _mm512_storeu_si512((void *)(dst + 64 * c), NAME(unpack6)(src + 48 * c));
-#else
-        unpack_block(src, D, dst);
+/* tile t's codes (c + 128) in the layout the row loop multiplies: per block of 32 columns 8 vectors of 64 bytes,
+   vector q = e * (8 / D) + c holding component e of index chunk c (16 rows x 4 vectors); the 4 activation bytes
+   that vector q multiplies are bytes 4q..4q+3 of the block's de-interleaved activations */
+INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int KC, const int PACKED, uint8_t *out) {
+    const int CH = 8 / D, NT = VBMI ? KC / 64 : KC / 16;
+    for (int s = 0; s < a->nseg; s++) {
+        const uint8_t *tab = seg_tables(a, t, s);
+        __m512i T[4][16];
+        for (int e = 0; e < D; e++)
+            for (int j = 0; j < NT; j++)
+                T[e][j] = VBMI ? _mm512_loadu_si512((const void *)(tab + e * a->kp + 64 * j))
+                               : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const uint8_t *ib = tile_block_idx(a, t, b);
+#if !VBMI
+            uint8_t buf[512];
+            if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
 #endif
+            uint8_t *ob = out + (size_t)b * 512;
+            for (int c = 0; c < CH; c++) {
+#if VBMI
+                const __m512i idx = PACKED ? NAME(unpack6)(ib + 48 * c) : _mm512_loadu_si512((const void *)(ib + 64 * c));
+#else
+                const __m512i idx = _mm512_loadu_si512((const void *)(ib + 64 * c));
+#endif
+                for (int e = 0; e < D; e++)
+                    _mm512_store_si512((void *)(ob + 64 * (e * CH + c)), NAME(lookup)(T[e], idx, KC));
+            }
+        }
     }
 }
 
+/* M activation rows from m0 against tile t, decoded at w: a load and a dpbusd per (vector, row), the same integer
+   sums and the same float operations per row as tile(). 8 rows: 8 independent dpbusd chains, and the integer, block
+   and segment sums of all rows in 24 registers. */
+INLINE void NAME(rows)(const vq8_args *a, int t, const uint8_t *w, int m0, const int M) {
+    const size_t xrow = (size_t)a->nblk * 32;
+    __m512 acc[8];
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
+    for (int s = 0; s < a->nseg; s++) {
+        __m512 gacc[8];
+        for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const int8_t *xb = a->xq + ((size_t)m0 * a->nblk + b) * 32;
+            const uint8_t *wb = w + (size_t)b * 512;
+            __m512i iacc[8];
+            for (int mm = 0; mm < M; mm++) iacc[mm] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
+            for (int q = 0; q < 8; q++) {
+                const __m512i wv = _mm512_load_si512((const void *)(wb + 64 * q));
+                for (int mm = 0; mm < M; mm++) {
+                    int32_t q4;
+                    memcpy(&q4, xb + mm * xrow + 4 * q, 4);
+                    iacc[mm] = _mm512_dpbusd_epi32(iacc[mm], wv, _mm512_set1_epi32(q4));
+                }
+            }
+            for (int mm = 0; mm < M; mm++) {
+                const __m512 dv = _mm512_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[mm]), dv, gacc[mm]);
+            }
+        }
+        const __m512 sc = _mm512_loadu_ps(tile_scales(a, t, s));
+        for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_fmadd_ps(gacc[mm], sc, acc[mm]);
+    }
+    for (int mm = 0; mm < M; mm++) {
+        float v[TILE];
+        _mm512_storeu_ps(v, acc[mm]);
+        store_rows(a, m0 + mm, t, 0, TILE, v);
+    }
+}
+
+/* every activation row against tile t, decoded at w */
+static void NAME(rows_all)(const vq8_args *a, int t, const uint8_t *w) {
+    int m0 = 0;
+    for (; m0 + 8 <= a->m; m0 += 8) NAME(rows)(a, t, w, m0, 8);
+    if (a->m - m0 >= 4) { NAME(rows)(a, t, w, m0, 4); m0 += 4; }
+    if (a->m - m0 >= 2) { NAME(rows)(a, t, w, m0, 2); m0 += 2; }
+    if (m0 < a->m) NAME(rows)(a, t, w, m0, 1);
+}
+
 INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED) {
-    /* several row groups (prefill) on packed indices: a tile is unpacked once for all of them */
-    uint8_t *buf = a->packed && a->m > 4
-                   ? (uint8_t *)aligned_alloc(64, ((size_t)a->nblk * (512 / D) + 63) / 64 * 64) : NULL;
+    /* many rows (prefill): each tile's codes are looked up once, into this thread's scratch, for all rows */
+    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
     for (int t = t0; t < t1; t++) {
-        prefetch_record_head(a, t);
-        int m0 = 0;
         if (buf) {
-            NAME(unpack_tile)(a, t, D, buf);
-            for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, 0, buf);
-            if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, 0, buf); m0 += 2; }
-            if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, 0, buf);
+            NAME(decode_tile)(a, t, D, KC, PACKED, buf);
+            NAME(rows_all)(a, t, buf);
             continue;
         }
-        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED, NULL);
-        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED, NULL); m0 += 2; }
-        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED, NULL);
+        prefetch_record_head(a, t);
+        int m0 = 0;
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED);
+        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED); m0 += 2; }
+        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED);
     }
-    free(buf);
 }
 
 /* the packed layout as a constant where VBMI unpacks it in registers; the other path unpacks into a buffer */
