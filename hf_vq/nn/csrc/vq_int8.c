@@ -362,9 +362,9 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     int32_t *asum = heap ? (int32_t *)(acts + nb * (32 + sizeof(float))) : asum_s;
     quant_fn qf = quantize_acts;
 #if VQ8_X86
-    if (isa >= ISA_AVX2) qf = quantize_avx2;   /* every path above scalar has AVX2 and FMA */
+    if (isa >= ISA_AVX512VNNI) qf = quantize_avx512vnni;
+    else if (isa >= ISA_AVX2) qf = quantize_avx2;   /* every path above scalar has AVX2 and FMA */
 #endif
-    qf(x, bf16, m, k, nblk, D, xq, d, asum);
     int tab_off, idx_off;
     const size_t rec = record_bytes(L, &tab_off, &idx_off);
     vq8_args a = {L->data, rec, tab_off, idx_off, D, L->kbook, L->kp, nblk, L->ncb, L->packed != 0,
@@ -379,16 +379,30 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
 #endif
     /* a small call costs less than waking the OpenMP pool (a second runtime beside torch's): one thread */
     if (nthreads == 1 || ntiles == 1 || (double)n * k * m < 262144.0) {   /* as affine_gemm.c */
+        qf(x, bf16, m, k, nblk, D, xq, d, asum);
         fn(&a, 0, ntiles);
     } else {
         /* a few tiles per task: even shares without a scheduling cost per tile */
         const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
         const int ntasks = (ntiles + per - 1) / per;
-        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int t = 0; t < ntasks; t++) {
-            const int t0 = t * per, t1 = (t + 1) * per < ntiles ? (t + 1) * per : ntiles;
-            if (t) prefetch_head(L, t0, t1, isa);   /* a task's first bytes, as the call's */
-            fn(&a, t0, t1);
+        /* many rows (prefill): the threads quantize a share of the rows each first */
+        const int qpar = m >= 4 * nthreads;
+        const size_t xrow = (size_t)k * (bf16 ? 2 : 4);
+        if (!qpar) qf(x, bf16, m, k, nblk, D, xq, d, asum);
+        #pragma omp parallel num_threads(nthreads)
+        {
+            if (qpar) {
+                #pragma omp for schedule(static)
+                for (int r = 0; r < m; r++)
+                    qf((const char *)x + r * xrow, bf16, 1, k, nblk, D, xq + (size_t)r * nblk * 32,
+                       d + (size_t)r * nblk, asum + (size_t)r * nblk);
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (int t = 0; t < ntasks; t++) {
+                const int t0 = t * per, t1 = (t + 1) * per < ntiles ? (t + 1) * per : ntiles;
+                if (t) prefetch_head(L, t0, t1, isa);   /* a task's first bytes, as the call's */
+                fn(&a, t0, t1);
+            }
         }
     }
     if (heap) scratch_trim(&tls_acts);
@@ -702,6 +716,140 @@ static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
    (included twice: AVX512-VNNI with pshufb lookups, AVX512-VBMI with vpermb / vpermi2b): a zmm holds the 16 rows
    of a tile. Lookups: VBMI KC = 64, 128 or 256 entries in KC / 64 registers; else as the 256-bit body, 16 / 64 /
    256 entries in KC / 16 registers (16-entry subtables in every 128-bit lane). */
+
+#if !VBMI
+/* 32 int8 codes in column order -> de-interleaved by component (stream e: columns D t + e) */
+INLINE __m256i NAME(deinterleave)(__m256i q, const int D) {
+    if (D == 2) {
+        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    }
+    if (D == 4) {
+        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
+    return q;
+}
+
+/* quantize_acts (the same rounding, as the 256-bit body's quant_block), one block of 32 values in two registers */
+INLINE void NAME(quant_block)(__m512 v0, __m512 v1, const int D, int8_t *out, float *dout, int32_t *aout) {
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const __m512 idv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512 v[2] = {v0, v1};
+    __m512i q[2];
+    for (int i = 0; i < 2; i++) {
+        const __m512 r = _mm512_mul_ps(v[i], idv);
+        const __m512 h = _mm512_or_ps(_mm512_and_ps(r, _mm512_set1_ps(-0.f)), _mm512_set1_ps(0.5f));
+        q[i] = _mm512_cvttps_epi32(_mm512_add_ps(r, h));
+        q[i] = _mm512_min_epi32(_mm512_max_epi32(q[i], _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+    }
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+    const __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[0])),
+                                              _mm512_cvtepi32_epi8(q[1]), 1);   /* column order */
+    _mm256_storeu_si256((__m256i *)out, NAME(deinterleave)(p, D));
+    *aout = -128 * sum;
+    *dout = amax / 127.f;
+}
+
+/* 32 bf16 or fp32 values from p */
+INLINE void NAME(load32)(const void *p, int x_bf16, __m512 *v) {
+    if (x_bf16) {
+        const __m512i h = _mm512_loadu_si512(p);
+        v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+        v[1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    } else {
+        v[0] = _mm512_loadu_ps(p);
+        v[1] = _mm512_loadu_ps((const float *)p + 16);
+    }
+}
+
+/* per 128-bit lane j, the reduction (max or add) of register j's 16 values in each of its 4 elements */
+#define VQ8_REDUCE4(T, OP, SHUF, PERM, r)                                                                        \
+    do {                                                                                                          \
+        const T s1 = OP(SHUF(r[0], r[1], 0x44), SHUF(r[0], r[1], 0xEE));                                         \
+        const T s2 = OP(SHUF(r[2], r[3], 0x44), SHUF(r[2], r[3], 0xEE));                                         \
+        r[0] = OP(SHUF(s1, s2, 0x88), SHUF(s1, s2, 0xDD));                                                       \
+        r[0] = OP(r[0], PERM(r[0], 0x4E));                                                                       \
+        r[0] = OP(r[0], PERM(r[0], 0xB1));                                                                       \
+    } while (0)
+
+/* quant_block on 4 blocks at once: their horizontal max and sum reductions share shuffles */
+INLINE void NAME(quant_block4)(const __m512 *v, const int D, int8_t *out, float *dout, int32_t *aout) {
+    __m512 mx[4];
+    for (int j = 0; j < 4; j++) mx[j] = _mm512_max_ps(_mm512_abs_ps(v[2 * j]), _mm512_abs_ps(v[2 * j + 1]));
+    VQ8_REDUCE4(__m512, _mm512_max_ps, _mm512_shuffle_f32x4, _mm512_permute_ps, mx);
+    const __m512 amax = mx[0];   /* block j's max in lane j */
+    const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 id4 = _mm512_maskz_div_ps(pos, _mm512_set1_ps(127.f), amax);
+    __m512i sums[4];
+    for (int j = 0; j < 4; j++) {
+        const __m512 idv = _mm512_shuffle_f32x4(id4, id4, 0x55 * j);
+        __m512i q[2];
+        for (int i = 0; i < 2; i++) {
+            const __m512 r = _mm512_mul_ps(v[2 * j + i], idv);
+            const __m512 h = _mm512_or_ps(_mm512_and_ps(r, _mm512_set1_ps(-0.f)), _mm512_set1_ps(0.5f));
+            q[i] = _mm512_cvttps_epi32(_mm512_add_ps(r, h));
+            q[i] = _mm512_min_epi32(_mm512_max_epi32(q[i], _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+        }
+        sums[j] = _mm512_add_epi32(q[0], q[1]);
+        __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[0])),
+                                            _mm512_cvtepi32_epi8(q[1]), 1);
+        _mm256_storeu_si256((__m256i *)(out + 32 * j), NAME(deinterleave)(p, D));
+    }
+    VQ8_REDUCE4(__m512i, _mm512_add_epi32, _mm512_shuffle_i32x4, _mm512_shuffle_epi32, sums);
+    const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm_storeu_si128((__m128i *)aout, _mm512_castsi512_si128(
+        _mm512_mullo_epi32(_mm512_permutexvar_epi32(first, sums[0]), _mm512_set1_epi32(-128))));
+    _mm_storeu_ps(dout, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, _mm512_div_ps(amax, _mm512_set1_ps(127.f)))));
+}
+
+INLINE void NAME(quantize_d)(const void *x, int x_bf16, int m, int k, int nblk, const int D, int8_t *xq,
+                             float *d, int32_t *asum) {
+    const int full = k / 32, es = x_bf16 ? 2 : 4;
+    for (int mm = 0; mm < m; mm++) {
+        const char *xr = (const char *)x + (size_t)mm * k * es;
+        int b = 0;
+        for (; b + 4 <= full; b += 4) {
+            __m512 v[8];
+            for (int j = 0; j < 4; j++) NAME(load32)(xr + (size_t)(b + j) * 32 * es, x_bf16, v + 2 * j);
+            const size_t at = (size_t)mm * nblk + b;
+            NAME(quant_block4)(v, D, xq + at * 32, d + at, asum + at);
+        }
+        for (; b < nblk; b++) {
+            const int c0 = b * 32;
+            __m512 v0, v1;
+            if (c0 + 32 <= k) {
+                if (x_bf16) {
+                    const __m512i h = _mm512_loadu_si512((const void *)((const uint16_t *)x + (size_t)mm * k + c0));
+                    v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+                    v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+                } else {
+                    v0 = _mm512_loadu_ps((const float *)x + (size_t)mm * k + c0);
+                    v1 = _mm512_loadu_ps((const float *)x + (size_t)mm * k + c0 + 16);
+                }
+            } else {   /* the partial last block: zeros beyond k */
+                float tmp[32];
+                for (int j = 0; j < 32; j++)
+                    tmp[j] = c0 + j >= k ? 0.f : x_bf16 ? bf16_to_f32(((const uint16_t *)x)[(size_t)mm * k + c0 + j])
+                                                        : ((const float *)x)[(size_t)mm * k + c0 + j];
+                v0 = _mm512_loadu_ps(tmp);
+                v1 = _mm512_loadu_ps(tmp + 16);
+            }
+            const size_t at = (size_t)mm * nblk + b;
+            NAME(quant_block)(v0, v1, D, xq + at * 32, d + at, asum + at);
+        }
+    }
+}
+
+static void NAME(quantize)(const void *x, int x_bf16, int m, int k, int nblk, int D, int8_t *xq, float *d,
+                           int32_t *asum) {
+    if (D == 1) NAME(quantize_d)(x, x_bf16, m, k, nblk, 1, xq, d, asum);
+    else if (D == 2) NAME(quantize_d)(x, x_bf16, m, k, nblk, 2, xq, d, asum);
+    else NAME(quantize_d)(x, x_bf16, m, k, nblk, 4, xq, d, asum);
+}
+#endif
 
 #if VBMI
 /* one chunk of packed indices (48 bytes) -> 64 bytes whose low 6 bits are the indices (vpermb reads only those):
