@@ -78,18 +78,20 @@ def test_native_kernel_builds_here():
 def test_every_path_matches_the_exact_forward(isa, bits, sym, group, monkeypatch):
     monkeypatch.setenv("HF_VQ_NATIVE_ISA", isa)
     g = torch.Generator().manual_seed(bits * 7 + group)
-    # odd shapes: 45 rows (not a multiple of the 16-row tile), 200 columns (partial last group and block)
-    aw = rtn_weight(torch.randn(45, 200, generator=g), bits, group, sym)
-    w = aw.dequantize()
-    bias = torch.randn(45, generator=g)
-    q = QuantLinear.from_affine(aw, bias)
-    for rows in (1, 2, 3, 4, 17):
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(rows, 200, generator=g).to(dtype)
-            with torch.no_grad():
-                y = q(x)
-            assert y.dtype == dtype and y.shape == (rows, 45)
-            assert_within(y, F.linear(x.float(), w, bias), block_bound(x, w), half=dtype == torch.bfloat16)
+    # odd shapes: 45 / 40 rows (three 16-row tiles, the last one 13 / 8 rows: both halves, or only the first, of a
+    # 256-bit path's tile), 200 columns (partial last group and block); 1-17 activation rows (single rows, pairs, 4s)
+    for n in (45, 40):
+        aw = rtn_weight(torch.randn(n, 200, generator=g), bits, group, sym)
+        w = aw.dequantize()
+        bias = torch.randn(n, generator=g)
+        q = QuantLinear.from_affine(aw, bias)
+        for rows in (1, 2, 3, 4, 17):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, 200, generator=g).to(dtype)
+                with torch.no_grad():
+                    y = q(x)
+                assert y.dtype == dtype and y.shape == (rows, n)
+                assert_within(y, F.linear(x.float(), w, bias), block_bound(x, w), half=dtype == torch.bfloat16)
     expected = isa if native.isa_supported(isa) else native.best_isa()
     assert native.last_isa == expected, "the forced path runs where the CPU has it, the best one otherwise"
 
