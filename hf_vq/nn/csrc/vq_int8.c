@@ -679,15 +679,23 @@ static void NAME(rows_all)(const vq8_args *a, int t, const uint8_t *w) {
     }
 }
 
-INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
-    /* many rows (prefill): each tile's codes are looked up once, into this thread's scratch, for all rows */
-    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
+/* many rows (prefill): each tile's codes are looked up once, into buf, for all rows */
+INLINE void NAME(tiles_many_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, uint8_t *buf) {
     for (int t = t0; t < t1; t++) {
-        if (buf) {
-            NAME(decode_tile)(a, t, D, KC, buf);
-            NAME(rows_all)(a, t, buf);
-            continue;
-        }
+        NAME(decode_tile)(a, t, D, KC, buf);
+        NAME(rows_all)(a, t, buf);
+    }
+}
+
+static void NAME(tiles_many)(const vq8_args *a, int t0, int t1, uint8_t *buf) {
+    const int D = a->D;
+    if (a->k <= 16) NAME(tiles_many_dk)(a, t0, t1, D, 16, buf);
+    else if (a->k <= 64) NAME(tiles_many_dk)(a, t0, t1, D, 64, buf);
+    else NAME(tiles_many_dk)(a, t0, t1, D, 256, buf);
+}
+
+INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC) {
+    for (int t = t0; t < t1; t++) {
         prefetch_record_head(a, t);
         for (int h = 0; h < 2; h++) {
             if (8 * h >= a->tile_cnt[t]) break;
@@ -706,7 +714,9 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 
 /* vector dimension and table size as constants, so the chunk and component loops unroll */
 static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
-    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
+    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
+    if (buf) NAME(tiles_many)(a, t0, t1, buf);
+    else if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
     else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
     else NAME(tiles_d)(a, t0, t1, 4);
 }
@@ -896,9 +906,10 @@ INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #endif
 }
 
-/* M activation rows from m0 against tile t, looking its codes up per block (few rows: decode); its indices packed
-   when PACKED */
-INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED) {
+/* M activation rows from m0 against tile t, looking its codes up per block (few rows); its indices from the record
+   (packed when PACKED), or from `unpacked` (the tile's indices in the byte layout, when not NULL) */
+INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED,
+                       const uint8_t *unpacked) {
     const int CH = 8 / D, SL = 32 / D, NT = VBMI ? KC / 64 : KC / 16;
     const int LINES = PACKED ? (3 * CH + 3) / 4 : CH;   /* cache lines of indices per block (48 or 64 bytes a chunk) */
     const int NA = M == 1 ? 4 : (M == 2 ? 2 : 1);
@@ -914,14 +925,17 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
         __m512 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-            const uint8_t *ib = tile_block_idx(a, t, b);
+            const uint8_t *ib = unpacked ? unpacked + (size_t)b * (512 / D) : tile_block_idx(a, t, b);
 #if !VBMI
             uint8_t buf[512];
 #endif
-            for (int c = 0; c < LINES; c++) _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
+            if (!unpacked) {
+                for (int c = 0; c < LINES; c++)
+                    _mm_prefetch((const char *)(ib + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
 #if !VBMI
-            if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
+                if (a->packed) { unpack_block(ib, D, buf); ib = buf; }
 #endif
+            }
             __m512i iacc[4][4];
             for (int mm = 0; mm < M; mm++) {
                 iacc[mm][0] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
@@ -1039,20 +1053,63 @@ static void NAME(rows_all)(const vq8_args *a, int t, const uint8_t *w) {
     if (m0 < a->m) NAME(rows)(a, t, w, m0, 1);
 }
 
-INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED) {
-    /* many rows (prefill): each tile's codes are looked up once, into this thread's scratch, for all rows */
-    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
+/* many rows (prefill): each tile's codes are looked up once, into buf, for all rows */
+INLINE void NAME(tiles_many_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED,
+                                uint8_t *buf) {
     for (int t = t0; t < t1; t++) {
-        if (buf) {
-            NAME(decode_tile)(a, t, D, KC, PACKED, buf);
-            NAME(rows_all)(a, t, buf);
-            continue;
-        }
+        NAME(decode_tile)(a, t, D, KC, PACKED, buf);
+        NAME(rows_all)(a, t, buf);
+    }
+}
+
+INLINE void NAME(tiles_many_d)(const vq8_args *a, int t0, int t1, const int D, uint8_t *buf) {
+#if VBMI
+    if (a->packed) NAME(tiles_many_dk)(a, t0, t1, D, 64, 1, buf);
+    else if (a->k <= 64) NAME(tiles_many_dk)(a, t0, t1, D, 64, 0, buf);
+    else if (a->k <= 128) NAME(tiles_many_dk)(a, t0, t1, D, 128, 0, buf);
+    else NAME(tiles_many_dk)(a, t0, t1, D, 256, 0, buf);
+#else
+    if (a->k <= 16) NAME(tiles_many_dk)(a, t0, t1, D, 16, 0, buf);
+    else if (a->k <= 64) NAME(tiles_many_dk)(a, t0, t1, D, 64, 0, buf);
+    else NAME(tiles_many_dk)(a, t0, t1, D, 256, 0, buf);
+#endif
+}
+
+static void NAME(tiles_many)(const vq8_args *a, int t0, int t1, uint8_t *buf) {
+    if (a->D == 1) NAME(tiles_many_d)(a, t0, t1, 1, buf);
+    else if (a->D == 2) NAME(tiles_many_d)(a, t0, t1, 2, buf);
+    else NAME(tiles_many_d)(a, t0, t1, 4, buf);
+}
+
+/* tile t's packed indices -> the byte layout in buf (nblk * 512 / D bytes) */
+INLINE void NAME(unpack_tile)(const vq8_args *a, int t, const int D, uint8_t *buf) {
+    for (int b = 0; b < a->nblk; b++) {
+        const uint8_t *src = tile_block_idx(a, t, b);
+        uint8_t *dst = buf + (size_t)b * (512 / D);
+#if VBMI
+        for (int c = 0; c < 8 / D; c++) _mm512_storeu_si512((void *)(dst + 64 * c), NAME(unpack6)(src + 48 * c));
+#else
+        unpack_block(src, D, dst);
+#endif
+    }
+}
+
+INLINE void NAME(tiles_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED) {
+    /* several row groups on packed indices: a tile is unpacked once for all of them */
+    uint8_t *buf = a->packed && a->m > 4 ? scratch_get(&tls_tiles, (size_t)a->nblk * (512 / D)) : NULL;
+    for (int t = t0; t < t1; t++) {
         prefetch_record_head(a, t);
         int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED);
-        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED); m0 += 2; }
-        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED);
+        if (buf) {
+            NAME(unpack_tile)(a, t, D, buf);
+            for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, 0, buf);
+            if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, 0, buf); m0 += 2; }
+            if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, 0, buf);
+            continue;
+        }
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(tile)(a, t, m0, 4, D, KC, PACKED, NULL);
+        if (a->m - m0 >= 2) { NAME(tile)(a, t, m0, 2, D, KC, PACKED, NULL); m0 += 2; }
+        if (m0 < a->m) NAME(tile)(a, t, m0, 1, D, KC, PACKED, NULL);
     }
 }
 
@@ -1071,7 +1128,9 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 }
 
 static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
-    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
+    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
+    if (buf) NAME(tiles_many)(a, t0, t1, buf);
+    else if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
     else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
     else NAME(tiles_d)(a, t0, t1, 4);
 }
