@@ -182,6 +182,37 @@ def test_threads_split_rows_without_changing_results():
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_many_rows_give_each_row_s_own_result(isa, monkeypatch):
+    # from 8 rows on the kernel looks each tile's codes up once for all rows (prefill); every row still gets the
+    # same integer sums and the same float operations in the same order as a call with that row alone
+    monkeypatch.setenv("HF_VQ_NATIVE_ISA", isa)
+    g = torch.Generator().manual_seed(0)
+    for d, ib, packed in ((1, 5, True), (2, 6, True), (2, 6, False), (2, 8, False), (4, 4, True)):
+        mod = _random_vq(45, 301, d, ib, 8, rpb=24, cpb=96, normalize=True, seed=11 * ib + d)
+        st = native_vq.transcode(VQWeight(mod.layout, mod.stored_tensors()), packed)
+        bias, w = mod.bias.detach(), mod.dequantize_weight()
+        for rows in (8, 9, 16, 23):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, 301, generator=g).to(dtype)
+                x[1, 64:128] = 0   # blocks of zeros quantize to scale 0
+                y = native_vq.run(st, x, bias)
+                assert native_vq.last_isa == expected_isa(isa)
+                one_by_one = torch.cat([native_vq.run(st, x[i:i + 1], bias) for i in range(rows)])
+                assert torch.equal(y, one_by_one), f"D={d}, {ib}-bit indices, packed={packed}, {rows} rows"
+            assert_within(y, x, w, bias)
+
+
+def test_threads_split_many_rows_without_changing_results():
+    # 40 rows x 300 x 256 is past the one-thread cutoff: the threads quantize a share of the rows each, then split
+    # the tiles
+    mod = _random_vq(300, 256, 2, 6, 8, rpb=32, cpb=256, normalize=True, bias=False, seed=4)
+    st = native_vq.prepare(VQWeight(mod.layout, mod.stored_tensors()))
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))
+    assert_thread_split_invariant(lambda: native_vq.run(st, x, None))
+    assert_within(native_vq.run(st, x, None), x, mod.dequantize_weight())
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("d,ib", [(1, 5), (2, 6), (4, 4)])
 def test_packed_indices_give_the_byte_layout_s_results(isa, d, ib, monkeypatch):
     # indices of <= 6 bits packed 6 bits each: VBMI unpacks them in registers, the other paths into a buffer; the
@@ -193,7 +224,7 @@ def test_packed_indices_give_the_byte_layout_s_results(isa, d, ib, monkeypatch):
     assert packed.packed and not plain.packed and packed.index_bytes() * 4 == plain.index_bytes() * 3
     assert packed.data.numel() < plain.data.numel()
     g = torch.Generator().manual_seed(d)
-    for rows in (1, 2, 5):
+    for rows in (1, 2, 5, 12):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 301, generator=g).to(dtype)
             y = native_vq.run(packed, x, mod.bias.detach())

@@ -10,6 +10,10 @@ component: AVX512-VBMI ``vpermb`` for <= 64 entries (``vpermi2b`` 128, two and a
 segment (a run of 32-column blocks with one codebook and one normalization block), applied with one FMA per
 segment; the activation scale is one FMA per block.
 
+From 8 activation rows on (prefill), a call looks each 16-row tile's codes up once into a per-thread scratch buffer
+and multiplies every row against them (a load and a ``dpbusd`` per 64 codes and row), instead of looking them up
+again for every few rows; the outputs are the same bits as row by row.
+
 Indices of up to 6 bits are stored packed, 6 bits each (GPTVQ 2D/6-bit: 3 bits per weight of indices, not 4), where
 the CPU's best path is AVX512-VBMI, which unpacks them in registers; elsewhere one byte each. Every path reads both
 layouts (the others unpack a block into a buffer), with the same results bit for bit.
