@@ -75,6 +75,7 @@ static inline float fp16_to_f32(uint16_t h) {
 }
 
 #include "bf16.h"
+#include "q8_block.h"
 
 /* rows [r0, r0 + 16) of activation row mm, from 16 lane sums */
 static inline void store_tile(const aff_args *a, int mm, int r0, const float *v) {
@@ -207,6 +208,16 @@ static void quantize_block_avx512(const void *src, int bf16, int8_t *q, float *d
     *d = amax / 127.f;
 }
 
+/* four full blocks from src, as four quantize_block_avx512 calls */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void quantize_block4_avx512(const void *src, int bf16, int8_t *q, float *d, int32_t *sum) {
+    __m512 v[8];
+    __m512i qi[8];
+    for (int j = 0; j < 4; j++) q8_load32_avx512((const char *)src + (size_t)j * 32 * (bf16 ? 2 : 4), bf16, v + 2 * j);
+    q8_block4_avx512(v, qi, d, sum);
+    for (int i = 0; i < 8; i++) _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtepi32_epi8(qi[i]));
+}
+
 __attribute__((target("avx2,fma")))
 static void quantize_block_avx2(const void *src, int bf16, int8_t *q, float *d, int32_t *sum) {
     __m256 v[4];
@@ -244,12 +255,25 @@ static void quantize_row(const void *x, int x_bf16, int mm, int k, const int32_t
     const float *xf = (const float *)x + (size_t)mm * k;
     const uint16_t *xh = (const uint16_t *)x + (size_t)mm * k;
     float *dm = d + (size_t)mm * nblk;
+    int run = -4;   /* the blocks run .. run + 3 were quantized together; run_sum: their sums */
+    int32_t run_sum[4];
     for (int g = 0; g < G; g++) {
         float sum_g = 0.f;
         for (int b = gstart[g]; b < gstart[g + 1]; b++) {
             int8_t *q = xq + (size_t)mm * nblk * 32 + (size_t)b * 32;
             int32_t s = 0;
 #if AFF_X86
+            if (fast == 2 && !perm) {   /* runs of 4 full blocks, across group ends */
+                if (b >= run + 4 && b * 32 + 128 <= k) {
+                    quantize_block4_avx512(x_bf16 ? (const void *)(xh + b * 32) : (const void *)(xf + b * 32), x_bf16,
+                                           q, &dm[b], run_sum);
+                    run = b;
+                }
+                if (b < run + 4) {
+                    sum_g += dm[b] * (float)run_sum[b - run];
+                    continue;
+                }
+            }
             if (fast && !perm && b * 32 + 32 <= k) {
                 const void *src = x_bf16 ? (const void *)(xh + b * 32) : (const void *)(xf + b * 32);
                 if (fast == 2) quantize_block_avx512(src, x_bf16, q, &dm[b], &s);
