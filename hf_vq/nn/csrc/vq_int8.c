@@ -75,6 +75,8 @@ typedef struct {
     const int8_t *xq;          /* [m, nblk, D, 32 / D] */
     const float *d;            /* [m, nblk] */
     const int32_t *asum;       /* [m, nblk], times -128 */
+    int grouped;               /* the layout of xq, d and asum (xq_at): grouped by 8 rows for the many-row path */
+    int *oom;                  /* set when a thread found no memory for its scratch */
     int n; int m;
     const float *bias;
     void *y; int y_bf16;
@@ -154,6 +156,14 @@ static uint8_t *scratch_get(scratch_buf *s, size_t bytes) {
 
 static void scratch_trim(scratch_buf *s) {
     if (s->cap > SCRATCH_KEEP) { free(s->p); s->p = NULL; s->cap = 0; }
+}
+
+/* The quantized activations: one 32-byte block, one scale and one sum per (row, block of 32 columns), at the same
+   index in xq (times 32), d and asum. Row-major (block b of row r at r * nblk + b) for few rows; for many rows
+   (`grouped`) rows are grouped by 8, block-major within a group: block b of row r at (r / 8 * nblk + b) * 8 + r % 8,
+   so that the 8 rows one pass multiplies sit side by side (constant offsets from one pointer). */
+INLINE size_t xq_at(int grouped, int nblk, int r) {
+    return grouped ? ((size_t)(r >> 3) * nblk << 3) + (r & 7) : (size_t)r * nblk;
 }
 
 /* ------------------------------------------------------------------------------------------ scalar path */
@@ -262,11 +272,13 @@ int vq8_best_isa(void) {
 int vq8_tile_rows(void) { return TILE; }
 
 /* Activations -> int8 blocks of 32 columns (scale d = max|x| / 127, so |a| <= 127), de-interleaved by component
-   within each block, and -128 * (sum of the block's int8 values). Columns from k on are zeros. */
-static void quantize_acts(const void *x, int x_bf16, int m, int k, int nblk, int D, int8_t *xq, float *d,
-                          int32_t *asum) {
+   within each block, and -128 * (sum of the block's int8 values). Columns from k on are zeros. Rows r0..r1-1 of x;
+   block b of row r at index xq_at(grouped, nblk, r) + b * (grouped ? 8 : 1) (see xq_at). */
+static void quantize_acts(const void *x, int x_bf16, int r0, int r1, int k, int nblk, int D, int grouped, int8_t *xq,
+                          float *d, int32_t *asum) {
     const int SL = 32 / D;
-    for (int mm = 0; mm < m; mm++) {
+    for (int mm = r0; mm < r1; mm++) {
+        const size_t rb = xq_at(grouped, nblk, mm), bs = grouped ? 8 : 1;
         const float *xf = (const float *)x + (size_t)mm * k;
         const uint16_t *xh = (const uint16_t *)x + (size_t)mm * k;
         for (int b = 0; b < nblk; b++) {
@@ -287,19 +299,20 @@ static void quantize_acts(const void *x, int x_bf16, int m, int k, int nblk, int
                 q[j] = (int8_t)(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
                 s += q[j];
             }
-            int8_t *out = xq + ((size_t)mm * nblk + b) * 32;
+            const size_t at = rb + b * bs;
+            int8_t *out = xq + at * 32;
             if (D == 1) memcpy(out, q, 32);
             else
                 for (int e = 0; e < D; e++)
                     for (int t = 0; t < SL; t++) out[e * SL + t] = q[D * t + e];
-            asum[(size_t)mm * nblk + b] = -128 * s;
-            d[(size_t)mm * nblk + b] = amax / 127.f;
+            asum[at] = -128 * s;
+            d[at] = amax / 127.f;
         }
     }
 }
 
 typedef void (*tiles_fn)(const vq8_args *, int, int);
-typedef void (*quant_fn)(const void *, int, int, int, int, int, int8_t *, float *, int32_t *);
+typedef void (*quant_fn)(const void *, int, int, int, int, int, int, int, int8_t *, float *, int32_t *);
 
 /* A prepared layer (kernel_native_vq.py keeps one per layer, so that a call passes one pointer, not 16 values). */
 typedef struct {
@@ -345,6 +358,8 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     if (L->seg_start[0] != 0 || L->seg_start[nseg] != nblk) return -1;
     if (isa == ISA_AUTO) isa = vq8_best_isa();
     if (!cpu_has(isa)) return -1;
+    const int grouped = m >= DECODE_ROWS && isa != ISA_SCALAR;   /* the many-row path */
+    int oom = 0;
     if (nthreads < 1) nthreads = 1;
     prefetch_head(L, 0, ntiles, isa);
     /* small calls (decode) keep the quantized activations on the stack */
@@ -352,7 +367,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     int8_t xq_s[STACK_BLOCKS * 32] __attribute__((aligned(64)));
     float d_s[STACK_BLOCKS];
     int32_t asum_s[STACK_BLOCKS];
-    const size_t nb = (size_t)m * nblk;
+    const size_t nb = (size_t)(grouped ? (m + 7) / 8 * 8 : m) * nblk;
     const int heap = nb > STACK_BLOCKS;
     /* larger ones in this thread's scratch: int8 values, then the scales, then the sums */
     uint8_t *acts = heap ? scratch_get(&tls_acts, nb * (32 + sizeof(float) + sizeof(int32_t))) : NULL;
@@ -369,7 +384,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
     const size_t rec = record_bytes(L, &tab_off, &idx_off);
     vq8_args a = {L->data, rec, tab_off, idx_off, D, L->kbook, L->kp, nblk, L->ncb, L->packed != 0,
                   (L->packed ? 384 : 512) / D, L->seg_start, L->seg_cb, nseg, L->tile_r0, L->tile_cnt, xq, d, asum,
-                  n, m, bias, y, bf16};
+                  grouped, &oom, n, m, bias, y, bf16};
     tiles_fn fn = tiles_scalar;
 #if VQ8_X86
     if (isa == ISA_AVX2) fn = tiles_avx2;
@@ -379,7 +394,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
 #endif
     /* a small call costs less than waking the OpenMP pool (a second runtime beside torch's): one thread */
     if (nthreads == 1 || ntiles == 1 || (double)n * k * m < 262144.0) {   /* as affine_gemm.c */
-        qf(x, bf16, m, k, nblk, D, xq, d, asum);
+        qf(x, bf16, 0, m, k, nblk, D, grouped, xq, d, asum);
         fn(&a, 0, ntiles);
     } else {
         /* a few tiles per task: even shares without a scheduling cost per tile */
@@ -387,15 +402,12 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
         const int ntasks = (ntiles + per - 1) / per;
         /* many rows (prefill): the threads quantize a share of the rows each first */
         const int qpar = m >= 4 * nthreads;
-        const size_t xrow = (size_t)k * (bf16 ? 2 : 4);
-        if (!qpar) qf(x, bf16, m, k, nblk, D, xq, d, asum);
+        if (!qpar) qf(x, bf16, 0, m, k, nblk, D, grouped, xq, d, asum);
         #pragma omp parallel num_threads(nthreads)
         {
             if (qpar) {
                 #pragma omp for schedule(static)
-                for (int r = 0; r < m; r++)
-                    qf((const char *)x + r * xrow, bf16, 1, k, nblk, D, xq + (size_t)r * nblk * 32,
-                       d + (size_t)r * nblk, asum + (size_t)r * nblk);
+                for (int r = 0; r < m; r++) qf(x, bf16, r, r + 1, k, nblk, D, grouped, xq, d, asum);
             }
             #pragma omp for schedule(dynamic, 1)
             for (int t = 0; t < ntasks; t++) {
@@ -406,7 +418,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
         }
     }
     if (heap) scratch_trim(&tls_acts);
-    return isa;
+    return oom ? -1 : isa;
 }
 
 /* the same with every field of the layer as an argument (the torch.compile custom op, which holds tensors) */
@@ -472,9 +484,9 @@ INLINE void NAME(quant_block)(const __m256 *v, const int D, int8_t *out, float *
     *dout = amax / 127.f;
 }
 
-INLINE void NAME(quantize_d)(const void *x, int x_bf16, int m, int k, int nblk, const int D, int8_t *xq,
-                             float *d, int32_t *asum) {
-    for (int mm = 0; mm < m; mm++)
+INLINE void NAME(quantize_d)(const void *x, int x_bf16, int r0, int r1, int k, int nblk, const int D, int grouped,
+                             int8_t *xq, float *d, int32_t *asum) {
+    for (int mm = r0; mm < r1; mm++)
         for (int b = 0; b < nblk; b++) {
             const int c0 = b * 32;
             __m256 v[4];
@@ -494,16 +506,16 @@ INLINE void NAME(quantize_d)(const void *x, int x_bf16, int m, int k, int nblk, 
                                                         : ((const float *)x)[(size_t)mm * k + c0 + j];
                 for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(tmp + 8 * i);
             }
-            const size_t at = (size_t)mm * nblk + b;
+            const size_t at = xq_at(grouped, nblk, mm) + (size_t)b * (grouped ? 8 : 1);
             NAME(quant_block)(v, D, xq + at * 32, d + at, asum + at);
         }
 }
 
-static void NAME(quantize)(const void *x, int x_bf16, int m, int k, int nblk, int D, int8_t *xq, float *d,
-                           int32_t *asum) {
-    if (D == 1) NAME(quantize_d)(x, x_bf16, m, k, nblk, 1, xq, d, asum);
-    else if (D == 2) NAME(quantize_d)(x, x_bf16, m, k, nblk, 2, xq, d, asum);
-    else NAME(quantize_d)(x, x_bf16, m, k, nblk, 4, xq, d, asum);
+static void NAME(quantize)(const void *x, int x_bf16, int r0, int r1, int k, int nblk, int D, int grouped,
+                           int8_t *xq, float *d, int32_t *asum) {
+    if (D == 1) NAME(quantize_d)(x, x_bf16, r0, r1, k, nblk, 1, grouped, xq, d, asum);
+    else if (D == 2) NAME(quantize_d)(x, x_bf16, r0, r1, k, nblk, 2, grouped, xq, d, asum);
+    else NAME(quantize_d)(x, x_bf16, r0, r1, k, nblk, 4, grouped, xq, d, asum);
 }
 
 /* the KC-entry table lookup of 32 index bytes; T holds KC / 16 subtables, each in both 128-bit lanes */
@@ -624,18 +636,19 @@ INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int K
 /* M activation rows from m0 against half h of tile t, decoded at w: per (vector, row) a dpbusd (AVX2: sign, maddubs,
    madd, add); the same integer sums and float operations per row as tile() */
 INLINE void NAME(rows)(const vq8_args *a, int t, int h, const uint8_t *w, int m0, const int M) {
-    const size_t xrow = (size_t)a->nblk * 32;
+    const size_t xr = xq_at(1, a->nblk, m0);
     __m256 acc[4];
     for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_setzero_ps();
     for (int s = 0; s < a->nseg; s++) {
         __m256 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-            const int8_t *xb = a->xq + ((size_t)m0 * a->nblk + b) * 32;
+            const size_t at = xr + (size_t)b * 8;   /* row m0 + mm at at + mm (rows grouped by 8) */
+            const int8_t *xb = a->xq + at * 32;
             const uint8_t *wb = w + (size_t)b * 512 + 32 * h;
             __m256i iacc[4];
             for (int mm = 0; mm < M; mm++)
-                iacc[mm] = VNNI ? _mm256_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]) : _mm256_setzero_si256();
+                iacc[mm] = VNNI ? _mm256_set1_epi32(a->asum[at + mm]) : _mm256_setzero_si256();
             for (int q = 0; q < 8; q++) {
                 const __m256i wv = _mm256_load_si256((const __m256i *)(wb + 64 * q));
 #if !VNNI
@@ -643,7 +656,7 @@ INLINE void NAME(rows)(const vq8_args *a, int t, int h, const uint8_t *w, int m0
 #endif
                 for (int mm = 0; mm < M; mm++) {
                     int32_t q4;
-                    memcpy(&q4, xb + mm * xrow + 4 * q, 4);
+                    memcpy(&q4, xb + 32 * mm + 4 * q, 4);
                     const __m256i xv = _mm256_set1_epi32(q4);
 #if VNNI
                     iacc[mm] = _mm256_dpbusd_avx_epi32(iacc[mm], wv, xv);
@@ -654,7 +667,7 @@ INLINE void NAME(rows)(const vq8_args *a, int t, int h, const uint8_t *w, int m0
                 }
             }
             for (int mm = 0; mm < M; mm++) {
-                const __m256 dv = _mm256_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                const __m256 dv = _mm256_set1_ps(a->d[at + mm]);
                 gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[mm]), dv, gacc[mm]);
             }
         }
@@ -714,9 +727,13 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 
 /* vector dimension and table size as constants, so the chunk and component loops unroll */
 static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
-    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
-    if (buf) NAME(tiles_many)(a, t0, t1, buf);
-    else if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
+    if (a->grouped) {   /* many rows */
+        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 512);
+        if (buf) NAME(tiles_many)(a, t0, t1, buf);
+        else *a->oom = 1;
+        return;
+    }
+    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
     else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
     else NAME(tiles_d)(a, t0, t1, 4);
 }
@@ -786,7 +803,7 @@ INLINE void NAME(load32)(const void *p, int x_bf16, __m512 *v) {
     } while (0)
 
 /* quant_block on 4 blocks at once: their horizontal max and sum reductions share shuffles */
-INLINE void NAME(quant_block4)(const __m512 *v, const int D, int8_t *out, float *dout, int32_t *aout) {
+INLINE void NAME(quant_block4)(const __m512 *v, const int D, int bs, int8_t *out, float *dout, int32_t *aout) {
     __m512 mx[4];
     for (int j = 0; j < 4; j++) mx[j] = _mm512_max_ps(_mm512_abs_ps(v[2 * j]), _mm512_abs_ps(v[2 * j + 1]));
     VQ8_REDUCE4(__m512, _mm512_max_ps, _mm512_shuffle_f32x4, _mm512_permute_ps, mx);
@@ -806,26 +823,30 @@ INLINE void NAME(quant_block4)(const __m512 *v, const int D, int8_t *out, float 
         sums[j] = _mm512_add_epi32(q[0], q[1]);
         __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[0])),
                                             _mm512_cvtepi32_epi8(q[1]), 1);
-        _mm256_storeu_si256((__m256i *)(out + 32 * j), NAME(deinterleave)(p, D));
+        _mm256_storeu_si256((__m256i *)(out + (size_t)32 * bs * j), NAME(deinterleave)(p, D));
     }
     VQ8_REDUCE4(__m512i, _mm512_add_epi32, _mm512_shuffle_i32x4, _mm512_shuffle_epi32, sums);
     const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    _mm_storeu_si128((__m128i *)aout, _mm512_castsi512_si128(
+    int32_t av[4];
+    float dv[4];
+    _mm_storeu_si128((__m128i *)av, _mm512_castsi512_si128(
         _mm512_mullo_epi32(_mm512_permutexvar_epi32(first, sums[0]), _mm512_set1_epi32(-128))));
-    _mm_storeu_ps(dout, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, _mm512_div_ps(amax, _mm512_set1_ps(127.f)))));
+    _mm_storeu_ps(dv, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, _mm512_div_ps(amax, _mm512_set1_ps(127.f)))));
+    for (int j = 0; j < 4; j++) { aout[(size_t)bs * j] = av[j]; dout[(size_t)bs * j] = dv[j]; }
 }
 
-INLINE void NAME(quantize_d)(const void *x, int x_bf16, int m, int k, int nblk, const int D, int8_t *xq,
-                             float *d, int32_t *asum) {
-    const int full = k / 32, es = x_bf16 ? 2 : 4;
-    for (int mm = 0; mm < m; mm++) {
+INLINE void NAME(quantize_d)(const void *x, int x_bf16, int r0, int r1, int k, int nblk, const int D, int grouped,
+                             int8_t *xq, float *d, int32_t *asum) {
+    const int full = k / 32, es = x_bf16 ? 2 : 4, bs = grouped ? 8 : 1;
+    for (int mm = r0; mm < r1; mm++) {
         const char *xr = (const char *)x + (size_t)mm * k * es;
+        const size_t rb = xq_at(grouped, nblk, mm);
         int b = 0;
         for (; b + 4 <= full; b += 4) {
             __m512 v[8];
             for (int j = 0; j < 4; j++) NAME(load32)(xr + (size_t)(b + j) * 32 * es, x_bf16, v + 2 * j);
-            const size_t at = (size_t)mm * nblk + b;
-            NAME(quant_block4)(v, D, xq + at * 32, d + at, asum + at);
+            const size_t at = rb + (size_t)b * bs;
+            NAME(quant_block4)(v, D, bs, xq + at * 32, d + at, asum + at);
         }
         for (; b < nblk; b++) {
             const int c0 = b * 32;
@@ -847,17 +868,17 @@ INLINE void NAME(quantize_d)(const void *x, int x_bf16, int m, int k, int nblk, 
                 v0 = _mm512_loadu_ps(tmp);
                 v1 = _mm512_loadu_ps(tmp + 16);
             }
-            const size_t at = (size_t)mm * nblk + b;
+            const size_t at = rb + (size_t)b * bs;
             NAME(quant_block)(v0, v1, D, xq + at * 32, d + at, asum + at);
         }
     }
 }
 
-static void NAME(quantize)(const void *x, int x_bf16, int m, int k, int nblk, int D, int8_t *xq, float *d,
-                           int32_t *asum) {
-    if (D == 1) NAME(quantize_d)(x, x_bf16, m, k, nblk, 1, xq, d, asum);
-    else if (D == 2) NAME(quantize_d)(x, x_bf16, m, k, nblk, 2, xq, d, asum);
-    else NAME(quantize_d)(x, x_bf16, m, k, nblk, 4, xq, d, asum);
+static void NAME(quantize)(const void *x, int x_bf16, int r0, int r1, int k, int nblk, int D, int grouped,
+                           int8_t *xq, float *d, int32_t *asum) {
+    if (D == 1) NAME(quantize_d)(x, x_bf16, r0, r1, k, nblk, 1, grouped, xq, d, asum);
+    else if (D == 2) NAME(quantize_d)(x, x_bf16, r0, r1, k, nblk, 2, grouped, xq, d, asum);
+    else NAME(quantize_d)(x, x_bf16, r0, r1, k, nblk, 4, grouped, xq, d, asum);
 }
 #endif
 
@@ -1010,27 +1031,28 @@ INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int K
    sums and the same float operations per row as tile(). 8 rows: 8 independent dpbusd chains, and the integer, block
    and segment sums of all rows in 24 registers. */
 INLINE void NAME(rows)(const vq8_args *a, int t, const uint8_t *w, int m0, const int M) {
-    const size_t xrow = (size_t)a->nblk * 32;
+    const size_t xr = xq_at(1, a->nblk, m0);
     __m512 acc[8];
     for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
     for (int s = 0; s < a->nseg; s++) {
         __m512 gacc[8];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
-            const int8_t *xb = a->xq + ((size_t)m0 * a->nblk + b) * 32;
+            const size_t at = xr + (size_t)b * 8;   /* row m0 + mm at at + mm (rows grouped by 8) */
+            const int8_t *xb = a->xq + at * 32;
             const uint8_t *wb = w + (size_t)b * 512;
             __m512i iacc[8];
-            for (int mm = 0; mm < M; mm++) iacc[mm] = _mm512_set1_epi32(a->asum[(size_t)(m0 + mm) * a->nblk + b]);
+            for (int mm = 0; mm < M; mm++) iacc[mm] = _mm512_set1_epi32(a->asum[at + mm]);
             for (int q = 0; q < 8; q++) {
                 const __m512i wv = _mm512_load_si512((const void *)(wb + 64 * q));
                 for (int mm = 0; mm < M; mm++) {
                     int32_t q4;
-                    memcpy(&q4, xb + mm * xrow + 4 * q, 4);
+                    memcpy(&q4, xb + 32 * mm + 4 * q, 4);
                     iacc[mm] = _mm512_dpbusd_epi32(iacc[mm], wv, _mm512_set1_epi32(q4));
                 }
             }
             for (int mm = 0; mm < M; mm++) {
-                const __m512 dv = _mm512_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
+                const __m512 dv = _mm512_set1_ps(a->d[at + mm]);
                 gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[mm]), dv, gacc[mm]);
             }
         }
@@ -1128,9 +1150,13 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 }
 
 static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
-    uint8_t *buf = a->m >= DECODE_ROWS ? scratch_get(&tls_tiles, (size_t)a->nblk * 512) : NULL;
-    if (buf) NAME(tiles_many)(a, t0, t1, buf);
-    else if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
+    if (a->grouped) {   /* many rows */
+        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 512);
+        if (buf) NAME(tiles_many)(a, t0, t1, buf);
+        else *a->oom = 1;
+        return;
+    }
+    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
     else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
     else NAME(tiles_d)(a, t0, t1, 4);
 }
