@@ -7,8 +7,8 @@ Decode (M=1) is cold-cache, like real decoding: each call uses another copy of t
 weights in rotation, so every call streams from DRAM). GB/s counts the bytes the kernel reads: its packed weight
 layout (affine: codes, scales, zero-points; GPTVQ: its tile records of scales, codebooks and indices); "% BW"
 divides that by the read bandwidth measured at the same thread count (torch.sum over a 1 GiB fp32 tensor, best of
-3). Prefill (M=512) is cache-hot and compute bound: tokens/s. Each native row runs the instruction-set path in its
-name (HF_VQ_NATIVE_ISA), where this CPU has it.
+3). Prefill (M=512) is cache-hot and compute bound: tokens/s, and the ratio to torch's bf16 GEMM on the same
+shape. Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
 
 Native rows have two decode columns:
 - "C call": the kernel's one-row projection entry point, called from C in a loop (the rotation of copies timed
@@ -106,8 +106,8 @@ def main(argv=None):
         print(f"\n{threads} thread(s), read bandwidth {bw:.1f} GB/s; {args.bits}-bit symmetric codes; decode: C call "
               "(as the decoder layer step calls it) and Python call (run() on one layer)\n")
         print("| shape (out x in) | group | kernel | C call us | GB/s | % BW | Python call us | GB/s | % BW "
-              "| prefill tok/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| prefill tok/s | prefill x dense bf16 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for shape in args.shapes.split(","):
             n, k = map(int, shape.split("x"))
             x1 = torch.randn(1, k).bfloat16()
@@ -141,10 +141,12 @@ def main(argv=None):
                     t = bench(lambda i: F.linear(xd, ws[i % dcopies]), dcopies)
                     tp = bench(lambda i: F.linear(xpd, ws[0]), 1)
                     rows.append((f"dense {str(dtype)[6:]}", None, t, nbytes(ws[0]), tp))
+                    if dtype == torch.bfloat16:
+                        dense_tp = tp
                     del ws
-                print_rows(f"{n}x{k}", str(group), rows, bw, args.prefill)
+                print_rows(f"{n}x{k}", str(group), rows, bw, args.prefill, dense_tp)
             print_rows(f"{n}x{k}", "GPTVQ 2D, 6-bit index", vq_rows(n, k, vq_isas, args.pool, x1, xp), bw,
-                       args.prefill)
+                       args.prefill, dense_tp)
         for shape in filter(None, args.dense_shapes.split(",")):
             dense_rows(shape, args.pool, bw)
 
@@ -170,14 +172,15 @@ def vq_rows(n: int, k: int, isas: list[str], pool: int, x1: torch.Tensor, xp: to
     return rows
 
 
-def print_rows(shape: str, group: str, rows: list[tuple], bw: float, prefill: int) -> None:
-    """One table line per (name, C call s or None, Python call s, bytes read, prefill s or None)."""
+def print_rows(shape: str, group: str, rows: list[tuple], bw: float, prefill: int, dense_tp: float) -> None:
+    """One table line per (name, C call s or None, Python call s, bytes read, prefill s or None); the prefill
+    speed also as a ratio to torch's bf16 GEMM on this shape (``dense_tp`` seconds)."""
     for name, tc, t, size, tp in rows:
         cols = []
         for sec in (tc, t):
             cols += ["-"] * 3 if sec is None else [f"{sec * 1e6:.1f}", f"{size / sec / 1e9:.1f}",
                                                    f"{100 * size / sec / 1e9 / bw:.0f}%"]
-        pre = f"{prefill / tp:,.0f}" if tp else "-"
+        pre = f"{prefill / tp:,.0f} | {dense_tp / tp:.2f}" if tp else "- | -"
         print(f"| {shape} | {group} | {name} | {' | '.join(cols)} | {pre} |", flush=True)
 
 
@@ -194,7 +197,7 @@ def dense_rows(shape: str, pool: int, bw: float) -> None:
                 lambda i: kernel_native_dense.run(ws[i % copies], x, None), copies)))
         for name, t in rows:
             gbs = size / t / 1e9
-            print(f"| {n}x{k} | - | {name} | - | - | - | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | - |",
+            print(f"| {n}x{k} | - | {name} | - | - | - | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | - | - |",
                   flush=True)
         del ws
 
