@@ -76,6 +76,9 @@ static inline float fp16_to_f32(uint16_t h) {
 
 #include "bf16.h"
 #include "q8_block.h"
+#include "scratch.h"
+
+static _Thread_local scratch_buf tls_acts;
 
 /* rows [r0, r0 + 16) of activation row mm, from 16 lane sums */
 static inline void store_tile(const aff_args *a, int mm, int r0, const float *v) {
@@ -357,14 +360,14 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     enum { STACK_BLOCKS = 256, STACK_GROUPS = 256 };
     int8_t xq_s[STACK_BLOCKS * 32] __attribute__((aligned(64)));
     float d_s[STACK_BLOCKS], X_s[STACK_GROUPS];
+    /* larger ones in this thread's scratch: int8 values, then the block scales, then the group sums */
     const int heap = (size_t)m * nblk > STACK_BLOCKS || (size_t)m * G > STACK_GROUPS;
-    int8_t *xq = heap ? (int8_t *)aligned_alloc(64, ((size_t)m * nblk * 32 + 63) / 64 * 64) : xq_s;
-    float *d = heap ? (float *)malloc(sizeof(float) * (size_t)m * nblk) : d_s;
-    float *X = heap ? (float *)malloc(sizeof(float) * (size_t)m * G) : X_s;
-    if (!xq || !d || !X) {
-        if (heap) { free(xq); free(d); free(X); }
-        return -1;
-    }
+    const size_t nb = (size_t)m * nblk, xq_bytes = (nb * 32 + 63) / 64 * 64;
+    uint8_t *acts = heap ? scratch_get(&tls_acts, xq_bytes + sizeof(float) * (nb + (size_t)m * G)) : NULL;
+    if (heap && !acts) return -1;
+    int8_t *xq = heap ? (int8_t *)acts : xq_s;
+    float *d = heap ? (float *)(acts + xq_bytes) : d_s;
+    float *X = heap ? d + nb : X_s;
     quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, xq, d, X, nthreads, isa);
     aff_args a = {codes, bits, nblk, scales, zeros, gstart, G, xq, d, X, n, m, bias, y, y_bf16};
     tiles_fn fn = tiles_scalar;
@@ -390,7 +393,7 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
             fn(&a, t0, t1);
         }
     }
-    if (heap) { free(xq); free(d); free(X); }
+    if (heap) scratch_trim(&tls_acts);
     return isa;
 }
 
