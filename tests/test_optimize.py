@@ -45,9 +45,10 @@ def test_static_cache_and_pinned_kernels_give_the_eager_tokens(tiny_llama_dir, p
 
 def test_compiled_decode_gives_the_eager_logits(tiny_llama_dir, prompt):
     seq, scores = generate(quantized(tiny_llama_dir), prompt)
-    fast = hf_vq.optimize(quantized(tiny_llama_dir), compile=True)
+    fast = hf_vq.optimize(quantized(tiny_llama_dir), compile="always")
     report = fast.hf_vq_optimize
-    assert report["compiled"] and report["warmup_s"] > 0
+    assert report["compiled"] and report["warmup_s"] > 0 and not fast.generation_config.disable_compile
+    assert report["eager_ms_per_token"] > 0 and report["compiled_ms_per_token"] > 0
     seq2, scores2 = generate(fast, prompt)
     assert torch.equal(seq, seq2)
     # inductor fuses the float ops around the kernels (norms, rotary, softmax): fp32 reassociation only
@@ -69,6 +70,30 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(tiny_llama_dir, 
     assert not fast.hf_vq_optimize["compiled"]
     seq2, _ = generate(fast, prompt)
     assert torch.equal(seq, seq2)
+
+
+def test_compile_keeps_the_faster_decode_step(tiny_llama_dir, prompt):
+    """compile=True times both steps in the warm-up and keeps the compiled one only where it is faster; the other
+    choice warns once, and either way generate() gives the eager tokens."""
+    seq, _ = generate(quantized(tiny_llama_dir), prompt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = hf_vq.optimize(quantized(tiny_llama_dir), compile=True, warmup_tokens=6)
+    report = fast.hf_vq_optimize
+    eager, compiled = report["eager_ms_per_token"], report["compiled_ms_per_token"]
+    assert eager > 0 and compiled > 0
+    assert report["compiled"] == (compiled <= eager)
+    assert fast.generation_config.disable_compile == (not report["compiled"])
+    relevant = [str(w.message) for w in caught if "hf_vq.optimize" in str(w.message)]
+    assert len(relevant) == (0 if report["compiled"] else 1)
+    assert all("stays eager" in m and f"{compiled:.2f} ms" in m for m in relevant)
+    seq2, _ = generate(fast, prompt)
+    assert torch.equal(seq, seq2)
+
+
+def test_compile_takes_only_known_values(tiny_llama_dir):
+    with pytest.raises(ValueError, match="compile must be"):
+        hf_vq.optimize(quantized(tiny_llama_dir), compile="yes")
 
 
 def test_packing_does_not_change_the_checkpoint(tiny_llama_dir, prompt, tmp_path):

@@ -5,7 +5,7 @@
 - The KV cache becomes transformers' static cache (preallocated, no per-token ``cat``).
 - ``compile=True`` also compiles the decode step with ``torch.compile`` (hf_vq's kernels are torch custom ops, so
   the graph holds them whole). The warm-up (first generate, which compiles) is timed and reported; a compile that
-  fails falls back to the eager step with one warning.
+  fails, or a compiled step slower than the eager one, falls back to the eager step with one warning.
 
 What was done is in ``model.hf_vq_optimize`` (a dict) and in the log.
 """
@@ -99,30 +99,57 @@ def fix_kernels(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _warm_up(model, tokens: int) -> float:
+class _StepClock:
+    """A logits processor that only notes when each generated token's logits arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _warm_up(model, tokens: int) -> tuple[float, float | None]:
+    """Generate ``tokens`` tokens from a short prompt: (seconds in all, median ms per decode step; None below 2
+    steps). A step is the time between two tokens' logits, so the prefill and a compile on the first step drop out."""
+    from transformers import LogitsProcessorList
+
     ids = torch.zeros(1, 8, dtype=torch.long, device=model.device)
+    clock = _StepClock()
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t0
+                       do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+    total = time.perf_counter() - t0
+    steps = sorted(b - a for a, b in zip(clock.times, clock.times[1:]))
+    return total, (1e3 * steps[len(steps) // 2] if steps else None)
 
 
-def optimize(model, *, compile: bool = False, static_cache: bool = True, warmup_tokens: int = 4):
+def optimize(model, *, compile: bool | str = False, static_cache: bool = True, warmup_tokens: int = 4):
     """Prepare ``model`` (a transformers model, quantized by hf_vq or not) for fast ``generate()``; returns it.
 
     compile: also ``torch.compile`` the decode step (transformers' generate compiles it on the first call; here that
-        call is the warm-up, so its cost shows up front and in the report). Opt-in: it compiles for tens of seconds
-        and, on CPU, did not beat the eager step in our runs.
+        call is the warm-up, so its cost shows up front and in the report). The warm-up times the eager and the
+        compiled decode step (``eager_ms_per_token``, ``compiled_ms_per_token`` in the report) and keeps the compiled
+        one only where it is faster, with one warning otherwise: on CPU hf_vq's eager step runs a Llama-family layer
+        in two C calls, which a compiled graph cannot use, so compiling is usually slower there. ``"always"`` keeps
+        it compiled regardless. Opt-in: compiling takes tens of seconds.
     static_cache: preallocated KV cache (``generation_config.cache_implementation = "static"``).
-    warmup_tokens: tokens the warm-up generates (0: no warm-up; with ``compile`` the first real call then compiles).
+    warmup_tokens: tokens the warm-up generates (0: no warm-up, no timing; with ``compile`` the first real call then
+        compiles). Timing needs at least 3.
     """
     from transformers.generation.configuration_utils import CompileConfig
 
-    report = {"decode": decode_kernels(model), "kernels": fix_kernels(model), "static_cache": static_cache, "compiled": False, "warmup_s": 0.0}
+    if compile not in (False, True, "always"):
+        raise ValueError(f"hf_vq.optimize: compile must be False, True or 'always', not {compile!r}")
+    report = {"decode": decode_kernels(model), "kernels": fix_kernels(model), "static_cache": static_cache,
+              "compiled": False, "warmup_s": 0.0}
     gen = model.generation_config
     if static_cache:
         gen.cache_implementation = "static"
+    if compile and warmup_tokens:
+        report["warmup_s"], report["eager_ms_per_token"] = _warm_up(model, warmup_tokens)
     if compile:
         cfg = CompileConfig(fullgraph=False, dynamic=False, mode="default" if model.device.type == "cpu" else
                             "reduce-overhead")
@@ -131,8 +158,11 @@ def optimize(model, *, compile: bool = False, static_cache: bool = True, warmup_
         gen.disable_compile = False
     if warmup_tokens:
         try:
-            report["warmup_s"] = _warm_up(model, warmup_tokens)
-            report["compiled"] = compile
+            seconds, ms = _warm_up(model, warmup_tokens)
+            report["warmup_s"] += seconds
+            report["compiled"] = bool(compile)
+            if compile:
+                report["compiled_ms_per_token"] = ms
         except Exception as e:  # noqa: BLE001  (any compile failure: fall back to the eager step)
             if not compile:
                 raise
@@ -140,9 +170,16 @@ def optimize(model, *, compile: bool = False, static_cache: bool = True, warmup_
                           "step stays eager", RuntimeWarning, stacklevel=2)
             gen.compile_config, gen.disable_compile = None, True
             torch._dynamo.reset()
-            report["warmup_s"] = _warm_up(model, warmup_tokens)
+            report["warmup_s"] += _warm_up(model, warmup_tokens)[0]
+        eager, compiled = report.get("eager_ms_per_token"), report.get("compiled_ms_per_token")
+        if report["compiled"] and compile != "always" and eager and compiled and compiled > eager:
+            warnings.warn(f"hf_vq.optimize: the compiled decode step took {compiled:.2f} ms per token against the "
+                          f"eager step's {eager:.2f} ms; the decode step stays eager (compile='always' keeps it "
+                          "compiled)", RuntimeWarning, stacklevel=2)
+            gen.compile_config, gen.disable_compile = None, True
+            report["compiled"] = False
     else:
-        report["compiled"] = compile
+        report["compiled"] = bool(compile)
     model.hf_vq_optimize = report
     log.info("hf_vq.optimize: kernels %s, static cache %s, compiled %s, warm-up %.1f s", report["kernels"],
              static_cache, report["compiled"], report["warmup_s"])
