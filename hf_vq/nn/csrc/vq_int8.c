@@ -31,7 +31,8 @@
 
    Many activation rows (prefill, from DECODE_ROWS on): a tile's codes are looked up once per call, into a per-thread
    scratch buffer that persists across calls, ordered so that vector q of a block multiplies activation bytes
-   4q..4q+3; each row then costs a load and a dpbusd per vector, 8 rows at a time on AVX-512 (8 independent chains).
+   4q..4q+3; each row then costs a dpbusd per vector. AVX-512 runs two tiles x 4 rows per pass (each broadcast of
+   activation bytes feeds two dpbusd; 8 independent chains), on activations grouped by 8 rows (xq_at).
    The integer sums are exact and every row gets the same float operations in the same order as with the per-row
    lookups of fewer rows, so the results do not depend on the row count.
 
@@ -398,7 +399,8 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
         fn(&a, 0, ntiles);
     } else {
         /* a few tiles per task: even shares without a scheduling cost per tile */
-        const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
+        int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
+        if (grouped && per % 2) per++;   /* the many-row path takes tiles in pairs */
         const int ntasks = (ntiles + per - 1) / per;
         /* many rows (prefill): the threads quantize a share of the rows each first */
         const int qpar = m >= 4 * nthreads;
@@ -728,7 +730,7 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 /* vector dimension and table size as constants, so the chunk and component loops unroll */
 static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
     if (a->grouped) {   /* many rows */
-        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 512);
+        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 1024);
         if (buf) NAME(tiles_many)(a, t0, t1, buf);
         else *a->oom = 1;
         return;
@@ -1028,8 +1030,8 @@ INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int K
 }
 
 /* M activation rows from m0 against tile t, decoded at w: a load and a dpbusd per (vector, row), the same integer
-   sums and the same float operations per row as tile(). 8 rows: 8 independent dpbusd chains, and the integer, block
-   and segment sums of all rows in 24 registers. */
+   sums and the same float operations per row as tile() (the last tile of an odd count, and rows past a multiple of
+   4: rows2 below takes the rest) */
 INLINE void NAME(rows)(const vq8_args *a, int t, const uint8_t *w, int m0, const int M) {
     const size_t xr = xq_at(1, a->nblk, m0);
     __m512 acc[8];
@@ -1066,6 +1068,53 @@ INLINE void NAME(rows)(const vq8_args *a, int t, const uint8_t *w, int m0, const
     }
 }
 
+/* 4 rows from m0 (a multiple of 4) against tiles t and t + 1, decoded at w and w + wstride: each broadcast of 4
+   activation bytes feeds two dpbusd; the integer, block and segment sums of the 8 (tile, row) pairs take 24
+   registers. Per row the same operations as rows(). */
+INLINE void NAME(rows2)(const vq8_args *a, int t, const uint8_t *w, size_t wstride, int m0) {
+    const size_t xr = xq_at(1, a->nblk, m0);
+    __m512 acc[2][4];
+    for (int i = 0; i < 2; i++)
+        for (int mm = 0; mm < 4; mm++) acc[i][mm] = _mm512_setzero_ps();
+    for (int s = 0; s < a->nseg; s++) {
+        __m512 gacc[2][4];
+        for (int i = 0; i < 2; i++)
+            for (int mm = 0; mm < 4; mm++) gacc[i][mm] = _mm512_setzero_ps();
+        for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
+            const size_t at = xr + (size_t)b * 8;
+            const int8_t *xb = a->xq + at * 32;
+            const uint8_t *wb = w + (size_t)b * 512;
+            __m512i iacc[2][4];
+            for (int mm = 0; mm < 4; mm++) iacc[0][mm] = iacc[1][mm] = _mm512_set1_epi32(a->asum[at + mm]);
+            for (int q = 0; q < 8; q++) {
+                const __m512i w0 = _mm512_load_si512((const void *)(wb + 64 * q));
+                const __m512i w1 = _mm512_load_si512((const void *)(wb + wstride + 64 * q));
+                for (int mm = 0; mm < 4; mm++) {
+                    int32_t q4;
+                    memcpy(&q4, xb + 32 * mm + 4 * q, 4);
+                    const __m512i xv = _mm512_set1_epi32(q4);
+                    iacc[0][mm] = _mm512_dpbusd_epi32(iacc[0][mm], w0, xv);
+                    iacc[1][mm] = _mm512_dpbusd_epi32(iacc[1][mm], w1, xv);
+                }
+            }
+            for (int mm = 0; mm < 4; mm++) {
+                const __m512 dv = _mm512_set1_ps(a->d[at + mm]);
+                for (int i = 0; i < 2; i++) gacc[i][mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][mm]), dv, gacc[i][mm]);
+            }
+        }
+        for (int i = 0; i < 2; i++) {
+            const __m512 sc = _mm512_loadu_ps(tile_scales(a, t + i, s));
+            for (int mm = 0; mm < 4; mm++) acc[i][mm] = _mm512_fmadd_ps(gacc[i][mm], sc, acc[i][mm]);
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        for (int mm = 0; mm < 4; mm++) {
+            float v[TILE];
+            _mm512_storeu_ps(v, acc[i][mm]);
+            store_rows(a, m0 + mm, t + i, 0, TILE, v);
+        }
+}
+
 /* every activation row against tile t, decoded at w */
 static void NAME(rows_all)(const vq8_args *a, int t, const uint8_t *w) {
     int m0 = 0;
@@ -1075,10 +1124,24 @@ static void NAME(rows_all)(const vq8_args *a, int t, const uint8_t *w) {
     if (m0 < a->m) NAME(rows)(a, t, w, m0, 1);
 }
 
-/* many rows (prefill): each tile's codes are looked up once, into buf, for all rows */
+/* many rows (prefill): each tile's codes are looked up once, into buf (two tiles), for all rows */
 INLINE void NAME(tiles_many_dk)(const vq8_args *a, int t0, int t1, const int D, const int KC, const int PACKED,
                                 uint8_t *buf) {
-    for (int t = t0; t < t1; t++) {
+    int t = t0;
+    const size_t tb = (size_t)a->nblk * 512;
+    for (; t + 2 <= t1; t += 2) {
+        NAME(decode_tile)(a, t, D, KC, PACKED, buf);
+        NAME(decode_tile)(a, t + 1, D, KC, PACKED, buf + tb);
+        int m0 = 0;
+        for (; m0 + 4 <= a->m; m0 += 4) NAME(rows2)(a, t, buf, tb, m0);
+        for (int i = 0; i < 2; i++) {
+            const uint8_t *w = buf + i * tb;
+            int r = m0;
+            if (a->m - r >= 2) { NAME(rows)(a, t + i, w, r, 2); r += 2; }
+            if (r < a->m) NAME(rows)(a, t + i, w, r, 1);
+        }
+    }
+    for (; t < t1; t++) {
         NAME(decode_tile)(a, t, D, KC, PACKED, buf);
         NAME(rows_all)(a, t, buf);
     }
@@ -1151,7 +1214,7 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 
 static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
     if (a->grouped) {   /* many rows */
-        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 512);
+        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 1024);
         if (buf) NAME(tiles_many)(a, t0, t1, buf);
         else *a->oom = 1;
         return;
