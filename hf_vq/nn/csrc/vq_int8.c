@@ -402,8 +402,9 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
         int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
         if (grouped && per % 2) per++;   /* the many-row path takes tiles in pairs */
         const int ntasks = (ntiles + per - 1) / per;
-        /* many rows (prefill): the threads quantize a share of the rows each first */
-        const int qpar = m >= 4 * nthreads;
+        /* many rows (prefill): the threads quantize a share of the rows each first (fewer are not worth the
+           barrier between the two loops) */
+        const int qpar = m >= 64;
         if (!qpar) qf(x, bf16, 0, m, k, nblk, D, grouped, xq, d, asum);
         #pragma omp parallel num_threads(nthreads)
         {
