@@ -58,9 +58,7 @@
    from evicting what the rest of the token works on */
 #define PREFETCH_AHEAD 8192
 /* from this many activation rows on, a call decodes each tile's codes once for all rows (see decode_tile) */
-#ifndef DECODE_ROWS
 #define DECODE_ROWS 8
-#endif
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVXVNNI = 3, ISA_AVX512VNNI = 4, ISA_AVX512VBMI = 5 };
 
