@@ -136,26 +136,9 @@ INLINE const uint8_t *seg_tables(const vq8_args *a, int t, int s) {
     return a->data + (size_t)t * a->rec_bytes + a->tab_off + (size_t)a->seg_cb[s] * (a->D * a->kp);
 }
 
-/* Per-thread scratch memory that persists across calls (OpenMP's workers and the calling thread keep theirs), so that
-   a prefill call does not map and fault in fresh pages every time. Buffers past SCRATCH_KEEP bytes are freed by the
-   caller after the call instead (rare, very long prompts on wide layers). */
-#define SCRATCH_KEEP ((size_t)16 << 20)
-typedef struct { uint8_t *p; size_t cap; } scratch_buf;
+/* per-thread scratch that persists across calls (the tiles' decoded codes; a call's quantized activations) */
+#include "scratch.h"
 static _Thread_local scratch_buf tls_tiles, tls_acts;
-
-/* at least `bytes` bytes (64-byte aligned) of the buffer, or NULL when memory runs out */
-static uint8_t *scratch_get(scratch_buf *s, size_t bytes) {
-    bytes = (bytes + 63) / 64 * 64;
-    if (bytes <= s->cap) return s->p;
-    free(s->p);
-    s->p = (uint8_t *)aligned_alloc(64, bytes);
-    s->cap = s->p ? bytes : 0;
-    return s->p;
-}
-
-static void scratch_trim(scratch_buf *s) {
-    if (s->cap > SCRATCH_KEEP) { free(s->p); s->p = NULL; s->cap = 0; }
-}
 
 /* The quantized activations: one 32-byte block, one scale and one sum per (row, block of 32 columns), at the same
    index in xq (times 32), d and asum. Row-major (block b of row r at r * nblk + b) for few rows; for many rows
