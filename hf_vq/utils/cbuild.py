@@ -159,7 +159,7 @@ class CLibrary:
         fd, tmp = tempfile.mkstemp(prefix=f".{pointer.stem}.", suffix=".so.tmp", dir=out_dir)
         os.close(fd)
         try:
-            # absolute: the kernels include their own file (__FILE__) to stamp one body per instruction set
+            # absolute, so that compiler messages name the file wherever the build runs
             subprocess.run([cc, *BASE_FLAGS, *flags, str(self.source.resolve()), "-o", tmp, *self.libs], check=True,
                            capture_output=True, timeout=120)
             os.chmod(tmp, 0o700)

@@ -19,7 +19,6 @@
 
    Each instruction-set path is compiled with its own target attribute and chosen at run time from what the CPU
    reports (isa 0), or forced (isa > 0) to test a fallback. */
-#if !defined(AFF_BODY_256) && !defined(AFF_BODY_512)
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -130,12 +129,11 @@ static void tiles_scalar(const aff_args *a, int t0, int t1) {
 
 #if AFF_X86
 /* ------------------------------------------------------------------------------------------ 256-bit paths */
-#define AFF_BODY_256
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define NAME(x) x##_avx2
 #define VNNI 0
-#include __FILE__
+#include "affine_gemm_256.h"
 #undef NAME
 #undef VNNI
 #pragma GCC pop_options
@@ -144,19 +142,16 @@ static void tiles_scalar(const aff_args *a, int t0, int t1) {
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 #define NAME(x) x##_avxvnni
 #define VNNI 1
-#include __FILE__
+#include "affine_gemm_256.h"
 #undef NAME
 #undef VNNI
 #pragma GCC pop_options
-#undef AFF_BODY_256
 
 /* ------------------------------------------------------------------------------------------ 512-bit path */
-#define AFF_BODY_512
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
-#include __FILE__
+#include "affine_gemm_512.h"
 #pragma GCC pop_options
-#undef AFF_BODY_512
 
 static int cpu_has(int isa) {
     __builtin_cpu_init();
@@ -410,232 +405,3 @@ int affine_projection(const void *ctx, const void *x, int bf16, void *y, const f
                        L->gstart, L->G, bias, nthreads, isa);
 }
 
-#elif defined(AFF_BODY_256)
-/* ========================================================================================== 256-bit body
-   (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd). A ymm holds 8 rows: half h of a 16-row tile. */
-
-/* int32 lane sums of <u, s> over groups of 4 bytes; u unsigned (u < 128 for AVX2, or q ^ 0x80 with signed8) */
-INLINE __m256i NAME(dot)(__m256i acc, __m256i u, __m256i s, int signed8) {
-#if VNNI
-    (void)signed8;
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    if (signed8) {   /* maddubs saturates pairs of u8 x s8 products above 32767: run 8-bit codes as q - 128 */
-        s = _mm256_sign_epi8(s, u);
-        u = _mm256_sign_epi8(u, u);
-    }
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-/* M activation rows from m0 against H halves of tile t from half h0 (H = 2: both halves share each broadcast of the
-   activations). AVX2 on 2/4-bit codes sums a block's maddubs pairs in int16 (at most 8 x 2 x 15 x 127 = 30480, exact)
-   and widens once per block. */
-INLINE void NAME(tile)(const aff_args *a, int t, int h0, const int H, int m0, const int M, const int BITS) {
-    const int F = 8 / BITS, COLS = 32 / BITS;
-    const int signed8 = !VNNI && BITS == 8, I16 = !VNNI && BITS < 8, NACC = I16 ? 1 : F;
-    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
-    __m256 acc[2][2];
-    for (int mm = 0; mm < M; mm++)
-        for (int hh = 0; hh < H; hh++) acc[mm][hh] = _mm256_setzero_ps();
-    for (int g = 0; g < a->G; g++) {
-        __m256 gacc[2][2];
-        for (int mm = 0; mm < M; mm++)
-            for (int hh = 0; hh < H; hh++) gacc[mm][hh] = _mm256_setzero_ps();
-        for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
-            const uint8_t *blk = block_codes(a, t, b);
-            if (h0 == 0)
-                for (int c = 0; c < BITS; c++) _mm_prefetch((const char *)(blk + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
-            __m256i iacc[2][2][4];
-            for (int mm = 0; mm < M; mm++)
-                for (int hh = 0; hh < H; hh++)
-                    for (int f = 0; f < NACC; f++) iacc[mm][hh][f] = _mm256_setzero_si256();
-            for (int c = 0; c < BITS; c++) {
-                __m256i w[2];
-                for (int hh = 0; hh < H; hh++)
-                    w[hh] = _mm256_loadu_si256((const __m256i *)(blk + 64 * c + 32 * (h0 + hh)));
-                for (int f = 0; f < F; f++) {
-                    __m256i u[2];
-                    for (int hh = 0; hh < H; hh++) {
-                        if (BITS == 8) u[hh] = VNNI ? w[hh] : _mm256_xor_si256(w[hh], _mm256_set1_epi8((char)0x80));
-                        else if (VNNI) u[hh] = _mm256_and_si256(w[hh], _mm256_slli_epi16(mask, BITS * f));   /* c << (BITS f) */
-                        else u[hh] = _mm256_and_si256(_mm256_srli_epi16(w[hh], BITS * f), mask);
-                    }
-                    for (int mm = 0; mm < M; mm++) {
-                        int32_t q4;
-                        memcpy(&q4, a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32 + c * COLS + 4 * f, 4);
-                        const __m256i q = _mm256_set1_epi32(q4);
-                        for (int hh = 0; hh < H; hh++) {
-                            if (I16) iacc[mm][hh][0] = _mm256_add_epi16(iacc[mm][hh][0], _mm256_maddubs_epi16(u[hh], q));
-                            else iacc[mm][hh][f] = NAME(dot)(iacc[mm][hh][f], u[hh], q, signed8);
-                        }
-                    }
-                }
-            }
-            for (int mm = 0; mm < M; mm++) {
-                const __m256 d = _mm256_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
-                for (int hh = 0; hh < H; hh++) {
-                    __m256i isum = I16 ? _mm256_madd_epi16(iacc[mm][hh][0], _mm256_set1_epi16(1)) : iacc[mm][hh][0];
-                    for (int f = 1; f < NACC; f++)   /* VNNI fields were taken in place, as c << (BITS f): exact shifts */
-                        isum = _mm256_add_epi32(isum, VNNI ? _mm256_srai_epi32(iacc[mm][hh][f], BITS * f) : iacc[mm][hh][f]);
-                    gacc[mm][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, gacc[mm][hh]);
-                }
-            }
-        }
-        for (int hh = 0; hh < H; hh++) {
-            const size_t at = ((size_t)t * a->G + g) * TILE + 8 * (h0 + hh);
-            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a->scales + at)));
-            const __m256 sz = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(a->zeros + at)))));
-            for (int mm = 0; mm < M; mm++) {
-                acc[mm][hh] = _mm256_fmadd_ps(gacc[mm][hh], s, acc[mm][hh]);
-                acc[mm][hh] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(a->X[(size_t)(m0 + mm) * a->G + g]), acc[mm][hh]);
-            }
-        }
-    }
-    if (signed8) {   /* <q - 128, a> was computed: add back 128 * s * X over the groups */
-        for (int g = 0; g < a->G; g++)
-            for (int hh = 0; hh < H; hh++) {
-                const size_t at = ((size_t)t * a->G + g) * TILE + 8 * (h0 + hh);
-                const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a->scales + at))),
-                                               _mm256_set1_ps(128.f));
-                for (int mm = 0; mm < M; mm++)
-                    acc[mm][hh] = _mm256_fmadd_ps(s, _mm256_set1_ps(a->X[(size_t)(m0 + mm) * a->G + g]), acc[mm][hh]);
-            }
-    }
-    /* each half stores its 8 rows: store_tile takes 16 lanes, so pad */
-    for (int mm = 0; mm < M; mm++)
-        for (int hh = 0; hh < H; hh++) {
-            float v[TILE] = {0.f};
-            _mm256_storeu_ps(v, acc[mm][hh]);
-            const int r0 = t * TILE + 8 * (h0 + hh);
-            const int cnt = a->n - r0 < 8 ? a->n - r0 : 8;
-            const size_t o = (size_t)(m0 + mm) * a->n + r0;
-            for (int i = 0; i < cnt; i++) {
-                const float y = v[i] + (a->bias ? a->bias[r0 + i] : 0.f);
-                if (a->y_bf16) ((uint16_t *)a->y)[o + i] = f32_to_bf16(y);
-                else ((float *)a->y)[o + i] = y;
-            }
-        }
-}
-
-INLINE void NAME(tiles_bits)(const aff_args *a, int t0, int t1, const int BITS) {
-    for (int t = t0; t < t1; t++) {
-        const int halves = t * TILE + 8 < a->n ? 2 : 1;
-        for (int h = 0; h < halves; h++) {   /* pairs of rows: one half at a time (16 registers) */
-            int m0 = 0;
-            for (; m0 + 2 <= a->m; m0 += 2) NAME(tile)(a, t, h, 1, m0, 2, BITS);
-            if (m0 < a->m && halves == 1) NAME(tile)(a, t, 0, 1, m0, 1, BITS);
-        }
-        if ((a->m & 1) && halves == 2) NAME(tile)(a, t, 0, 2, a->m - 1, 1, BITS);   /* a single row: both halves */
-    }
-}
-
-/* the bit width as a constant, so the field loops unroll */
-static void NAME(tiles)(const aff_args *a, int t0, int t1) {
-    if (a->bits == 2) NAME(tiles_bits)(a, t0, t1, 2);
-    else if (a->bits == 4) NAME(tiles_bits)(a, t0, t1, 4);
-    else NAME(tiles_bits)(a, t0, t1, 8);
-}
-
-#else
-/* ========================================================================================== 512-bit body:
-   a zmm holds the 16 rows of a tile */
-
-/* M activation rows from m0 against T tiles from t (T 16-row tiles side by side). One row (decode): fields are
-   taken in place, as code << (BITS f), one AND each, with an exact shift per block. Several rows: fields are shifted
-   down once (shared by all rows) and summed in one int32 accumulator per row; two tiles share each broadcast of the
-   activations (loads, not arithmetic, bound this loop), so 4 rows x 2 tiles fit the 32 registers. */
-INLINE void tile_512(const aff_args *a, int t, int m0, const int M, const int T, const int BITS) {
-    const int F = 8 / BITS, COLS = 32 / BITS, SHIFTED = M > 1 || T > 1, NACC = SHIFTED ? 1 : F;
-    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
-    __m512 acc[8][2];
-    for (int mm = 0; mm < M; mm++)
-        for (int tt = 0; tt < T; tt++) acc[mm][tt] = _mm512_setzero_ps();
-    for (int g = 0; g < a->G; g++) {
-        __m512 gacc[8][2];
-        for (int mm = 0; mm < M; mm++)
-            for (int tt = 0; tt < T; tt++) gacc[mm][tt] = _mm512_setzero_ps();
-        for (int b = a->gstart[g]; b < a->gstart[g + 1]; b++) {
-            const uint8_t *blk[2];
-            for (int tt = 0; tt < T; tt++) {
-                blk[tt] = block_codes(a, t + tt, b);
-                for (int c = 0; c < BITS; c++)
-                    _mm_prefetch((const char *)(blk[tt] + PREFETCH_AHEAD + 64 * c), _MM_HINT_NTA);
-            }
-            __m512i iacc[8][2][4];
-            for (int mm = 0; mm < M; mm++)
-                for (int tt = 0; tt < T; tt++)
-                    for (int f = 0; f < NACC; f++) iacc[mm][tt][f] = _mm512_setzero_si512();
-            for (int c = 0; c < BITS; c++) {
-                __m512i w[2];
-                for (int tt = 0; tt < T; tt++) w[tt] = _mm512_loadu_si512((const void *)(blk[tt] + 64 * c));
-                for (int f = 0; f < F; f++) {
-                    __m512i u[2];
-                    for (int tt = 0; tt < T; tt++) {
-                        u[tt] = w[tt];
-                        if (BITS < 8)
-                            u[tt] = SHIFTED ? _mm512_and_si512(f ? _mm512_srli_epi16(w[tt], BITS * f) : w[tt], mask)
-                                            : _mm512_and_si512(w[tt], _mm512_slli_epi16(mask, BITS * f));
-                    }
-                    for (int mm = 0; mm < M; mm++) {
-                        int32_t q4;
-                        memcpy(&q4, a->xq + (size_t)(m0 + mm) * a->nblk * 32 + (size_t)b * 32 + c * COLS + 4 * f, 4);
-                        const __m512i q = _mm512_set1_epi32(q4);
-                        for (int tt = 0; tt < T; tt++) {
-                            __m512i *dst = &iacc[mm][tt][SHIFTED ? 0 : f];
-                            *dst = _mm512_dpbusd_epi32(*dst, u[tt], q);
-                        }
-                    }
-                }
-            }
-            for (int mm = 0; mm < M; mm++) {
-                const __m512 d = _mm512_set1_ps(a->d[(size_t)(m0 + mm) * a->nblk + b]);
-                for (int tt = 0; tt < T; tt++) {
-                    __m512i isum = iacc[mm][tt][0];
-                    for (int f = 1; f < NACC; f++)
-                        isum = _mm512_add_epi32(isum, _mm512_srai_epi32(iacc[mm][tt][f], BITS * f));
-                    gacc[mm][tt] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, gacc[mm][tt]);
-                }
-            }
-        }
-        for (int tt = 0; tt < T; tt++) {
-            const size_t at = ((size_t)(t + tt) * a->G + g) * TILE;
-            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->scales + at)));
-            const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->zeros + at)))));
-            for (int mm = 0; mm < M; mm++) {
-                acc[mm][tt] = _mm512_fmadd_ps(gacc[mm][tt], s, acc[mm][tt]);
-                acc[mm][tt] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(a->X[(size_t)(m0 + mm) * a->G + g]), acc[mm][tt]);
-            }
-        }
-    }
-    for (int mm = 0; mm < M; mm++)
-        for (int tt = 0; tt < T; tt++) {
-            float v[TILE];
-            _mm512_storeu_ps(v, acc[mm][tt]);
-            store_tile(a, m0 + mm, (t + tt) * TILE, v);
-        }
-}
-
-INLINE void tiles_512_bits(const aff_args *a, int t0, int t1, const int BITS) {
-    int t = t0;
-    for (; a->m > 1 && t + 2 <= t1; t += 2) {   /* pairs of tiles for several rows */
-        int m0 = 0;
-        for (; m0 + 4 <= a->m; m0 += 4) tile_512(a, t, m0, 4, 2, BITS);
-        if (a->m - m0 >= 2) { tile_512(a, t, m0, 2, 2, BITS); m0 += 2; }
-        if (m0 < a->m) tile_512(a, t, m0, 1, 2, BITS);
-    }
-    for (; t < t1; t++) {
-        int m0 = 0;
-        for (; m0 + 8 <= a->m; m0 += 8) tile_512(a, t, m0, 8, 1, BITS);
-        if (a->m - m0 >= 4) { tile_512(a, t, m0, 4, 1, BITS); m0 += 4; }
-        if (a->m - m0 >= 2) { tile_512(a, t, m0, 2, 1, BITS); m0 += 2; }
-        if (m0 < a->m) tile_512(a, t, m0, 1, 1, BITS);
-    }
-}
-
-static void tiles_avx512(const aff_args *a, int t0, int t1) {
-    if (a->bits == 2) tiles_512_bits(a, t0, t1, 2);
-    else if (a->bits == 4) tiles_512_bits(a, t0, t1, 4);
-    else tiles_512_bits(a, t0, t1, 8);
-}
-#endif
