@@ -182,6 +182,22 @@ static void tiles_scalar(const vq8_args *a, int t0, int t1) {
 }
 
 #if VQ8_X86
+/* 32 int8 codes in column order -> de-interleaved by component (stream e: columns D t + e) */
+__attribute__((target("avx2"), always_inline))
+static inline __m256i vq8_deinterleave(__m256i q, const int D) {
+    if (D == 2) {
+        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    }
+    if (D == 4) {
+        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
+    return q;
+}
+
 /* ------------------------------------------------------------------------------------------ 256-bit paths */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")

@@ -3,21 +3,6 @@
    (included twice: AVX2 with maddubs, AVX-VNNI with dpbusd). A ymm holds 8 rows: half h of a 16-row tile.
    Lookups: KC = 16 (one pshufb), 64 (4 pshufb, 3 blends) or 256 (16 pshufb, 15 blends) table entries. */
 
-/* 32 int8 codes in column order -> de-interleaved by component (stream e: columns D t + e) */
-INLINE __m256i NAME(deinterleave)(__m256i q, const int D) {
-    if (D == 2) {
-        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-    }
-    if (D == 4) {
-        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    }
-    return q;
-}
-
 /* quantize_acts (same rounding: x * (127 / amax), plus +-0.5, truncated), 8 floats at a time */
 INLINE void NAME(quant_block)(const __m256 *v, const int D, int8_t *out, float *dout, int32_t *aout) {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -42,7 +27,7 @@ INLINE void NAME(quant_block)(const __m256 *v, const int D, int8_t *out, float *
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));   /* column order */
-    _mm256_storeu_si256((__m256i *)out, NAME(deinterleave)(p, D));
+    _mm256_storeu_si256((__m256i *)out, vq8_deinterleave(p, D));
     *aout = -128 * _mm_cvtsi128_si32(s4);
     *dout = amax / 127.f;
 }
@@ -82,6 +67,17 @@ static void NAME(quantize)(const void *x, int x_bf16, int r0, int r1, int k, int
 }
 
 /* the KC-entry table lookup of 32 index bytes; T holds KC / 16 subtables, each in both 128-bit lanes */
+/* the codebook byte tables of segment s of tile t, in registers (NS per component); AVX2 multiplies signed codes
+   (maddubs would saturate on c + 128) */
+INLINE void NAME(load_tables)(const vq8_args *a, int t, int s, const int D, const int NS, __m256i T[4][16]) {
+    const uint8_t *tab = seg_tables(a, t, s);
+    for (int e = 0; e < D; e++)
+        for (int j = 0; j < NS; j++) {
+            T[e][j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+            if (!VNNI) T[e][j] = _mm256_xor_si256(T[e][j], _mm256_set1_epi8((char)0x80));
+        }
+}
+
 INLINE __m256i NAME(lookup)(const __m256i *T, __m256i idx, const int KC) {
     if (KC == 16) return _mm256_shuffle_epi8(T[0], idx);
     /* blendv takes bit 7 of each mask byte: index bit 4 + L is moved there by a 16-bit shift (3 - L): bits that
@@ -108,14 +104,8 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
     __m256 acc[4];
     for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_setzero_ps();
     for (int s = 0; s < a->nseg; s++) {
-        const uint8_t *tab = seg_tables(a, t, s);
         __m256i T[4][16];
-        for (int e = 0; e < D; e++)
-            for (int j = 0; j < NS; j++) {
-                T[e][j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
-                /* AVX2 multiplies signed codes (maddubs would saturate on c + 128) */
-                if (!VNNI) T[e][j] = _mm256_xor_si256(T[e][j], _mm256_set1_epi8((char)0x80));
-            }
+        NAME(load_tables)(a, t, s, D, NS, T);
         __m256 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm256_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
@@ -174,13 +164,8 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
 INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int KC, uint8_t *out) {
     const int CH = 8 / D, NS = KC / 16;
     for (int s = 0; s < a->nseg; s++) {
-        const uint8_t *tab = seg_tables(a, t, s);
         __m256i T[4][16];
-        for (int e = 0; e < D; e++)
-            for (int j = 0; j < NS; j++) {
-                T[e][j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
-                if (!VNNI) T[e][j] = _mm256_xor_si256(T[e][j], _mm256_set1_epi8((char)0x80));
-            }
+        NAME(load_tables)(a, t, s, D, NS, T);
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
             const uint8_t *ib = tile_block_idx(a, t, b);
             uint8_t buf[512];

@@ -5,21 +5,6 @@
    256 entries in KC / 16 registers (16-entry subtables in every 128-bit lane). */
 
 #if !VBMI
-/* 32 int8 codes in column order -> de-interleaved by component (stream e: columns D t + e) */
-INLINE __m256i NAME(deinterleave)(__m256i q, const int D) {
-    if (D == 2) {
-        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-    }
-    if (D == 4) {
-        q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                                    0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-        return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    }
-    return q;
-}
-
 /* quantize_acts (the same rounding, as the 256-bit body's quant_block), one block of 32 values in two registers */
 INLINE void NAME(quant_block)(__m512 v0, __m512 v1, const int D, int8_t *out, float *dout, int32_t *aout) {
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -35,7 +20,7 @@ INLINE void NAME(quant_block)(__m512 v0, __m512 v1, const int D, int8_t *out, fl
     const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
     const __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[0])),
                                               _mm512_cvtepi32_epi8(q[1]), 1);   /* column order */
-    _mm256_storeu_si256((__m256i *)out, NAME(deinterleave)(p, D));
+    _mm256_storeu_si256((__m256i *)out, vq8_deinterleave(p, D));
     *aout = -128 * sum;
     *dout = amax / 127.f;
 }
@@ -49,7 +34,7 @@ INLINE void NAME(quant_block4)(const __m512 *v, const int D, int bs, int8_t *out
     for (int j = 0; j < 4; j++) {
         const __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[2 * j])),
                                                   _mm512_cvtepi32_epi8(q[2 * j + 1]), 1);   /* column order */
-        _mm256_storeu_si256((__m256i *)(out + (size_t)32 * bs * j), NAME(deinterleave)(p, D));
+        _mm256_storeu_si256((__m256i *)(out + (size_t)32 * bs * j), vq8_deinterleave(p, D));
         aout[(size_t)bs * j] = -128 * sum[j];
         dout[(size_t)bs * j] = dv[j];
     }
@@ -122,6 +107,15 @@ INLINE __m512i NAME(unpack6)(const uint8_t *p) {
 }
 #endif
 
+/* the codebook byte tables of segment s of tile t, in registers (NT per component) */
+INLINE void NAME(load_tables)(const vq8_args *a, int t, int s, const int D, const int NT, __m512i T[4][16]) {
+    const uint8_t *tab = seg_tables(a, t, s);
+    for (int e = 0; e < D; e++)
+        for (int j = 0; j < NT; j++)
+            T[e][j] = VBMI ? _mm512_loadu_si512((const void *)(tab + e * a->kp + 64 * j))
+                           : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+}
+
 INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #if VBMI
     if (KC == 64) return _mm512_permutexvar_epi8(idx, T[0]);
@@ -157,12 +151,8 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
     __m512 acc[4];
     for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_setzero_ps();
     for (int s = 0; s < a->nseg; s++) {
-        const uint8_t *tab = seg_tables(a, t, s);
         __m512i T[4][16];
-        for (int e = 0; e < D; e++)
-            for (int j = 0; j < NT; j++)
-                T[e][j] = VBMI ? _mm512_loadu_si512((const void *)(tab + e * a->kp + 64 * j))
-                               : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+        NAME(load_tables)(a, t, s, D, NT, T);
         __m512 gacc[4];
         for (int mm = 0; mm < M; mm++) gacc[mm] = _mm512_setzero_ps();
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
@@ -221,12 +211,8 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
 INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int KC, const int PACKED, uint8_t *out) {
     const int CH = 8 / D, NT = VBMI ? KC / 64 : KC / 16;
     for (int s = 0; s < a->nseg; s++) {
-        const uint8_t *tab = seg_tables(a, t, s);
         __m512i T[4][16];
-        for (int e = 0; e < D; e++)
-            for (int j = 0; j < NT; j++)
-                T[e][j] = VBMI ? _mm512_loadu_si512((const void *)(tab + e * a->kp + 64 * j))
-                               : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
+        NAME(load_tables)(a, t, s, D, NT, T);
         for (int b = a->seg_start[s]; b < a->seg_start[s + 1]; b++) {
             const uint8_t *ib = tile_block_idx(a, t, b);
 #if !VBMI
