@@ -307,16 +307,12 @@ static void quantize_row(const void *x, int x_bf16, int mm, int k, const int32_t
 
 #define PARALLEL_MIN_QUANT 65536   /* activations: below, one thread */
 
-static void quantize_acts(const void *x, int x_bf16, int m, int k, const int32_t *perm, int nblk,
-                          const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int nthreads, int isa) {
-    /* vector code on full blocks for the vector paths (the same numbers as the portable loop) */
+/* rows [r0, r1) of the activations; vector code on full blocks for the vector paths (the same numbers as the
+   portable loop) */
+static void quantize_acts(const void *x, int x_bf16, int r0, int r1, int k, const int32_t *perm, int nblk,
+                          const int32_t *gstart, int G, int8_t *xq, float *d, float *X, int isa) {
     const int fast = isa == ISA_AVX512VNNI ? 2 : (isa == ISA_AVX2 || isa == ISA_AVXVNNI);
-    if (nthreads > 1 && m > 1 && (double)m * k >= PARALLEL_MIN_QUANT) {
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int mm = 0; mm < m; mm++) quantize_row(x, x_bf16, mm, k, perm, nblk, gstart, G, xq, d, X, fast);
-    } else {
-        for (int mm = 0; mm < m; mm++) quantize_row(x, x_bf16, mm, k, perm, nblk, gstart, G, xq, d, X, fast);
-    }
+    for (int mm = r0; mm < r1; mm++) quantize_row(x, x_bf16, mm, k, perm, nblk, gstart, G, xq, d, X, fast);
 }
 
 typedef void (*tiles_fn)(const aff_args *, int, int);
@@ -363,7 +359,6 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     int8_t *xq = heap ? (int8_t *)acts : xq_s;
     float *d = heap ? (float *)(acts + xq_bytes) : d_s;
     float *X = heap ? d + nb : X_s;
-    quantize_acts(x, x_bf16, m, k, perm, nblk, gstart, G, xq, d, X, nthreads, isa);
     aff_args a = {codes, bits, nblk, scales, zeros, gstart, G, xq, d, X, n, m, bias, y, y_bf16};
     tiles_fn fn = tiles_scalar;
 #if AFF_X86
@@ -372,20 +367,33 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
     else if (isa == ISA_AVX512VNNI) fn = tiles_avx512;
 #endif
     /* a small call costs less than waking the OpenMP pool (a second runtime beside torch's): one thread */
-    if (nthreads == 1 || ntiles == 1 || (double)n * k * m < PARALLEL_MIN_MACS) {
+    const int serial = nthreads == 1 || ntiles == 1 || (double)n * k * m < PARALLEL_MIN_MACS;
+    /* many rows: the threads quantize a share of the rows each, in the region that then runs the tiles */
+    const int qpar = !serial && m > 1 && (double)m * k >= PARALLEL_MIN_QUANT;
+    if (!qpar) quantize_acts(x, x_bf16, 0, m, k, perm, nblk, gstart, G, xq, d, X, isa);
+    if (serial) {
         fn(&a, 0, ntiles);
     } else {
         /* a few tiles per task: even shares without a scheduling cost per tile */
-        const int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
+        int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
+        if (m > 1) per += per & 1;   /* whole pairs of tiles: several rows share broadcasts across two tiles */
         const int ntasks = (ntiles + per - 1) / per;
         const size_t tile_codes = (size_t)nblk * 64 * bits, tile_groups = (size_t)G * TILE;
-        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int t = 0; t < ntasks; t++) {
-            const int t0 = t * per, t1 = (t + 1) * per < ntiles ? (t + 1) * per : ntiles;
-            if (t && isa != ISA_SCALAR)   /* a task's first bytes, as the call's (the running prefetch covers the rest) */
-                prefetch_head(codes + t0 * tile_codes, (t1 - t0) * tile_codes, scales + t0 * tile_groups,
-                              (t1 - t0) * tile_groups * 2, zeros + t0 * tile_groups, (t1 - t0) * tile_groups);
-            fn(&a, t0, t1);
+        #pragma omp parallel num_threads(nthreads)
+        {
+            if (qpar) {
+                #pragma omp for schedule(static)
+                for (int mm = 0; mm < m; mm++)
+                    quantize_acts(x, x_bf16, mm, mm + 1, k, perm, nblk, gstart, G, xq, d, X, isa);
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (int t = 0; t < ntasks; t++) {
+                const int t0 = t * per, t1 = (t + 1) * per < ntiles ? (t + 1) * per : ntiles;
+                if (t && isa != ISA_SCALAR)   /* a task's first bytes, as the call's (the running prefetch covers the rest) */
+                    prefetch_head(codes + t0 * tile_codes, (t1 - t0) * tile_codes, scales + t0 * tile_groups,
+                                  (t1 - t0) * tile_groups * 2, zeros + t0 * tile_groups, (t1 - t0) * tile_groups);
+                fn(&a, t0, t1);
+            }
         }
     }
     if (heap) scratch_trim(&tls_acts);
