@@ -186,24 +186,10 @@ int affine_tile_rows(void) { return TILE; }
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 static void quantize_block_avx512(const void *src, int bf16, int8_t *q, float *d, int32_t *sum) {
     __m512 v[2];
-    for (int h = 0; h < 2; h++)
-        v[h] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                          _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + 16 * h))), 16))
-                    : _mm512_loadu_ps((const float *)src + 16 * h);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-    const float id = amax > 0.f ? 127.f / amax : 0.f;
-    __m512i acc = _mm512_setzero_si512();
-    for (int h = 0; h < 2; h++) {
-        const __m512 r = _mm512_mul_ps(v[h], _mm512_set1_ps(id));
-        const __mmask16 pos = _mm512_cmp_ps_mask(r, _mm512_setzero_ps(), _CMP_GE_OQ);
-        const __m512 t = _mm512_add_ps(r, _mm512_mask_blend_ps(pos, _mm512_set1_ps(-0.5f), _mm512_set1_ps(0.5f)));
-        __m512i qi = _mm512_cvttps_epi32(t);
-        qi = _mm512_min_epi32(_mm512_max_epi32(qi, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-        _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(qi));
-        acc = _mm512_add_epi32(acc, qi);
-    }
-    *sum = _mm512_reduce_add_epi32(acc);
-    *d = amax / 127.f;
+    __m512i qi[2];
+    q8_load32_avx512(src, bf16, v);
+    q8_block_avx512(v, qi, d, sum);
+    for (int h = 0; h < 2; h++) _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(qi[h]));
 }
 
 /* four full blocks from src, as four quantize_block_avx512 calls */

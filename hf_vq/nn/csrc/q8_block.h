@@ -31,6 +31,26 @@ static inline void q8_load32_avx512(const void *p, int bf16, __m512 *v) {
     }
 }
 
+/* 16 values times 127 / max|x| (id) -> codes as int32: rounded half away from zero, clamped to [-127, 127] */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline))
+static inline __m512i q8_codes_avx512(__m512 v, __m512 id) {
+    const __m512 r = _mm512_mul_ps(v, id);
+    const __m512 half = _mm512_or_ps(_mm512_and_ps(r, _mm512_set1_ps(-0.f)), _mm512_set1_ps(0.5f));
+    const __m512i t = _mm512_cvttps_epi32(_mm512_add_ps(r, half));
+    return _mm512_min_epi32(_mm512_max_epi32(t, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+}
+
+/* one block in v[0], v[1] -> its codes as int32 in q[0], q[1] (column order), *d, *sum */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline))
+static inline void q8_block_avx512(const __m512 *v, __m512i *q, float *d, int32_t *sum) {
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    q[0] = q8_codes_avx512(v[0], id);
+    q[1] = q8_codes_avx512(v[1], id);
+    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+    *d = amax / 127.f;
+}
+
 /* blocks j = 0..3 in v[2j], v[2j + 1] -> their codes as int32 in q[2j], q[2j + 1] (column order), d[j], sum[j] */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline))
 static inline void q8_block4_avx512(const __m512 *v, __m512i *q, float *d, int32_t *sum) {
@@ -43,12 +63,7 @@ static inline void q8_block4_avx512(const __m512 *v, __m512i *q, float *d, int32
     __m512i sums[4];
     for (int j = 0; j < 4; j++) {
         const __m512 id = _mm512_shuffle_f32x4(id4, id4, 0x55 * j);
-        for (int i = 0; i < 2; i++) {
-            const __m512 r = _mm512_mul_ps(v[2 * j + i], id);
-            const __m512 half = _mm512_or_ps(_mm512_and_ps(r, _mm512_set1_ps(-0.f)), _mm512_set1_ps(0.5f));
-            const __m512i t = _mm512_cvttps_epi32(_mm512_add_ps(r, half));
-            q[2 * j + i] = _mm512_min_epi32(_mm512_max_epi32(t, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-        }
+        for (int i = 0; i < 2; i++) q[2 * j + i] = q8_codes_avx512(v[2 * j + i], id);
         sums[j] = _mm512_add_epi32(q[2 * j], q[2 * j + 1]);
     }
     Q8_REDUCE4(__m512i, _mm512_add_epi32, _mm512_shuffle_i32x4, _mm512_shuffle_epi32, sums);

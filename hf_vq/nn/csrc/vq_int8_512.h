@@ -5,37 +5,30 @@
    256 entries in KC / 16 registers (16-entry subtables in every 128-bit lane). */
 
 #if !VBMI
-/* quantize_acts (the same rounding, as the 256-bit body's quant_block), one block of 32 values in two registers */
-INLINE void NAME(quant_block)(__m512 v0, __m512 v1, const int D, int8_t *out, float *dout, int32_t *aout) {
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const __m512 idv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    const __m512 v[2] = {v0, v1};
-    __m512i q[2];
-    for (int i = 0; i < 2; i++) {
-        const __m512 r = _mm512_mul_ps(v[i], idv);
-        const __m512 h = _mm512_or_ps(_mm512_and_ps(r, _mm512_set1_ps(-0.f)), _mm512_set1_ps(0.5f));
-        q[i] = _mm512_cvttps_epi32(_mm512_add_ps(r, h));
-        q[i] = _mm512_min_epi32(_mm512_max_epi32(q[i], _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-    }
-    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
-    const __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[0])),
-                                              _mm512_cvtepi32_epi8(q[1]), 1);   /* column order */
+/* one block's codes (int32 in q0, q1, csrc/q8_block.h) stored de-interleaved, with -128 times their sum */
+INLINE void NAME(put_block)(__m512i q0, __m512i q1, int32_t sum, const int D, int8_t *out, int32_t *aout) {
+    const __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q0)),
+                                              _mm512_cvtepi32_epi8(q1), 1);   /* column order */
     _mm256_storeu_si256((__m256i *)out, vq8_deinterleave(p, D));
     *aout = -128 * sum;
-    *dout = amax / 127.f;
 }
 
-/* quant_block on 4 blocks at once (csrc/q8_block.h: their max and sum reductions share shuffles) */
+/* quantize_acts (the same rounding, as the 256-bit body's quant_block), one block of 32 values in two registers */
+INLINE void NAME(quant_block)(const __m512 *v, const int D, int8_t *out, float *dout, int32_t *aout) {
+    __m512i q[2];
+    int32_t sum;
+    q8_block_avx512(v, q, dout, &sum);
+    NAME(put_block)(q[0], q[1], sum, D, out, aout);
+}
+
+/* quant_block on 4 blocks at once (their max and sum reductions share shuffles) */
 INLINE void NAME(quant_block4)(const __m512 *v, const int D, int bs, int8_t *out, float *dout, int32_t *aout) {
     __m512i q[8];
     float dv[4];
     int32_t sum[4];
     q8_block4_avx512(v, q, dv, sum);
     for (int j = 0; j < 4; j++) {
-        const __m256i p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(q[2 * j])),
-                                                  _mm512_cvtepi32_epi8(q[2 * j + 1]), 1);   /* column order */
-        _mm256_storeu_si256((__m256i *)(out + (size_t)32 * bs * j), vq8_deinterleave(p, D));
-        aout[(size_t)bs * j] = -128 * sum[j];
+        NAME(put_block)(q[2 * j], q[2 * j + 1], sum[j], D, out + (size_t)32 * bs * j, aout + (size_t)bs * j);
         dout[(size_t)bs * j] = dv[j];
     }
 }
@@ -55,26 +48,19 @@ INLINE void NAME(quantize_d)(const void *x, int x_bf16, int r0, int r1, int k, i
         }
         for (; b < nblk; b++) {
             const int c0 = b * 32;
-            __m512 v0, v1;
+            __m512 v[2];
             if (c0 + 32 <= k) {
-                if (x_bf16) {
-                    const __m512i h = _mm512_loadu_si512((const void *)((const uint16_t *)x + (size_t)mm * k + c0));
-                    v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-                    v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-                } else {
-                    v0 = _mm512_loadu_ps((const float *)x + (size_t)mm * k + c0);
-                    v1 = _mm512_loadu_ps((const float *)x + (size_t)mm * k + c0 + 16);
-                }
+                q8_load32_avx512(xr + (size_t)c0 * es, x_bf16, v);
             } else {   /* the partial last block: zeros beyond k */
                 float tmp[32];
                 for (int j = 0; j < 32; j++)
                     tmp[j] = c0 + j >= k ? 0.f : x_bf16 ? bf16_to_f32(((const uint16_t *)x)[(size_t)mm * k + c0 + j])
                                                         : ((const float *)x)[(size_t)mm * k + c0 + j];
-                v0 = _mm512_loadu_ps(tmp);
-                v1 = _mm512_loadu_ps(tmp + 16);
+                v[0] = _mm512_loadu_ps(tmp);
+                v[1] = _mm512_loadu_ps(tmp + 16);
             }
             const size_t at = rb + (size_t)b * bs;
-            NAME(quant_block)(v0, v1, D, xq + at * 32, d + at, asum + at);
+            NAME(quant_block)(v, D, xq + at * 32, d + at, asum + at);
         }
     }
 }
