@@ -177,3 +177,19 @@ def test_a_changed_local_header_rebuilds_the_library(cache, tmp_path):
     assert CLibrary(src, bind, "header test").load().value() == 1
     (tmp_path / "value.h").write_text("#define VALUE 2\n")   # same .c bytes: only the header changed
     assert CLibrary(src, bind, "header test").load().value() == 2
+
+
+def test_a_changed_header_included_by_an_included_file_rebuilds_the_library(cache, tmp_path):
+    import ctypes
+    (tmp_path / "value.h").write_text("#define VALUE 1\n")
+    (tmp_path / "part.c").write_text('#include "value.h"\nstatic int part(void) { return VALUE; }\n')
+    src = tmp_path / "whole.c"
+    src.write_text('#include "part.c"\nint value(void) { return part(); }\n')
+
+    def bind(lib):
+        lib.value.restype = ctypes.c_int
+        return lib
+
+    assert CLibrary(src, bind, "nested header test").load().value() == 1
+    (tmp_path / "value.h").write_text("#define VALUE 3\n")   # only the file two includes down changed
+    assert CLibrary(src, bind, "nested header test").load().value() == 3

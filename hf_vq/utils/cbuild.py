@@ -126,10 +126,16 @@ class CLibrary:
         self._tried = False
 
     def _key(self, cc: str, flags: list[str]) -> str:
-        src = self.source.read_bytes()
-        # the local headers it includes ("bf16.h") are part of what is built
-        for name in sorted(set(re.findall(rb'^\s*#\s*include\s+"([^"/]+)"', src, re.M))):
-            src += b"\0" + (self.source.parent / name.decode()).read_bytes()
+        # the local files it includes ("bf16.h"), and the ones those include, are part of what is built
+        src, seen, todo = b"", set(), [self.source.name]
+        while todo:
+            name = todo.pop(0)
+            if name in seen:
+                continue
+            seen.add(name)
+            text = (self.source.parent / name).read_bytes()
+            src += b"\0" + text
+            todo += sorted(n.decode() for n in set(re.findall(rb'^\s*#\s*include\s+"([^"/]+)"', text, re.M)))
         return hashlib.sha256(src + "\0".join([cc, *flags, *self.libs, _cpu_tag()]).encode()).hexdigest()[:16]
 
     def _recorded(self, pointer: Path) -> tuple[Path, str] | None:
