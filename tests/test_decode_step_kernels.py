@@ -116,7 +116,10 @@ def reference_attention(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,Hq,Hkv,L,D", [(1, 9, 3, 64, 64), (2, 8, 8, 17, 128), (1, 4, 1, 1, 32), (3, 6, 2, 70, 72)])
+# also: several chunks of 256 positions, more query heads per key/value head than one pass takes (8), a head dim
+# with a tail after its 16-float vectors
+@pytest.mark.parametrize("B,Hq,Hkv,L,D", [(1, 9, 3, 64, 64), (2, 8, 8, 17, 128), (1, 4, 1, 1, 32), (3, 6, 2, 70, 72),
+                                         (1, 20, 2, 600, 72), (2, 16, 1, 300, 128), (1, 2, 1, 513, 8)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_matches_float64(dtype, B, Hq, Hkv, L, D, masked):
     g = torch.Generator().manual_seed(B * Hq * L + D)
@@ -139,6 +142,30 @@ def test_a_row_with_every_key_masked_gives_zeros():
     q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     mask = torch.zeros(1, 1, 1, 5, dtype=torch.bool)
     assert torch.equal(decode_attention(q, k, v, mask, 0.25), torch.zeros(1, 1, 2, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_with_every_key_masked_drop_out_of_the_result(dtype):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 1, 64, generator=g).to(dtype), torch.randn(1, 2, 700, 64, generator=g).to(dtype),
+               torch.randn(1, 2, 700, 64, generator=g).to(dtype))
+    mask = torch.zeros(1, 1, 1, 700, dtype=torch.bool)
+    mask[..., 300:310] = True   # positions of the second chunk of 256 only
+    ref = reference_attention(q, k, v, mask, 0.125)
+    tol = 2.0 ** -8 * ref.abs() + 1e-6 if dtype is torch.bfloat16 else 1e-5 * ref.abs() + 1e-6
+    assert bool(((decode_attention(q, k, v, mask, 0.125).double() - ref).abs() <= tol).all())
+
+
+def test_keys_after_the_last_attended_one_are_not_read():
+    # a static cache: positions past the current one are masked and hold whatever the buffer held (here NaN)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 6, 1, 64, generator=g)
+    k, v = torch.full((1, 2, 300, 64), float("nan")), torch.full((1, 2, 300, 64), float("nan"))
+    k[:, :, :40], v[:, :, :40] = torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g)
+    mask = torch.zeros(1, 1, 1, 300, dtype=torch.bool)
+    mask[..., :40] = True
+    ref = reference_attention(q, k[:, :, :40], v[:, :, :40], None, 0.125)
+    assert bool(((decode_attention(q, k, v, mask, 0.125).double() - ref).abs() <= 1e-5 * ref.abs() + 1e-6).all())
 
 
 def test_two_threads_give_the_one_thread_result():

@@ -2,8 +2,10 @@
 the KV cache, grouped-query heads reading their key/value head in place, an optional boolean mask.
 
 On a decode token torch's scaled_dot_product_attention spends most of each call on setup (about 20 us per layer
-for a 64-key bf16 cache, growing with the cache); this kernel reads each key and value row once per head.
-Serves bf16 and fp32 with the head dimension contiguous.
+for a 64-key bf16 cache, growing with the cache). This kernel reads each key and value row once for all the query
+heads that share it, in 16-float vectors, splits long caches into chunks of 256 positions that threads share, and
+stops at the last key the mask lets any row attend to (a static cache's unused tail costs nothing). Serves bf16 and
+fp32 with the head dimension contiguous.
 """
 
 from __future__ import annotations
