@@ -363,6 +363,9 @@ int affine_gemm(const void *x, int x_bf16, int m, int k, const int32_t *perm, vo
         /* a few tiles per task: even shares without a scheduling cost per tile */
         int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
         if (m > 1) per += per & 1;   /* whole pairs of tiles: several rows share broadcasts across two tiles */
+        /* one row (decode): one run of tiles per thread, each read as one stream (a SmolLM2 token at 2 threads:
+           5-10% faster than in small tasks) */
+        else per = (ntiles + nthreads - 1) / nthreads;
         const int ntasks = (ntiles + per - 1) / per;
         const size_t tile_codes = (size_t)nblk * 64 * bits, tile_groups = (size_t)G * TILE;
         #pragma omp parallel num_threads(nthreads)

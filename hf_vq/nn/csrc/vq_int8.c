@@ -394,6 +394,7 @@ int vq8_gemm_layer(const vq8_layer *L, const void *x, int bf16, int m, void *y, 
         /* a few tiles per task: even shares without a scheduling cost per tile */
         int per = ntiles / (4 * nthreads) > 1 ? ntiles / (4 * nthreads) : 1;
         if (grouped && per % 2) per++;   /* the many-row path takes tiles in pairs */
+        if (m == 1) per = (ntiles + nthreads - 1) / nthreads;   /* as affine_gemm.c: one run of tiles per thread */
         const int ntasks = (ntiles + per - 1) / per;
         /* many rows (prefill): the threads quantize a share of the rows each first (fewer are not worth the
            barrier between the two loops) */
