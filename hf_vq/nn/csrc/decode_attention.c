@@ -119,11 +119,14 @@ void chunk_heads(const da_args *a, int b, int g, int h0, int R, int l0, int l1, 
         for (int j = 0; j < nv; j++) kv[j] = vload(a->k, ko + 16 * j, bf16);
         for (int r = 0; r < R; r++) {
             if (!attends(a, b, h0 + r, l0 + i)) { sc[r][i] = -INFINITY; continue; }
-            v16f s, qj;
-            memcpy(&s, q[r], sizeof s);
-            s *= kv[0];
-            for (int j = 1; j < nv; j++) { memcpy(&qj, q[r] + 16 * j, sizeof qj); s += qj * kv[j]; }
-            float t = nv ? hsum(s) : 0.0f;
+            float t = 0.0f;
+            if (nv) {
+                v16f s, qj;
+                memcpy(&s, q[r], sizeof s);
+                s *= kv[0];
+                for (int j = 1; j < nv; j++) { memcpy(&qj, q[r] + 16 * j, sizeof qj); s += qj * kv[j]; }
+                t = hsum(s);
+            }
             for (int d = 16 * nv; d < 16 * nv + tail; d++) t += q[r][d] * sload(a->k, ko + d, bf16);
             t *= a->scale;
             sc[r][i] = t;
