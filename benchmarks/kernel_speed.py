@@ -7,7 +7,10 @@ Decode (M=1) is cold-cache, like real decoding: each call uses another copy of t
 weights in rotation, so every call streams from DRAM). GB/s counts the bytes the kernel reads: its packed weight
 layout (affine: codes, scales, zero-points; GPTVQ: its tile records of scales, codebooks and indices); "% BW"
 divides that by the read bandwidth measured at the same thread count (torch.sum over a 1 GiB fp32 tensor, best of
-3). Prefill (M=512) is cache-hot and compute bound: tokens/s, and the ratio to torch's bf16 GEMM on the same
+3). That reference reads one long stream; a small layer's bytes cannot be read that fast (each call starts its
+stream cold), so "% plain read" compares the C call with a plain read (no arithmetic, the same prefetch) of the
+same number of bytes from the same kind of rotation, split across the threads as one row is, measured right after
+the row (`benchmarks/read_stream.c`). Prefill (M=512) is cache-hot and compute bound: tokens/s, and the ratio to torch's bf16 GEMM on the same
 shape. Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
 
 Native rows have two decode columns:
@@ -24,9 +27,11 @@ timed the same way: torch's ``F.linear`` against the native dense kernel, decode
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,7 @@ from hf_vq.nn import kernel_native_layer
 from hf_vq.nn import kernel_native_vq as native_vq
 from hf_vq.nn import kernel_torch_int4
 from hf_vq.nn.vqlinear import VQLinear
+from hf_vq.utils.cbuild import CLibrary
 
 
 def bench(fn, n_iter, repeats=3):
@@ -56,6 +62,28 @@ def c_call(projections: list, x: torch.Tensor, n: int, repeats=3) -> float:
     """Seconds per one-row call through the projection ABI, timed in C over the rotation of copies."""
     kernel_native_layer.time_projection(projections[:1], x, n, 1)
     return min(kernel_native_layer.time_projection(projections, x, n, len(projections)) for _ in range(repeats))
+
+
+def _bind_read(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.read_stream.restype = ctypes.c_longlong
+    lib.read_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+READ = CLibrary(Path(__file__).with_name("read_stream.c"), _bind_read, "read benchmark")
+
+
+def plain_read(size: int, pool: int, repeats=3) -> float | None:
+    """Seconds to read ``size`` bytes from memory as one call of a layer of that size does: a plain read (no
+    arithmetic) of another of more than ``pool`` MB of copies each time, split across the threads like one row."""
+    lib = READ.load()
+    if lib is None:
+        return None
+    copies = max(2, int(pool * 1e6 / size))
+    bufs = torch.ones(copies, size, dtype=torch.uint8)
+    ptrs = (ctypes.c_void_p * copies)(*[bufs[i].data_ptr() for i in range(copies)])
+    lib.read_stream(ptrs, 1, size, 1, torch.get_num_threads())
+    return min(lib.read_stream(ptrs, copies, size, copies, torch.get_num_threads()) for _ in range(repeats)) / 1e9 / copies
 
 
 def random_vq(n: int, k: int, seed=0) -> VQWeight:
@@ -105,9 +133,9 @@ def main(argv=None):
         bw = read_bandwidth()
         print(f"\n{threads} thread(s), read bandwidth {bw:.1f} GB/s; {args.bits}-bit symmetric codes; decode: C call "
               "(as the decoder layer step calls it) and Python call (run() on one layer)\n")
-        print("| shape (out x in) | group | kernel | C call us | GB/s | % BW | Python call us | GB/s | % BW "
-              "| prefill tok/s | prefill x dense bf16 |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| shape (out x in) | group | kernel | C call us | GB/s | % BW | % plain read | Python call us | GB/s "
+              "| % BW | prefill tok/s | prefill x dense bf16 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for shape in args.shapes.split(","):
             n, k = map(int, shape.split("x"))
             x1 = torch.randn(1, k).bfloat16()
@@ -144,9 +172,9 @@ def main(argv=None):
                     if dtype == torch.bfloat16:
                         dense_tp = tp
                     del ws
-                print_rows(f"{n}x{k}", str(group), rows, bw, args.prefill, dense_tp)
+                print_rows(f"{n}x{k}", str(group), rows, bw, args.prefill, dense_tp, args.pool)
             print_rows(f"{n}x{k}", "GPTVQ 2D, 6-bit index", vq_rows(n, k, vq_isas, args.pool, x1, xp), bw,
-                       args.prefill, dense_tp)
+                       args.prefill, dense_tp, args.pool)
         for shape in filter(None, args.dense_shapes.split(",")):
             dense_rows(shape, args.pool, bw)
 
@@ -172,14 +200,19 @@ def vq_rows(n: int, k: int, isas: list[str], pool: int, x1: torch.Tensor, xp: to
     return rows
 
 
-def print_rows(shape: str, group: str, rows: list[tuple], bw: float, prefill: int, dense_tp: float) -> None:
-    """One table line per (name, C call s or None, Python call s, bytes read, prefill s or None); the prefill
+def print_rows(shape: str, group: str, rows: list[tuple], bw: float, prefill: int, dense_tp: float,
+               pool: int) -> None:
+    """One table line per (name, C call s or None, Python call s, bytes read, prefill s or None); the C call also
+    as a share of the speed of a plain read of its bytes (measured for each row, right after it); the prefill
     speed also as a ratio to torch's bf16 GEMM on this shape (``dense_tp`` seconds)."""
     for name, tc, t, size, tp in rows:
         cols = []
         for sec in (tc, t):
             cols += ["-"] * 3 if sec is None else [f"{sec * 1e6:.1f}", f"{size / sec / 1e9:.1f}",
                                                    f"{100 * size / sec / 1e9 / bw:.0f}%"]
+            if sec is tc:
+                tr = plain_read(size, pool) if tc is not None else None
+                cols.append(f"{100 * tr / tc:.0f}%" if tr else "-")
         pre = f"{prefill / tp:,.0f} | {dense_tp / tp:.2f}" if tp else "- | -"
         print(f"| {shape} | {group} | {name} | {' | '.join(cols)} | {pre} |", flush=True)
 
@@ -197,8 +230,8 @@ def dense_rows(shape: str, pool: int, bw: float) -> None:
                 lambda i: kernel_native_dense.run(ws[i % copies], x, None), copies)))
         for name, t in rows:
             gbs = size / t / 1e9
-            print(f"| {n}x{k} | - | {name} | - | - | - | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | - | - |",
-                  flush=True)
+            print(f"| {n}x{k} | - | {name} | - | - | - | - | {t * 1e6:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | - "
+                  "| - |", flush=True)
         del ws
 
 
