@@ -97,6 +97,21 @@ INLINE __m256i NAME(lookup)(const __m256i *T, __m256i idx, const int KC) {
     return r[0];
 }
 
+/* the end of segment s for M rows of half h of tile t: their block sums times the segment's scales, into acc */
+INLINE void NAME(end_segment)(const vq8_args *a, int t, int h, int s, const __m256 *gacc, __m256 *acc, const int M) {
+    const __m256 sc = _mm256_loadu_ps(tile_scales(a, t, s) + 8 * h);
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_fmadd_ps(gacc[mm], sc, acc[mm]);
+}
+
+/* M rows from m0 of half h of tile t, from their accumulators to y */
+INLINE void NAME(store_half)(const vq8_args *a, int t, int h, int m0, const __m256 *acc, const int M) {
+    for (int mm = 0; mm < M; mm++) {
+        float v[8];
+        _mm256_storeu_ps(v, acc[mm]);
+        store_rows(a, m0 + mm, t, 8 * h, 8, v);
+    }
+}
+
 /* one tile half, M activation rows from m0 */
 INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, const int D, const int KC) {
     const int CH = 8 / D, SL = 32 / D, NS = KC / 16;
@@ -148,14 +163,9 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int h, int m0, const int M, con
                 gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dv, gacc[mm]);
             }
         }
-        const __m256 sc = _mm256_loadu_ps(tile_scales(a, t, s) + 8 * h);
-        for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_fmadd_ps(gacc[mm], sc, acc[mm]);
+        NAME(end_segment)(a, t, h, s, gacc, acc, M);
     }
-    for (int mm = 0; mm < M; mm++) {
-        float v[8];
-        _mm256_storeu_ps(v, acc[mm]);
-        store_rows(a, m0 + mm, t, 8 * h, 8, v);
-    }
+    NAME(store_half)(a, t, h, m0, acc, M);
 }
 
 /* tile t's codes (VNNI: c + 128; AVX2: c) in the layout the row loop multiplies: per block of 32 columns 8 vectors of
@@ -219,14 +229,9 @@ INLINE void NAME(rows)(const vq8_args *a, int t, int h, const uint8_t *w, int m0
                 gacc[mm] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[mm]), dv, gacc[mm]);
             }
         }
-        const __m256 sc = _mm256_loadu_ps(tile_scales(a, t, s) + 8 * h);
-        for (int mm = 0; mm < M; mm++) acc[mm] = _mm256_fmadd_ps(gacc[mm], sc, acc[mm]);
+        NAME(end_segment)(a, t, h, s, gacc, acc, M);
     }
-    for (int mm = 0; mm < M; mm++) {
-        float v[8];
-        _mm256_storeu_ps(v, acc[mm]);
-        store_rows(a, m0 + mm, t, 8 * h, 8, v);
-    }
+    NAME(store_half)(a, t, h, m0, acc, M);
 }
 
 /* every activation row against tile t, decoded at w */

@@ -127,6 +127,21 @@ INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #endif
 }
 
+/* the end of segment s for M rows of tile t: their block sums times the segment's scales, into acc */
+INLINE void NAME(end_segment)(const vq8_args *a, int t, int s, const __m512 *gacc, __m512 *acc, const int M) {
+    const __m512 sc = _mm512_loadu_ps(tile_scales(a, t, s));
+    for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_fmadd_ps(gacc[mm], sc, acc[mm]);
+}
+
+/* M rows from m0 of tile t, from their accumulators to y */
+INLINE void NAME(store_tile)(const vq8_args *a, int t, int m0, const __m512 *acc, const int M) {
+    for (int mm = 0; mm < M; mm++) {
+        float v[TILE];
+        _mm512_storeu_ps(v, acc[mm]);
+        store_rows(a, m0 + mm, t, 0, TILE, v);
+    }
+}
+
 /* M activation rows from m0 against tile t, looking its codes up per block (few rows); its indices from the record
    (packed when PACKED), or from `unpacked` (the tile's indices in the byte layout, when not NULL) */
 INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int D, const int KC, const int PACKED,
@@ -181,14 +196,9 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
                 gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dv, gacc[mm]);
             }
         }
-        const __m512 sc = _mm512_loadu_ps(tile_scales(a, t, s));
-        for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_fmadd_ps(gacc[mm], sc, acc[mm]);
+        NAME(end_segment)(a, t, s, gacc, acc, M);
     }
-    for (int mm = 0; mm < M; mm++) {
-        float v[TILE];
-        _mm512_storeu_ps(v, acc[mm]);
-        store_rows(a, m0 + mm, t, 0, TILE, v);
-    }
+    NAME(store_tile)(a, t, m0, acc, M);
 }
 
 /* tile t's codes (c + 128) in the layout the row loop multiplies: per block of 32 columns 8 vectors of 64 bytes,
@@ -248,14 +258,9 @@ INLINE void NAME(rows)(const vq8_args *a, int t, const uint8_t *w, int m0, const
                 gacc[mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[mm]), dv, gacc[mm]);
             }
         }
-        const __m512 sc = _mm512_loadu_ps(tile_scales(a, t, s));
-        for (int mm = 0; mm < M; mm++) acc[mm] = _mm512_fmadd_ps(gacc[mm], sc, acc[mm]);
+        NAME(end_segment)(a, t, s, gacc, acc, M);
     }
-    for (int mm = 0; mm < M; mm++) {
-        float v[TILE];
-        _mm512_storeu_ps(v, acc[mm]);
-        store_rows(a, m0 + mm, t, 0, TILE, v);
-    }
+    NAME(store_tile)(a, t, m0, acc, M);
 }
 
 /* 4 rows from m0 (a multiple of 4) against tiles t and t + 1, decoded at w and w + wstride: each broadcast of 4
@@ -292,17 +297,9 @@ INLINE void NAME(rows2)(const vq8_args *a, int t, const uint8_t *w, size_t wstri
                 for (int i = 0; i < 2; i++) gacc[i][mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][mm]), dv, gacc[i][mm]);
             }
         }
-        for (int i = 0; i < 2; i++) {
-            const __m512 sc = _mm512_loadu_ps(tile_scales(a, t + i, s));
-            for (int mm = 0; mm < 4; mm++) acc[i][mm] = _mm512_fmadd_ps(gacc[i][mm], sc, acc[i][mm]);
-        }
+        for (int i = 0; i < 2; i++) NAME(end_segment)(a, t + i, s, gacc[i], acc[i], 4);
     }
-    for (int i = 0; i < 2; i++)
-        for (int mm = 0; mm < 4; mm++) {
-            float v[TILE];
-            _mm512_storeu_ps(v, acc[i][mm]);
-            store_rows(a, m0 + mm, t + i, 0, TILE, v);
-        }
+    for (int i = 0; i < 2; i++) NAME(store_tile)(a, t + i, m0, acc[i], 4);
 }
 
 /* every activation row against tile t, decoded at w */
