@@ -156,6 +156,16 @@ def test_chunks_with_every_key_masked_drop_out_of_the_result(dtype):
     assert bool(((decode_attention(q, k, v, mask, 0.125).double() - ref).abs() <= tol).all())
 
 
+def test_a_mask_of_its_own_per_head():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 6, 1, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g),
+               torch.randn(1, 2, 300, 64, generator=g))
+    mask = torch.rand(1, 6, 1, 300, generator=g) > 0.5
+    mask[..., 0] = True
+    ref = reference_attention(q, k, v, mask, 0.125)
+    assert bool(((decode_attention(q, k, v, mask, 0.125).double() - ref).abs() <= 1e-5 * ref.abs() + 1e-6).all())
+
+
 def test_keys_after_the_last_attended_one_are_not_read():
     # a static cache: positions past the current one are masked and hold whatever the buffer held (here NaN)
     g = torch.Generator().manual_seed(6)

@@ -123,70 +123,51 @@ void chunk_heads(const da_args *a, int b, int g, int h0, int R, int l0, int l1, 
         mx[r] = -INFINITY;
     }
     const int n = l1 - l0;
-    int i0 = 0;
-    if (nv) {   /* 16 positions at a time: their dot products summed across lanes together */
-        v16f mxv[HEADS];
-        for (int r = 0; r < R; r++) mxv[r] = (v16f){0} - INFINITY;
-        for (; i0 + 16 <= n; i0 += 16) {
-            v16f P[HEADS][16];
-            float tl[HEADS][16];
-            for (int j = 0; j < 16; j++) {
-                const long long ko = b * a->ksb + g * a->ksh + (long long)(l0 + i0 + j) * a->ksl;
-                v16f kv[MAX_D / 16];
-                for (int v = 0; v < nv; v++) kv[v] = vload(a->k, ko + 16 * v, bf16);
-                for (int r = 0; r < R; r++) {
-                    v16f s, qv;
-                    memcpy(&s, q[r], sizeof s);
-                    s *= kv[0];
-                    for (int v = 1; v < nv; v++) { memcpy(&qv, q[r] + 16 * v, sizeof qv); s += qv * kv[v]; }
-                    P[r][j] = s;
-                    float t = 0.0f;
-                    for (int d = 16 * nv; d < 16 * nv + tail; d++) t += q[r][d] * sload(a->k, ko + d, bf16);
-                    tl[r][j] = t;
-                }
+    /* 16 positions at a time: their dot products summed across lanes together; lanes past n score -inf */
+    v16f mxv[HEADS];
+    for (int r = 0; r < R; r++) mxv[r] = (v16f){0} - INFINITY;
+    for (int i0 = 0; i0 < n; i0 += 16) {   /* CHUNK is a multiple of 16: sc holds a whole last block */
+        const int cnt = n - i0 < 16 ? n - i0 : 16;
+        v16f P[HEADS][16];
+        float tl[HEADS][16];
+        for (int j = 0; j < 16; j++) {
+            if (j >= cnt) {
+                for (int r = 0; r < R; r++) { P[r][j] = (v16f){0}; tl[r][j] = 0.0f; }
+                continue;
             }
+            const long long ko = b * a->ksb + g * a->ksh + (long long)(l0 + i0 + j) * a->ksl;
+            v16f kv[MAX_D / 16];
+            for (int v = 0; v < nv; v++) kv[v] = vload(a->k, ko + 16 * v, bf16);
             for (int r = 0; r < R; r++) {
-                v16f sv = hsum16(P[r]), t;
-                if (tail) { memcpy(&t, tl[r], sizeof t); sv += t; }
-                sv *= a->scale;
-                if (a->mask) {   /* masked keys (their rows may hold anything): -inf */
-                    v16i m;
-                    for (int j = 0; j < 16; j++) m[j] = attends(a, b, h0 + r, l0 + i0 + j) ? -1 : 0;
-                    sv = vsel(m, sv, (v16f){0} - INFINITY);
-                }
-                memcpy(sc[r] + i0, &sv, sizeof sv);
-                mxv[r] = vsel(sv > mxv[r], sv, mxv[r]);
+                v16f s = {0}, qv;
+                for (int v = 0; v < nv; v++) { memcpy(&qv, q[r] + 16 * v, sizeof qv); s += qv * kv[v]; }
+                P[r][j] = s;
+                float t = 0.0f;
+                for (int d = 16 * nv; d < 16 * nv + tail; d++) t += q[r][d] * sload(a->k, ko + d, bf16);
+                tl[r][j] = t;
             }
         }
-        for (int r = 0; r < R; r++)
-            for (int j = 0; j < 16; j++) if (mxv[r][j] > mx[r]) mx[r] = mxv[r][j];
-    }
-    for (int i = i0; i < n; i++) {
-        int any = 0;
-        for (int r = 0; r < R && !any; r++) any = attends(a, b, h0 + r, l0 + i);
-        if (!any) {
-            for (int r = 0; r < R; r++) sc[r][i] = -INFINITY;
-            continue;
-        }
-        const long long ko = b * a->ksb + g * a->ksh + (long long)(l0 + i) * a->ksl;
-        v16f kv[MAX_D / 16];
-        for (int j = 0; j < nv; j++) kv[j] = vload(a->k, ko + 16 * j, bf16);
+        /* masked keys (their rows may hold anything) and lanes past n score -inf; a mask that broadcasts over
+           heads is read once for all R heads */
+        const int masked = a->mask || cnt < 16, per_head = a->mask && a->msh;
+        v16i keep;
+        if (masked && !per_head)
+            for (int j = 0; j < 16; j++) keep[j] = j < cnt && attends(a, b, h0, l0 + i0 + j) ? -1 : 0;
         for (int r = 0; r < R; r++) {
-            if (!attends(a, b, h0 + r, l0 + i)) { sc[r][i] = -INFINITY; continue; }
-            float t = 0.0f;
-            if (nv) {
-                v16f s, qj;
-                memcpy(&s, q[r], sizeof s);
-                s *= kv[0];
-                for (int j = 1; j < nv; j++) { memcpy(&qj, q[r] + 16 * j, sizeof qj); s += qj * kv[j]; }
-                t = hsum(s);
+            v16f sv = hsum16(P[r]), t;
+            if (tail) { memcpy(&t, tl[r], sizeof t); sv += t; }
+            sv *= a->scale;
+            if (masked) {
+                if (per_head)
+                    for (int j = 0; j < 16; j++) keep[j] = j < cnt && attends(a, b, h0 + r, l0 + i0 + j) ? -1 : 0;
+                sv = vsel(keep, sv, (v16f){0} - INFINITY);
             }
-            for (int d = 16 * nv; d < 16 * nv + tail; d++) t += q[r][d] * sload(a->k, ko + d, bf16);
-            t *= a->scale;
-            sc[r][i] = t;
-            if (t > mx[r]) mx[r] = t;
+            memcpy(sc[r] + i0, &sv, sizeof sv);
+            mxv[r] = vsel(sv > mxv[r], sv, mxv[r]);
         }
     }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 16; j++) if (mxv[r][j] > mx[r]) mx[r] = mxv[r][j];
     /* scores -> exponentials (0 where masked), and their sums */
     float tot[HEADS];
     for (int r = 0; r < R; r++) {
