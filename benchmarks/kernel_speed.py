@@ -71,6 +71,7 @@ def _bind_read(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 READ = CLibrary(Path(__file__).with_name("read_stream.c"), _bind_read, "read benchmark")
+_read_pool: torch.Tensor | None = None
 
 
 def plain_read(size: int, pool: int, repeats=3) -> float | None:
@@ -79,9 +80,11 @@ def plain_read(size: int, pool: int, repeats=3) -> float | None:
     lib = READ.load()
     if lib is None:
         return None
+    global _read_pool
     copies = max(2, int(pool * 1e6 / size))
-    bufs = torch.ones(copies, size, dtype=torch.uint8)
-    ptrs = (ctypes.c_void_p * copies)(*[bufs[i].data_ptr() for i in range(copies)])
+    if _read_pool is None or _read_pool.numel() < copies * size:   # one buffer, filled once, for every row
+        _read_pool = torch.ones(copies * size, dtype=torch.uint8)
+    ptrs = (ctypes.c_void_p * copies)(*[_read_pool.data_ptr() + i * size for i in range(copies)])
     lib.read_stream(ptrs, 1, size, 1, torch.get_num_threads())
     return min(lib.read_stream(ptrs, copies, size, copies, torch.get_num_threads()) for _ in range(repeats)) / 1e9 / copies
 

@@ -10,7 +10,7 @@
    and its unnormalized weighted sum of values; the chunks are then combined. The chunks are fixed, so the result
    does not depend on the number of threads. The arithmetic is in 16-float vectors (GCC vector extensions: one
    AVX-512 register, two AVX2 registers, or scalar code, whatever the build targets), the exponential a
-   Cephes-style polynomial (within 2 ulp of expf). */
+   Cephes-style polynomial; the dot products of 16 keys are summed across lanes together. */
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
