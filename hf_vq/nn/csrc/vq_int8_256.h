@@ -278,16 +278,5 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
     else NAME(tiles_dk)(a, t0, t1, D, 256);
 }
 
-/* vector dimension and table size as constants, so the chunk and component loops unroll */
-static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
-    if (a->grouped) {   /* many rows */
-        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 1024);
-        if (buf) NAME(tiles_many)(a, t0, t1, buf);
-        else *a->oom = 1;
-        return;
-    }
-    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
-    else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
-    else NAME(tiles_d)(a, t0, t1, 4);
-}
+#include "vq_int8_entry.h"
 

@@ -102,6 +102,16 @@ INLINE void NAME(load_tables)(const vq8_args *a, int t, int s, const int D, cons
                            : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tab + e * a->kp + 16 * j)));
 }
 
+/* the 64 index bytes of chunk c of a block's indices at ib (packed 6 bits each when PACKED: VBMI only) */
+INLINE __m512i NAME(chunk_indices)(const uint8_t *ib, int c, const int PACKED) {
+#if VBMI
+    if (PACKED) return NAME(unpack6)(ib + 48 * c);
+#else
+    (void)PACKED;
+#endif
+    return _mm512_loadu_si512((const void *)(ib + 64 * c));
+}
+
 INLINE __m512i NAME(lookup)(const __m512i *T, __m512i idx, const int KC) {
 #if VBMI
     if (KC == 64) return _mm512_permutexvar_epi8(idx, T[0]);
@@ -174,11 +184,7 @@ INLINE void NAME(tile)(const vq8_args *a, int t, int m0, const int M, const int 
                 for (int j = 1; j < NA; j++) iacc[mm][j] = _mm512_setzero_si512();
             }
             for (int c = 0; c < CH; c++) {
-#if VBMI
-                const __m512i idx = PACKED ? NAME(unpack6)(ib + 48 * c) : _mm512_loadu_si512((const void *)(ib + 64 * c));
-#else
-                const __m512i idx = _mm512_loadu_si512((const void *)(ib + 64 * c));
-#endif
+                const __m512i idx = NAME(chunk_indices)(ib, c, PACKED);
                 for (int e = 0; e < D; e++) {
                     const __m512i w = NAME(lookup)(T[e], idx, KC);
                     const int j = (c * D + e) % NA;
@@ -217,11 +223,7 @@ INLINE void NAME(decode_tile)(const vq8_args *a, int t, const int D, const int K
 #endif
             uint8_t *ob = out + (size_t)b * 512;
             for (int c = 0; c < CH; c++) {
-#if VBMI
-                const __m512i idx = PACKED ? NAME(unpack6)(ib + 48 * c) : _mm512_loadu_si512((const void *)(ib + 64 * c));
-#else
-                const __m512i idx = _mm512_loadu_si512((const void *)(ib + 64 * c));
-#endif
+                const __m512i idx = NAME(chunk_indices)(ib, c, PACKED);
                 for (int e = 0; e < D; e++)
                     _mm512_store_si512((void *)(ob + 64 * (e * CH + c)), NAME(lookup)(T[e], idx, KC));
             }
@@ -399,14 +401,4 @@ INLINE void NAME(tiles_d)(const vq8_args *a, int t0, int t1, const int D) {
 #endif
 }
 
-static void NAME(tiles)(const vq8_args *a, int t0, int t1) {
-    if (a->grouped) {   /* many rows */
-        uint8_t *buf = scratch_get(&tls_tiles, (size_t)a->nblk * 1024);
-        if (buf) NAME(tiles_many)(a, t0, t1, buf);
-        else *a->oom = 1;
-        return;
-    }
-    if (a->D == 1) NAME(tiles_d)(a, t0, t1, 1);
-    else if (a->D == 2) NAME(tiles_d)(a, t0, t1, 2);
-    else NAME(tiles_d)(a, t0, t1, 4);
-}
+#include "vq_int8_entry.h"
