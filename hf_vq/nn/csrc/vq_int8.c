@@ -198,6 +198,13 @@ static inline __m256i vq8_deinterleave(__m256i q, const int D) {
     return q;
 }
 
+/* the partial last block of activation row mm from column c0: its columns below k, zeros beyond */
+static void partial_block(const void *x, int x_bf16, int k, int mm, int c0, float *tmp) {
+    for (int j = 0; j < 32; j++)
+        tmp[j] = c0 + j >= k ? 0.f : x_bf16 ? bf16_to_f32(((const uint16_t *)x)[(size_t)mm * k + c0 + j])
+                                            : ((const float *)x)[(size_t)mm * k + c0 + j];
+}
+
 /* ------------------------------------------------------------------------------------------ 256-bit paths */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")

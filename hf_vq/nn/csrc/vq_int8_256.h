@@ -49,9 +49,7 @@ INLINE void NAME(quantize_d)(const void *x, int x_bf16, int r0, int r1, int k, i
                 }
             } else {   /* the partial last block: zeros beyond k */
                 float tmp[32];
-                for (int j = 0; j < 32; j++)
-                    tmp[j] = c0 + j >= k ? 0.f : x_bf16 ? bf16_to_f32(((const uint16_t *)x)[(size_t)mm * k + c0 + j])
-                                                        : ((const float *)x)[(size_t)mm * k + c0 + j];
+                partial_block(x, x_bf16, k, mm, c0, tmp);
                 for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(tmp + 8 * i);
             }
             const size_t at = xq_at(grouped, nblk, mm) + (size_t)b * (grouped ? 8 : 1);
