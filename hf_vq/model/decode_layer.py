@@ -4,8 +4,8 @@ A Llama-family decoder layer on one position computes little: two RMSNorms, the 
 and a gated MLP. Through transformers' modules a decode token still pays for about a dozen module calls per layer,
 each with its checks and dispatch, and on a small model that costs as much as the arithmetic.
 :func:`adopt_decode_layer` gives such a layer a forward that, for a decode step, runs a :class:`LayerPlan` looked up
-once: when every part has a native kernel, the whole layer in two C calls around the cache's own ``update``
-(hf_vq.nn.kernel_native_layer); else the norms', projections' (q/k/v and gate/up joined, hf_vq.nn.shared_input),
+once: when every part has a native kernel, the whole layer in two C calls (hf_vq.nn.kernel_native_layer) around
+the cache append (hf_vq.model.kv_append); else the norms', projections' (q/k/v and gate/up joined, hf_vq.nn.shared_input),
 rotary and attention kernels one call each. Every other call (prefill, batches, gradients, training, compile, hooks,
 arguments it does not know) runs the layer's own forward. As for the attention (hf_vq.model.decode_step), a layer is
 adopted only after its own forward and the decode step give the same output and cache on a test step, checked at
@@ -22,6 +22,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
 from hf_vq.model.decode_step import DecodeStepForward, split_rotated, verify_step
+from hf_vq.model import kv_append
 from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import KernelDispatch, with_mixin
@@ -69,7 +70,8 @@ class DecodeStepLayer(DecodeStepForward):
 
 _MISSING = object()
 
-# keyword arguments of the layer that are not the attention's (the rest go on to cache.update, as transformers does)
+# keyword arguments of the layer that are not the attention's (the rest go on to cache.update and the attention,
+# as transformers passes them)
 _NOT_ATTENTION_KWARGS = frozenset({"hidden_states", "position_embeddings", "attention_mask", "cache",
                                    "past_key_values"})
 
@@ -214,13 +216,21 @@ class LayerPlan:
                 bias = first.bias()
                 if bias is not native.q_bias:
                     native.set_q_bias(bias)
-            q, k, v = kernel_native_layer.pre(native, h, cos, sin)
+            # k and v go straight to the cache where it has room for them (hf_vq.model.kv_append)
+            slot = kv_append.reserve(cache, self.idx, (1, self.hk, 1, self.D), h.dtype, h.device)
+            if slot is not None:
+                q = kernel_native_layer.pre(native, h, cos, sin, slot[1:])
+                keys, values = kv_append.commit(slot)
+            else:
+                q, k, v = kernel_native_layer.pre(native, h, cos, sin)
         else:
+            slot = None
             run, w, eps = self.norm1
             q, k, v = split_rotated(self._run(self.qkv, run(w, h, eps)), self.qkv[1], 1, self.D, self.rope.run, cos,
                                     sin)
         rest = {n: a for n, a in kw.items() if n not in _NOT_ATTENTION_KWARGS}
-        keys, values = cache.update(k, v, self.idx, kwargs=rest)
+        if slot is None:
+            keys, values = kv_append.append_kv(cache, k, v, self.idx, rest)
         mask = kw.get("attention_mask")
         if native is not None:
             out = kernel_native_layer.post(native, h, q, keys, values, mask)

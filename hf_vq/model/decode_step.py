@@ -3,9 +3,10 @@
 A Llama-family attention forward on one position spends most of its time on small ops around its layers: three
 views and transposes, about ten ops of rotary embedding, the interface lookup, a reshape. :func:`adopt_attention`
 gives such a module a forward that, for a decode step, calls its q/k/v projections (one kernel call when they are
-grouped, see hf_vq.nn.shared_input), rotates q and k in one call, updates the cache through the cache's own
-``update``, runs hf_vq's decode attention and its o projection. Every other call (prefill, gradients, training,
-arguments it does not know) runs the module's own forward. A module is adopted only after its own forward and the
+grouped, see hf_vq.nn.shared_input), rotates q and k in one call, appends k and v to the cache
+(hf_vq.model.kv_append: in place for transformers' default cache, else through the cache's ``update``), runs
+hf_vq's decode attention and its o projection. Every other call (prefill, gradients, training, arguments it does not
+know) runs the module's own forward. A module is adopted only after its own forward and the
 decode forward give the same output and the same cache on a test step (checked at its first decode step, so that
 loading prepares nothing), so a variant (q/k norms, partial rotary, another formula) keeps its own forward."""
 
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
+from hf_vq.model.kv_append import append_kv
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import with_mixin
 
@@ -65,7 +67,7 @@ class DecodeStepAttention(DecodeStepForward):
         q, k, v = _rotated_qkv(self, x, B, D, rope, cos, sin)
         rest = {n: a for n, a in kw.items() if n not in ("hidden_states", "position_embeddings", "attention_mask",
                                                           "cache", "past_key_values")}
-        keys, values = cache.update(k, v, self.layer_idx, kwargs=rest)
+        keys, values = append_kv(cache, k, v, self.layer_idx, rest)
         mask = kw.get("attention_mask")
         out = decode_attention(q, keys, values, mask, self.scaling)
         if out is None:

@@ -40,7 +40,7 @@ class _Layer(ctypes.Structure):
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.layer_pre.restype = i
-    lib.layer_pre.argtypes = [p, p, p, p, p, p, i]
+    lib.layer_pre.argtypes = [p, p, p, p, p, p, p, p, ll, i]
     lib.layer_post.restype = i
     lib.layer_post.argtypes = [p, p, p, i, p, ll, ll, p, ll, ll, p, ll, ll, p, i]
     lib.layer_time_projection.restype = ll
@@ -112,16 +112,31 @@ def build(dtype: torch.dtype, hidden: int, D: int, hq: int, hk: int, scale: floa
     return NativeLayer(layer, keep, dtype, hq, hk, D, qkv_n, qkv_starts[2], qkv[0].bias)
 
 
-def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple | None = None):
     """Norm, q/k/v projection and rotation of one position ``h`` [1, 1, hidden] (contiguous; cos/sin: D
-    contiguous values): q [1, hq, 1, D] and k [1, hk, 1, D] rotated, v [1, hk, 1, D]."""
+    contiguous values): q [1, hq, 1, D] and k [1, hk, 1, D] rotated, v [1, hk, 1, D]. With ``kv`` = (key buffer,
+    value buffer, n) [1, hk, >n, D] in ``h``'s dtype (D contiguous, the same strides), k and v are also written at
+    position n of the buffers, and only q is returned."""
     D, hq, hk = st.D, st.hq, st.hk
     y = torch.empty(st.qkv_n, dtype=st.dtype)
     qk = torch.empty(hq + hk, D, dtype=st.dtype)
+    kdst = vdst = None
+    kvsh = 0
+    if kv is not None:
+        kb, vb, n = kv
+        kvsh = kb.stride(1)
+        if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != hk or kb.shape[3] != D
+                or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
+            raise ValueError("native decoder layer kernel: KV buffers of another layout")
+        at = n * kb.stride(2) * kb.element_size()
+        kdst, vdst = kb.data_ptr() + at, vb.data_ptr() + at
     if LIBRARY.load().layer_pre(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                y.data_ptr(), qk.data_ptr(), torch.get_num_threads()) < 0:
+                                y.data_ptr(), qk.data_ptr(), kdst, vdst, kvsh, torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
-    return qk[:hq].view(1, hq, 1, D), qk[hq:].view(1, hk, 1, D), y[st.sv:st.sv + hk * D].view(1, hk, 1, D)
+    q = qk[:hq].view(1, hq, 1, D)
+    if kv is not None:
+        return q
+    return q, qk[hq:].view(1, hk, 1, D), y[st.sv:st.sv + hk * D].view(1, hk, 1, D)
 
 
 def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -2,7 +2,7 @@
    owns the build; hf_vq/model/decode_layer.py decides when it runs):
 
    layer_pre:  x = RMSNorm(h); y = [q | k | v] = x @ W_qkv^T (+ bias); qk = rotary(q), rotary(k)
-   (the caller appends k and v to its KV cache)
+   (k and v written to the caller's KV cache, or left to the caller to append)
    layer_post: a = attention(q, keys, values); h1 = h + a @ W_o^T; x = RMSNorm(h1);
                [g | u] = x @ W_gate_up^T; out = h1 + (silu(g) * u) @ W_down^T
 
@@ -61,9 +61,11 @@ static void silu_mul(const void *g, const void *u, void *out, int n, int bf16) {
     }
 }
 
-/* h [hidden] -> y [q/k/v width] and qk [hq + hk, D] (q's heads, then k's, rotated by cos/sin [D]).
-   Returns 0, or < 0 when a kernel refused. */
-int layer_pre(const dl_layer *L, const void *h, const void *cos, const void *sin, void *y, void *qk, int nthreads) {
+/* h [hidden] -> y [q/k/v width] and qk [hq + hk, D] (q's heads, then k's, rotated by cos/sin [D]); when kdst is
+   not NULL, also the rotated k and the v heads to kdst and vdst (head h at h * kvsh elements: the new position of a
+   KV cache). Returns 0, or < 0 when a kernel refused. */
+int layer_pre(const dl_layer *L, const void *h, const void *cos, const void *sin, void *y, void *qk, void *kdst,
+              void *vdst, long long kvsh, int nthreads) {
     const size_t e = L->bf16 ? 2 : 4;
     void *x = malloc(e * (size_t)L->hidden);
     if (!x) return -1;
@@ -79,8 +81,14 @@ int layer_pre(const dl_layer *L, const void *h, const void *cos, const void *sin
     if (rc < 0) return -1;
     const char *yb = (const char *)y;
     if (rope(yb + e * (size_t)L->sq, L->bf16, 1, L->hq, L->D, 0, L->D, cos, sin, qk) < 0) return -1;
-    if (rope(yb + e * (size_t)L->sk, L->bf16, 1, L->hk, L->D, 0, L->D, cos, sin,
-             (char *)qk + e * (size_t)L->hq * L->D) < 0) return -1;
+    const char *kr = (const char *)qk + e * (size_t)L->hq * L->D;
+    if (rope(yb + e * (size_t)L->sk, L->bf16, 1, L->hk, L->D, 0, L->D, cos, sin, (void *)kr) < 0) return -1;
+    if (kdst)
+        for (int hh = 0; hh < L->hk; hh++) {
+            const size_t row = e * (size_t)L->D;
+            memcpy((char *)kdst + e * (size_t)(hh * kvsh), kr + row * hh, row);
+            memcpy((char *)vdst + e * (size_t)(hh * kvsh), yb + e * (size_t)L->sv + row * hh, row);
+        }
     return 0;
 }
 
