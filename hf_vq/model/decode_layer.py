@@ -5,8 +5,8 @@ and a gated MLP. Through transformers' modules a decode token still pays for abo
 each with its checks and dispatch, and on a small model that costs as much as the arithmetic.
 :func:`adopt_decode_layer` gives such a layer a forward that, for a decode step, runs a :class:`LayerPlan` looked up
 once: when every part has a native kernel, the whole layer in two C calls (hf_vq.nn.kernel_native_layer) around
-the cache append (hf_vq.model.kv_append); else the norms', projections' (q/k/v and gate/up joined, hf_vq.nn.shared_input),
-rotary and attention kernels one call each. Every other call (prefill, batches, gradients, training, compile, hooks,
+the cache append (hf_vq.model.kv_append); else the norms', projections' (q/k/v and gate/up joined,
+hf_vq.nn.shared_input), rotary and attention kernels one call each. Every other call (prefill, batches, gradients, training, compile, hooks,
 arguments it does not know) runs the layer's own forward. As for the attention (hf_vq.model.decode_step), a layer is
 adopted only after its own forward and the decode step give the same output and cache on a test step, checked at
 its first decode step, so a variant (extra norms, another MLP, q/k norms, a scaled residual) keeps its own forward."""
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from hf_vq.model import kv_append
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
 from hf_vq.model.decode_step import DecodeStepForward, split_rotated, verify_step
-from hf_vq.model import kv_append
 from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import KernelDispatch, with_mixin

@@ -6,9 +6,9 @@ gives such a module a forward that, for a decode step, calls its q/k/v projectio
 grouped, see hf_vq.nn.shared_input), rotates q and k in one call, appends k and v to the cache
 (hf_vq.model.kv_append: in place for transformers' default cache, else through the cache's ``update``), runs
 hf_vq's decode attention and its o projection. Every other call (prefill, gradients, training, arguments it does not
-know) runs the module's own forward. A module is adopted only after its own forward and the
-decode forward give the same output and the same cache on a test step (checked at its first decode step, so that
-loading prepares nothing), so a variant (q/k norms, partial rotary, another formula) keeps its own forward."""
+know) runs the module's own forward. A module is adopted only after its own forward and the decode forward give the
+same output and the same cache on a test step (checked at its first decode step, so that loading prepares nothing),
+so a variant (q/k norms, partial rotary, another formula) keeps its own forward."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-# room added when a buffer is (re)made: a quarter of the positions, at least this many (copies stay amortized,
-# memory at most a quarter above the cache's own)
+# room added when a buffer is (re)made: a quarter of the positions, at least this many (the copies stay amortized;
+# the memory is at most a quarter, or this many positions, above the cache's own)
 MIN_ROOM = 128
 
 
