@@ -122,3 +122,34 @@ def test_the_layer_step_writes_k_and_v_into_the_cache(tmp_path, dtype):
         assert a.keys.shape == b.keys.shape == (1, 1, 12, 24)
         for x, y in ((a.keys, b.keys), (a.values, b.values)):
             assert torch.allclose(x.float(), y.float(), rtol=tol, atol=tol * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_call_step_equals_pre_then_post(tmp_path, dtype):
+    from hf_vq.nn import kernel_native_layer
+    model = load(tiny_llama(tmp_path), dtype=dtype, quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    native = model.model.layers[1].hf_vq_plan.native
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(1, 1, 96, generator=g).to(dtype)
+    angles = torch.rand(1, 12, generator=g) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    n = 9
+    kb, vb = (torch.randn(1, 1, n + 5, 24, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(1, 1, 1, n + 1, dtype=torch.bool)
+    mask[..., 2] = False
+    for m in (None, mask):
+        k1, v1 = kb.clone(), vb.clone()
+        got = kernel_native_layer.step(native, h, cos, sin, (k1, v1, n), m)
+        q, k, v = kernel_native_layer.pre(native, h, cos, sin)
+        keys, values = torch.cat([kb[:, :, :n], k], 2), torch.cat([vb[:, :, :n], v], 2)
+        want = kernel_native_layer.post(native, h, q, keys, values, m)
+        assert torch.equal(got, want)
+        assert torch.equal(k1[:, :, :n + 1], keys) and torch.equal(v1[:, :, :n + 1], values)
+        assert torch.equal(k1[:, :, n + 1:], kb[:, :, n + 1:]), "nothing written past position n"
+    k1, v1 = kb.clone(), vb.clone()
+    additive = torch.zeros(1, 1, 1, n + 1, dtype=dtype)
+    assert kernel_native_layer.step(native, h, cos, sin, (k1, v1, n), additive) is None
+    assert torch.equal(k1, kb) and torch.equal(v1, vb), "a refused call writes nothing"

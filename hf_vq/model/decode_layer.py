@@ -216,9 +216,14 @@ class LayerPlan:
                 bias = first.bias()
                 if bias is not native.q_bias:
                     native.set_q_bias(bias)
-            # k and v go straight to the cache where it has room for them (hf_vq.model.kv_append)
+            # k and v go straight to the cache where it has room for them (hf_vq.model.kv_append): then the whole
+            # step is one C call
             slot = kv_append.reserve(cache, self.idx, (1, self.hk, 1, self.D), h.dtype, h.device)
             if slot is not None:
+                out = kernel_native_layer.step(native, h, cos, sin, slot[1:], kw.get("attention_mask"))
+                if out is not None:
+                    kv_append.commit(slot)
+                    return out
                 q = kernel_native_layer.pre(native, h, cos, sin, slot[1:])
                 keys, values = kv_append.commit(slot)
             else:

@@ -41,6 +41,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.layer_pre.restype = i
     lib.layer_pre.argtypes = [p, p, p, p, p, p, p, p, ll, i]
+    lib.layer_step.restype = i
+    lib.layer_step.argtypes = [p, p, p, p, i, p, p, ll, ll, i, p, ll, ll, p, i]
     lib.layer_post.restype = i
     lib.layer_post.argtypes = [p, p, p, i, p, ll, ll, p, ll, ll, p, ll, ll, p, i]
     lib.layer_time_projection.restype = ll
@@ -112,24 +114,41 @@ def build(dtype: torch.dtype, hidden: int, D: int, hq: int, hk: int, scale: floa
     return NativeLayer(layer, keep, dtype, hq, hk, D, qkv_n, qkv_starts[2], qkv[0].bias)
 
 
+def _kv_pointers(st: NativeLayer, kv: tuple) -> tuple[int, int, int, int]:
+    """(key pointer, value pointer, head stride, position stride) of ``kv`` = (key buffer, value buffer, n)
+    [1, hk, > n, D] in the layer's dtype, D contiguous, the same strides."""
+    kb, vb, n = kv
+    if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != st.hk or kb.shape[3] != st.D
+            or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
+        raise ValueError("native decoder layer kernel: KV buffers of another layout")
+    return kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2)
+
+
+def _mask(st: NativeLayer, mask: torch.Tensor | None, length: int) -> tuple | None:
+    """(pointer, head stride, position stride) of a boolean mask broadcastable to [1, hq, 1, length], (None, 0, 0)
+    for no mask, or None for a mask of another form."""
+    if mask is None:
+        return None, 0, 0
+    if (mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[2] != 1
+            or mask.shape[3] != length or mask.shape[1] not in (1, st.hq)):
+        return None
+    return mask.data_ptr(), (mask.stride(1) if mask.shape[1] > 1 else 0), mask.stride(3)
+
+
 def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple | None = None):
     """Norm, q/k/v projection and rotation of one position ``h`` [1, 1, hidden] (contiguous; cos/sin: D
     contiguous values): q [1, hq, 1, D] and k [1, hk, 1, D] rotated, v [1, hk, 1, D]. With ``kv`` = (key buffer,
-    value buffer, n) [1, hk, >n, D] in ``h``'s dtype (D contiguous, the same strides), k and v are also written at
-    position n of the buffers, and only q is returned."""
+    value buffer, n) (see :func:`step`), k and v are also written at position n of the buffers, and only q is
+    returned."""
     D, hq, hk = st.D, st.hq, st.hk
     y = torch.empty(st.qkv_n, dtype=st.dtype)
     qk = torch.empty(hq + hk, D, dtype=st.dtype)
     kdst = vdst = None
     kvsh = 0
     if kv is not None:
-        kb, vb, n = kv
-        kvsh = kb.stride(1)
-        if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != hk or kb.shape[3] != D
-                or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
-            raise ValueError("native decoder layer kernel: KV buffers of another layout")
-        at = n * kb.stride(2) * kb.element_size()
-        kdst, vdst = kb.data_ptr() + at, vb.data_ptr() + at
+        kp, vp, kvsh, kvsl = _kv_pointers(st, kv)
+        at = kv[2] * kvsl * kv[0].element_size()
+        kdst, vdst = kp + at, vp + at
     if LIBRARY.load().layer_pre(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                 y.data_ptr(), qk.data_ptr(), kdst, vdst, kvsh, torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
@@ -149,18 +168,30 @@ def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, 
             or values.stride(-1) != 1 or keys.device.type != "cpu" or values.device.type != "cpu"):
         return None
     length = keys.shape[2]
-    if mask is None:
-        mp, msh, msl = None, 0, 0
-    else:
-        if (mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[2] != 1
-                or mask.shape[3] != length or mask.shape[1] not in (1, st.hq)):
-            return None
-        mp, msh, msl = mask.data_ptr(), (mask.stride(1) if mask.shape[1] > 1 else 0), mask.stride(3)
+    m = _mask(st, mask, length)
+    if m is None:
+        return None
     out = torch.empty(h.shape, dtype=st.dtype)
     ks, vs = keys.stride(), values.stride()
     if LIBRARY.load().layer_post(ctypes.addressof(st.layer), h.data_ptr(), q.data_ptr(), length, keys.data_ptr(),
-                                 ks[1], ks[2], values.data_ptr(), vs[1], vs[2], mp, msh, msl, out.data_ptr(),
+                                 ks[1], ks[2], values.data_ptr(), vs[1], vs[2], *m, out.data_ptr(),
                                  torch.get_num_threads()) < 0:
+        raise RuntimeError("native decoder layer kernel: a projection refused its call")
+    return out
+
+
+def step(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple,
+         mask: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`pre` and :func:`post` in one C call, on KV buffers with room: ``kv`` = (key buffer, value buffer, n)
+    [1, hk, > n, D] in ``h``'s dtype (D contiguous, the same strides); k and v are written at position n and the
+    attention reads positions 0..n. None, before anything is written, for a mask :func:`post` does not take."""
+    m = _mask(st, mask, kv[2] + 1)
+    if m is None:
+        return None
+    kp, vp, kvsh, kvsl = _kv_pointers(st, kv)
+    out = torch.empty(h.shape, dtype=st.dtype)
+    if LIBRARY.load().layer_step(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
+                                 kp, vp, kvsh, kvsl, kv[2], *m, out.data_ptr(), torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
     return out
 

@@ -5,6 +5,7 @@
    (k and v written to the caller's KV cache, or left to the caller to append)
    layer_post: a = attention(q, keys, values); h1 = h + a @ W_o^T; x = RMSNorm(h1);
                [g | u] = x @ W_gate_up^T; out = h1 + (silu(g) * u) @ W_down^T
+   layer_step: both, on a cache with room for k and v
 
    Each intermediate is rounded to the hidden states' dtype where transformers' modules round it (every op's output
    in bf16), so the step computes what the layer's own forward computes. The projections are called through one ABI
@@ -123,6 +124,23 @@ int layer_post(const dl_layer *L, const void *h, const void *q, int len, const v
     if (rc >= 0) add_rows(h1, t, out, H, L->bf16);
     free(buf);
     return rc < 0 ? -1 : 0;
+}
+
+/* The whole step in one call, on a KV cache with room at position n: layer_pre (q/k/v width qkv_n) writing k and v
+   at position n of keys/values (strides kvsh, kvsl for both), then layer_post over positions 0..n. */
+int layer_step(const dl_layer *L, const void *h, const void *cos, const void *sin, int qkv_n, void *keys,
+               void *values, long long kvsh, long long kvsl, int n, const uint8_t *mask, long long msh, long long msl,
+               void *out, int nthreads) {
+    const size_t e = L->bf16 ? 2 : 4;
+    char *buf = (char *)malloc(e * ((size_t)qkv_n + (size_t)(L->hq + L->hk) * L->D));
+    if (!buf) return -1;
+    char *qk = buf + e * (size_t)qkv_n;
+    const size_t at = e * (size_t)n * (size_t)kvsl;
+    int rc = layer_pre(L, h, cos, sin, buf, qk, (char *)keys + at, (char *)values + at, kvsh, nthreads);
+    if (rc >= 0)
+        rc = layer_post(L, h, qk, n + 1, keys, kvsh, kvsl, values, kvsh, kvsl, mask, msh, msl, out, nthreads);
+    free(buf);
+    return rc;
 }
 
 /* Benchmark aid (benchmarks/kernel_speed.py): the wall time in nanoseconds of `count` one-row calls of a projection
