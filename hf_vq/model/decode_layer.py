@@ -1,15 +1,18 @@
-"""Decoder layers whose decode step (one position, batch 1, on CPU) runs in two C calls, or a short list of kernels.
+"""Decoder layers whose decode step (one position, batch 1, on CPU) runs in one or two C calls, or a short list of
+kernels.
 
 A Llama-family decoder layer on one position computes little: two RMSNorms, the attention, two residual additions
 and a gated MLP. Through transformers' modules a decode token still pays for about a dozen module calls per layer,
 each with its checks and dispatch, and on a small model that costs as much as the arithmetic.
 :func:`adopt_decode_layer` gives such a layer a forward that, for a decode step, runs a :class:`LayerPlan` looked up
-once: when every part has a native kernel, the whole layer in two C calls (hf_vq.nn.kernel_native_layer) around
-the cache append (hf_vq.model.kv_append); else the norms', projections' (q/k/v and gate/up joined,
-hf_vq.nn.shared_input), rotary and attention kernels one call each. Every other call (prefill, batches, gradients, training, compile, hooks,
-arguments it does not know) runs the layer's own forward. As for the attention (hf_vq.model.decode_step), a layer is
-adopted only after its own forward and the decode step give the same output and cache on a test step, checked at
-its first decode step, so a variant (extra norms, another MLP, q/k norms, a scaled residual) keeps its own forward."""
+once: when every part has a native kernel, the whole layer in C (hf_vq.nn.kernel_native_layer): one call that
+also writes k and v into the cache where hf_vq.model.kv_append gives it room (transformers' default cache), else
+two calls around the cache's ``update``; without native kernels, the norms', projections' (q/k/v and gate/up
+joined, hf_vq.nn.shared_input), rotary and attention kernels one call each. Every other call (prefill, batches,
+gradients, training, compile, hooks, arguments it does not know) runs the layer's own forward. As for the attention
+(hf_vq.model.decode_step), a layer is adopted only after its own forward and the decode step give the same output
+and cache on a test step, checked at its first decode step, so a variant (extra norms, another MLP, q/k norms, a
+scaled residual) keeps its own forward."""
 
 from __future__ import annotations
 
@@ -118,7 +121,7 @@ class LayerPlan:
         return plan
 
     def _native(self, layer: nn.Module, dtype: torch.dtype) -> kernel_native_layer.NativeLayer | None:
-        """The whole step in two C calls (hf_vq.nn.kernel_native_layer) when every projection's kernel offers the
+        """The whole step in C (hf_vq.nn.kernel_native_layer) when every projection's kernel offers the
         projection ABI, the MLP's activation is SiLU and the biases allow it; else None."""
         chosen = kernel_registry.candidates("decode_layer", "cpu", 1)
         if not chosen or chosen[0].prepare(dtype) is None or type(self.act).__name__ not in ("SiLU", "SiLUActivation"):

@@ -133,7 +133,7 @@ def optimize(model, *, compile: bool | str = False, static_cache: bool = True, w
         call is the warm-up, so its cost shows up front and in the report). The warm-up times the eager and the
         compiled decode step (``eager_ms_per_token``, ``compiled_ms_per_token`` in the report) and keeps the compiled
         one only where it is faster, with one warning otherwise: on CPU hf_vq's eager step runs a Llama-family layer
-        in two C calls, which a compiled graph cannot use, so compiling is usually slower there. ``"always"`` keeps
+        in one or two C calls, which a compiled graph cannot use, so compiling is usually slower there. ``"always"`` keeps
         it compiled regardless. Opt-in: compiling takes tens of seconds.
     static_cache: preallocated KV cache (``generation_config.cache_implementation = "static"``).
     warmup_tokens: tokens the warm-up generates (0: no warm-up, no timing; with ``compile`` the first real call then
