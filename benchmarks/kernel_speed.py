@@ -9,9 +9,9 @@ layout (affine: codes, scales, zero-points; GPTVQ: its tile records of scales, c
 divides that by the read bandwidth measured at the same thread count (torch.sum over a 1 GiB fp32 tensor, best of
 3). That reference reads one long stream; a small layer's bytes cannot be read that fast (each call starts its
 stream cold), so "% plain read" compares the C call with a plain read (no arithmetic, the same prefetch) of the
-same number of bytes from the same kind of rotation, split across the threads as one row is, measured right after
-the row (`benchmarks/read_stream.c`). Prefill (M=512) is cache-hot and compute bound: tokens/s, and the ratio to torch's bf16 GEMM on the same
-shape. Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
+same buffers: the copies the C call just read, each layer's one allocation, in the same order, split across the
+threads as one row is (`benchmarks/read_stream.c`). Prefill (M=512) is cache-hot and compute bound: tokens/s, and
+the ratio to torch's bf16 GEMM on the same shape. Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
 
 Native rows have two decode columns:
 - "C call": the kernel's one-row projection entry point, called from C in a loop (the rotation of copies timed
@@ -71,22 +71,26 @@ def _bind_read(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 READ = CLibrary(Path(__file__).with_name("read_stream.c"), _bind_read, "read benchmark")
-_read_pool: torch.Tensor | None = None
 
 
-def plain_read(size: int, pool: int, repeats=3) -> float | None:
-    """Seconds to read ``size`` bytes from memory as one call of a layer of that size does: a plain read (no
-    arithmetic) of another of more than ``pool`` MB of copies each time, split across the threads like one row."""
+def plain_read(buffers: list[int], span: int, repeats=3) -> float | None:
+    """Seconds to read the ``span`` bytes at each address of ``buffers`` (the copies of a layer that the C call
+    reads, each its one allocation, in the same order) with a plain read (no arithmetic), split across the threads
+    like one row."""
     lib = READ.load()
     if lib is None:
         return None
-    global _read_pool
-    copies = max(2, int(pool * 1e6 / size))
-    if _read_pool is None or _read_pool.numel() < copies * size:   # one buffer, filled once, for every row
-        _read_pool = torch.ones(copies * size, dtype=torch.uint8)
-    ptrs = (ctypes.c_void_p * copies)(*[_read_pool.data_ptr() + i * size for i in range(copies)])
-    lib.read_stream(ptrs, 1, size, 1, torch.get_num_threads())
-    return min(lib.read_stream(ptrs, copies, size, copies, torch.get_num_threads()) for _ in range(repeats)) / 1e9 / copies
+    ptrs = (ctypes.c_void_p * len(buffers))(*buffers)
+    lib.read_stream(ptrs, 1, span, 1, torch.get_num_threads())
+    return min(lib.read_stream(ptrs, len(buffers), span, len(buffers), torch.get_num_threads())
+               for _ in range(repeats)) / 1e9 / len(buffers)
+
+
+def affine_buffers(states: list) -> tuple[list[int], int]:
+    """The one allocation of each prepared affine layer (scales, zero-points, then codes) and its length."""
+    st = states[0]
+    span = st.codes.data_ptr() + st.codes.numel() * st.codes.element_size() - st.scales.data_ptr()
+    return [s.scales.data_ptr() for s in states], span
 
 
 def random_vq(n: int, k: int, seed=0) -> VQWeight:
@@ -152,16 +156,17 @@ def main(argv=None):
                 for isa in isas:
                     os.environ["HF_VQ_NATIVE_ISA"] = isa
                     tc = c_call([native.projection(st) for st in states], x1[0], n)
+                    tr = plain_read(*affine_buffers(states))
                     t = bench(lambda i: native.run(states[i % copies], x1, None), copies)
                     tp = bench(lambda i: native.run(states[0], xp, None), 1)
-                    rows.append((f"native {isa}", tc, t, size, tp))
+                    rows.append((f"native {isa}", tc, tr, t, size, tp))
                 os.environ.pop("HF_VQ_NATIVE_ISA", None)
                 del states
                 if args.bits <= 4:
                     tstates = [kernel_torch_int4.prepare(aw) for _ in range(copies)]
                     if tstates[0] is not None:
                         t = bench(lambda i: kernel_torch_int4.run(tstates[i % copies], x1, None), copies)
-                        rows.append(("torch int4 (bf16)", None, t,
+                        rows.append(("torch int4 (bf16)", None, None, t,
                                      nbytes(tstates[0]["packed"], tstates[0][torch.bfloat16]), None))
                     del tstates
                 w = aw.dequantize()
@@ -171,20 +176,20 @@ def main(argv=None):
                     xd, xpd = x1.to(dtype), xp.to(dtype)
                     t = bench(lambda i: F.linear(xd, ws[i % dcopies]), dcopies)
                     tp = bench(lambda i: F.linear(xpd, ws[0]), 1)
-                    rows.append((f"dense {str(dtype)[6:]}", None, t, nbytes(ws[0]), tp))
+                    rows.append((f"dense {str(dtype)[6:]}", None, None, t, nbytes(ws[0]), tp))
                     if dtype == torch.bfloat16:
                         dense_tp = tp
                     del ws
-                print_rows(f"{n}x{k}", str(group), rows, bw, args.prefill, dense_tp, args.pool)
+                print_rows(f"{n}x{k}", str(group), rows, bw, args.prefill, dense_tp)
             print_rows(f"{n}x{k}", "GPTVQ 2D, 6-bit index", vq_rows(n, k, vq_isas, args.pool, x1, xp), bw,
-                       args.prefill, dense_tp, args.pool)
+                       args.prefill, dense_tp)
         for shape in filter(None, args.dense_shapes.split(",")):
             dense_rows(shape, args.pool, bw)
 
 
 def vq_rows(n: int, k: int, isas: list[str], pool: int, x1: torch.Tensor, xp: torch.Tensor) -> list[tuple]:
     """The native GPTVQ kernel on each of its paths, each on the layout it prepares for that path (packed 6-bit
-    indices where it is AVX512-VBMI): (name, C call s, Python call s, bytes read, prefill s)."""
+    indices where it is AVX512-VBMI): (name, C call s, plain read s, Python call s, bytes read, prefill s)."""
     vq = random_vq(n, k)
     rows = []
     for isa in isas:
@@ -195,27 +200,26 @@ def vq_rows(n: int, k: int, isas: list[str], pool: int, x1: torch.Tensor, xp: to
         size = nbytes(first.data)
         states = [first] + [native_vq.prepare(vq) for _ in range(max(2, int(pool * 1e6 / size)) - 1)]
         tc = c_call([native_vq.projection(st) for st in states], x1[0], n)
+        tr = plain_read([st.data.data_ptr() for st in states], size)
         t = bench(lambda i: native_vq.run(states[i % len(states)], x1, None), len(states))
         tp = bench(lambda i: native_vq.run(states[0], xp, None), 1)
-        rows.append((f"native GPTVQ {isa}" + (", packed indices" if first.packed else ""), tc, t, size, tp))
+        rows.append((f"native GPTVQ {isa}" + (", packed indices" if first.packed else ""), tc, tr, t, size, tp))
         del states
     os.environ.pop("HF_VQ_NATIVE_ISA", None)
     return rows
 
 
-def print_rows(shape: str, group: str, rows: list[tuple], bw: float, prefill: int, dense_tp: float,
-               pool: int) -> None:
-    """One table line per (name, C call s or None, Python call s, bytes read, prefill s or None); the C call also
-    as a share of the speed of a plain read of its bytes (measured for each row, right after it); the prefill
-    speed also as a ratio to torch's bf16 GEMM on this shape (``dense_tp`` seconds)."""
-    for name, tc, t, size, tp in rows:
+def print_rows(shape: str, group: str, rows: list[tuple], bw: float, prefill: int, dense_tp: float) -> None:
+    """One table line per (name, C call s or None, plain read s or None, Python call s, bytes read, prefill s or
+    None); the C call also as a share of the speed of a plain read of the same buffers (measured right after it);
+    the prefill speed also as a ratio to torch's bf16 GEMM on this shape (``dense_tp`` seconds)."""
+    for name, tc, tr, t, size, tp in rows:
         cols = []
         for sec in (tc, t):
             cols += ["-"] * 3 if sec is None else [f"{sec * 1e6:.1f}", f"{size / sec / 1e9:.1f}",
                                                    f"{100 * size / sec / 1e9 / bw:.0f}%"]
             if sec is tc:
-                tr = plain_read(size, pool) if tc is not None else None
-                cols.append(f"{100 * tr / tc:.0f}%" if tr else "-")
+                cols.append(f"{100 * tr / tc:.0f}%" if tc and tr else "-")
         pre = f"{prefill / tp:,.0f} | {dense_tp / tp:.2f}" if tp else "- | -"
         print(f"| {shape} | {group} | {name} | {' | '.join(cols)} | {pre} |", flush=True)
 

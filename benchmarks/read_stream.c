@@ -1,7 +1,7 @@
-/* Benchmark aid (benchmarks/kernel_speed.py): how fast this machine reads a buffer of a layer's size from memory.
+/* Benchmark aid (benchmarks/kernel_speed.py): how fast this machine reads a layer's buffers from memory.
    read_stream returns the wall time in nanoseconds of `count` reads of `bytes` bytes, read i on bufs[i % nbuf]
-   (copies, so that every read streams from DRAM), each read split into nthreads contiguous parts as the kernels
-   split one row, with the kernels' prefetch (non-temporal, 8 KiB ahead). */
+   (the copies of a layer that a kernel reads, so that every read streams from DRAM), each read split into nthreads
+   contiguous parts as the kernels split one row, with the kernels' prefetch (non-temporal, 8 KiB ahead). */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
