@@ -153,3 +153,25 @@ def test_the_one_call_step_equals_pre_then_post(tmp_path, dtype):
     additive = torch.zeros(1, 1, 1, n + 1, dtype=dtype)
     assert kernel_native_layer.step(native, h, cos, sin, (k1, v1, n), additive) is None
     assert torch.equal(k1, kb) and torch.equal(v1, vb), "a refused call writes nothing"
+
+
+def test_a_mask_the_one_call_refuses_still_appends_in_place(tmp_path):
+    model = load(tiny_llama(tmp_path), quantization_config=hf_vq.RTNConfig(bits=4, group_size=32))
+    ids = torch.randint(2, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    plan = model.model.layers[1].hf_vq_plan
+    got = []
+    for mask in (None, torch.zeros(1, 1, 1, 6)):   # an additive mask of zeros: the same attention, other kernels
+        cache = DynamicCache()
+        for i in range(2):
+            cache.update(*(torch.randn(1, 1, 5, 24, generator=torch.Generator().manual_seed(10 * i + j))
+                           for j in range(2)), i)
+        h = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            out = plan.step(h, cache, torch.ones(1, 24), torch.zeros(1, 24), {"attention_mask": mask})
+        assert "hf_vq_kv" in cache.layers[1].__dict__
+        got.append((out, cache.layers[1].keys, cache.layers[1].values))
+    (a, ka, va), (b, kb, vb) = got
+    assert ka.shape == (1, 1, 6, 24) and torch.equal(ka, kb) and torch.equal(va, vb)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(a.abs().max()))

@@ -227,10 +227,9 @@ class LayerPlan:
                 if out is not None:
                     kv_append.commit(slot)
                     return out
-                q = kernel_native_layer.pre(native, h, cos, sin, slot[1:])
-                keys, values = kv_append.commit(slot)
-            else:
-                q, k, v = kernel_native_layer.pre(native, h, cos, sin)
+            q, k, v = kernel_native_layer.pre(native, h, cos, sin)
+            if slot is not None:   # a mask the one call does not take: the separate kernels below
+                keys, values = kv_append.fill(slot, k, v)
         else:
             slot = None
             run, w, eps = self.norm1

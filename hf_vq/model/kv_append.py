@@ -23,6 +23,11 @@ def append_kv(cache, k: torch.Tensor, v: torch.Tensor, idx: int, kwargs: dict) -
     slot = reserve(cache, idx, k.shape, k.dtype, k.device) if v.shape == k.shape and v.dtype is k.dtype else None
     if slot is None:
         return cache.update(k, v, idx, kwargs=kwargs)
+    return fill(slot, k, v)
+
+
+def fill(slot: tuple, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write k and v at the position :func:`reserve` gave, then :func:`commit`."""
     _, kb, vb, n = slot
     kb.narrow(2, n, 1).copy_(k)
     vb.narrow(2, n, 1).copy_(v)

@@ -114,16 +114,6 @@ def build(dtype: torch.dtype, hidden: int, D: int, hq: int, hk: int, scale: floa
     return NativeLayer(layer, keep, dtype, hq, hk, D, qkv_n, qkv_starts[2], qkv[0].bias)
 
 
-def _kv_pointers(st: NativeLayer, kv: tuple) -> tuple[int, int, int, int]:
-    """(key pointer, value pointer, head stride, position stride) of ``kv`` = (key buffer, value buffer, n)
-    [1, hk, > n, D] in the layer's dtype, D contiguous, the same strides."""
-    kb, vb, n = kv
-    if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != st.hk or kb.shape[3] != st.D
-            or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
-        raise ValueError("native decoder layer kernel: KV buffers of another layout")
-    return kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2)
-
-
 def _mask(st: NativeLayer, mask: torch.Tensor | None, length: int) -> tuple | None:
     """(pointer, head stride, position stride) of a boolean mask broadcastable to [1, hq, 1, length], (None, 0, 0)
     for no mask, or None for a mask of another form."""
@@ -135,27 +125,16 @@ def _mask(st: NativeLayer, mask: torch.Tensor | None, length: int) -> tuple | No
     return mask.data_ptr(), (mask.stride(1) if mask.shape[1] > 1 else 0), mask.stride(3)
 
 
-def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple | None = None):
+def pre(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Norm, q/k/v projection and rotation of one position ``h`` [1, 1, hidden] (contiguous; cos/sin: D
-    contiguous values): q [1, hq, 1, D] and k [1, hk, 1, D] rotated, v [1, hk, 1, D]. With ``kv`` = (key buffer,
-    value buffer, n) (see :func:`step`), k and v are also written at position n of the buffers, and only q is
-    returned."""
+    contiguous values): q [1, hq, 1, D] and k [1, hk, 1, D] rotated, v [1, hk, 1, D]."""
     D, hq, hk = st.D, st.hq, st.hk
     y = torch.empty(st.qkv_n, dtype=st.dtype)
     qk = torch.empty(hq + hk, D, dtype=st.dtype)
-    kdst = vdst = None
-    kvsh = 0
-    if kv is not None:
-        kp, vp, kvsh, kvsl = _kv_pointers(st, kv)
-        at = kv[2] * kvsl * kv[0].element_size()
-        kdst, vdst = kp + at, vp + at
     if LIBRARY.load().layer_pre(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                y.data_ptr(), qk.data_ptr(), kdst, vdst, kvsh, torch.get_num_threads()) < 0:
+                                y.data_ptr(), qk.data_ptr(), None, None, 0, torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
-    q = qk[:hq].view(1, hq, 1, D)
-    if kv is not None:
-        return q
-    return q, qk[hq:].view(1, hk, 1, D), y[st.sv:st.sv + hk * D].view(1, hk, 1, D)
+    return qk[:hq].view(1, hq, 1, D), qk[hq:].view(1, hk, 1, D), y[st.sv:st.sv + hk * D].view(1, hk, 1, D)
 
 
 def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -185,13 +164,17 @@ def step(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """:func:`pre` and :func:`post` in one C call, on KV buffers with room: ``kv`` = (key buffer, value buffer, n)
     [1, hk, > n, D] in ``h``'s dtype (D contiguous, the same strides); k and v are written at position n and the
     attention reads positions 0..n. None, before anything is written, for a mask :func:`post` does not take."""
-    m = _mask(st, mask, kv[2] + 1)
+    kb, vb, n = kv
+    m = _mask(st, mask, n + 1)
     if m is None:
         return None
-    kp, vp, kvsh, kvsl = _kv_pointers(st, kv)
+    if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != st.hk or kb.shape[3] != st.D
+            or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
+        raise ValueError("native decoder layer kernel: KV buffers of another layout")
     out = torch.empty(h.shape, dtype=st.dtype)
     if LIBRARY.load().layer_step(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
-                                 kp, vp, kvsh, kvsl, kv[2], *m, out.data_ptr(), torch.get_num_threads()) < 0:
+                                 kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2), n, *m, out.data_ptr(),
+                                 torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
     return out
 
