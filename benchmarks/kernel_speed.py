@@ -11,7 +11,8 @@ divides that by the read bandwidth measured at the same thread count (torch.sum 
 stream cold), so "% plain read" compares the C call with a plain read (no arithmetic, the same prefetch) of the
 same buffers: the copies the C call just read, each layer's one allocation, in the same order, split across the
 threads as one row is (`benchmarks/read_stream.c`). Prefill (M=512) is cache-hot and compute bound: tokens/s, and
-the ratio to torch's bf16 GEMM on the same shape. Each native row runs the instruction-set path in its name (HF_VQ_NATIVE_ISA), where this CPU has it.
+the ratio to torch's bf16 GEMM on the same shape. Each native row runs the instruction-set path in its name
+(HF_VQ_NATIVE_ISA), where this CPU has it.
 
 Native rows have two decode columns:
 - "C call": the kernel's one-row projection entry point, called from C in a loop (the rotation of copies timed
