@@ -256,7 +256,7 @@ def test_a_loaded_model_gets_the_decode_kernels_and_keeps_its_logits(tmp_path):
     assert model.config._attn_implementation == NAME
     assert model.hf_vq_decode_kernels == {"head": "lm_head", "rms_norms": 5, "shared_input_groups": 4,
                                           "decode_attention": True, "decode_step_attention": 2,
-                                          "decode_step_layers": 2}
+                                          "decode_step_layers": 2, "decode_step_stack": 1}
     assert sum(isinstance(m, KernelRMSNorm) for m in model.modules()) == 5   # 2 per layer + the final one
     assert len(groups_of(model)) == 4                                           # q/k/v and gate/up per layer
     assert all(not m._kernel_states.states for g in groups_of(model).values() for m in g.modules), \

@@ -25,7 +25,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from hf_vq.model import kv_append
 from hf_vq.model.attention import NAME, sdpa_with_decode_kernel
-from hf_vq.model.decode_step import DecodeStepForward, split_rotated, verify_step
+from hf_vq.model.decode_step import DecodeStepForward, live, split_rotated, verify_step
 from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.attention import decode_attention, rope_kernel
 from hf_vq.nn.base import KernelDispatch, with_mixin
@@ -146,7 +146,12 @@ class LayerPlan:
 
     def valid(self) -> bool:
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
-        if kernel_registry.epoch() != self.epoch or getenv(ISA_ENV, "auto") != self.isa_env:
+        return self.valid_under(kernel_registry.epoch(), getenv(ISA_ENV, "auto"))
+
+    def valid_under(self, epoch: int, isa_env: str) -> bool:
+        """:meth:`valid` under a kernel selection epoch and ``HF_VQ_NATIVE_ISA`` value the caller read once for
+        several plans."""
+        if epoch != self.epoch or isa_env != self.isa_env:
             return False
         if not all(map(is_, map(dict.get, self.item_dicts, self.item_keys), self.item_values)):
             return False
@@ -156,8 +161,8 @@ class LayerPlan:
         return (impl if impl is not _MISSING else self.attn.config._attn_implementation) == NAME
 
     def hooked(self) -> bool:
-        """Whether a module whose forward the step leaves out has forward hooks (they must run)."""
-        return any(self.hook_dicts)
+        """Whether a module whose forward the step leaves out has forward hooks that would act (they must run)."""
+        return any(map(live, self.hook_dicts))
 
     def _norm(self, norm: nn.Module, dtype: torch.dtype):
         w = norm._parameters.get("weight")
@@ -210,15 +215,19 @@ class LayerPlan:
             return calls[0](x)
         return torch.cat([c(x) for c in calls], dim=-1)
 
+    def refresh_bias(self) -> None:
+        """Point the C step at the joined q/k/v bias the group holds now (it makes a new one when a bias changes)."""
+        first = self.qkv[0][0]
+        if first.has_bias:
+            bias = first.bias()
+            if bias is not self.native.q_bias:
+                self.native.set_q_bias(bias)
+
     def step(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, kw: dict) -> torch.Tensor:
         """The layer's output for one decode position ``h`` [1, 1, hidden]; cos/sin [1, head_dim]."""
         native = self.native
         if native is not None:
-            first = self.qkv[0][0]
-            if first.has_bias:
-                bias = first.bias()
-                if bias is not native.q_bias:
-                    native.set_q_bias(bias)
+            self.refresh_bias()
             # k and v go straight to the cache where it has room for them (hf_vq.model.kv_append): then the whole
             # step is one C call
             slot = kv_append.reserve(cache, self.idx, (1, self.hk, 1, self.D), h.dtype, h.device)

@@ -75,10 +75,36 @@ class DecodeStepAttention(DecodeStepForward):
         return self.o_proj(out.reshape(B, 1, -1)), None
 
 
+def _output_capturing_code():
+    """The code of transformers' output-capturing hook, or None where this transformers has none. transformers
+    installs it for good on the layers (and attention modules) at the first call that asks for hidden states or
+    attentions; it does nothing while no call collects outputs."""
+    try:
+        from transformers.utils.output_capturing import _active_collector, install_output_capuring_hook
+        probe = nn.Module()
+        install_output_capuring_hook(probe, "hidden_states", 0)
+        return _active_collector, next(iter(probe._forward_hooks.values())).__code__
+    except Exception:   # noqa: BLE001  (another transformers: every hook counts)
+        return None
+
+
+_CAPTURING = _output_capturing_code()
+
+
+def live(hooks: dict) -> bool:
+    """Whether the forward hooks in ``hooks`` would act on a call now: transformers' output-capturing hooks act only
+    while a call collects outputs."""
+    if not hooks:
+        return False
+    if _CAPTURING is None or _CAPTURING[0].get() is not None:
+        return True
+    return any(getattr(h, "__code__", None) is not _CAPTURING[1] for h in hooks.values())
+
+
 def unhooked(modules) -> bool:
     """No forward hooks on ``modules`` nor global ones: a step may call their forwards directly."""
     return not (_global_forward_hooks or _global_forward_pre_hooks) and not any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules)
+        live(m._forward_hooks) or m._forward_pre_hooks for m in modules)
 
 
 def _rotated_qkv(attn: nn.Module, x: torch.Tensor, B: int, D: int, rope, cos, sin):

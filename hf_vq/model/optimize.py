@@ -21,6 +21,7 @@ from torch import nn
 
 from hf_vq.model.attention import use_decode_attention
 from hf_vq.model.decode_layer import decode_step_layers
+from hf_vq.model.decode_stack import decode_step_stack
 from hf_vq.model.decode_step import decode_step_attention
 from hf_vq.model.targets import output_head
 from hf_vq.nn.base import KernelDispatch
@@ -84,7 +85,8 @@ def decode_kernels(model: nn.Module) -> dict:
     was done."""
     return {"head": float_head_kernels(model), "rms_norms": norm_kernels(model),
             "shared_input_groups": shared_input_groups(model), "decode_attention": use_decode_attention(model),
-            "decode_step_attention": decode_step_attention(model), "decode_step_layers": decode_step_layers(model)}
+            "decode_step_attention": decode_step_attention(model), "decode_step_layers": decode_step_layers(model),
+            "decode_step_stack": decode_step_stack(model)}
 
 
 def fix_kernels(model: nn.Module) -> dict[str, int]:

@@ -45,6 +45,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.layer_step.argtypes = [p, p, p, p, i, p, p, ll, ll, i, p, ll, ll, p, i]
     lib.layer_post.restype = i
     lib.layer_post.argtypes = [p, p, p, i, p, ll, ll, p, ll, ll, p, ll, ll, p, i]
+    lib.stack_step.restype = i
+    lib.stack_step.argtypes = [p, i, p, p, p, p, p, p, p, p, p, p, i]
     lib.layer_time_projection.restype = ll
     lib.layer_time_projection.argtypes = [p, p, i, i, p, i, p, p, i, i]
     return lib
@@ -174,6 +176,40 @@ def step(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     out = torch.empty(h.shape, dtype=st.dtype)
     if LIBRARY.load().layer_step(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
                                  kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2), n, *m, out.data_ptr(),
+                                 torch.get_num_threads()) < 0:
+        raise RuntimeError("native decoder layer kernel: a projection refused its call")
+    return out
+
+
+class NativeStack:
+    """The C contexts of a model's layers in order, for :func:`stack`, with the per-layer argument arrays that
+    stay put between tokens (the KV buffers' pointers and positions are written into them at each call). It points
+    into the layers' :class:`NativeLayer` without holding them (their memory goes when their plans let go of them):
+    the caller passes it only with those layers alive."""
+
+    def __init__(self, layers: list[NativeLayer]):
+        nl = len(layers)
+        self.heads = [(st.hk, st.D) for st in layers]
+        self.dtype = layers[0].dtype
+        self.ptrs = (ctypes.c_void_p * nl)(*[ctypes.addressof(st.layer) for st in layers])
+        self.qkv_n = (ctypes.c_int32 * nl)(*[st.qkv_n for st in layers])
+        self.keys, self.values = (ctypes.c_void_p * nl)(), (ctypes.c_void_p * nl)()
+        self.kvsh, self.kvsl = (ctypes.c_longlong * nl)(), (ctypes.c_longlong * nl)()
+        self.n = (ctypes.c_int32 * nl)()
+
+
+def stack(st: NativeStack, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kvs: list[tuple]) -> torch.Tensor:
+    """:func:`step` of every layer of ``st`` in turn, in one C call, without a mask: ``kvs[i]`` = (key buffer,
+    value buffer, n) of layer i, as :func:`step` takes them. The last layer's output [1, 1, hidden]."""
+    for i, ((kb, vb, n), (hk, D)) in enumerate(zip(kvs, st.heads, strict=True)):
+        if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != hk or kb.shape[3] != D
+                or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
+            raise ValueError("native decoder layer kernel: KV buffers of another layout")
+        st.keys[i], st.values[i], st.kvsh[i], st.kvsl[i], st.n[i] = (kb.data_ptr(), vb.data_ptr(), kb.stride(1),
+                                                                    kb.stride(2), n)
+    out = torch.empty(h.shape, dtype=st.dtype)
+    if LIBRARY.load().stack_step(st.ptrs, len(st.heads), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
+                                 st.keys, st.values, st.kvsh, st.kvsl, st.n, out.data_ptr(),
                                  torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
     return out

@@ -6,6 +6,7 @@
    layer_post: a = attention(q, keys, values); h1 = h + a @ W_o^T; x = RMSNorm(h1);
                [g | u] = x @ W_gate_up^T; out = h1 + (silu(g) * u) @ W_down^T
    layer_step: both, on a cache with room for k and v
+   stack_step: layer_step of every layer of a model in turn (one call per decode token)
 
    Each intermediate is rounded to the hidden states' dtype where transformers' modules round it (every op's output
    in bf16), so the step computes what the layer's own forward computes. The projections are called through one ABI
@@ -141,6 +142,28 @@ int layer_step(const dl_layer *L, const void *h, const void *cos, const void *si
         rc = layer_post(L, h, qk, n + 1, keys, kvsh, kvsl, values, kvsh, kvsl, mask, msh, msl, out, nthreads);
     free(buf);
     return rc;
+}
+
+/* Every layer's step in turn, as many layer_step calls, without a mask: layer i on its KV buffers keys[i], values[i]
+   (strides kvsh[i], kvsl[i], room at position n[i]), the hidden states handed from one layer to the next in two
+   buffers; h and out [hidden]. All layers share cos/sin. Returns 0, or < 0 when a kernel refused. */
+int stack_step(const dl_layer *const *layers, int nl, const void *h, const void *cos, const void *sin,
+               const int32_t *qkv_n, void *const *keys, void *const *values, const long long *kvsh,
+               const long long *kvsl, const int32_t *n, void *out, int nthreads) {
+    if (nl < 1) return -1;
+    const size_t bytes = (layers[0]->bf16 ? 2 : 4) * (size_t)layers[0]->hidden;
+    char *buf = (char *)malloc(2 * bytes);
+    if (!buf) return -1;
+    const void *cur = h;
+    int rc = 0;
+    for (int i = 0; i < nl && rc >= 0; i++) {
+        void *dst = i == nl - 1 ? out : buf + (size_t)(i & 1) * bytes;
+        rc = layer_step(layers[i], cur, cos, sin, qkv_n[i], keys[i], values[i], kvsh[i], kvsl[i], n[i], NULL, 0, 0,
+                        dst, nthreads);
+        cur = dst;
+    }
+    free(buf);
+    return rc < 0 ? -1 : 0;
 }
 
 /* Benchmark aid (benchmarks/kernel_speed.py): the wall time in nanoseconds of `count` one-row calls of a projection
