@@ -146,15 +146,16 @@ class LayerPlan:
 
     def valid(self) -> bool:
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
-        return self.valid_under(kernel_registry.epoch(), getenv(ISA_ENV, "auto"))
+        if kernel_registry.epoch() != self.epoch or getenv(ISA_ENV, "auto") != self.isa_env:
+            return False
+        return self.unchanged() and self.attention_current()
 
-    def valid_under(self, epoch: int, isa_env: str) -> bool:
-        """:meth:`valid` under a kernel selection epoch and ``HF_VQ_NATIVE_ISA`` value the caller read once for
-        several plans."""
-        if epoch != self.epoch or isa_env != self.isa_env:
-            return False
-        if not all(map(is_, map(dict.get, self.item_dicts, self.item_keys), self.item_values)):
-            return False
+    def unchanged(self) -> bool:
+        """No module's prepared states dropped nor its tensors replaced since the plan was made."""
+        return all(map(is_, map(dict.get, self.item_dicts, self.item_keys), self.item_values))
+
+    def attention_current(self) -> bool:
+        """The model still runs hf_vq's attention."""
         # the config's attribute behind its _attn_implementation property, read without transformers'
         # __getattribute__ (a few microseconds per layer); through the property where that attribute is not there
         impl = self.config_dict.get("_attn_implementation_internal", _MISSING)

@@ -67,11 +67,15 @@ class DecodeStackModel:
         plans = [layer.__dict__.get("hf_vq_plan") for layer in layers]
         if None in plans:
             return None   # the layers' own steps build their plans at their first decode step
-        dtype = plans[0].dtype
+        # every plan still valid (LayerPlan.valid, with what all plans share read once), none hooked
+        first = plans[0]
+        dtype = first.dtype
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
         epoch, isa_env = kernel_registry.epoch(), getenv(ISA_ENV, "auto")
-        if any(p.native is None or p.dtype is not dtype or not p.valid_under(epoch, isa_env) or p.hooked()
-               for p in plans):
+        if (not first.attention_current() or any(p.native is None or p.dtype is not dtype or p.epoch != epoch
+                                                 or p.isa_env != isa_env or not p.unchanged() for p in plans)):
+            return None
+        if any(map(any, [p.hook_dicts for p in plans])) and any(p.hooked() for p in plans):
             return None
         if any(live(layer._forward_hooks) or layer._forward_pre_hooks for layer in layers):
             return None
