@@ -33,7 +33,7 @@ def prompt():
 def test_static_cache_and_pinned_kernels_give_the_eager_tokens(tiny_llama_dir, prompt):
     eager = quantized(tiny_llama_dir)
     seq, scores = generate(eager, prompt)
-    fast = hf_vq.optimize(quantized(tiny_llama_dir))
+    fast = hf_vq.optimize(quantized(tiny_llama_dir), static_cache=True)
     report = fast.hf_vq_optimize
     assert report["kernels"] == {"native-affine": 14, "native-dense": 1} and report["static_cache"] and not report["compiled"]
     assert fast.generation_config.cache_implementation == "static"
@@ -41,6 +41,32 @@ def test_static_cache_and_pinned_kernels_give_the_eager_tokens(tiny_llama_dir, p
     assert torch.equal(seq, seq2)
     # same kernels, same rounding: the padded static cache changes only the order of the softmax sums
     torch.testing.assert_close(scores2, scores, rtol=1e-5, atol=1e-5)
+
+
+def test_by_default_a_model_with_the_one_call_decode_step_keeps_the_dynamic_cache(tiny_llama_dir, prompt):
+    from hf_vq.model.decode_stack import DecodeStackModel
+
+    eager = quantized(tiny_llama_dir)
+    seq, scores = generate(eager, prompt)
+    fast = hf_vq.optimize(quantized(tiny_llama_dir))
+    report = fast.hf_vq_optimize
+    assert isinstance(fast.model, DecodeStackModel) and report["decode"]["decode_step_stack"] == 1
+    assert not report["static_cache"] and fast.generation_config.cache_implementation != "static"
+    assert fast.model.hf_vq_stack_checked is True   # the warm-up ran the one-call step
+    seq2, scores2 = generate(fast, prompt)
+    assert torch.equal(seq, seq2) and torch.equal(scores2, scores)
+
+
+
+def test_by_default_a_model_without_the_one_call_decode_step_gets_the_static_cache(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")   # a sliding window: no one-call step
+    report = hf_vq.optimize(quantized(tmp_path / "mistral")).hf_vq_optimize
+    assert report["decode"]["decode_step_stack"] == 0 and report["static_cache"] is True
 
 
 def test_compiled_decode_gives_the_eager_logits(tiny_llama_dir, prompt):

@@ -128,7 +128,7 @@ def _warm_up(model, tokens: int) -> tuple[float, float | None]:
     return total, (1e3 * steps[len(steps) // 2] if steps else None)
 
 
-def optimize(model, *, compile: bool | str = False, static_cache: bool = True, warmup_tokens: int = 4):
+def optimize(model, *, compile: bool | str = False, static_cache: bool | None = None, warmup_tokens: int = 4):
     """Prepare ``model`` (a transformers model, quantized by hf_vq or not) for fast ``generate()``; returns it.
 
     compile: also ``torch.compile`` the decode step (transformers' generate compiles it on the first call; here that
@@ -137,7 +137,9 @@ def optimize(model, *, compile: bool | str = False, static_cache: bool = True, w
         one only where it is faster, with one warning otherwise: on CPU hf_vq's eager step runs a Llama-family layer
         in one or two C calls, which a compiled graph cannot use, so compiling is usually slower there. ``"always"`` keeps
         it compiled regardless. Opt-in: compiling takes tens of seconds.
-    static_cache: preallocated KV cache (``generation_config.cache_implementation = "static"``).
+    static_cache: preallocated KV cache (``generation_config.cache_implementation = "static"``). None (default): only
+        with ``compile``, or where the model has no one-call decode step (hf_vq.model.decode_stack), which runs on
+        transformers' default cache and is faster than any static-cache step.
     warmup_tokens: tokens the warm-up generates (0: no warm-up, no timing; with ``compile`` the first real call then
         compiles). Timing needs at least 3.
     """
@@ -145,8 +147,11 @@ def optimize(model, *, compile: bool | str = False, static_cache: bool = True, w
 
     if compile not in (False, True, "always"):
         raise ValueError(f"hf_vq.optimize: compile must be False, True or 'always', not {compile!r}")
-    report = {"decode": decode_kernels(model), "kernels": fix_kernels(model), "static_cache": static_cache,
-              "compiled": False, "warmup_s": 0.0}
+    decode = decode_kernels(model)
+    if static_cache is None:
+        static_cache = bool(compile) or not decode["decode_step_stack"]
+    report = {"decode": decode, "kernels": fix_kernels(model), "static_cache": static_cache, "compiled": False,
+              "warmup_s": 0.0}
     gen = model.generation_config
     if static_cache:
         gen.cache_implementation = "static"
