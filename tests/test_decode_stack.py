@@ -181,3 +181,27 @@ def test_a_sliding_window_model_is_not_adopted(tmp_path):
     model = load(tmp_path / "mistral", quantization_config=hf_vq.RTNConfig(**RTN))
     assert model.hf_vq_decode_kernels["decode_step_layers"] == 2
     assert model.hf_vq_decode_kernels["decode_step_stack"] == 0 and not isinstance(model.model, DecodeStackModel)
+
+
+def test_inference_mode_gives_the_no_grad_tokens_and_a_cache_crosses_modes(tmp_path, stack_calls):
+    ids = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    _, seq = decode_logits(tiny(tmp_path / "a"), ids, steps=6)
+    model, n = tiny(tmp_path / "b"), len(stack_calls)
+    with torch.inference_mode():   # from the first call on: inference tensors carry no version counter
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=0)
+    assert torch.equal(out, seq) and len(stack_calls) == n + 1 + 4   # the test step, then the 4 steps after the first
+
+    def steps(cache, tok, count):
+        for _ in range(count):
+            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        return tok
+
+    for first, then in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
+        cache = DynamicCache(config=model.config)
+        with first():
+            tok = steps(cache, ids, 1)
+            tok = steps(cache, tok, 3)
+        with then():   # past the cache buffers' first room: they are made again in the other mode
+            steps(cache, tok, 130)
+        assert cache.get_seq_length() == 6 + 133

@@ -121,6 +121,8 @@ class SharedInputGroup:
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s output for ``x`` (a one-row input), or None when it must run on its own."""
+        if x.is_inference():   # no version counter: a change in place between two siblings' calls would go unseen
+            return None
         p = self.pending
         if p is not None:
             if p[0] is x and p[1] == x._version and index in p[3]:
