@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import hf_vq
 from hf_vq.model.decode_stack import DecodeStackModel
 from hf_vq.nn import kernel_native_layer
+from tests.arch_models import configs, save_tiny
 from tests.test_decode_step_kernels import decode_logits, load, strip_decode_kernels, tiny_llama
 
 RTN = dict(bits=4, group_size=32)
@@ -171,14 +172,16 @@ def test_a_model_whose_own_forward_differs_keeps_it(tmp_path, stack_calls):
     assert torch.equal(fast, ref) and torch.equal(seq, ref_seq)
 
 
-def test_a_sliding_window_model_is_not_adopted(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
+def sliding_window_model(path):
+    """A tiny Mistral whose layers attend to the last 8 positions only, saved to ``path``."""
+    cls, cfg = configs()["mistral"]
+    cfg.sliding_window = 8
+    save_tiny("mistral", cls, cfg, path)
+    return path
 
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=1, sliding_window=8, max_position_embeddings=256)
-    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
-    model = load(tmp_path / "mistral", quantization_config=hf_vq.RTNConfig(**RTN))
+
+def test_a_sliding_window_model_is_not_adopted(tmp_path):
+    model = load(sliding_window_model(tmp_path / "mistral"), quantization_config=hf_vq.RTNConfig(**RTN))
     assert model.hf_vq_decode_kernels["decode_step_layers"] == 2
     assert model.hf_vq_decode_kernels["decode_step_stack"] == 0 and not isinstance(model.model, DecodeStackModel)
 

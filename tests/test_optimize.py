@@ -59,13 +59,9 @@ def test_by_default_a_model_with_the_one_call_decode_step_keeps_the_dynamic_cach
 
 
 def test_by_default_a_model_without_the_one_call_decode_step_gets_the_static_cache(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
+    from tests.test_decode_stack import sliding_window_model
 
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
-    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")   # a sliding window: no one-call step
-    report = hf_vq.optimize(quantized(tmp_path / "mistral")).hf_vq_optimize
+    report = hf_vq.optimize(quantized(sliding_window_model(tmp_path / "mistral"))).hf_vq_optimize
     assert report["decode"]["decode_step_stack"] == 0 and report["static_cache"] is True
 
 
