@@ -44,7 +44,7 @@ def own_model_forward(model):
 
 
 def tiny(tmp_path, dtype=torch.float32, **overrides):
-    path = tiny_llama(tmp_path, num_hidden_layers=3, **overrides)
+    path = tiny_llama(tmp_path, **{"num_hidden_layers": 3, **overrides})
     return load(path, dtype=dtype, quantization_config=hf_vq.RTNConfig(**RTN))
 
 
@@ -208,3 +208,26 @@ def test_inference_mode_gives_the_no_grad_tokens_and_a_cache_crosses_modes(tmp_p
         with then():   # past the cache buffers' first room: they are made again in the other mode
             steps(cache, tok, 130)
         assert cache.get_seq_length() == 6 + 133
+
+
+def test_two_threads_decoding_with_one_model_get_their_own_tokens(tmp_path, stack_calls):
+    import threading
+
+    model = tiny(tmp_path, num_hidden_layers=6)
+    prompts = [torch.randint(2, 128, (1, 5 + i), generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]
+    alone = [decode_logits(model, p, steps=40)[1] for p in prompts]
+    n = len(stack_calls)
+    got = [[] for _ in prompts]
+
+    def run(i):
+        for _ in range(3):
+            got[i].append(decode_logits(model, prompts[i], steps=40)[1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(stack_calls) - n == 2 * 3 * 39   # every step after the prefill through the one call
+    for i, seqs in enumerate(got):
+        assert all(torch.equal(s, alone[i]) for s in seqs), f"thread {i}"

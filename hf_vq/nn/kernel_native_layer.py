@@ -10,6 +10,7 @@ but on a small model they add up to as much as the layers' arithmetic. hf_vq.mod
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,9 +184,10 @@ def step(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 class NativeStack:
     """The C contexts of a model's layers in order, for :func:`stack`, with the per-layer argument arrays that
-    stay put between tokens (the KV buffers' pointers and positions are written into them at each call). It points
-    into the layers' :class:`NativeLayer` without holding them (their memory goes when their plans let go of them):
-    the caller passes it only with those layers alive."""
+    stay put between tokens; those of the KV buffers (pointers, strides, positions) are written at each call, into
+    arrays of the calling thread (the C call runs without the GIL: another thread's call must not overwrite them).
+    It points into the layers' :class:`NativeLayer` without holding them (their memory goes when their plans let go
+    of them): the caller passes it only with those layers alive."""
 
     def __init__(self, layers: list[NativeLayer]):
         nl = len(layers)
@@ -193,24 +195,31 @@ class NativeStack:
         self.dtype = layers[0].dtype
         self.ptrs = (ctypes.c_void_p * nl)(*[ctypes.addressof(st.layer) for st in layers])
         self.qkv_n = (ctypes.c_int32 * nl)(*[st.qkv_n for st in layers])
-        self.keys, self.values = (ctypes.c_void_p * nl)(), (ctypes.c_void_p * nl)()
-        self.kvsh, self.kvsl = (ctypes.c_longlong * nl)(), (ctypes.c_longlong * nl)()
-        self.n = (ctypes.c_int32 * nl)()
+        self._per_thread = threading.local()
+
+    def kv_arrays(self) -> tuple:
+        """This thread's (keys, values, head strides, position strides, positions) arrays."""
+        arrays = getattr(self._per_thread, "arrays", None)
+        if arrays is None:
+            nl = len(self.heads)
+            arrays = self._per_thread.arrays = ((ctypes.c_void_p * nl)(), (ctypes.c_void_p * nl)(),
+                                                (ctypes.c_longlong * nl)(), (ctypes.c_longlong * nl)(),
+                                                (ctypes.c_int32 * nl)())
+        return arrays
 
 
 def stack(st: NativeStack, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kvs: list[tuple]) -> torch.Tensor:
     """:func:`step` of every layer of ``st`` in turn, in one C call, without a mask: ``kvs[i]`` = (key buffer,
     value buffer, n) of layer i, as :func:`step` takes them. The last layer's output [1, 1, hidden]."""
+    keys, values, kvsh, kvsl, pos = st.kv_arrays()
     for i, ((kb, vb, n), (hk, D)) in enumerate(zip(kvs, st.heads, strict=True)):
         if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != hk or kb.shape[3] != D
                 or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
             raise ValueError("native decoder layer kernel: KV buffers of another layout")
-        st.keys[i], st.values[i], st.kvsh[i], st.kvsl[i], st.n[i] = (kb.data_ptr(), vb.data_ptr(), kb.stride(1),
-                                                                    kb.stride(2), n)
+        keys[i], values[i], kvsh[i], kvsl[i], pos[i] = kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2), n
     out = torch.empty(h.shape, dtype=st.dtype)
     if LIBRARY.load().stack_step(st.ptrs, len(st.heads), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
-                                 st.keys, st.values, st.kvsh, st.kvsl, st.n, out.data_ptr(),
-                                 torch.get_num_threads()) < 0:
+                                 keys, values, kvsh, kvsl, pos, out.data_ptr(), torch.get_num_threads()) < 0:
         raise RuntimeError("native decoder layer kernel: a projection refused its call")
     return out
 
