@@ -146,13 +146,13 @@ class LayerPlan:
 
     def valid(self) -> bool:
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
-        if kernel_registry.epoch() != self.epoch or getenv(ISA_ENV, "auto") != self.isa_env:
-            return False
-        return self.unchanged() and self.attention_current()
+        return self.current(kernel_registry.epoch(), getenv(ISA_ENV, "auto")) and self.attention_current()
 
-    def unchanged(self) -> bool:
-        """No module's prepared states dropped nor its tensors replaced since the plan was made."""
-        return all(map(is_, map(dict.get, self.item_dicts, self.item_keys), self.item_values))
+    def current(self, epoch: int, isa_env: str) -> bool:
+        """Made under this kernel selection ``epoch`` and ``HF_VQ_NATIVE_ISA`` value, and no module's prepared
+        states dropped nor its tensors replaced since."""
+        return (epoch == self.epoch and isa_env == self.isa_env
+                and all(map(is_, map(dict.get, self.item_dicts, self.item_keys), self.item_values)))
 
     def attention_current(self) -> bool:
         """The model still runs hf_vq's attention."""
@@ -163,7 +163,7 @@ class LayerPlan:
 
     def hooked(self) -> bool:
         """Whether a module whose forward the step leaves out has forward hooks that would act (they must run)."""
-        return any(map(live, self.hook_dicts))
+        return any(self.hook_dicts) and any(map(live, self.hook_dicts))
 
     def _norm(self, norm: nn.Module, dtype: torch.dtype):
         w = norm._parameters.get("weight")

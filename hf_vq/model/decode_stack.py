@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from hf_vq.model import kv_append
 from hf_vq.model.decode_layer import DecodeStepLayer
-from hf_vq.model.decode_step import live
+from hf_vq.model.decode_step import agree, live
 from hf_vq.nn import kernel_native_layer, kernel_registry
 from hf_vq.nn.base import with_mixin
 from hf_vq.nn.native_isa import ENV as ISA_ENV
@@ -31,6 +31,7 @@ from hf_vq.utils.env import getenv
 # the base model's keyword arguments the one call knows; any other one gets the model's own forward
 _KNOWN = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
                     "use_cache"})
+_CPU = torch.device("cpu")
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -72,10 +73,8 @@ class DecodeStackModel:
         dtype = first.dtype
         kernel_registry.selection()   # reads HF_VQ_KERNELS: a new value changes the epoch
         epoch, isa_env = kernel_registry.epoch(), getenv(ISA_ENV, "auto")
-        if (not first.attention_current() or any(p.native is None or p.dtype is not dtype or p.epoch != epoch
-                                                 or p.isa_env != isa_env or not p.unchanged() for p in plans)):
-            return None
-        if any(map(any, [p.hook_dicts for p in plans])) and any(p.hooked() for p in plans):
+        if not first.attention_current() or any(p.native is None or p.dtype is not dtype
+                                                or not p.current(epoch, isa_env) or p.hooked() for p in plans):
             return None
         if any(live(layer._forward_hooks) or layer._forward_pre_hooks for layer in layers):
             return None
@@ -90,7 +89,7 @@ class DecodeStackModel:
         if not checked:
             if checked is None or not _verify(self, dtype):
                 return None
-        slots = [kv_append.reserve(cache, p.idx, (1, p.hk, 1, p.D), dtype, torch.device("cpu")) for p in plans]
+        slots = [kv_append.reserve(cache, p.idx, (1, p.hk, 1, p.D), dtype, _CPU) for p in plans]
         if None in slots or any(s[3] != n for s in slots):
             return None
         h = self.embed_tokens(ids) if embeds is None else embeds
@@ -141,10 +140,7 @@ def _verify(model: nn.Module, dtype: torch.dtype) -> bool:
         got = _trial(model, dtype, lambda **kw: model._stack_step(kw))
     except Exception:   # noqa: BLE001  (a model that the test step does not fit keeps its own forward)
         got = None
-    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
-    same = got is not None and len(got) == len(want) and all(
-        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
-        for a, b in zip(got, want))
+    same = agree(got, want, dtype)
     if not same:
         model.__class__ = own
         for name in ("hf_vq_stack_checked", "hf_vq_own_class", "hf_vq_stack"):

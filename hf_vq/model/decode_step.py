@@ -162,6 +162,16 @@ def trial_step(module: nn.Module, dtype: torch.dtype, forward):
     return out, layer.keys, layer.values
 
 
+def agree(got: tuple | None, want: tuple, dtype: torch.dtype) -> bool:
+    """Whether a decode step's trial results ``got`` (None: it failed) match the own forward's ``want``, tensor by
+    tensor, within ``dtype``'s rounding."""
+    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
+    return got is not None and len(got) == len(want) and all(
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+        and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
+        for a, b in zip(got, want))
+
+
 def verify_step(module: nn.Module, attn: nn.Module, dtype: torch.dtype, output=lambda out: out,
                 forget: tuple[str, ...] = ()) -> bool:
     """Compare ``module``'s own forward and its decode forward on a trial step (``attn``: the attention module whose
@@ -177,11 +187,7 @@ def verify_step(module: nn.Module, attn: nn.Module, dtype: torch.dtype, output=l
         want, got = (output(want[0]), *want[1:]), (output(got[0]), *got[1:])
     except Exception:   # noqa: BLE001  (a forward that the trial step does not fit keeps its own forward)
         got = None
-    tol = 2.0 ** -7 if dtype is torch.bfloat16 else 1e-5
-    same = got is not None and all(
-        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-        and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()))
-        for a, b in zip(got, want))
+    same = agree(got, want, dtype)
     if not same:
         module.__class__ = own
         del module.hf_vq_decode_checked, module.hf_vq_own_class

@@ -162,6 +162,14 @@ def post(st: NativeLayer, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, 
     return out
 
 
+def _check_kv(kb: torch.Tensor, vb: torch.Tensor, n: int, dtype: torch.dtype, hk: int, D: int) -> None:
+    """Raise unless the key and value buffers are [1, hk, > n, D] of ``dtype`` with D contiguous and the same
+    strides: the C step writes position n through raw pointers."""
+    if (kb.dtype is not dtype or vb.dtype is not dtype or kb.shape[1] != hk or kb.shape[3] != D
+            or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
+        raise ValueError("native decoder layer kernel: KV buffers of another layout")
+
+
 def step(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple,
          mask: torch.Tensor | None) -> torch.Tensor | None:
     """:func:`pre` and :func:`post` in one C call, on KV buffers with room: ``kv`` = (key buffer, value buffer, n)
@@ -171,9 +179,7 @@ def step(st: NativeLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     m = _mask(st, mask, n + 1)
     if m is None:
         return None
-    if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != st.hk or kb.shape[3] != st.D
-            or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
-        raise ValueError("native decoder layer kernel: KV buffers of another layout")
+    _check_kv(kb, vb, n, st.dtype, st.hk, st.D)
     out = torch.empty(h.shape, dtype=st.dtype)
     if LIBRARY.load().layer_step(ctypes.addressof(st.layer), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
                                  kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2), n, *m, out.data_ptr(),
@@ -213,9 +219,7 @@ def stack(st: NativeStack, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     value buffer, n) of layer i, as :func:`step` takes them. The last layer's output [1, 1, hidden]."""
     keys, values, kvsh, kvsl, pos = st.kv_arrays()
     for i, ((kb, vb, n), (hk, D)) in enumerate(zip(kvs, st.heads, strict=True)):
-        if (kb.dtype is not st.dtype or vb.dtype is not st.dtype or kb.shape[1] != hk or kb.shape[3] != D
-                or kb.stride() != vb.stride() or kb.stride(3) != 1 or kb.shape[2] <= n):
-            raise ValueError("native decoder layer kernel: KV buffers of another layout")
+        _check_kv(kb, vb, n, st.dtype, hk, D)
         keys[i], values[i], kvsh[i], kvsl[i], pos[i] = kb.data_ptr(), vb.data_ptr(), kb.stride(1), kb.stride(2), n
     out = torch.empty(h.shape, dtype=st.dtype)
     if LIBRARY.load().stack_step(st.ptrs, len(st.heads), h.data_ptr(), cos.data_ptr(), sin.data_ptr(), st.qkv_n,
